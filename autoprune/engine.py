@@ -1,0 +1,421 @@
+"""The shared prune-and-fine-tune engine: one plain function per stage, no Ray or MLflow.
+
+copy dense model -> (BN warm-up) -> score -> solve the budget -> prune -> measure ->
+fine-tune -> evaluate (validation for decisions, test only for the final report).
+``autoprune prune``, the search trials and the tests all call :func:`run`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import criteria as crit
+from .config import Budget, EngineConfig, FinetuneConfig, Policy
+from .errors import AutopruneError
+from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph, clone
+from .measure import Cost, flops_by_module, measure
+from .methods import METHODS
+from .policy import LayerInfo, solve_channels, solve_masks
+from .prune import fold_masks, mask_weights, prune_channels
+from .tasks import Task, labels_of
+
+EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, {"val_acc": ..., "loss": ...})
+
+
+class TrainingDiverged(AutopruneError):
+    """The loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------ devices and seeds
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise AutopruneError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AutopruneError(f"device {device!r} asked for, but no CUDA GPU is available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ------------------------------------------------------------------ training and evaluation
+
+
+def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> float:
+    """Top-1 accuracy (a fraction in 0..1) of ``model`` on ``loader``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            out = model(x.to(device))
+            correct += int((out.argmax(1).cpu() == y).sum())
+            total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
+    """Learning rate at ``step`` of ``total``: cosine decay from ``peak`` to 0, or constant."""
+    if schedule == "constant" or total <= 0:
+        return peak
+    return 0.5 * peak * (1 + math.cos(math.pi * step / total))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr,
+                dynamic_ncols=True, unit="batch")  # fmt: skip
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    cfg: FinetuneConfig,
+    seed: int,
+    device: torch.device,
+    desc: str = "train",
+    progress: bool = False,
+    on_epoch: EpochCallback | None = None,
+    step_hook: Callable[[int, int], None] | None = None,
+) -> list[dict[str, float]]:
+    """SGD with momentum and the configured schedule; validation accuracy after every epoch.
+    ``step_hook(step, total)`` runs before each optimiser step (gradual pruning uses it)."""
+    loader = task.loader("train", shuffle=True, seed=seed)
+    val_loader = task.loader("val")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    total = cfg.epochs * len(loader)
+    history = []
+    step = 0
+    bar = _progress(total, desc, progress)
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            running, seen = 0.0, 0
+            for x, y in loader:
+                if step_hook is not None:
+                    step_hook(step, total)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total, cfg.lr, cfg.schedule)
+                x, y = x.to(device), y.to(device)
+                loss = loss_fn(model(x), y)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; "
+                        "lower the learning rate"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running += loss.item() * len(y)
+                seen += len(y)
+                step += 1
+                bar.update(1)
+            metrics = {"loss": running / max(seen, 1), "val_acc": evaluate(model, val_loader, device)}
+            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{metrics['loss']:.3f}",
+                            val_acc=f"{metrics['val_acc']:.3f}")  # fmt: skip
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+    finally:
+        bar.close()
+    return history
+
+
+# ------------------------------------------------------------------ the dense model
+
+
+def cache_dir(cfg: EngineConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("AUTOPRUNE_CACHE") or "~/.cache/autoprune"
+    return Path(root).expanduser()
+
+
+def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = print) -> nn.Module:
+    """``--checkpoint`` if given, else the task's model trained once with ``cfg.seed`` and
+    cached on disk, keyed by a hash of (task, model, seed, epochs)."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = task.model_factory()
+    if cfg.checkpoint:
+        _load_checkpoint(model, cfg.checkpoint)
+        return model.to(device).eval()
+    epochs = task.train_epochs if cfg.train_epochs is None else cfg.train_epochs
+    if epochs == 0:
+        return model.to(device).eval()
+    key = task.key({"seed": cfg.seed, "epochs": epochs, "lr": task.train_lr})
+    path = cache_dir(cfg) / f"{task.name}-{task.model_name}-{key}.pt"
+    if path.is_file():
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        log(f"dense model: cached {path}")
+        return model.to(device).eval()
+    log(f"dense model: training {task.model_name} on {task.name} for {epochs} epochs (cached after)")
+    model.to(device)
+    train(model, task, FinetuneConfig(epochs=epochs, lr=task.train_lr), cfg.seed, device,
+          desc="dense training", progress=cfg.progress)  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
+    tmp.replace(path)
+    return model.eval()
+
+
+def _load_checkpoint(model: nn.Module, path: str) -> None:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise AutopruneError(f"--checkpoint {str(p)!r} does not exist")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise AutopruneError(f"cannot read --checkpoint {str(p)!r}: {exc}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        if state.get("history"):
+            raise AutopruneError(
+                f"--checkpoint {str(p)!r} is an already pruned model; start from dense weights"
+            )
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise AutopruneError(
+            f"--checkpoint {str(p)!r} does not fit the task's model: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+# ------------------------------------------------------------------ stages
+
+
+def scoring_batches(task: Task, per_class: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A fixed, seeded subset of the training split: ``per_class`` samples of every class."""
+    labels = labels_of(task.train)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        picked.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist())
+    picked.sort()
+    xs, ys = zip(*(task.train[i] for i in picked))
+    x, y = torch.stack(list(xs)), torch.as_tensor(ys)
+    b = task.batch_size
+    return [(x[i : i + b], y[i : i + b]) for i in range(0, len(y), b)]
+
+
+def bn_warmup(model: nn.Module, batches, device: torch.device) -> None:
+    """Refresh BN running statistics on ``batches`` (train mode, no gradients): only the
+    statistics change, computed as an exact average over the batches."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for x, _ in batches:
+            model(x.to(device))
+    for m, mom in zip(norms, saved):
+        m.momentum = mom
+    model.train(was_training)
+
+
+def score(
+    model: nn.Module, policy: Policy, data, seed: int, modules: dict[str, nn.Module] | None = None
+) -> crit.Scores:
+    """Per-weight scores of the conv/linear layers by the policy's criterion."""
+    criterion = crit.make_criterion(policy.criterion, policy.criterion_options)
+    ctx = crit.ScoreContext(
+        model=model,
+        modules=modules if modules is not None else crit.scored_modules(model),
+        data=data if criterion.needs_data else None,
+        seed=seed,
+        options=policy.criterion_options,
+    )
+    model.eval()
+    scores = criterion.score(ctx)
+    for name, s in scores.items():
+        if not torch.isfinite(s).all():
+            raise AutopruneError(f"criterion {policy.criterion!r} gave non-finite scores for {name}")
+    return scores
+
+
+@dataclass
+class Pruned:
+    """The result of the prune stage."""
+
+    model: nn.Module
+    structure: str
+    history: list  # channel: replayable torch-pruning history; unstructured: []
+    ratios: dict[str, float]  # group (channel) or layer (unstructured) -> pruned fraction
+    estimate: float  # the solver's estimate of the kept cost fraction
+    attempts: int = 1  # solver rounds until fvcore confirmed the budget
+    epochs: list[dict[str, float]] = field(default_factory=list)  # fine-tuning, per epoch
+
+
+def prune_to_budget(
+    model: nn.Module,
+    task: Task,
+    policy: Policy,
+    budget: Budget,
+    scores: crit.Scores,
+    dense_cost: Cost,
+    graph: PrunableGraph | None = None,
+) -> Pruned:
+    """Solve the budget for ``scores`` and prune a copy of ``model`` to it. Channel plans are
+    checked against fvcore on the really pruned model and re-solved if they miss."""
+    example = task.example_input().to(next(model.parameters()).device)
+    dense = (dense_cost.flops, float(dense_cost.params))
+    which = 0 if budget.kind == "flops" else 1
+    if policy.structure == "unstructured":
+        total, by_module = flops_by_module(model, example)
+        layers = [
+            LayerInfo(n, m.weight.numel(), by_module.get(n, 0.0))
+            for n, m in model.named_modules()
+            if isinstance(m, PRUNABLE_TYPES)
+        ]
+        if policy.scope == "per_layer":
+            _check_names(policy.ratios or {}, [layer.name for layer in layers], "layer")
+        counts, estimate = solve_masks(
+            layers, {k: v.numpy() for k, v in scores.items()}, policy, budget, dense
+        )
+        pruned = clone(model)
+        mask_weights(pruned, counts, scores)
+        ratios = {layer.name: counts[layer.name] / layer.numel for layer in layers}
+        return Pruned(pruned, "unstructured", [], ratios, estimate)
+
+    graph = graph or PrunableGraph(clone(model), example)
+    if policy.scope == "per_layer":
+        graph.check_names(policy.ratios or {})
+    channel = crit.channel_scores(graph, scores, policy.reduction)
+    if policy.scope == "global":
+        channel = crit.normalise(channel)
+    total, by_module = flops_by_module(model, example)
+    costs = CostModel(graph, by_module, total)
+    names, sizes = graph.group_names(), [g.size for g in graph.groups]
+    target = budget.fraction
+    best = None
+    for attempt in range(1, 6):
+        plan = solve_channels(names, sizes, channel, policy, budget, costs.cost, dense, target)
+        pruned, history = prune_channels(model, example, plan.indices())
+        real = measure(pruned, task.input_shape, None, latency=False)
+        real_fraction = (real.flops, real.params)[which] / dense[which]
+        if real_fraction <= budget.fraction:
+            best = Pruned(pruned, "channel", history, plan.ratios(), plan.fraction, attempt)
+            if real_fraction >= budget.fraction - budget.tolerance:
+                break
+            target += (budget.fraction - budget.tolerance / 2) - real_fraction
+        else:
+            target -= real_fraction - budget.fraction + 1e-4
+        target = min(target, budget.fraction)
+    if best is None:
+        raise AutopruneError(
+            f"could not meet --budget-{budget.kind} {budget.fraction:g}: the pruned model "
+            f"measured {real_fraction:.4f}; this model has layers whose cost the solver cannot "
+            "estimate"
+        )
+    return best
+
+
+def _check_names(ratios: dict[str, float], allowed: list[str], what: str) -> None:
+    unknown = sorted(set(ratios) - set(allowed))
+    if unknown:
+        raise AutopruneError(
+            f"unknown {what} name(s) {', '.join(unknown)}; this model's {what}s are: {', '.join(allowed)}"
+        )
+
+
+# ------------------------------------------------------------------ the whole run
+
+
+@dataclass
+class RunResult:
+    """What one engine run produced."""
+
+    model: nn.Module  # the pruned, fine-tuned model (masks folded)
+    policy: Policy
+    budget: Budget
+    history: list  # replayable channel-pruning history ([] for unstructured)
+    ratios: dict[str, float]
+    dense: dict[str, Any]  # flops, params, latency_ms, val_acc (test_acc when asked)
+    pruned: dict[str, Any]  # the same, plus flops_ratio, params_ratio, speedup
+    epochs: list[dict[str, float]] = field(default_factory=list)  # fine-tuning, per epoch
+
+
+def measure_dense(model: nn.Module, task: Task, cfg: EngineConfig, test: bool = False) -> dict[str, Any]:
+    """The dense baseline: cost and accuracy (test accuracy only when ``test``)."""
+    cost = measure(model, task.input_shape, cfg.measure)
+    out = {**cost.to_dict(), "val_acc": evaluate(model, task.loader("val"))}
+    if test:
+        out["test_acc"] = evaluate(model, task.loader("test"))
+    return out
+
+
+def run(
+    task: Task,
+    dense: nn.Module,
+    policy: Policy,
+    budget: Budget,
+    cfg: EngineConfig,
+    dense_metrics: dict[str, Any] | None = None,
+    test: bool = False,
+    on_epoch: EpochCallback | None = None,
+) -> RunResult:
+    """Prune a copy of ``dense`` by ``policy`` to ``budget``, fine-tune and measure it."""
+    device = next(dense.parameters()).device
+    seed_everything(cfg.seed)
+    dense_metrics = dense_metrics or measure_dense(dense, task, cfg, test=test)
+    dense_cost = Cost(dense_metrics["flops"], dense_metrics["params"], {})
+    method = METHODS.get(policy.method)
+    pruned = method(task, dense, policy, budget, cfg, dense_cost, device, on_epoch)
+    model = pruned.model
+    fold_masks(model)
+    cost = measure(model, task.input_shape, cfg.measure)
+    out = cost.to_dict()
+    out["val_acc"] = evaluate(model, task.loader("val"))
+    if test:
+        out["test_acc"] = evaluate(model, task.loader("test"))
+    out["flops_ratio"] = out["flops"] / dense_metrics["flops"]
+    out["params_ratio"] = out["params"] / dense_metrics["params"]
+    out["ideal_speedup"] = 1.0 / out["flops_ratio"]
+    by_batch = dense_metrics.get("latency_ms_by_batch", {})
+    out["speedup_by_batch"] = {
+        b: by_batch[b] / t for b, t in out["latency_ms_by_batch"].items() if b in by_batch
+    }
+    out["speedup"] = out["speedup_by_batch"].get("1", next(iter(out["speedup_by_batch"].values()), None))
+    out["solver_attempts"] = pruned.attempts
+    return RunResult(model, policy, budget, pruned.history, pruned.ratios, dense_metrics, out,
+                     pruned.epochs)  # fmt: skip
+
+
+@METHODS.register("oneshot")
+def oneshot(task, dense, policy, budget, cfg, dense_cost, device, on_epoch) -> Pruned:
+    """Train -> prune once -> fine-tune (Han et al. 2015)."""
+    work = clone(dense)
+    data = scoring_batches(task, cfg.scoring_per_class, cfg.seed)
+    if policy.bn_warmup:
+        bn_warmup(work, data, device)
+    scores = score(work, policy, data, cfg.seed)
+    pruned = prune_to_budget(work, task, policy, budget, scores, dense_cost)
+    pruned.epochs = train(pruned.model, task, policy.finetune, cfg.seed, device, desc="fine-tune",
+                          progress=cfg.progress, on_epoch=on_epoch)  # fmt: skip
+    return pruned
