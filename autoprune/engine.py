@@ -24,7 +24,6 @@ from .config import Budget, EngineConfig, FinetuneConfig, Policy
 from .errors import AutopruneError
 from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph, clone
 from .measure import Cost, flops_by_module, measure
-from .methods import METHODS
 from .policy import LayerInfo, solve_channels, solve_masks
 from .prune import fold_masks, mask_weights, prune_channels
 from .tasks import Task, labels_of
@@ -385,6 +384,8 @@ def run(
     seed_everything(cfg.seed)
     dense_metrics = dense_metrics or measure_dense(dense, task, cfg, test=test)
     dense_cost = Cost(dense_metrics["flops"], dense_metrics["params"], {})
+    from .methods import METHODS
+
     method = METHODS.get(policy.method)
     pruned = method(task, dense, policy, budget, cfg, dense_cost, device, on_epoch)
     model = pruned.model
@@ -405,17 +406,3 @@ def run(
     out["solver_attempts"] = pruned.attempts
     return RunResult(model, policy, budget, pruned.history, pruned.ratios, dense_metrics, out,
                      pruned.epochs)  # fmt: skip
-
-
-@METHODS.register("oneshot")
-def oneshot(task, dense, policy, budget, cfg, dense_cost, device, on_epoch) -> Pruned:
-    """Train -> prune once -> fine-tune (Han et al. 2015)."""
-    work = clone(dense)
-    data = scoring_batches(task, cfg.scoring_per_class, cfg.seed)
-    if policy.bn_warmup:
-        bn_warmup(work, data, device)
-    scores = score(work, policy, data, cfg.seed)
-    pruned = prune_to_budget(work, task, policy, budget, scores, dense_cost)
-    pruned.epochs = train(pruned.model, task, policy.finetune, cfg.seed, device, desc="fine-tune",
-                          progress=cfg.progress, on_epoch=on_epoch)  # fmt: skip
-    return pruned

@@ -1,0 +1,224 @@
+"""The ``autoprune`` command line: prune | evaluate | export | list.
+
+Flags are parsed into the config dataclasses and checked before any data is read or model
+trained; user errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import STRUCTURES, SCOPES, Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
+from .errors import AutopruneError
+
+
+def _add_task_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task")
+    g.add_argument("--task", default=None, help="digits (default), cifar10, imagefolder or package.module:function")
+    g.add_argument("--model", default=None, help="model name within the task (see `autoprune list tasks`)")
+    g.add_argument("--data-dir", default=None, help="local data directory (cifar10, imagefolder); nothing is downloaded")
+    g.add_argument("--image-size", type=int, default=None, help="imagefolder input resolution (default 224)")
+    g.add_argument("--batch-size", type=int, default=None, help="data loader batch size (default 64)")
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("dense model and run")
+    g.add_argument("--checkpoint", default=None, help="dense weights (a state_dict file) to start from")
+    g.add_argument("--train-epochs", type=int, default=None, help="dense training epochs when no checkpoint (task default)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    g.add_argument("--cache-dir", default=None, help="dense-model cache (default $AUTOPRUNE_CACHE or ~/.cache/autoprune)")
+    g.add_argument("--threads", type=int, default=None, help="torch threads for latency timing on CPU (default 1)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no terminal)")
+
+
+def _add_policy_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (flags override --policy)")
+    g.add_argument("--policy", default=None, help="a policy JSON file (as written to DIR/policy.json)")
+    g.add_argument("--structure", choices=STRUCTURES, default=None, help="channel (default) or unstructured")
+    g.add_argument("--criterion", default=None, help="see `autoprune list criteria` (default magnitude)")
+    g.add_argument("--scope", choices=SCOPES, default=None, help="local (default), global or per_layer")
+    g.add_argument("--method", default=None, help="see `autoprune list methods` (default oneshot)")
+    g.add_argument("--reduction", choices=("sum", "mean", "max"), default=None, help="channel score reduction")
+    g.add_argument("--max-ratio", type=float, default=None, help="most of any group/layer to prune (default 0.9)")
+    g.add_argument("--bn-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="refresh BN statistics on the scoring data before scoring")  # fmt: skip
+    g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default 5)")
+    g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
+    b = p.add_argument_group("budget (fraction of the dense cost to keep)")
+    x = b.add_mutually_exclusive_group()
+    x.add_argument("--budget-flops", type=float, default=None, help="keep at most this fraction of the FLOPs (default 0.5)")
+    x.add_argument("--budget-params", type=float, default=None, help="keep at most this fraction of the parameters")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoprune",
+        description="Search for and apply neural-network pruning policies under an exact budget.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"autoprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a model by one policy to a budget, fine-tune, measure")
+    _add_task_flags(p)
+    _add_engine_flags(p)
+    _add_policy_flags(p)
+    p.add_argument("--out", default="autoprune-out", help="output directory (default autoprune-out)")
+
+    e = sub.add_parser("evaluate", help="reload a saved pruned model and measure it")
+    e.add_argument("model_path", help="DIR/model.pt written by prune or search")
+    _add_task_flags(e)
+    e.add_argument("--device", default=None)
+    e.add_argument("--threads", type=int, default=None)
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+    x = sub.add_parser("export", help="export a saved pruned model for deployment")
+    x.add_argument("model_path")
+    x.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="pt2 (torch.export) or onnx")
+    x.add_argument("--out", default=None, help="output file (default: beside the model)")
+    _add_task_flags(x)
+
+    ls = sub.add_parser("list", help="name what exists")
+    ls.add_argument("what", choices=("criteria", "structures", "scopes", "methods", "tasks", "groups"))
+    _add_task_flags(ls)
+    return parser
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def task_config(args: argparse.Namespace, base: TaskConfig | None = None) -> TaskConfig:
+    base = base or TaskConfig()
+    merged = {**base.__dict__, **_drop_none({
+        "name": args.task, "model": args.model, "data_dir": args.data_dir,
+        "image_size": args.image_size, "batch_size": args.batch_size,
+    })}  # fmt: skip
+    return TaskConfig(**merged)
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy:
+    data = Policy.from_json(args.policy).to_dict() if args.policy else Policy().to_dict()
+    data.update(_drop_none({
+        "structure": args.structure, "criterion": args.criterion, "scope": args.scope,
+        "method": args.method, "reduction": args.reduction, "max_ratio": args.max_ratio,
+        "bn_warmup": args.bn_warmup,
+    }))  # fmt: skip
+    data["finetune"] = {**data["finetune"], **_drop_none({"epochs": args.finetune_epochs, "lr": args.lr})}
+    return Policy.from_dict(data)
+
+
+def budget_from_args(args: argparse.Namespace) -> Budget:
+    if args.budget_params is not None:
+        return Budget("params", args.budget_params)
+    return Budget("flops", 0.5 if args.budget_flops is None else args.budget_flops)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .jobs import prune_job
+
+    policy = policy_from_args(args)
+    budget = budget_from_args(args)
+    cfg = EngineConfig(
+        task=task_config(args), checkpoint=args.checkpoint, train_epochs=args.train_epochs,
+        seed=args.seed, device=args.device, cache_dir=args.cache_dir,
+        measure=MeasureConfig(**_drop_none({"threads": args.threads})),
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )  # fmt: skip
+    prune_job(cfg, policy, budget, Path(args.out))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .jobs import evaluate_job
+    from .report import single
+
+    override = task_config(args, _saved_task(args.model_path)) if _any_task_flag(args) else None
+    metrics = evaluate_job(args.model_path, override, args.device, args.threads)
+    print(json.dumps(metrics, indent=2) if args.json else single(metrics))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .prune import export_model, load_model
+
+    override = task_config(args, _saved_task(args.model_path)) if _any_task_flag(args) else None
+    model, task, _ = load_model(args.model_path, override)
+    out = args.out or str(Path(args.model_path).with_suffix("." + args.format))
+    path = export_model(model, task.example_input(), out, args.format)
+    print(f"exported {args.format} to {path}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .criteria import CRITERIA
+    from .methods import METHODS
+    from .tasks import TASKS
+
+    if args.what == "criteria":
+        for name in CRITERIA.names():
+            cls = CRITERIA.get(name)
+            data = "data" if cls.needs_data else "data-free"
+            print(f"{name:12s} {'/'.join(cls.structures):22s} {data:10s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+    elif args.what == "structures":
+        print("\n".join(STRUCTURES))
+    elif args.what == "scopes":
+        print("\n".join(SCOPES))
+    elif args.what == "methods":
+        for name in METHODS.names():
+            print(f"{name:10s} {(METHODS.get(name).__doc__ or '').strip().splitlines()[0]}")
+    elif args.what == "tasks":
+        models = {"digits": "digits_resnet", "cifar10": "resnet20, resnet56, plain20",
+                  "imagefolder": "any torchvision classification model (resnet18, mobilenet_v2, vgg11_bn, ...)"}  # fmt: skip
+        for name in TASKS.names():
+            print(f"{name:12s} models: {models.get(name, '-')}")
+        print("package.module:function  a user task returning autoprune.tasks.Task")
+    else:
+        from .graph import PrunableGraph
+        from .tasks import check_task_config, get_task
+
+        cfg = task_config(args)
+        check_task_config(cfg)
+        task = get_task(cfg)
+        graph = PrunableGraph(task.model_factory(), task.example_input())
+        for g in graph.groups:
+            print(f"{g.name:40s} {g.size:6d} channels")
+    return 0
+
+
+def _any_task_flag(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k) is not None for k in ("task", "model", "data_dir", "image_size", "batch_size"))
+
+
+def _saved_task(path: str) -> TaskConfig:
+    from .prune import read_model_file
+
+    return TaskConfig(**read_model_file(path)["task"])
+
+
+COMMANDS = {"prune": cmd_prune, "evaluate": cmd_evaluate, "export": cmd_export, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except AutopruneError as exc:
+        print(f"autoprune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autoprune: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

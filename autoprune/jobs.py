@@ -1,0 +1,103 @@
+"""Whole jobs behind the CLI: check everything cheap first, then do the expensive work."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
+from .errors import AutopruneError
+
+
+def preflight(task, policy: Policy, budget: Budget) -> None:
+    """Checks on an untrained model, before training or data-heavy work: the dependency
+    graph handles every layer, per-layer names exist, and the budget is reachable."""
+    from . import engine
+    from .graph import CostModel, PrunableGraph
+    from .measure import count_params, flops_by_module
+    from .policy import solve_channels
+
+    model = task.model_factory().eval()
+    example = task.example_input()
+    if policy.structure != "channel":
+        if policy.scope == "per_layer":
+            from .criteria import scored_modules
+
+            engine._check_names(policy.ratios or {}, list(scored_modules(model)), "layer")
+        return
+    graph = PrunableGraph(model, example)
+    if policy.scope == "per_layer":
+        graph.check_names(policy.ratios or {})
+    total, by_module = flops_by_module(model, example)
+    costs = CostModel(graph, by_module, total)
+    # any scores will do to test reachability: the extreme plan prunes every group to its cap
+    import numpy as np
+
+    scores = {g.name: np.arange(g.size, dtype=float) for g in graph.groups}
+    solve_channels(graph.group_names(), [g.size for g in graph.groups], scores, policy, budget,
+                   costs.cost, (total, float(count_params(model))))  # fmt: skip
+
+
+def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> dict[str, Any]:
+    """``autoprune prune``: dense model -> engine -> DIR/summary.json, model.pt, policy.json."""
+    from . import engine
+    from .prune import save_model
+    from .report import comparison
+    from .tasks import check_task_config, get_task
+
+    check_task_config(cfg.task)
+    engine.resolve_device(cfg.device)
+    if out.exists() and not out.is_dir():
+        raise AutopruneError(f"--out {str(out)!r} exists and is not a directory")
+    task = get_task(cfg.task)
+    preflight(task, policy, budget)
+    t0 = time.perf_counter()
+    dense = engine.dense_model(task, cfg)
+    dense_metrics = engine.measure_dense(dense, task, cfg, test=True)
+    print(f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "
+          f"budget {budget.kind} {budget.fraction:g}")  # fmt: skip
+    result = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True)
+    summary = {
+        "task": task.name,
+        "model": task.model_name,
+        "policy": policy.to_dict(),
+        "budget": {"kind": budget.kind, "fraction": budget.fraction},
+        "ratios": result.ratios,
+        "dense": result.dense,
+        "pruned": result.pruned,
+        "finetune_history": result.epochs,
+        "seed": cfg.seed,
+        "device": str(next(result.model.parameters()).device),
+        "wall_time_s": time.perf_counter() - t0,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(out / "model.pt", result.model, cfg.task, policy.structure, result.history,
+               policy.to_dict(), {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")})  # fmt: skip
+    policy.to_json(out / "policy.json")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print()
+    print(comparison(result.dense, result.pruned))
+    print(f"\nwrote {out / 'model.pt'}, {out / 'policy.json'}, {out / 'summary.json'}")
+    return summary
+
+
+def evaluate_job(
+    model_path: str, task_override: TaskConfig | None, device: str | None, threads: int | None
+) -> dict[str, Any]:
+    """``autoprune evaluate``: reload a saved model, report accuracy and cost."""
+    from . import engine
+    from .measure import measure
+    from .prune import load_model
+
+    model, task, blob = load_model(model_path, task_override)
+    model.to(engine.resolve_device(device))
+    cfg = MeasureConfig(**({"threads": threads} if threads else {}))
+    metrics = measure(model, task.input_shape, cfg).to_dict()
+    metrics["val_acc"] = engine.evaluate(model, task.loader("val"))
+    metrics["test_acc"] = engine.evaluate(model, task.loader("test"))
+    metrics["task"] = task.name
+    metrics["model"] = task.model_name
+    metrics["structure"] = blob["structure"]
+    return metrics

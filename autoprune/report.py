@@ -1,0 +1,69 @@
+"""Plain-text tables for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _fmt_count(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= div:
+            return f"{x / div:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f} ms"
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def comparison(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
+    """Dense-vs-pruned table: accuracy, FLOPs, params, latency per batch size, speed-up."""
+    def ratio(key: str) -> str:
+        d, p = dense.get(key), pruned.get(key)
+        return f"{p / d:.3f}x" if d and p is not None else ""
+
+    rows = [["metric", "dense", "pruned", "pruned/dense"]]
+    for key, label in (("val_acc", "val accuracy"), ("test_acc", "test accuracy")):
+        if key in dense or key in pruned:
+            diff = ""
+            if dense.get(key) is not None and pruned.get(key) is not None:
+                diff = f"{100 * (pruned[key] - dense[key]):+.2f} pts"
+            rows.append([label, _pct(dense.get(key)), _pct(pruned.get(key)), diff])
+    rows.append(["FLOPs", _fmt_count(dense.get("flops")), _fmt_count(pruned.get("flops")), ratio("flops")])
+    rows.append(["params", _fmt_count(dense.get("params")), _fmt_count(pruned.get("params")), ratio("params")])
+    d_lat = dense.get("latency_ms_by_batch", {})
+    p_lat = pruned.get("latency_ms_by_batch", {})
+    for b in d_lat:
+        speed = f"{d_lat[b] / p_lat[b]:.2f}x faster" if b in p_lat and p_lat[b] else ""
+        rows.append([f"latency (batch {b})", _ms(d_lat[b]), _ms(p_lat.get(b)), speed])
+    if pruned.get("ideal_speedup"):
+        rows.append(["ideal speed-up (1/FLOPs ratio)", "", f"{pruned['ideal_speedup']:.2f}x", ""])
+    return table(rows)
+
+
+def single(metrics: dict[str, Any]) -> str:
+    rows = [["metric", "value"]]
+    for key, label in (("val_acc", "val accuracy"), ("test_acc", "test accuracy")):
+        if key in metrics:
+            rows.append([label, _pct(metrics[key])])
+    rows.append(["FLOPs", _fmt_count(metrics.get("flops"))])
+    rows.append(["params", _fmt_count(metrics.get("params"))])
+    for b, t in metrics.get("latency_ms_by_batch", {}).items():
+        rows.append([f"latency (batch {b})", _ms(t)])
+    return table(rows)
