@@ -100,22 +100,31 @@ def solve_channels(
     removed = removed_from_counts(counts_fn(knobs[hi]))
     best = fraction(removed)
     if hi > 0 and target - best > 1e-9:
-        # The last knob step may have removed several channels at once; give back those
-        # that still fit, most important first, to land as close to the target as possible.
+        # The last knob step may have removed several channels at once: give back those that
+        # still fit, most important first. If that leaves more than half the tolerance
+        # unused (coarse groups), offer every other removed channel the same way.
         before = removed_from_counts(counts_fn(knobs[hi - 1]))
-        candidates = [
-            (scores[g][c], gi, c)
-            for gi, g in enumerate(names)
-            for c in np.flatnonzero(removed[gi] & ~before[gi])
-        ]
-        for _, gi, c in sorted(candidates, reverse=True):
-            removed[gi][c] = False
-            f = fraction(removed)
-            if f <= target:
-                best = f
-            else:
-                removed[gi][c] = True
+        step = _ranked(names, scores, [r & ~b for r, b in zip(removed, before)])
+        rest = _ranked(names, scores, [r & b for r, b in zip(removed, before)])
+        for phase, candidates in enumerate((step, rest)):
+            if phase == 1 and target - best <= budget.tolerance / 2:
+                break
+            for gi, c in candidates:
+                removed[gi][c] = False
+                f = fraction(removed)
+                if f <= target:
+                    best = f
+                    if phase == 1 and target - best <= budget.tolerance / 2:
+                        break
+                else:
+                    removed[gi][c] = True
     return ChannelPlan(dict(zip(names, removed)), best)
+
+
+def _ranked(names, scores, masks) -> list[tuple[int, int]]:
+    """(group index, channel) of the flagged channels, highest score first."""
+    flagged = [(scores[g][c], gi, c) for gi, g in enumerate(names) for c in np.flatnonzero(masks[gi])]
+    return [(gi, int(c)) for _, gi, c in sorted(flagged, reverse=True)]
 
 
 def _knob(names, sizes, caps, scores, policy: Policy):

@@ -9,15 +9,16 @@ tensors of the dense shape). For the dense model and each pruned model the scrip
 * FLOPs ratio: fvcore FLOPs of one forward pass over the dense FLOPs, where masked layers
   count their effective FLOPs (dense FLOPs times weight density), as ``autoprune.measure`` does;
 * params ratio: parameters (masked weights not counted) over the dense count;
-* latency: ``autoprune.measure.latency_ms`` on CPU, i.e. the median wall time of ``--repeats``
-  timed forward passes (after warm-up) with torch's intra-op threads fixed to ``--threads``;
+* latency: the median wall time (ms) of ``--repeats`` timed forward passes on CPU (after
+  ``--warmup`` untimed ones), each timed by ``autoprune.measure.latency_ms`` with torch's
+  intra-op threads fixed to ``--threads`` and a random input of the given batch size;
 * speed-up: dense latency over pruned latency, against the ideal ``1 / FLOPs ratio``.
 
-Dense and pruned models are timed side by side in one process. For each batch size the
-models are timed in ``--rounds`` rounds whose order alternates (dense, pruned..., then
-pruned..., dense, ...), so slow drift and noise hit all models alike; each model's reported
-latency is the lowest of its per-round medians (the same rule for every model). The spread
-of the dense model's round medians is printed as a noise indication.
+Dense and pruned models are timed side by side in one process, interleaved pass by pass:
+for each batch size, every model is warmed up, then each repeat times one forward pass of
+every model in turn (the order alternates: dense, pruned..., then pruned..., dense), so drift
+and load from other processes hit all models alike. Each model's latency is the median of
+its passes; the spread (max/min of the passes) is printed as a noise indication.
 
 Run: ``python bench/latency_resnet18.py`` (``--quick`` for a smoke run at 64x64).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 
 import torch
 import torchvision
@@ -62,30 +64,43 @@ def build_models(task: Task, dense: nn.Module) -> list[tuple[str, str, nn.Module
         policy = Policy(structure=structure, criterion="magnitude", scope="local")
         scores = engine.score(dense, policy, data=None, seed=0)
         for fraction in BUDGETS:
-            pruned = engine.prune_to_budget(dense, task, policy, Budget("flops", fraction), scores, dense_cost)
-            fold_masks(pruned.model)  # unstructured: masked weights become zeros in dense tensors
+            budget = Budget("flops", fraction)
+            pruned = engine.prune_to_budget(dense, task, policy, budget, scores, dense_cost)
+            fold_masks(pruned.model)  # unstructured: masked weights become zeros, dense shape
             models.append((structure, f"{fraction:g}", pruned.model.eval()))
     return models
 
 
 def time_interleaved(
-    models: list[nn.Module], shape: tuple[int, ...], batch: int, cfg: MeasureConfig, rounds: int
+    models: list[nn.Module], shape: tuple[int, ...], batch: int, args: argparse.Namespace
 ) -> list[list[float]]:
-    """Per model, its median latency (ms) in each round; the round order alternates."""
+    """Per model, the wall time (ms) of each of its ``args.repeats`` passes, timed one pass
+    of every model after another (alternating order), after the warm-up passes."""
+    warm = MeasureConfig((batch,), warmup=max(args.warmup - 1, 0), repeats=1, threads=args.threads)
+    one = MeasureConfig((batch,), warmup=0, repeats=1, threads=args.threads)
+    for m in models:  # max(warmup, 1) untimed passes: latency_ms always times one
+        measure.latency_ms(m, shape, batch, warm)
     times: list[list[float]] = [[] for _ in models]
-    for r in range(rounds):
-        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
-        for i in order:
-            times[i].append(measure.latency_ms(models[i], shape, batch, cfg))
+    for r in range(args.repeats):
+        for i in range(len(models)) if r % 2 == 0 else reversed(range(len(models))):
+            times[i].append(measure.latency_ms(models[i], shape, batch, one))
     return times
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=10, help="timed passes per model per round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed passes before each timing")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch intra-op threads (default: all cores)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=10, help="timed passes per model and batch")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per model and batch")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--quick", action="store_true", help="smoke run: image size 64, repeats 3")
@@ -94,28 +109,28 @@ def main() -> None:
         args.image_size, args.repeats = 64, 3
 
     torch.set_num_threads(args.threads)
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
-    print(f"CPU: {platform.machine()} {platform.processor() or ''}".rstrip()
-          + f"; os.cpu_count() = {os.cpu_count()}, usable by this process = {affinity}")  # fmt: skip
-    print(f"torch threads used for timing: {args.threads}; MKLDNN: {torch.backends.mkldnn.is_available()}")
-    print(f"input {args.image_size}x{args.image_size}; batches {args.batches}; warm-up {args.warmup}, "
-          f"repeats {args.repeats} (median), rounds {args.rounds} (best round median per model)\n")  # fmt: skip
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"Python {platform.python_version()}")  # fmt: skip
+    print(f"CPU: {cpu_name()}; os.cpu_count() = {os.cpu_count()}, usable here = {usable}")
+    print(f"torch threads used for timing: {args.threads}; "
+          f"MKLDNN available: {torch.backends.mkldnn.is_available()}")  # fmt: skip
+    print(
+        f"input {args.image_size}x{args.image_size}; batches {args.batches}; warm-up "
+        f"{args.warmup}, repeats {args.repeats} (median), interleaved pass by pass\n"
+    )
 
     task = make_task(args.image_size)
-    dense = make_model()
-    models = build_models(task, dense)
+    models = build_models(task, make_model())
     shape = task.input_shape
     costs = [measure.measure(m, shape, MeasureConfig(), latency=False) for _, _, m in models]
-    cfg = MeasureConfig(batch_sizes=tuple(args.batches), warmup=args.warmup, repeats=args.repeats,
-                        threads=args.threads)  # fmt: skip
     latency: dict[int, list[float]] = {}
     for b in args.batches:
-        rounds = time_interleaved([m for _, _, m in models], shape, b, cfg, args.rounds)
-        latency[b] = [min(t) for t in rounds]
-        d = rounds[0]
-        print(f"dense batch {b} round medians (ms): {', '.join(f'{t:.2f}' for t in d)} "
-              f"(max/min {max(d) / min(d):.3f})")  # fmt: skip
+        passes = time_interleaved([m for _, _, m in models], shape, b, args)
+        latency[b] = [statistics.median(t) for t in passes]
+        pairs = zip(models, passes, strict=True)
+        spread = [f"{s} {f} {max(t) / min(t):.2f}" for (s, f, _), t in pairs]
+        print(f"batch {b}: max/min of the passes per model: {', '.join(spread)}")
 
     head = ["structure", "budget", "FLOPs ratio (fvcore, effective for masks)", "params ratio"]
     for b in args.batches:
@@ -124,14 +139,15 @@ def main() -> None:
     print("\n| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     base = costs[0]
-    for i, ((structure, budget, _), cost) in enumerate(zip(models, costs)):
+    for i, ((structure, budget, _), cost) in enumerate(zip(models, costs, strict=True)):
         flops_ratio = cost.flops / base.flops
         row = [structure, budget, f"{flops_ratio:.4f}", f"{cost.params / base.params:.4f}"]
         for b in args.batches:
             row += [f"{latency[b][i]:.2f}", f"{latency[b][0] / latency[b][i]:.2f}x"]
         row.append(f"{1 / flops_ratio:.2f}x")
         print("| " + " | ".join(row) + " |")
-    print(f"\ndense: {base.flops / 1e9:.3f} GFLOPs (fvcore, per sample), {base.params / 1e6:.2f} M params")
+    print(f"\ndense: {base.flops / 1e9:.3f} GFLOPs per sample (fvcore), "
+          f"{base.params / 1e6:.2f} M params")  # fmt: skip
 
 
 if __name__ == "__main__":
