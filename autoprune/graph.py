@@ -74,17 +74,6 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor):
     return dg
 
 
-def unsupported_layers(model: nn.Module, dg) -> list[str]:
-    """Layers that hold parameters torch-pruning has no pruner for (custom layers)."""
-    bad = []
-    for name, module in model.named_modules():
-        if not any(True for _ in module.parameters(recurse=False)):
-            continue
-        if dg.get_pruner_of_module(module) is None:
-            bad.append(f"{name} ({type(module).__name__})")
-    return bad
-
-
 class PrunableGraph:
     """The channel groups of a model and what each group touches."""
 
@@ -92,32 +81,8 @@ class PrunableGraph:
         self.model = model
         self.example_input = example_input
         self.dg = build_dependency_graph(model, example_input)
-        bad = unsupported_layers(model, self.dg)
-        if bad:
-            raise AutopruneError(
-                "the dependency graph cannot handle layer(s) "
-                + ", ".join(bad)
-                + "; channel pruning supports convolutions (incl. depthwise/grouped), linear, "
-                "batch/layer/group norm, PReLU and embedding layers; use --structure unstructured"
-            )
-        self.classifier = classifier_layer(model)
         names = {m: n for n, m in model.named_modules()}
-        self.groups: list[Group] = []
-        for tp_group in self.dg.get_all_groups(
-            ignored_layers=[self.classifier], root_module_types=PRUNABLE_TYPES
-        ):
-            root = tp_group[0].dep.target.module
-            group = Group(name=names[root], size=len(tp_group[0].idxs))
-            for item in tp_group:
-                module = item.dep.target.module
-                if not isinstance(module, nn.Module) or module not in names:
-                    continue  # element-wise ops, reshapes: nothing to score or count
-                dim = "out" if self.dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-                group.items.append(
-                    GroupItem(names[module], dim, np.asarray(item.idxs), np.asarray(item.root_idxs))
-                )
-            if group.size > 1:
-                self.groups.append(group)
+        self.groups: list[Group] = _groups_of(self.dg, model, names)
         if not self.groups:
             raise AutopruneError("the model has no prunable channel group besides its classifier")
         self.by_name = {g.name: g for g in self.groups}
@@ -149,6 +114,37 @@ class PrunableGraph:
             )
             tp_group.prune()
 
+    def dry_run(self) -> None:
+        """Prune one channel of every group on a copy and run it: a layer the dependency
+        graph mis-handles (a custom layer, a channel shuffle, channel slicing) fails here,
+        on an untrained model, instead of after training. Names the groups that break."""
+
+        def breaks(groups: list[Group]) -> str | None:
+            trial = PrunableGraph.__new__(PrunableGraph)
+            trial.model = copy.deepcopy(self.model).eval()
+            trial.dg = build_dependency_graph(trial.model, self.example_input)
+            names = {m: n for n, m in trial.model.named_modules()}
+            trial.groups = [g for g in _groups_of(trial.dg, trial.model, names) if g.name in {x.name for x in groups}]
+            try:
+                trial.prune({g.name: np.array([0]) for g in trial.groups})
+                with torch.no_grad():
+                    trial.model(self.example_input)
+            except Exception as exc:  # noqa: BLE001 - reported to the user below
+                return str(exc).splitlines()[0]
+            return None
+
+        if breaks(self.groups) is None:
+            return
+        culprits = [(g.name, err) for g in self.groups if (err := breaks([g])) is not None]
+        detail = "; ".join(f"{n}: {e}" for n, e in culprits[:3]) or "the groups together"
+        raise AutopruneError(
+            "channel pruning cannot handle this model: removing a channel of group(s) "
+            f"{', '.join(n for n, _ in culprits) or '(several)'} breaks its forward pass ({detail}). "
+            "The dependency graph follows standard layers (conv incl. depthwise/grouped, linear, "
+            "norms, residual adds, concatenations) but not custom layers with their own weights, "
+            "channel shuffles or channel slicing; use --structure unstructured"
+        )
+
     def history(self) -> list:
         """Replayable pruning history: [root module name, is_out_channel, indices] per step."""
         return [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self.dg.pruning_history()]
@@ -171,6 +167,27 @@ class PrunableGraph:
                     for p in (getattr(module, "weight", None), getattr(module, "bias", None)):
                         if isinstance(p, torch.Tensor) and p.dim() >= 1:
                             p[sel] = 0.0
+
+
+def _groups_of(dg, model: nn.Module, names: dict) -> list[Group]:
+    """The prunable groups of a dependency graph (the classifier's output is never pruned)."""
+    groups = []
+    for tp_group in dg.get_all_groups(
+        ignored_layers=[classifier_layer(model)], root_module_types=PRUNABLE_TYPES
+    ):
+        root = tp_group[0].dep.target.module
+        group = Group(name=names[root], size=len(tp_group[0].idxs))
+        for item in tp_group:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module) or module not in names:
+                continue  # element-wise ops, reshapes: nothing to score or count
+            dim = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            group.items.append(
+                GroupItem(names[module], dim, np.asarray(item.idxs), np.asarray(item.root_idxs))
+            )
+        if group.size > 1:
+            groups.append(group)
+    return groups
 
 
 def replay_history(model: nn.Module, example_input: torch.Tensor, history: list) -> nn.Module:

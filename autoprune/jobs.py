@@ -28,6 +28,7 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
             engine._check_names(policy.ratios or {}, list(scored_modules(model)), "layer")
         return
     graph = PrunableGraph(model, example)
+    graph.dry_run()
     if policy.scope == "per_layer":
         graph.check_names(policy.ratios or {})
     total, by_module = flops_by_module(model, example)

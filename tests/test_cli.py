@@ -1,0 +1,213 @@
+"""The `autoprune` command line, run as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def channel_run(cli, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "d"
+    proc = cli("prune", "--criterion", "magnitude", "--scope", "local", "--structure", "channel",
+               "--budget-flops", "0.5", "--finetune-epochs", "2", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+@pytest.mark.slow
+def test_prune_meets_budget_and_keeps_accuracy(channel_run):
+    out, proc = channel_run
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("task", "model", "policy", "ratios", "dense", "pruned"):
+        assert key in summary
+    for part in ("dense", "pruned"):
+        for key in ("flops", "params", "val_acc", "test_acc", "latency_ms"):
+            assert summary[part][key] is not None
+        assert 0 <= summary[part]["test_acc"] <= 1
+    for key in ("flops_ratio", "params_ratio", "speedup"):
+        assert key in summary["pruned"]
+    assert 0.49 <= summary["pruned"]["flops_ratio"] <= 0.50
+    assert abs(summary["pruned"]["test_acc"] - summary["dense"]["test_acc"]) <= 0.02
+    assert set(summary["ratios"]) and all(0 <= r < 1 for r in summary["ratios"].values())
+    # the table a person reads
+    for word in ("test accuracy", "FLOPs", "params", "latency (batch 1)", "faster"):
+        assert word in proc.stdout
+    assert (out / "policy.json").is_file() and (out / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_accuracy_and_flops_exactly(cli, channel_run):
+    out, _ = channel_run
+    summary = json.loads((out / "summary.json").read_text())
+    proc = cli("evaluate", str(out / "model.pt"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["test_acc"] == summary["pruned"]["test_acc"]
+    assert got["val_acc"] == summary["pruned"]["val_acc"]
+    assert got["flops"] == summary["pruned"]["flops"]
+    assert got["params"] == summary["pruned"]["params"]
+    table = cli("evaluate", str(out / "model.pt"), "--task", "digits")
+    assert table.returncode == 0 and "test accuracy" in table.stdout
+
+
+@pytest.mark.slow
+def test_policy_file_replays(cli, channel_run, tmp_path):
+    out, _ = channel_run
+    proc = cli("prune", "--policy", str(out / "policy.json"), "--finetune-epochs", "0",
+               "--budget-flops", "0.7", "--out", str(tmp_path / "again"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["policy"]["criterion"] == "magnitude"
+    assert summary["policy"]["finetune"]["epochs"] == 0
+    assert 0.69 <= summary["pruned"]["flops_ratio"] <= 0.70
+
+
+@pytest.mark.slow
+def test_unstructured_meets_effective_budget(cli, tmp_path):
+    proc = cli("prune", "--criterion", "magnitude", "--scope", "local", "--structure", "unstructured",
+               "--budget-flops", "0.3", "--finetune-epochs", "2", "--out", str(tmp_path / "u"))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "u" / "summary.json").read_text())
+    assert 0.29 <= summary["pruned"]["flops_ratio"] <= 0.30
+    state = torch.load(tmp_path / "u" / "model.pt", weights_only=True)["state_dict"]
+    zeros = sum(int((v == 0).sum()) for k, v in state.items() if k.endswith("weight") and v.dim() > 1)
+    assert zeros > 0.5 * sum(v.numel() for k, v in state.items() if k.endswith("weight") and v.dim() > 1)
+
+
+@pytest.mark.slow
+def test_export_pt2_and_onnx(cli, channel_run, tmp_path):
+    from autoprune.prune import load_model
+
+    out, _ = channel_run
+    model, task, _ = load_model(out / "model.pt")
+    x = next(iter(task.loader("test")))[0][:1]
+    proc = cli("export", str(out / "model.pt"), "--format", "pt2", "--out", str(tmp_path / "m.pt2"))
+    assert proc.returncode == 0, proc.stderr
+    program = torch.export.load(str(tmp_path / "m.pt2"))
+    torch.testing.assert_close(program.module()(x), model(x))
+    onnx = pytest.importorskip("onnx")
+    proc = cli("export", str(out / "model.pt"), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(graph)
+    conv_channels = [
+        init.dims[0] for init in graph.graph.initializer if len(init.dims) == 4
+    ]
+    assert conv_channels and max(conv_channels) < 64  # the exported graph is the thin one
+
+
+@pytest.mark.parametrize("what, expected", [
+    ("criteria", ["random", "magnitude"]),
+    ("structures", ["channel", "unstructured"]),
+    ("scopes", ["global", "local", "per_layer"]),
+    ("methods", ["oneshot"]),
+    ("tasks", ["digits", "cifar10", "imagefolder", "package.module:function"]),
+    ("groups", ["stem.0", "layers.0.conv1"]),
+])  # fmt: skip
+def test_list(cli, what, expected):
+    proc = cli("list", what)
+    assert proc.returncode == 0, proc.stderr
+    for name in expected:
+        assert name in proc.stdout
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+BAD = [
+    (["--budget-flops", "1.5"], ["1.5", "(0, 1]"]),
+    (["--budget-flops", "0"], ["(0, 1]"]),
+    (["--budget-params", "-1"], ["-1", "(0, 1]"]),
+    (["--criterion", "psychic"], ["psychic", "magnitude", "random"]),
+    (["--task", "mnist"], ["mnist", "digits", "cifar10", "imagefolder"]),
+    (["--model", "vgg16"], ["vgg16", "digits_resnet"]),
+    (["--task", "imagefolder", "--model", "resnet18"], ["--data-dir"]),
+    (["--task", "imagefolder", "--model", "nonet", "--data-dir", "."], ["nonet", "resnet18"]),
+    (["--task", "cifar10", "--data-dir", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
+    (["--budget-flops", "0.01"], ["unreachable", "smallest reachable"]),
+    (["--scope", "per_layer"], ["ratios"]),
+    (["--checkpoint", "/no/such.pt"], ["/no/such.pt"]),
+    (["--task", "nosuchpkg.mod:fn"], ["nosuchpkg.mod"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, words", BAD)
+def test_bad_input_exits_2_with_a_clear_message_before_training(cli, tmp_path, args, words):
+    cache = tmp_path / "cache"
+    proc = cli("prune", *args, "--out", str(tmp_path / "o"), env={"AUTOPRUNE_CACHE": str(cache)})
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("autoprune: error:") or "error:" in proc.stderr
+    for w in words:
+        assert w in proc.stderr
+    assert not cache.exists() or not any(cache.iterdir())  # nothing was trained
+    assert not (tmp_path / "o").exists()  # nothing was written
+
+
+def test_bad_policy_files(cli, tmp_path):
+    cache = tmp_path / "cache"
+    env = {"AUTOPRUNE_CACHE": str(cache)}
+    broken = _write(tmp_path, "broken.json", "{not json")
+    proc = cli("prune", "--policy", broken, env=env)
+    assert proc.returncode == 2 and "not valid JSON" in proc.stderr and broken in proc.stderr
+    groups = _write(tmp_path, "groups.json", json.dumps({"scope": "per_layer", "ratios": {"layers.9.conv1": 0.5}}))
+    proc = cli("prune", "--policy", groups, env=env)
+    assert proc.returncode == 2
+    assert "layers.9.conv1" in proc.stderr and "stem.0" in proc.stderr  # names what exists
+    keys = _write(tmp_path, "keys.json", json.dumps({"sparsity": 0.5}))
+    proc = cli("prune", "--policy", keys, env=env)
+    assert proc.returncode == 2 and "sparsity" in proc.stderr and "criterion" in proc.stderr
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_unsupported_layer_is_reported_before_training(cli, tmp_path):
+    pkg = tmp_path / "usertask_bad"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "from autoprune.tasks import digits_task\n"
+        "from autoprune.config import TaskConfig\n"
+        "class Odd(nn.Module):  # a conv with its own weight: the graph cannot follow it\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.w = nn.Parameter(torch.randn(16, 16, 3, 3))\n"
+        "    def forward(self, x):\n"
+        "        return torch.nn.functional.conv2d(x, self.w, padding=1)\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = nn.Conv2d(1, 16, 3, padding=1)\n"
+        "        self.odd = Odd()\n"
+        "        self.fc = nn.Linear(16 * 64, 10)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.odd(self.conv(x)).flatten(1))\n"
+        "def task():\n"
+        "    t = digits_task(TaskConfig())\n"
+        "    t.model_factory = Net\n"
+        "    t.model_name = 'odd'\n"
+        "    return t\n"
+    )
+    cache = tmp_path / "cache"
+    env = {"AUTOPRUNE_CACHE": str(cache), "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = cli("prune", "--task", "usertask_bad:task", "--out", str(tmp_path / "o"), env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "group(s) conv" in proc.stderr and "unstructured" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+def test_evaluate_rejects_a_file_that_is_not_a_pruned_model(cli, tmp_path):
+    p = tmp_path / "dense.pt"
+    torch.save({"w": torch.zeros(2)}, p)
+    proc = cli("evaluate", str(p))
+    assert proc.returncode == 2 and "not an autoprune pruned model" in proc.stderr
+    proc = cli("evaluate", str(tmp_path / "missing.pt"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
