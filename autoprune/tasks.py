@@ -76,11 +76,22 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int, where: str = "the data"
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (kept, carved) with ``fraction`` of every class carved out, seeded."""
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(labels))
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    counts = counts[counts > 0]
+    carved_n = int(np.ceil(fraction * len(labels)))
+    if counts.min() < 2 or carved_n < len(counts) or len(labels) - carved_n < len(counts):
+        raise AutopruneError(
+            f"{where} is too small to split: {len(labels)} samples in {len(counts)} classes "
+            f"(smallest class {counts.min()}); a stratified {fraction:.0%} split needs at least 2 "
+            f"samples per class and {len(counts)} on each side"
+        )
     kept, carved = train_test_split(idx, test_size=fraction, stratify=labels, random_state=seed)
     return np.sort(kept), np.sort(carved)
 
@@ -280,13 +291,15 @@ def imagefolder_task(config: TaskConfig) -> Task:
     if (root / "train").is_dir() and held_out is not None:
         full = folder(root / "train")
         test: Dataset = folder(held_out)
-        train_idx, val_idx = stratified_split(labels_of(full), 0.15, seed=0)
+        train_idx, val_idx = stratified_split(labels_of(full), 0.15, seed=0, where=str(root / "train"))
         train, val = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
     else:
-        full = folder(root)
+        # one folder of classes; a lone train/ (no val/ or test/) is that folder
+        single = root / "train" if (root / "train").is_dir() else root
+        full = folder(single)
         labels = labels_of(full)
-        rest, test_idx = stratified_split(labels, 0.15, seed=0)
-        train_idx, val_idx = stratified_split(labels[rest], 0.15 / 0.85, seed=1)
+        rest, test_idx = stratified_split(labels, 0.15, seed=0, where=str(single))
+        train_idx, val_idx = stratified_split(labels[rest], 0.15 / 0.85, seed=1, where=str(single))
         train, val = Subset(full, rest[train_idx].tolist()), Subset(full, rest[val_idx].tolist())
         test = Subset(full, test_idx.tolist())
     num_classes = len(full.classes)

@@ -32,7 +32,18 @@ def _class_counts(dataset) -> Counter:
 
 CIFAR_MEAN = np.array((0.4914, 0.4822, 0.4465), dtype=np.float32)
 CIFAR_STD = np.array((0.247, 0.243, 0.261), dtype=np.float32)
-CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 def _write_cifar(root: Path, per_batch: int = 20, seed: int = 0) -> dict[str, dict]:
@@ -92,7 +103,9 @@ def test_imagefolder_single_folder_split_is_70_15_15_stratified_and_disjoint(sin
     # 36 images: 15% test (ceil 5.4 = 6), 15% of all for validation (6), the rest training
     assert (len(train), len(val), len(test)) == (24, 6, 6)
     assert sorted(train + val + test) == list(range(36))  # sizes add up, nothing twice
-    assert not (set(train) & set(val)) and not (set(train) & set(test)) and not (set(val) & set(test))
+    assert not set(train) & set(val)
+    assert not set(train) & set(test)
+    assert not set(val) & set(test)
     # stratified: every class equally represented in every split
     assert _class_counts(task.train) == {0: 8, 1: 8, 2: 8}
     assert _class_counts(task.val) == {0: 2, 1: 2, 2: 2}
@@ -102,7 +115,9 @@ def test_imagefolder_single_folder_split_is_70_15_15_stratified_and_disjoint(sin
 
 
 def test_imagefolder_split_is_seeded(single_folder):
-    cfg = TaskConfig(name="imagefolder", model="resnet18", data_dir=str(single_folder), image_size=32)
+    cfg = TaskConfig(
+        name="imagefolder", model="resnet18", data_dir=str(single_folder), image_size=32
+    )
     a, b = get_task(cfg), get_task(cfg)
     for split in ("train", "val", "test"):
         assert _indices(getattr(a, split)) == _indices(getattr(b, split))
@@ -110,7 +125,9 @@ def test_imagefolder_split_is_seeded(single_folder):
 
 def test_imagefolder_train_and_held_out_layout(split_folder):
     root, held_out = split_folder
-    task = get_task(TaskConfig(name="imagefolder", model="resnet18", data_dir=str(root), image_size=32))
+    task = get_task(
+        TaskConfig(name="imagefolder", model="resnet18", data_dir=str(root), image_size=32)
+    )
     assert task.num_classes == 3
     full = task.train.dataset
     assert task.val.dataset is full
@@ -173,7 +190,9 @@ def test_imagefolder_images_of_different_classes_differ(single_folder):
     ids=["resnet18", "mobilenet_v2"],
 )  # fmt: skip
 def test_imagefolder_model_factory_builds_named_torchvision_model(single_folder, model, check):
-    task = get_task(TaskConfig(name="imagefolder", model=model, data_dir=str(single_folder), image_size=32))
+    task = get_task(
+        TaskConfig(name="imagefolder", model=model, data_dir=str(single_folder), image_size=32)
+    )
     assert task.model_name == model
     torch.manual_seed(0)
     net = task.model_factory()
@@ -231,7 +250,7 @@ def test_cifar10_data_dir_may_be_the_batches_folder_itself(cifar_dir):
     assert task.options["data_dir"] == str(root)
 
 
-def test_cifar10_never_downloads(cifar_dir, tmp_path):
+def test_cifar10_never_downloads(cifar_dir):
     root, _ = cifar_dir
     get_task(TaskConfig(name="cifar10", data_dir=str(root)))
     # nothing was added next to the data (no archive fetched)
@@ -277,7 +296,7 @@ def test_digits_sizes_split_and_fixed():
     assert sizes == (1149, 288, 360)  # 20% test (ceil 359.4), 20% of the rest validation
     b = get_task(TaskConfig())
     for split in ("train", "val", "test"):
-        for ta, tb in zip(getattr(a, split).tensors, getattr(b, split).tensors):
+        for ta, tb in zip(getattr(a, split).tensors, getattr(b, split).tensors, strict=True):
             assert torch.equal(ta, tb)
     # the three splits partition the dataset: together they hold every sample exactly once
     digits = load_digits()
@@ -358,6 +377,19 @@ def test_image_folder_without_images(tmp_path):
         get_task(TaskConfig(name="imagefolder", data_dir=str(tmp_path), image_size=32))
 
 
+def test_image_folder_too_small_to_split(tmp_path, write_image_folder):
+    root = write_image_folder(tmp_path / "tiny", classes=3, per_class=2)
+    with pytest.raises(AutopruneError, match="tiny"):
+        get_task(TaskConfig(name="imagefolder", data_dir=str(root), image_size=16))
+
+
+def test_lone_train_folder_is_split_like_a_single_folder(tmp_path, write_image_folder):
+    write_image_folder(tmp_path / "data" / "train", classes=3, per_class=12)
+    task = get_task(TaskConfig(name="imagefolder", data_dir=str(tmp_path / "data"), image_size=16))
+    assert task.num_classes == 3
+    assert len(task.train) + len(task.val) + len(task.test) == 36
+
+
 @pytest.mark.parametrize(
     "task, model",
     [("digits", "resnet18"), ("cifar10", "resnet18"), ("cifar10", "digits_resnet"),
@@ -375,7 +407,8 @@ def test_unknown_model_for_each_task(task, model, tmp_path):
 def test_unknown_model_lists_the_allowed_ones(tmp_path):
     with pytest.raises(AutopruneError) as info:
         get_task(TaskConfig(name="cifar10", model="vgg11", data_dir=str(tmp_path)))
-    assert "resnet20" in str(info.value) and "resnet56" in str(info.value) and "plain20" in str(info.value)
+    for allowed in ("resnet20", "resnet56", "plain20"):
+        assert allowed in str(info.value)
     with pytest.raises(AutopruneError) as info:
         get_task(TaskConfig(name="imagefolder", model="not_a_net", data_dir=str(tmp_path)))
     assert "mobilenet_v2" in str(info.value) and "resnet18" in str(info.value)
@@ -393,7 +426,7 @@ def test_unknown_task_name():
 # ------------------------------------------------------------------ user tasks
 
 
-USER_MODULE = '''
+USER_MODULE = """
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -418,13 +451,14 @@ def wrong_type(config):
     return {"name": "toy"}
 
 NOT_CALLABLE = 42
-'''
+"""
 
 
 @pytest.fixture
 def user_module(tmp_path, monkeypatch, request):
     # a unique module name per test, so sys.modules caching never mixes tests
-    name = f"autoprune_user_task_{request.node.name.replace('[', '_').replace(']', '_').replace('-', '_')}"
+    test = request.node.name.replace("[", "_").replace("]", "_").replace("-", "_")
+    name = f"autoprune_user_task_{test}"
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(USER_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
     yield name

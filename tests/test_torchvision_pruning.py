@@ -147,15 +147,18 @@ def solver_plan(model, task, policy, budget, scores, dense_cost):
         channel = crit.normalise(channel)
     total, by_module = flops_by_module(model, example)
     costs = CostModel(graph, by_module, total)
-    return solve_channels(graph.group_names(), [g.size for g in graph.groups], channel, policy,
-                          budget, costs.cost, (dense_cost.flops, float(dense_cost.params)))  # fmt: skip
+    names, sizes = graph.group_names(), [g.size for g in graph.groups]
+    dense = (dense_cost.flops, float(dense_cost.params))
+    return solve_channels(names, sizes, channel, policy, budget, costs.cost, dense)
 
 
 # ------------------------------------------------------------------ budgets
 
 
 @pytest.mark.parametrize("model, scope, fraction", CASES)
-def test_channel_pruning_meets_flops_budget(pruned_cases, tasks, dense, images, model, scope, fraction):
+def test_channel_pruning_meets_flops_budget(
+    pruned_cases, tasks, dense, images, model, scope, fraction
+):
     policy, budget, _, pruned = pruned_cases(model, scope, fraction)
     x = images[:1]
     dense_flops = fvcore_flops(dense[model], x)
@@ -272,4 +275,5 @@ def test_history_replays_on_fresh_dense_model(pruned_cases, tasks, images, model
     fresh.load_state_dict(pruned.model.state_dict())  # strict: every key and shape fits
     shapes = {k: v.shape for k, v in pruned.model.state_dict().items()}
     assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
-    torch.testing.assert_close(outputs(fresh, images), outputs(pruned.model, images), rtol=0, atol=0)
+    expected = outputs(pruned.model, images)
+    torch.testing.assert_close(outputs(fresh, images), expected, rtol=0, atol=0)
