@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import STRUCTURES, SCOPES, Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
+from .config import SCOPES, STRUCTURES, Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
 from .errors import AutopruneError
 
 
@@ -20,7 +20,9 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task")
     g.add_argument("--task", default=None, help="digits (default), cifar10, imagefolder or package.module:function")
     g.add_argument("--model", default=None, help="model name within the task (see `autoprune list tasks`)")
-    g.add_argument("--data-dir", default=None, help="local data directory (cifar10, imagefolder); nothing is downloaded")
+    g.add_argument(
+        "--data-dir", default=None, help="local data directory (cifar10, imagefolder); nothing is downloaded"
+    )
     g.add_argument("--image-size", type=int, default=None, help="imagefolder input resolution (default 224)")
     g.add_argument("--batch-size", type=int, default=None, help="data loader batch size (default 64)")
 
@@ -28,12 +30,18 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("dense model and run")
     g.add_argument("--checkpoint", default=None, help="dense weights (a state_dict file) to start from")
-    g.add_argument("--train-epochs", type=int, default=None, help="dense training epochs when no checkpoint (task default)")
+    g.add_argument(
+        "--train-epochs", type=int, default=None, help="dense training epochs when no checkpoint (task default)"
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    g.add_argument("--cache-dir", default=None, help="dense-model cache (default $AUTOPRUNE_CACHE or ~/.cache/autoprune)")
+    g.add_argument(
+        "--cache-dir", default=None, help="dense-model cache (default $AUTOPRUNE_CACHE or ~/.cache/autoprune)"
+    )
     g.add_argument("--threads", type=int, default=None, help="torch threads for latency timing on CPU (default 1)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no terminal)")
+    g.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no terminal)"
+    )
 
 
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
@@ -51,7 +59,9 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     b = p.add_argument_group("budget (fraction of the dense cost to keep)")
     x = b.add_mutually_exclusive_group()
-    x.add_argument("--budget-flops", type=float, default=None, help="keep at most this fraction of the FLOPs (default 0.5)")
+    x.add_argument(
+        "--budget-flops", type=float, default=None, help="keep at most this fraction of the FLOPs (default 0.5)"
+    )
     x.add_argument("--budget-params", type=float, default=None, help="keep at most this fraction of the parameters")
 
 

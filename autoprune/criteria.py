@@ -44,9 +44,7 @@ class Criterion:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             allowed = ", ".join(self.options) or "none"
-            raise AutopruneError(
-                f"criterion {self.name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}"
-            )
+            raise AutopruneError(f"criterion {self.name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")
         self.opts = {**self.options, **options}
 
     def score(self, ctx: ScoreContext) -> Scores:

@@ -122,8 +122,7 @@ def train(
                 loss = loss_fn(model(x), y)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
-                        f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; "
-                        "lower the learning rate"
+                        f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate"
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -190,9 +189,7 @@ def _load_checkpoint(model: nn.Module, path: str) -> None:
         raise AutopruneError(f"cannot read --checkpoint {str(p)!r}: {exc}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         if state.get("history"):
-            raise AutopruneError(
-                f"--checkpoint {str(p)!r} is an already pruned model; start from dense weights"
-            )
+            raise AutopruneError(f"--checkpoint {str(p)!r} is an already pruned model; start from dense weights")
         state = state["state_dict"]
     try:
         model.load_state_dict(state)
@@ -294,23 +291,13 @@ def prune_to_budget(
         ]
         if policy.scope == "per_layer":
             _check_names(policy.ratios or {}, [layer.name for layer in layers], "layer")
-        counts, estimate = solve_masks(
-            layers, {k: v.numpy() for k, v in scores.items()}, policy, budget, dense
-        )
+        counts, estimate = solve_masks(layers, {k: v.numpy() for k, v in scores.items()}, policy, budget, dense)
         pruned = clone(model)
         mask_weights(pruned, counts, scores)
         ratios = {layer.name: counts[layer.name] / layer.numel for layer in layers}
         return Pruned(pruned, "unstructured", [], ratios, estimate)
 
-    graph = graph or PrunableGraph(clone(model), example)
-    if policy.scope == "per_layer":
-        graph.check_names(policy.ratios or {})
-    channel = crit.channel_scores(graph, scores, policy.reduction)
-    if policy.scope == "global":
-        channel = crit.normalise(channel)
-    total, by_module = flops_by_module(model, example)
-    costs = CostModel(graph, by_module, total)
-    names, sizes = graph.group_names(), [g.size for g in graph.groups]
+    names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph)
     target = budget.fraction
     best = None
     for attempt in range(1, 6):
@@ -333,6 +320,26 @@ def prune_to_budget(
             "estimate"
         )
     return best
+
+
+def channel_problem(
+    model: nn.Module,
+    example: torch.Tensor,
+    policy: Policy,
+    scores: crit.Scores,
+    graph: PrunableGraph | None = None,
+) -> tuple[list[str], list[int], dict[str, np.ndarray], CostModel]:
+    """The channel solver's inputs: group names and sizes, channel scores (normalised per
+    group for global scope) and the cost model."""
+    graph = graph or PrunableGraph(clone(model), example)
+    if policy.scope == "per_layer":
+        graph.check_names(policy.ratios or {})
+    channel = crit.channel_scores(graph, scores, policy.reduction)
+    if policy.scope == "global":
+        channel = crit.normalise(channel)
+    total, by_module = flops_by_module(model, example)
+    names, sizes = graph.group_names(), [g.size for g in graph.groups]
+    return names, sizes, channel, CostModel(graph, by_module, total)
 
 
 def _check_names(ratios: dict[str, float], allowed: list[str], what: str) -> None:
@@ -399,9 +406,7 @@ def run(
     out["params_ratio"] = out["params"] / dense_metrics["params"]
     out["ideal_speedup"] = 1.0 / out["flops_ratio"]
     by_batch = dense_metrics.get("latency_ms_by_batch", {})
-    out["speedup_by_batch"] = {
-        b: by_batch[b] / t for b, t in out["latency_ms_by_batch"].items() if b in by_batch
-    }
+    out["speedup_by_batch"] = {b: by_batch[b] / t for b, t in out["latency_ms_by_batch"].items() if b in by_batch}
     out["speedup"] = out["speedup_by_batch"].get("1", next(iter(out["speedup_by_batch"].values()), None))
     out["solver_attempts"] = pruned.attempts
     return RunResult(model, policy, budget, pruned.history, pruned.ratios, dense_metrics, out,

@@ -66,9 +66,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor):
         with torch.enable_grad():
             dg = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the model's, reported plainly
-        raise AutopruneError(
-            f"the dependency graph cannot trace this model ({type(model).__name__}): {exc}"
-        ) from None
+        raise AutopruneError(f"the dependency graph cannot trace this model ({type(model).__name__}): {exc}") from None
     finally:
         model.train(was_training)
     return dg
@@ -94,8 +92,7 @@ class PrunableGraph:
         unknown = sorted(set(names) - set(self.by_name))
         if unknown:
             raise AutopruneError(
-                f"unknown group name(s) {', '.join(unknown)}; this model's groups are: "
-                f"{', '.join(self.group_names())}"
+                f"unknown group name(s) {', '.join(unknown)}; this model's groups are: {', '.join(self.group_names())}"
             )
 
     def prune(self, plan: dict[str, np.ndarray]) -> None:
@@ -109,9 +106,7 @@ class PrunableGraph:
                 raise AutopruneError(f"refusing to empty group {group.name!r}")
             module = self.model.get_submodule(group.name)
             pruner = self.dg.get_pruner_of_module(module)
-            tp_group = self.dg.get_pruning_group(
-                module, pruner.prune_out_channels, sorted(int(i) for i in idxs)
-            )
+            tp_group = self.dg.get_pruning_group(module, pruner.prune_out_channels, sorted(int(i) for i in idxs))
             tp_group.prune()
 
     def dry_run(self) -> None:
@@ -172,9 +167,7 @@ class PrunableGraph:
 def _groups_of(dg, model: nn.Module, names: dict) -> list[Group]:
     """The prunable groups of a dependency graph (the classifier's output is never pruned)."""
     groups = []
-    for tp_group in dg.get_all_groups(
-        ignored_layers=[classifier_layer(model)], root_module_types=PRUNABLE_TYPES
-    ):
+    for tp_group in dg.get_all_groups(ignored_layers=[classifier_layer(model)], root_module_types=PRUNABLE_TYPES):
         root = tp_group[0].dep.target.module
         group = Group(name=names[root], size=len(tp_group[0].idxs))
         for item in tp_group:
@@ -182,9 +175,7 @@ def _groups_of(dg, model: nn.Module, names: dict) -> list[Group]:
             if not isinstance(module, nn.Module) or module not in names:
                 continue  # element-wise ops, reshapes: nothing to score or count
             dim = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-            group.items.append(
-                GroupItem(names[module], dim, np.asarray(item.idxs), np.asarray(item.root_idxs))
-            )
+            group.items.append(GroupItem(names[module], dim, np.asarray(item.idxs), np.asarray(item.root_idxs)))
         if group.size > 1:
             groups.append(group)
     return groups
@@ -233,8 +224,7 @@ class CostModel:
                 )  # fmt: skip
         # per group: (module name, dim, root index of each idx) for the modules we model
         self.effects = [
-            [(it.module, it.dim, it.root_idxs) for it in g.items if it.module in self.modules]
-            for g in graph.groups
+            [(it.module, it.dim, it.root_idxs) for it in g.items if it.module in self.modules] for g in graph.groups
         ]
 
     def cost(self, removed: list[np.ndarray]) -> tuple[float, float]:

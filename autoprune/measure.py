@@ -91,9 +91,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def latency_ms(
-    model: nn.Module, input_shape: tuple[int, ...], batch: int, config: MeasureConfig
-) -> float:
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, config: MeasureConfig) -> float:
     """Median wall time (ms) of one forward pass of a ``batch``, after ``config.warmup``
     untimed passes, with torch's intra-op threads set to ``config.threads`` on CPU."""
     device = model_device(model)
@@ -137,9 +135,7 @@ class Cost:
         }
 
 
-def measure(
-    model: nn.Module, input_shape: tuple[int, ...], config: MeasureConfig, latency: bool = True
-) -> Cost:
+def measure(model: nn.Module, input_shape: tuple[int, ...], config: MeasureConfig, latency: bool = True) -> Cost:
     """FLOPs, parameters and (optionally) latency of ``model`` on its device."""
     device = model_device(model)
     example = torch.zeros(1, *input_shape, device=device)

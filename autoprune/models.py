@@ -33,9 +33,7 @@ class BasicBlock(nn.Module):
         self.residual = residual
         self.shortcut: nn.Module = nn.Identity()
         if residual and (stride != 1 or cin != cout):
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -115,9 +113,7 @@ def torchvision_model(name: str, num_classes: int) -> nn.Module:
 
     names = torchvision_model_names()
     if name not in names:
-        raise AutopruneError(
-            f"unknown torchvision classification model {name!r}; choose one of: {', '.join(names)}"
-        )
+        raise AutopruneError(f"unknown torchvision classification model {name!r}; choose one of: {', '.join(names)}")
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 

@@ -142,24 +142,16 @@ def _knob(names, sizes, caps, scores, policy: Policy):
         sorted_scores = [np.sort(scores[g]) for g in names]
 
         def counts(t: float) -> list[int]:
-            return [
-                min(cap, int(np.searchsorted(s, t, side="left")))
-                for s, cap in zip(sorted_scores, caps)
-            ]
+            return [min(cap, int(np.searchsorted(s, t, side="left"))) for s, cap in zip(sorted_scores, caps)]
 
         return counts, knobs
     ratios = [float((policy.ratios or {}).get(g, 0.0)) for g in names]
     if not any(r > 0 for r in ratios):
         raise AutopruneError("per_layer ratios are all 0: give at least one group a ratio above 0")
-    knobs = sorted(
-        {0.0} | {j / (n * r) for n, r, cap in zip(sizes, ratios, caps) if r > 0 for j in range(1, cap + 1)}
-    )
+    knobs = sorted({0.0} | {j / (n * r) for n, r, cap in zip(sizes, ratios, caps) if r > 0 for j in range(1, cap + 1)})
 
     def counts(alpha: float) -> list[int]:
-        return [
-            min(cap, int(math.floor(min(alpha * r, 1.0) * n + 1e-9)))
-            for n, r, cap in zip(sizes, ratios, caps)
-        ]
+        return [min(cap, int(math.floor(min(alpha * r, 1.0) * n + 1e-9))) for n, r, cap in zip(sizes, ratios, caps)]
 
     return counts, knobs
 
@@ -227,8 +219,7 @@ def solve_masks(
 
         def counts_at(s: float) -> list[int]:
             return [
-                min(cap, int(math.floor(min(s * r, 1.0) * layer.numel)))
-                for layer, r, cap in zip(layers, shares, caps)
+                min(cap, int(math.floor(min(s * r, 1.0) * layer.numel))) for layer, r, cap in zip(layers, shares, caps)
             ]
 
         top = 1.0 / min(r for r in shares if r > 0)

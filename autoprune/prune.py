@@ -133,9 +133,7 @@ def export_model(model: nn.Module, example_input: torch.Tensor, out: str | Path,
             import onnx  # noqa: F401
             import onnxscript  # noqa: F401
         except ImportError:
-            raise AutopruneError(
-                "ONNX export needs the onnx extra: pip install 'autoprune[onnx]'"
-            ) from None
+            raise AutopruneError("ONNX export needs the onnx extra: pip install 'autoprune[onnx]'") from None
         torch.onnx.export(model, (example_input,), str(out), dynamo=True, verbose=False)
     else:
         raise AutopruneError(f"unknown export format {fmt!r}; choose one of: pt2, onnx")

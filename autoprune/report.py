@@ -34,6 +34,7 @@ def table(rows: list[list[str]]) -> str:
 
 def comparison(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
     """Dense-vs-pruned table: accuracy, FLOPs, params, latency per batch size, speed-up."""
+
     def ratio(key: str) -> str:
         d, p = dense.get(key), pruned.get(key)
         return f"{p / d:.3f}x" if d and p is not None else ""

@@ -26,7 +26,7 @@ from .models import SMALL_MODELS, torchvision_model, torchvision_model_names
 from .registry import Registry, load_object
 
 # A task builder takes the TaskConfig (model name, data dir, ...) and returns a Task.
-TASKS: Registry[Callable[[TaskConfig], "Task"]] = Registry("task")
+TASKS: Registry[Callable[[TaskConfig], Task]] = Registry("task")
 
 
 @dataclass
@@ -146,8 +146,7 @@ def _torchvision_model_name(name: str | None) -> str:
     names = torchvision_model_names()
     if name not in names:
         raise AutopruneError(
-            f"unknown model {name!r} for task imagefolder; any torchvision classification model: "
-            f"{', '.join(names)}"
+            f"unknown model {name!r} for task imagefolder; any torchvision classification model: {', '.join(names)}"
         )
     return name
 

@@ -62,9 +62,7 @@ def cli():
     return run
 
 
-def _write_image_folder(
-    root: Path, classes: int = 3, per_class: int = 12, size=(32, 32), seed: int = 0
-) -> Path:
+def _write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size=(32, 32), seed: int = 0) -> Path:
     """``classes`` sub-folders of ``per_class`` RGB PNGs: seeded noise plus a class colour."""
     import numpy as np
     from PIL import Image

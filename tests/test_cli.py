@@ -94,9 +94,7 @@ def test_export_pt2_and_onnx(cli, channel_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     graph = onnx.load(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(graph)
-    conv_channels = [
-        init.dims[0] for init in graph.graph.initializer if len(init.dims) == 4
-    ]
+    conv_channels = [init.dims[0] for init in graph.graph.initializer if len(init.dims) == 4]
     assert conv_channels and max(conv_channels) < 64  # the exported graph is the thin one
 
 

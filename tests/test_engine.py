@@ -12,7 +12,7 @@ from torch import nn
 
 from autoprune import engine
 from autoprune.config import Budget, FinetuneConfig, Policy
-from autoprune.criteria import channel_scores, make_criterion, scored_modules, ScoreContext
+from autoprune.criteria import ScoreContext, channel_scores, make_criterion, scored_modules
 from autoprune.graph import CostModel, PrunableGraph
 from autoprune.measure import count_params, flops_by_module
 
@@ -84,7 +84,7 @@ def test_cost_model_matches_fvcore_after_pruning(digits_task, digits_dense):
     costs = CostModel(graph, by_module, total)
     rng = np.random.default_rng(0)
     removed = [rng.random(g.size) < 0.4 for g in graph.groups]
-    for m, g in zip(removed, graph.groups):
+    for m in removed:
         m[0] = False  # never empty
     est_flops, est_params = costs.cost(removed)
     graph.prune({g.name: np.flatnonzero(m) for g, m in zip(graph.groups, removed)})
@@ -96,7 +96,9 @@ def test_cost_model_matches_fvcore_after_pruning(digits_task, digits_dense):
 
 @pytest.mark.parametrize("scope", ["local", "global"])
 @pytest.mark.parametrize("kind", ["flops", "params"])
-def test_channel_pruning_meets_budget_on_digits(digits_task, digits_dense, digits_dense_metrics, engine_cfg, scope, kind):
+def test_channel_pruning_meets_budget_on_digits(
+    digits_task, digits_dense, digits_dense_metrics, engine_cfg, scope, kind
+):
     policy = Policy(scope=scope, finetune=FinetuneConfig(epochs=0))
     result = engine.run(digits_task, digits_dense, policy, Budget(kind, 0.5), engine_cfg, digits_dense_metrics)
     assert 0.49 <= result.pruned[f"{kind}_ratio"] <= 0.5

@@ -115,9 +115,7 @@ def test_imagefolder_single_folder_split_is_70_15_15_stratified_and_disjoint(sin
 
 
 def test_imagefolder_split_is_seeded(single_folder):
-    cfg = TaskConfig(
-        name="imagefolder", model="resnet18", data_dir=str(single_folder), image_size=32
-    )
+    cfg = TaskConfig(name="imagefolder", model="resnet18", data_dir=str(single_folder), image_size=32)
     a, b = get_task(cfg), get_task(cfg)
     for split in ("train", "val", "test"):
         assert _indices(getattr(a, split)) == _indices(getattr(b, split))
@@ -125,9 +123,7 @@ def test_imagefolder_split_is_seeded(single_folder):
 
 def test_imagefolder_train_and_held_out_layout(split_folder):
     root, held_out = split_folder
-    task = get_task(
-        TaskConfig(name="imagefolder", model="resnet18", data_dir=str(root), image_size=32)
-    )
+    task = get_task(TaskConfig(name="imagefolder", model="resnet18", data_dir=str(root), image_size=32))
     assert task.num_classes == 3
     full = task.train.dataset
     assert task.val.dataset is full
@@ -190,9 +186,7 @@ def test_imagefolder_images_of_different_classes_differ(single_folder):
     ids=["resnet18", "mobilenet_v2"],
 )  # fmt: skip
 def test_imagefolder_model_factory_builds_named_torchvision_model(single_folder, model, check):
-    task = get_task(
-        TaskConfig(name="imagefolder", model=model, data_dir=str(single_folder), image_size=32)
-    )
+    task = get_task(TaskConfig(name="imagefolder", model=model, data_dir=str(single_folder), image_size=32))
     assert task.model_name == model
     torch.manual_seed(0)
     net = task.model_factory()

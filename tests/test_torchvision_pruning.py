@@ -17,11 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune import criteria as crit
 from autoprune import engine
 from autoprune.config import Budget, Policy, TaskConfig
-from autoprune.graph import CostModel, PrunableGraph, replay_history
-from autoprune.measure import flops_by_module, measure
+from autoprune.graph import PrunableGraph, replay_history
+from autoprune.measure import measure
 from autoprune.policy import solve_channels
 from autoprune.tasks import get_task
 
@@ -140,14 +139,7 @@ def history_plan(history: list) -> dict[str, np.ndarray]:
 
 def solver_plan(model, task, policy, budget, scores, dense_cost):
     """The solver's plan for the same inputs as prune_to_budget's first solver round."""
-    example = task.example_input()
-    graph = PrunableGraph(copy.deepcopy(model), example)
-    channel = crit.channel_scores(graph, scores, policy.reduction)
-    if policy.scope == "global":
-        channel = crit.normalise(channel)
-    total, by_module = flops_by_module(model, example)
-    costs = CostModel(graph, by_module, total)
-    names, sizes = graph.group_names(), [g.size for g in graph.groups]
+    names, sizes, channel, costs = engine.channel_problem(model, task.example_input(), policy, scores)
     dense = (dense_cost.flops, float(dense_cost.params))
     return solve_channels(names, sizes, channel, policy, budget, costs.cost, dense)
 
@@ -156,9 +148,7 @@ def solver_plan(model, task, policy, budget, scores, dense_cost):
 
 
 @pytest.mark.parametrize("model, scope, fraction", CASES)
-def test_channel_pruning_meets_flops_budget(
-    pruned_cases, tasks, dense, images, model, scope, fraction
-):
+def test_channel_pruning_meets_flops_budget(pruned_cases, tasks, dense, images, model, scope, fraction):
     policy, budget, _, pruned = pruned_cases(model, scope, fraction)
     x = images[:1]
     dense_flops = fvcore_flops(dense[model], x)
