@@ -51,7 +51,7 @@ def comparison(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
     d_lat = dense.get("latency_ms_by_batch", {})
     p_lat = pruned.get("latency_ms_by_batch", {})
     for b in d_lat:
-        speed = f"{d_lat[b] / p_lat[b]:.2f}x faster" if b in p_lat and p_lat[b] else ""
+        speed = f"speed-up {d_lat[b] / p_lat[b]:.2f}x" if b in p_lat and p_lat[b] else ""
         rows.append([f"latency (batch {b})", _ms(d_lat[b]), _ms(p_lat.get(b)), speed])
     if pruned.get("ideal_speedup"):
         rows.append(["ideal speed-up (1/FLOPs ratio)", "", f"{pruned['ideal_speedup']:.2f}x", ""])

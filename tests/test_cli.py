@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -34,8 +35,9 @@ def test_prune_meets_budget_and_keeps_accuracy(channel_run):
     assert abs(summary["pruned"]["test_acc"] - summary["dense"]["test_acc"]) <= 0.02
     assert set(summary["ratios"]) and all(0 <= r < 1 for r in summary["ratios"].values())
     # the table a person reads
-    for word in ("test accuracy", "FLOPs", "params", "latency (batch 1)", "faster"):
+    for word in ("test accuracy", "FLOPs", "params", "latency (batch 1)", "ideal speed-up"):
         assert word in proc.stdout
+    assert re.search(r"latency \(batch 1\).*speed-up \d+\.\d\dx", proc.stdout)  # measured, per batch
     assert (out / "policy.json").is_file() and (out / "model.pt").is_file()
 
 
