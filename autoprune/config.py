@@ -112,7 +112,7 @@ class Policy:
     def from_json(cls, path: str | Path) -> Policy:
         path = Path(path)
         if not path.is_file():
-            raise AutopruneError(f"policy file {str(path)!r} does not exist")
+            raise AutopruneError(f"policy file {str(path)!r} does not exist or is not a file")
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as exc:

@@ -115,11 +115,9 @@ class PrunableGraph:
         on an untrained model, instead of after training. Names the groups that break."""
 
         def breaks(groups: list[Group]) -> str | None:
-            trial = PrunableGraph.__new__(PrunableGraph)
-            trial.model = copy.deepcopy(self.model).eval()
-            trial.dg = build_dependency_graph(trial.model, self.example_input)
-            names = {m: n for n, m in trial.model.named_modules()}
-            trial.groups = [g for g in _groups_of(trial.dg, trial.model, names) if g.name in {x.name for x in groups}]
+            trial = PrunableGraph(copy.deepcopy(self.model).eval(), self.example_input)
+            wanted = {g.name for g in groups}
+            trial.groups = [g for g in trial.groups if g.name in wanted]
             try:
                 trial.prune({g.name: np.array([0]) for g in trial.groups})
                 with torch.no_grad():

@@ -15,30 +15,22 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
     """Checks on an untrained model, before training or data-heavy work: the dependency
     graph handles every layer, per-layer names exist, and the budget is reachable."""
     from . import engine
-    from .graph import CostModel, PrunableGraph
-    from .measure import count_params, flops_by_module
+    from .criteria import scored_modules
+    from .graph import PrunableGraph
     from .policy import solve_channels
 
     model = task.model_factory().eval()
     example = task.example_input()
     if policy.structure != "channel":
         if policy.scope == "per_layer":
-            from .criteria import scored_modules
-
             engine._check_names(policy.ratios or {}, list(scored_modules(model)), "layer")
         return
     graph = PrunableGraph(model, example)
     graph.dry_run()
-    if policy.scope == "per_layer":
-        graph.check_names(policy.ratios or {})
-    total, by_module = flops_by_module(model, example)
-    costs = CostModel(graph, by_module, total)
-    # any scores will do to test reachability: the extreme plan prunes every group to its cap
-    import numpy as np
-
-    scores = {g.name: np.arange(g.size, dtype=float) for g in graph.groups}
-    solve_channels(graph.group_names(), [g.size for g in graph.groups], scores, policy, budget,
-                   costs.cost, (total, float(count_params(model))))  # fmt: skip
+    # any scores do: reachability depends on the group sizes and max_ratio alone
+    scores = engine.score(model, Policy(criterion="magnitude"), None, 0)
+    names, sizes, channel, costs = engine.channel_problem(model, example, policy, scores, graph)
+    solve_channels(names, sizes, channel, policy, budget, costs.cost, (costs.total_flops, costs.total_params))
 
 
 def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> dict[str, Any]:
@@ -60,6 +52,12 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     print(f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "
           f"budget {budget.kind} {budget.fraction:g}")  # fmt: skip
     result = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True)
+    landed = result.pruned[f"{budget.kind}_ratio"]
+    if landed < budget.fraction - budget.tolerance:
+        print(
+            f"note: landed at {budget.kind} fraction {landed:.4f}, more than {budget.tolerance:g} below the "
+            "budget: the channels this policy may remove are too coarse to get closer"
+        )
     summary = {
         "task": task.name,
         "model": task.model_name,
