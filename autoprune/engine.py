@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import criteria as crit
-from .config import Budget, EngineConfig, FinetuneConfig, Policy
+from .config import Budget, EngineConfig, FinetuneConfig, MeasureConfig, Policy
 from .errors import AutopruneError
 from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph, clone
 from .measure import Cost, flops_by_module, measure
@@ -367,9 +367,10 @@ class RunResult:
     epochs: list[dict[str, float]] = field(default_factory=list)  # fine-tuning, per epoch
 
 
-def measure_dense(model: nn.Module, task: Task, cfg: EngineConfig, test: bool = False) -> dict[str, Any]:
-    """The dense baseline: cost and accuracy (test accuracy only when ``test``)."""
-    cost = measure(model, task.input_shape, cfg.measure)
+def measure_model(model: nn.Module, task: Task, config: MeasureConfig, test: bool = False) -> dict[str, Any]:
+    """Cost (FLOPs, params, latency) and validation accuracy of a model; test accuracy only
+    when ``test`` (the final report)."""
+    cost = measure(model, task.input_shape, config)
     out = {**cost.to_dict(), "val_acc": evaluate(model, task.loader("val"))}
     if test:
         out["test_acc"] = evaluate(model, task.loader("test"))
@@ -389,7 +390,7 @@ def run(
     """Prune a copy of ``dense`` by ``policy`` to ``budget``, fine-tune and measure it."""
     device = next(dense.parameters()).device
     seed_everything(cfg.seed)
-    dense_metrics = dense_metrics or measure_dense(dense, task, cfg, test=test)
+    dense_metrics = dense_metrics or measure_model(dense, task, cfg.measure, test=test)
     dense_cost = Cost(dense_metrics["flops"], dense_metrics["params"], {})
     from .methods import METHODS
 
@@ -397,11 +398,7 @@ def run(
     pruned = method(task, dense, policy, budget, cfg, dense_cost, device, on_epoch)
     model = pruned.model
     fold_masks(model)
-    cost = measure(model, task.input_shape, cfg.measure)
-    out = cost.to_dict()
-    out["val_acc"] = evaluate(model, task.loader("val"))
-    if test:
-        out["test_acc"] = evaluate(model, task.loader("test"))
+    out = measure_model(model, task, cfg.measure, test=test)
     out["flops_ratio"] = out["flops"] / dense_metrics["flops"]
     out["params_ratio"] = out["params"] / dense_metrics["params"]
     out["ideal_speedup"] = 1.0 / out["flops_ratio"]

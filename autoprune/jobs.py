@@ -48,7 +48,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     preflight(task, policy, budget)
     t0 = time.perf_counter()
     dense = engine.dense_model(task, cfg)
-    dense_metrics = engine.measure_dense(dense, task, cfg, test=True)
+    dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True)
     print(f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "
           f"budget {budget.kind} {budget.fraction:g}")  # fmt: skip
     result = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True)
@@ -87,15 +87,12 @@ def evaluate_job(
 ) -> dict[str, Any]:
     """``autoprune evaluate``: reload a saved model, report accuracy and cost."""
     from . import engine
-    from .measure import measure
     from .prune import load_model
 
     model, task, blob = load_model(model_path, task_override)
     model.to(engine.resolve_device(device))
     cfg = MeasureConfig(**({"threads": threads} if threads else {}))
-    metrics = measure(model, task.input_shape, cfg).to_dict()
-    metrics["val_acc"] = engine.evaluate(model, task.loader("val"))
-    metrics["test_acc"] = engine.evaluate(model, task.loader("test"))
+    metrics = engine.measure_model(model, task, cfg, test=True)
     metrics["task"] = task.name
     metrics["model"] = task.model_name
     metrics["structure"] = blob["structure"]

@@ -43,7 +43,7 @@ def digits_dense(digits_task, engine_cfg):
 def digits_dense_metrics(digits_task, digits_dense, engine_cfg):
     from autoprune import engine
 
-    return engine.measure_dense(digits_dense, digits_task, engine_cfg, test=True)
+    return engine.measure_model(digits_dense, digits_task, engine_cfg.measure, test=True)
 
 
 @pytest.fixture(scope="session")
