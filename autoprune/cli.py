@@ -39,6 +39,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--cache-dir", default=None, help="dense-model cache (default $AUTOPRUNE_CACHE or ~/.cache/autoprune)"
     )
     g.add_argument("--threads", type=int, default=None, help="torch threads for latency timing on CPU (default 1)")
+    g.add_argument("--scoring-per-class", type=int, default=None,
+                   help="training samples per class that data-dependent criteria score on (default 10)")  # fmt: skip
     g.add_argument(
         "--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no terminal)"
     )
@@ -50,11 +52,17 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--structure", choices=STRUCTURES, default=None, help="channel (default) or unstructured")
     g.add_argument("--criterion", default=None, help="see `autoprune list criteria` (default magnitude)")
     g.add_argument("--scope", choices=SCOPES, default=None, help="local (default), global or per_layer")
+    g.add_argument("--criterion-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="a criterion option, repeatable (e.g. p=2 for L2 magnitude, probes=20 for hutchinson; "
+                   "see `autoprune list criteria`)")  # fmt: skip
     g.add_argument("--method", default=None, help="see `autoprune list methods` (default oneshot)")
+    g.add_argument("--iterations", type=int, default=None,
+                   help="iterative: prune/fine-tune rounds (default 3); gradual: pruning steps (default 10)")  # fmt: skip
     g.add_argument("--reduction", choices=("sum", "mean", "max"), default=None, help="channel score reduction")
     g.add_argument("--max-ratio", type=float, default=None, help="most of any group/layer to prune (default 0.9)")
     g.add_argument("--bn-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="refresh BN statistics on the scoring data before scoring")  # fmt: skip
+                   help="refresh BN statistics on the scoring data before scoring "
+                   "(default: on for data-dependent criteria)")  # fmt: skip
     g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default 5)")
     g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     b = p.add_argument_group("budget (fraction of the dense cost to keep)")
@@ -115,13 +123,30 @@ def task_config(args: argparse.Namespace, base: TaskConfig | None = None) -> Tas
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
     data = Policy.from_json(args.policy).to_dict() if args.policy else Policy().to_dict()
+    if args.criterion is not None and args.criterion != data["criterion"]:
+        data["criterion_options"] = {}  # the file's options belong to its own criterion
     data.update(_drop_none({
         "structure": args.structure, "criterion": args.criterion, "scope": args.scope,
         "method": args.method, "reduction": args.reduction, "max_ratio": args.max_ratio,
-        "bn_warmup": args.bn_warmup,
+        "bn_warmup": args.bn_warmup, "iterations": args.iterations,
     }))  # fmt: skip
+    data["criterion_options"] = {**data["criterion_options"], **_options(args.criterion_option or [])}
     data["finetune"] = {**data["finetune"], **_drop_none({"epochs": args.finetune_epochs, "lr": args.lr})}
     return Policy.from_dict(data)
+
+
+def _options(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings -> a dict; values are read as JSON (numbers, true/false) or kept as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AutopruneError(f"--criterion-option {item!r} must look like KEY=VALUE, e.g. probes=20")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def budget_from_args(args: argparse.Namespace) -> Budget:
@@ -138,6 +163,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cfg = EngineConfig(
         task=task_config(args), checkpoint=args.checkpoint, train_epochs=args.train_epochs,
         seed=args.seed, device=args.device, cache_dir=args.cache_dir,
+        **_drop_none({"scoring_per_class": args.scoring_per_class}),
         measure=MeasureConfig(**_drop_none({"threads": args.threads})),
         progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip
@@ -175,7 +201,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in CRITERIA.names():
             cls = CRITERIA.get(name)
             data = "data" if cls.needs_data else "data-free"
-            print(f"{name:12s} {'/'.join(cls.structures):22s} {data:10s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+            opts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cls.options.items())
+            print(f"{name:11s} {'/'.join(cls.structures):21s} {data:10s} {opts or '-':26s} "
+                  f"{(cls.__doc__ or '').strip().splitlines()[0]}")  # fmt: skip
     elif args.what == "structures":
         print("\n".join(STRUCTURES))
     elif args.what == "scopes":

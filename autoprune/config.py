@@ -64,7 +64,10 @@ class Policy:
     scope: str = "local"  # "global", "local" or "per_layer"
     ratios: dict[str, float] | None = None  # per_layer: group name -> pruned fraction (scaled to the budget)
     method: str = "oneshot"  # a name from the method registry (`autoprune list methods`)
-    bn_warmup: bool = False  # refresh BN running statistics on the scoring data before scoring
+    iterations: int | None = None  # iterative: prune/fine-tune rounds (default 3); gradual:
+    # pruning steps along the cubic schedule (default 10)
+    bn_warmup: bool | None = None  # refresh BN running statistics on the scoring data before
+    # scoring; None: on for data-dependent criteria, off for data-free ones
     max_ratio: float = 0.9  # no group (channel) or layer (unstructured) loses more than this
     # fraction; a channel group always keeps one channel, a layer may be emptied only at 1.0
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -78,6 +81,9 @@ class Policy:
             raise AutopruneError(f"unknown scope {self.scope!r}; choose one of: {', '.join(SCOPES)}")
         if self.reduction not in REDUCTIONS:
             raise AutopruneError(f"unknown reduction {self.reduction!r}; choose one of: {', '.join(REDUCTIONS)}")
+        if self.iterations is not None and (isinstance(self.iterations, bool) or not isinstance(self.iterations, int)
+                                            or self.iterations < 1):  # fmt: skip
+            raise AutopruneError(f"iterations must be an integer >= 1, got {self.iterations!r}")
         if not 0.0 < self.max_ratio <= 1.0:
             raise AutopruneError(f"max_ratio must be in (0, 1], got {self.max_ratio}")
         if self.scope == "per_layer":
@@ -91,12 +97,23 @@ class Policy:
         from .methods import METHODS
 
         criterion = CRITERIA.get(self.criterion)
+        if not isinstance(self.criterion_options, dict):
+            raise AutopruneError(f"criterion_options must be a mapping, got {self.criterion_options!r}")
+        criterion(**self.criterion_options)  # checks the option names and values
         METHODS.get(self.method)
         if self.structure not in criterion.structures:
             raise AutopruneError(
                 f"criterion {self.criterion!r} supports structure(s) {', '.join(criterion.structures)}, "
                 f"not {self.structure!r}"
             )
+
+    def warmup(self) -> bool:
+        """Whether BN warm-up runs: as set, or by default for data-dependent criteria."""
+        if self.bn_warmup is not None:
+            return bool(self.bn_warmup)
+        from .criteria import CRITERIA
+
+        return CRITERIA.get(self.criterion).needs_data
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,3 +184,8 @@ class EngineConfig:
     scoring_per_class: int = 10  # data-dependent criteria score on this many training samples per class
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     progress: bool = True  # progress bars on training epochs
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scoring_per_class, bool) or not isinstance(self.scoring_per_class, int) \
+                or self.scoring_per_class < 1:  # fmt: skip
+            raise AutopruneError(f"scoring_per_class must be an integer >= 1, got {self.scoring_per_class!r}")

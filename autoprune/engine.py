@@ -24,7 +24,7 @@ from .config import Budget, EngineConfig, FinetuneConfig, MeasureConfig, Policy
 from .errors import AutopruneError
 from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph, clone
 from .measure import Cost, flops_by_module, measure
-from .policy import LayerInfo, solve_channels, solve_masks
+from .policy import LayerInfo, max_pruned, solve_channels, solve_masks
 from .prune import fold_masks, mask_weights, prune_channels
 from .tasks import Task, labels_of
 
@@ -236,22 +236,42 @@ def bn_warmup(model: nn.Module, batches, device: torch.device) -> None:
 
 
 def score(
-    model: nn.Module, policy: Policy, data, seed: int, modules: dict[str, nn.Module] | None = None
+    model: nn.Module,
+    policy: Policy,
+    data,
+    seed: int,
+    example: torch.Tensor | None = None,
+    density: float | None = None,
 ) -> crit.Scores:
-    """Per-weight scores of the conv/linear layers by the policy's criterion."""
+    """Per-weight scores of the conv/linear layers (and, for some criteria, norm layers) by
+    the policy's criterion. A model carrying weight masks is scored as a folded copy."""
     criterion = crit.make_criterion(policy.criterion, policy.criterion_options)
+    if criterion.needs_data and not data:
+        raise AutopruneError(f"criterion {policy.criterion!r} needs scoring data")
+    if any(hasattr(m, "weight_mask") for m in model.modules()):
+        model = clone(model)
+        fold_masks(model)
+    was_training = model.training
+    model.eval()
     ctx = crit.ScoreContext(
         model=model,
-        modules=modules if modules is not None else crit.scored_modules(model),
+        modules=crit.scored_modules(model),
         data=data if criterion.needs_data else None,
         seed=seed,
-        options=policy.criterion_options,
+        structure=policy.structure,
+        example=example,
+        density=density,
     )
-    model.eval()
-    scores = criterion.score(ctx)
+    try:
+        scores = criterion.score(ctx)
+    finally:
+        model.train(was_training)
     for name, s in scores.items():
         if not torch.isfinite(s).all():
-            raise AutopruneError(f"criterion {policy.criterion!r} gave non-finite scores for {name}")
+            raise AutopruneError(
+                f"criterion {policy.criterion!r} gave non-finite scores for {name}; the model may have "
+                "diverged, or the criterion's options overflow"
+            )
     return scores
 
 
@@ -266,6 +286,28 @@ class Pruned:
     estimate: float  # the solver's estimate of the kept cost fraction
     attempts: int = 1  # solver rounds until fvcore confirmed the budget
     epochs: list[dict[str, float]] = field(default_factory=list)  # fine-tuning, per epoch
+    plan: dict[str, np.ndarray] = field(default_factory=dict)  # channel: removed indices per group
+    counts: dict[str, int] = field(default_factory=dict)  # unstructured: masked weights per layer
+    events: list[dict[str, Any]] = field(default_factory=list)  # each pruning step: when, target, reached
+    sizes: dict[str, int] = field(default_factory=dict)  # dense channels per group / weights per layer
+
+
+def solve_unstructured(
+    model: nn.Module, task: Task, policy: Policy, budget: Budget, scores: crit.Scores, dense_cost: Cost
+) -> tuple[dict[str, int], float]:
+    """Masked weights per layer (the lowest-scored go) to meet the budget, and the estimate.
+    Weights that are already exactly zero (masked earlier) are ranked below everything."""
+    example = task.example_input().to(next(model.parameters()).device)
+    total, by_module = flops_by_module(model, example)
+    layers, ranked = [], {}
+    for n, m in model.named_modules():
+        if isinstance(m, PRUNABLE_TYPES):
+            layers.append(LayerInfo(n, m.weight.numel(), by_module.get(n, 0.0)))
+            s = scores[n].double().numpy()
+            ranked[n] = np.where(m.weight.detach().cpu().numpy() == 0, -np.inf, s)
+    if policy.scope == "per_layer":
+        _check_names(policy.ratios or {}, [layer.name for layer in layers], "layer")
+    return solve_masks(layers, ranked, policy, budget, (dense_cost.flops, float(dense_cost.params)))
 
 
 def prune_to_budget(
@@ -276,37 +318,35 @@ def prune_to_budget(
     scores: crit.Scores,
     dense_cost: Cost,
     graph: PrunableGraph | None = None,
+    floors: dict[str, int] | None = None,
 ) -> Pruned:
     """Solve the budget for ``scores`` and prune a copy of ``model`` to it. Channel plans are
-    checked against fvcore on the really pruned model and re-solved if they miss."""
+    checked against fvcore on the really pruned model and re-solved if they miss. The
+    budget is a fraction of ``dense_cost``, which may be larger than ``model``'s own cost
+    (iterative methods prune an already pruned model further)."""
     example = task.example_input().to(next(model.parameters()).device)
     dense = (dense_cost.flops, float(dense_cost.params))
     which = 0 if budget.kind == "flops" else 1
     if policy.structure == "unstructured":
-        total, by_module = flops_by_module(model, example)
-        layers = [
-            LayerInfo(n, m.weight.numel(), by_module.get(n, 0.0))
-            for n, m in model.named_modules()
-            if isinstance(m, PRUNABLE_TYPES)
-        ]
-        if policy.scope == "per_layer":
-            _check_names(policy.ratios or {}, [layer.name for layer in layers], "layer")
-        counts, estimate = solve_masks(layers, {k: v.numpy() for k, v in scores.items()}, policy, budget, dense)
+        counts, estimate = solve_unstructured(model, task, policy, budget, scores, dense_cost)
         pruned = clone(model)
-        mask_weights(pruned, counts, scores)
-        ratios = {layer.name: counts[layer.name] / layer.numel for layer in layers}
-        return Pruned(pruned, "unstructured", [], ratios, estimate)
+        fold_masks(pruned)
+        mask_weights(pruned, counts, _below_zeros(pruned, scores))
+        sizes = {n: m.weight.numel() for n, m in pruned.named_modules() if n in counts}
+        ratios = {n: k / sizes[n] for n, k in counts.items()}
+        return Pruned(pruned, "unstructured", [], ratios, estimate, counts=counts, sizes=sizes)
 
     names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph)
     target = budget.fraction
     best = None
     for attempt in range(1, 6):
-        plan = solve_channels(names, sizes, channel, policy, budget, costs.cost, dense, target)
+        plan = solve_channels(names, sizes, channel, policy, budget, costs.cost, dense, target, floors)
         pruned, history = prune_channels(model, example, plan.indices())
         real = measure(pruned, task.input_shape, None, latency=False)
         real_fraction = (real.flops, real.params)[which] / dense[which]
         if real_fraction <= budget.fraction:
-            best = Pruned(pruned, "channel", history, plan.ratios(), plan.fraction, attempt)
+            best = Pruned(pruned, "channel", history, plan.ratios(), plan.fraction, attempt, plan=plan.indices(),
+                          sizes=dict(zip(names, sizes)))  # fmt: skip
             if real_fraction >= budget.fraction - budget.tolerance:
                 break
             target += (budget.fraction - budget.tolerance / 2) - real_fraction
@@ -322,6 +362,15 @@ def prune_to_budget(
     return best
 
 
+def _below_zeros(model: nn.Module, scores: crit.Scores) -> crit.Scores:
+    """Scores with already-zero weights set to -inf, so masks only ever grow."""
+    out = dict(scores)
+    for n, m in model.named_modules():
+        if n in scores and isinstance(m, PRUNABLE_TYPES):
+            out[n] = torch.where(m.weight.detach().cpu() == 0, -torch.inf, scores[n].double())
+    return out
+
+
 def channel_problem(
     model: nn.Module,
     example: torch.Tensor,
@@ -334,7 +383,9 @@ def channel_problem(
     graph = graph or PrunableGraph(clone(model), example)
     if policy.scope == "per_layer":
         graph.check_names(policy.ratios or {})
-    channel = crit.channel_scores(graph, scores, policy.reduction)
+    criterion = crit.make_criterion(policy.criterion, policy.criterion_options)
+    reduced = crit.channel_scores(graph, scores, policy.reduction, out_only=criterion.out_only)
+    channel = {g: criterion.channel_value(v) for g, v in reduced.items()}
     if policy.scope == "global":
         channel = crit.normalise(channel)
     total, by_module = flops_by_module(model, example)
@@ -365,6 +416,27 @@ class RunResult:
     dense: dict[str, Any]  # flops, params, latency_ms, val_acc (test_acc when asked)
     pruned: dict[str, Any]  # the same, plus flops_ratio, params_ratio, speedup
     epochs: list[dict[str, float]] = field(default_factory=list)  # fine-tuning, per epoch
+    collapse: dict[str, Any] = field(default_factory=dict)  # see collapse_report
+    events: list[dict[str, Any]] = field(default_factory=list)  # the method's pruning steps
+
+
+def collapse_report(pruned: Pruned, policy: Policy) -> dict[str, Any]:
+    """Per group (channel) or layer (unstructured): the kept fraction; and which were pruned
+    to their floor (one channel, or ``max_ratio``) or emptied, so collapse is visible."""
+    kept, at_floor, empty = {}, [], []
+    for name, ratio in pruned.ratios.items():
+        size = pruned.sizes.get(name)
+        kept[name] = 1.0 - ratio
+        if not size:
+            continue
+        removed = int(round(ratio * size))
+        if removed >= size:
+            empty.append(name)
+        elif pruned.structure == "channel" and removed >= max_pruned(size, policy.max_ratio):
+            at_floor.append(name)
+        elif pruned.structure == "unstructured" and removed >= int(policy.max_ratio * size + 1e-9):
+            at_floor.append(name)
+    return {"kept_fraction": kept, "at_floor": at_floor, "empty": empty}
 
 
 def measure_model(model: nn.Module, task: Task, config: MeasureConfig, test: bool = False) -> dict[str, Any]:
@@ -407,4 +479,4 @@ def run(
     out["speedup"] = out["speedup_by_batch"].get("1", next(iter(out["speedup_by_batch"].values()), None))
     out["solver_attempts"] = pruned.attempts
     return RunResult(model, policy, budget, pruned.history, pruned.ratios, dense_metrics, out,
-                     pruned.epochs)  # fmt: skip
+                     pruned.epochs, collapse_report(pruned, policy), pruned.events)  # fmt: skip

@@ -255,4 +255,11 @@ class CostModel:
 
 
 def clone(model: nn.Module) -> nn.Module:
+    """A deep copy. Weights masked by torch's pruning reparametrisation are recomputed
+    after every forward pass, so their cached value (part of an autograd graph, which
+    cannot be copied) is refreshed without gradient first."""
+    for m in model.modules():
+        if hasattr(m, "weight_orig") and hasattr(m, "weight_mask"):
+            with torch.no_grad():
+                m.weight = m.weight_orig * m.weight_mask
     return copy.deepcopy(model)

@@ -64,6 +64,8 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
         "policy": policy.to_dict(),
         "budget": {"kind": budget.kind, "fraction": budget.fraction},
         "ratios": result.ratios,
+        "collapse": result.collapse,
+        "prune_events": result.events,
         "dense": result.dense,
         "pruned": result.pruned,
         "finetune_history": result.epochs,
@@ -78,6 +80,9 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
     print(comparison(result.dense, result.pruned))
+    if result.collapse["empty"] or result.collapse["at_floor"]:
+        print(f"\nlayer collapse: {len(result.collapse['empty'])} emptied, {len(result.collapse['at_floor'])} "
+              "pruned to their floor (see collapse in summary.json)")  # fmt: skip
     print(f"\nwrote {out / 'model.pt'}, {out / 'policy.json'}, {out / 'summary.json'}")
     return summary
 

@@ -40,6 +40,11 @@ def _cap(size: int, max_ratio: float, floor_one: bool) -> int:
     return min(cap, size - 1) if floor_one else cap
 
 
+def max_pruned(size: int, max_ratio: float) -> int:
+    """The most channels a group of ``size`` may lose: ``max_ratio`` of them, keeping one."""
+    return _cap(size, max_ratio, True)
+
+
 def _unreachable(budget: Budget, smallest: float, policy: Policy, why: str = "") -> AutopruneError:
     return AutopruneError(
         f"--budget-{budget.kind} {budget.fraction:g} is unreachable: the smallest reachable "
@@ -57,12 +62,16 @@ def solve_channels(
     cost_fn: CostFn,
     dense: tuple[float, float],
     target: float | None = None,
+    floors: dict[str, int] | None = None,
 ) -> ChannelPlan:
     """Choose channels to remove so the estimated cost fraction is at most ``target``
-    (default: the budget) and as close to it as the granularity allows."""
+    (default: the budget) and as close to it as the granularity allows. ``floors`` gives
+    groups a minimum number of channels to keep beyond ``max_ratio`` (iterative methods keep
+    ``max_ratio`` relative to the dense widths this way)."""
     target = budget.fraction if target is None else target
     which = 0 if budget.kind == "flops" else 1
-    caps = [_cap(n, policy.max_ratio, True) for n in sizes]
+    floors = floors or {}
+    caps = [max(0, min(_cap(n, policy.max_ratio, True), n - floors.get(g, 1))) for g, n in zip(names, sizes)]
     orders = [np.argsort(scores[g], kind="stable") for g in names]
 
     def fraction(removed: list[np.ndarray]) -> float:
