@@ -101,10 +101,11 @@ def test_export_pt2_and_onnx(cli, channel_run, tmp_path):
 
 
 @pytest.mark.parametrize("what, expected", [
-    ("criteria", ["random", "magnitude"]),
+    ("criteria", ["random", "magnitude", "fpgm", "bn_scale", "taylor", "snip", "grasp", "synflow", "fisher",
+                  "hutchinson", "probes=10", "temperature=200"]),
     ("structures", ["channel", "unstructured"]),
     ("scopes", ["global", "local", "per_layer"]),
-    ("methods", ["oneshot"]),
+    ("methods", ["oneshot", "iterative", "gradual", "rewind", "init"]),
     ("tasks", ["digits", "cifar10", "imagefolder", "package.module:function"]),
     ("groups", ["stem.0", "layers.0.conv1"]),
 ])  # fmt: skip
@@ -113,6 +114,31 @@ def test_list(cli, what, expected):
     assert proc.returncode == 0, proc.stderr
     for name in expected:
         assert name in proc.stdout
+
+
+ALL_CRITERIA = ["random", "magnitude", "fpgm", "bn_scale", "taylor", "snip", "grasp", "synflow", "fisher", "hutchinson"]
+
+
+@pytest.mark.parametrize("name", ALL_CRITERIA)
+def test_prune_with_every_criterion_meets_the_budget(cli, tmp_path, name):
+    out = tmp_path / "d"
+    proc = cli("prune", "--criterion", name, "--budget-flops", "0.5", "--finetune-epochs", "0", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policy"]["criterion"] == name
+    assert 0.49 <= summary["pruned"]["flops_ratio"] <= 0.50
+    collapse = summary["collapse"]
+    assert set(collapse["kept_fraction"]) == set(summary["ratios"])
+    assert all(abs(collapse["kept_fraction"][g] - (1 - r)) < 1e-12 for g, r in summary["ratios"].items())
+    assert [e["target"] for e in summary["prune_events"]] == [0.5]
+
+
+def test_criterion_options_reach_the_criterion(cli, tmp_path):
+    out = tmp_path / "d"
+    proc = cli("prune", "--criterion", "magnitude", "--criterion-option", "p=2", "--structure", "unstructured",
+               "--budget-flops", "0.5", "--finetune-epochs", "0", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "policy.json").read_text())["criterion_options"] == {"p": 2}
 
 
 def _write(tmp_path, name, text):
@@ -134,6 +160,14 @@ BAD = [
     (["--budget-flops", "0.01"], ["unreachable", "smallest reachable"]),
     (["--scope", "per_layer"], ["ratios"]),
     (["--checkpoint", "/no/such.pt"], ["/no/such.pt"]),
+    (["--criterion", "fpgm", "--structure", "unstructured"], ["fpgm", "channel", "unstructured"]),
+    (["--criterion", "hutchinson", "--criterion-option", "probe=3"], ["probe", "probes", "temperature"]),
+    (["--criterion", "hutchinson", "--criterion-option", "probes=0"], ["probes", "> 0"]),
+    (["--criterion-option", "p"], ["KEY=VALUE"]),
+    (["--criterion-option", "p=3"], ["p must be 1", "2"]),
+    (["--method", "iterative", "--iterations", "0"], ["iterations", ">= 1"]),
+    (["--method", "lottery"], ["lottery", "gradual", "init", "iterative", "oneshot", "rewind"]),
+    (["--scoring-per-class", "0"], ["scoring_per_class", ">= 1"]),
     (["--task", "nosuchpkg.mod:fn"], ["nosuchpkg.mod"]),
 ]  # fmt: skip
 

@@ -30,3 +30,13 @@ def test_agents_and_spaces_install_under_the_autoprune_namespace():
 
     assert Path(autoprune.agents.__file__).parent.name == "agents"
     assert Path(autoprune.search_spaces.__file__).parent.name == "search_spaces"
+
+
+def test_readme_policy_example_is_a_valid_policy():
+    import json
+
+    from autoprune.config import Policy
+
+    block = re.search(r"```json\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    policy = Policy.from_dict(json.loads(block))
+    assert policy.scope == "per_layer" and policy.ratios
