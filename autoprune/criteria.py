@@ -211,8 +211,7 @@ class SynFlowCriterion(Criterion):
                 break
             # mask globally down to this round's density; already masked weights rank lowest
             flat = torch.cat([torch.where(alive[n], s[n], -1.0).flatten() for n in s])
-            drop = torch.zeros_like(flat, dtype=torch.bool)
-            drop[torch.argsort(flat, stable=True)[: total - keep]] = True
+            drop = _lowest(flat, total - keep)
             offset = 0
             for n in s:
                 gone = drop[offset : offset + s[n].numel()].view_as(s[n])
@@ -220,6 +219,19 @@ class SynFlowCriterion(Criterion):
                 alive[n] = alive[n] & ~gone
                 offset += s[n].numel()
         return {n: r.float().cpu() for n, r in rank.items()}
+
+
+def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """A mask of the ``k`` smallest values, ties at the threshold broken by index: linear
+    time (a selection, not a sort), and deterministic."""
+    drop = torch.zeros_like(values, dtype=torch.bool)
+    if k <= 0:
+        return drop
+    threshold = torch.kthvalue(values.cpu(), k).values.to(values.device)
+    drop = values < threshold
+    ties = torch.nonzero(values == threshold).flatten()[: k - int(drop.sum())]
+    drop[ties] = True
+    return drop
 
 
 # ------------------------------------------------------------------ data-dependent
@@ -364,8 +376,8 @@ class FisherCriterion(_GradCriterion):
             return nn.functional.cross_entropy(out, y.unsqueeze(0))
 
         per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
-        numel = sum(w.numel() for w in weights.values())
-        chunk = max(1, int(self.opts["chunk_mb"] * 2**20 // (4 * numel)))
+        nbytes = sum(w.numel() * w.element_size() for w in weights.values())  # one sample's gradients
+        chunk = max(1, int(self.opts["chunk_mb"] * 2**20 // nbytes))
         device = next(model.parameters()).device
         sq = {k: torch.zeros_like(w) for k, w in weights.items()}
         count = 0

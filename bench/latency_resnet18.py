@@ -32,6 +32,7 @@ import statistics
 
 import torch
 import torchvision
+from _machine import cpu_name
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -85,14 +86,6 @@ def time_interleaved(
         for i in range(len(models)) if r % 2 == 0 else reversed(range(len(models))):
             times[i].append(measure.latency_ms(models[i], shape, batch, one))
     return times
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def main() -> None:
