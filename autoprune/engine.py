@@ -24,7 +24,7 @@ from .config import Budget, EngineConfig, FinetuneConfig, MeasureConfig, Policy
 from .errors import AutopruneError
 from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph, clone
 from .measure import Cost, flops_by_module, measure
-from .policy import LayerInfo, max_pruned, solve_channels, solve_masks
+from .policy import LayerInfo, max_masked, max_pruned, solve_channels, solve_masks
 from .prune import fold_masks, mask_weights, prune_channels
 from .tasks import Task, labels_of
 
@@ -301,12 +301,13 @@ def solve_unstructured(
     Weights that are already exactly zero (masked earlier) are ranked below everything."""
     example = task.example_input().to(next(model.parameters()).device)
     total, by_module = flops_by_module(model, example)
-    layers, ranked = [], {}
-    for n, m in model.named_modules():
-        if isinstance(m, PRUNABLE_TYPES):
-            layers.append(LayerInfo(n, m.weight.numel(), by_module.get(n, 0.0)))
-            s = scores[n].double().numpy()
-            ranked[n] = np.where(m.weight.detach().cpu().numpy() == 0, -np.inf, s)
+    layers = [
+        LayerInfo(n, m.weight.numel(), by_module.get(n, 0.0))
+        for n, m in model.named_modules()
+        if isinstance(m, PRUNABLE_TYPES)
+    ]
+    below = _below_zeros(model, scores)
+    ranked = {layer.name: below[layer.name].double().numpy() for layer in layers}
     if policy.scope == "per_layer":
         _check_names(policy.ratios or {}, [layer.name for layer in layers], "layer")
     return solve_masks(layers, ranked, policy, budget, (dense_cost.flops, float(dense_cost.params)))
@@ -434,9 +435,7 @@ def collapse_report(pruned: Pruned, policy: Policy) -> dict[str, Any]:
         removed = int(round(ratio * size))
         if removed >= size:
             empty.append(name)
-        elif pruned.structure == "channel" and removed >= max_pruned(size, policy.max_ratio):
-            at_floor.append(name)
-        elif pruned.structure == "unstructured" and removed >= int(policy.max_ratio * size + 1e-9):
+        elif removed >= (max_pruned if pruned.structure == "channel" else max_masked)(size, policy.max_ratio):
             at_floor.append(name)
     return {"kept_fraction": kept, "at_floor": at_floor, "empty": empty}
 

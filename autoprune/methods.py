@@ -134,7 +134,7 @@ def iterative(task, dense, policy, budget, cfg, dense_cost, device, on_epoch) ->
     work = clone(dense)
     run.warm_up(work)
     floors = _floors(dense, task, policy) if policy.structure == "channel" else None
-    per_epoch = len(task.loader("train", shuffle=True, seed=cfg.seed))
+    per_epoch = len(task.loader("train", shuffle=True, seed=cfg.seed)) if policy.finetune.epochs else 0
     sizes, kept, history, epochs = {}, {}, [], []
     for i, n_epochs in enumerate(_split(policy.finetune.epochs, k), start=1):
         step_budget = budget if i == k else Budget(budget.kind, budget.fraction ** (i / k), budget.tolerance)
@@ -178,10 +178,9 @@ def gradual(task, dense, policy, budget, cfg, dense_cost, device, on_epoch) -> E
     n = policy.iterations or DEFAULT_ITERATIONS["gradual"]
     work = clone(dense)
     run.warm_up(work)
-    total = policy.finetune.epochs * len(task.loader("train", shuffle=True, seed=cfg.seed))
-    if total == 0:
+    if policy.finetune.epochs == 0:
         return _prune_then_train(run, work, policy.finetune, "no fine-tuning: pruned at once", "fine-tune")
-    steps = gradual_steps(total, n)
+    steps = gradual_steps(policy.finetune.epochs * len(task.loader("train", shuffle=True, seed=cfg.seed)), n)
     end, at = steps[-1], set(steps)
     example = task.example_input().to(device)
     channel = policy.structure == "channel"

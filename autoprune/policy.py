@@ -45,6 +45,11 @@ def max_pruned(size: int, max_ratio: float) -> int:
     return _cap(size, max_ratio, True)
 
 
+def max_masked(size: int, max_ratio: float) -> int:
+    """The most weights a layer of ``size`` may lose to masks: ``max_ratio`` of them."""
+    return _cap(size, max_ratio, False)
+
+
 def _unreachable(budget: Budget, smallest: float, policy: Policy, why: str = "") -> AutopruneError:
     return AutopruneError(
         f"--budget-{budget.kind} {budget.fraction:g} is unreachable: the smallest reachable "
@@ -71,7 +76,7 @@ def solve_channels(
     target = budget.fraction if target is None else target
     which = 0 if budget.kind == "flops" else 1
     floors = floors or {}
-    caps = [max(0, min(_cap(n, policy.max_ratio, True), n - floors.get(g, 1))) for g, n in zip(names, sizes)]
+    caps = [max(0, min(max_pruned(n, policy.max_ratio), n - floors.get(g, 1))) for g, n in zip(names, sizes)]
     orders = [np.argsort(scores[g], kind="stable") for g in names]
 
     def fraction(removed: list[np.ndarray]) -> float:
@@ -188,7 +193,7 @@ def solve_masks(
     fraction is at most the budget and as close to it as possible."""
     target = budget.fraction
     flops0, params0 = dense
-    caps = [_cap(layer.numel, policy.max_ratio, False) for layer in layers]
+    caps = [max_masked(layer.numel, policy.max_ratio) for layer in layers]
 
     def fraction(pruned: list[int]) -> float:
         if budget.kind == "flops":
