@@ -238,13 +238,13 @@ def _lowest(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _loss_terms(model: nn.Module, data, temperature: float = 1.0):
-    """(batch, weighted cross-entropy) per scoring batch; the terms sum to the mean loss over
+    """The weighted cross-entropy of each scoring batch; the terms sum to the mean loss over
     all scoring samples (logits divided by ``temperature``)."""
     device = next(model.parameters()).device
     n = sum(len(y) for _, y in data)
     for x, y in data:
         x, y = x.to(device), y.to(device)
-        yield x, y, nn.functional.cross_entropy(model(x) / temperature, y) * (len(y) / n)
+        yield nn.functional.cross_entropy(model(x) / temperature, y) * (len(y) / n)
 
 
 class _GradCriterion(Criterion):
@@ -252,10 +252,9 @@ class _GradCriterion(Criterion):
 
     needs_data = True
 
-    @staticmethod
-    def _check(ctx: ScoreContext, name: str) -> None:
+    def _check(self, ctx: ScoreContext) -> None:
         if not ctx.data:
-            raise AutopruneError(f"criterion {name!r} needs scoring data (a data-dependent criterion)")
+            raise AutopruneError(f"criterion {self.name!r} needs scoring data (a data-dependent criterion)")
 
     @staticmethod
     @contextlib.contextmanager
@@ -272,10 +271,10 @@ class _GradCriterion(Criterion):
 
     def gradient(self, ctx: ScoreContext, params: list[torch.Tensor], temperature: float = 1.0) -> list[torch.Tensor]:
         """Gradient of the mean scoring loss, accumulated over the scoring batches."""
-        self._check(ctx, self.name)
+        self._check(ctx)
         total = [torch.zeros_like(p) for p in params]
         with self._trainable(params):
-            for _, _, loss in _loss_terms(ctx.model, ctx.data, temperature):
+            for loss in _loss_terms(ctx.model, ctx.data, temperature):
                 for acc, g in zip(total, torch.autograd.grad(loss, params)):
                     acc += g
         return total
@@ -343,7 +342,7 @@ class GraSPCriterion(_GradCriterion):
         g = self.gradient(ctx, params, temp)
         hg = [torch.zeros_like(p) for p in params]
         with self._trainable(params):
-            for _, _, loss in _loss_terms(ctx.model, ctx.data, temp):
+            for loss in _loss_terms(ctx.model, ctx.data, temp):
                 first = torch.autograd.grad(loss, params, create_graph=True)
                 dot = sum((a * b).sum() for a, b in zip(first, g))
                 for acc, h in zip(hg, torch.autograd.grad(dot, params)):
@@ -363,7 +362,7 @@ class FisherCriterion(_GradCriterion):
     def score(self, ctx: ScoreContext) -> Scores:
         from torch.func import functional_call, grad, vmap
 
-        self._check(ctx, self.name)
+        self._check(ctx)
         model = ctx.model
         names = list(ctx.modules)
         keys = [f"{n}.weight" if n else "weight" for n in names]
@@ -402,7 +401,7 @@ class HutchinsonCriterion(_GradCriterion):
     options = {"probes": 10, "temperature": 200.0}
 
     def score(self, ctx: ScoreContext) -> Scores:
-        self._check(ctx, self.name)
+        self._check(ctx)
         names, params = _weights(ctx)
         probes = int(self.opts["probes"])
         temp = float(self.opts["temperature"])
@@ -413,7 +412,7 @@ class HutchinsonCriterion(_GradCriterion):
             return [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
 
         with self._trainable(params):
-            for _, _, loss in _loss_terms(ctx.model, ctx.data, temp):
+            for loss in _loss_terms(ctx.model, ctx.data, temp):
                 first = torch.autograd.grad(loss, params, create_graph=True)
                 for i in range(probes):
                     z = probe(i)
