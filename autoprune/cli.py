@@ -1,4 +1,4 @@
-"""The ``autoprune`` command line: prune | evaluate | export | list.
+"""The ``autoprune`` command line: search | prune | evaluate | export | ui | list.
 
 Flags are parsed into the config dataclasses and checked before any data is read or model
 trained; user errors print one line and exit with status 2.
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import SCOPES, STRUCTURES, Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
+from .config import SCOPES, STRUCTURES, Budget, EngineConfig, MeasureConfig, Policy, SearchConfig, TaskConfig
 from .errors import AutopruneError
 
 
@@ -65,12 +65,42 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
                    "(default: on for data-dependent criteria)")  # fmt: skip
     g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default 5)")
     g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
+    _add_budget_flags(p)
+
+
+def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("budget (fraction of the dense cost to keep)")
     x = b.add_mutually_exclusive_group()
     x.add_argument(
         "--budget-flops", type=float, default=None, help="keep at most this fraction of the FLOPs (default 0.5)"
     )
     x.add_argument("--budget-params", type=float, default=None, help="keep at most this fraction of the parameters")
+
+
+def _add_search_flags(p: argparse.ArgumentParser) -> None:
+    d = SearchConfig()
+    g = p.add_argument_group("search")
+    g.add_argument("--name", default=None, help="the search's name: results folder and MLflow experiment "
+                   "(default search-<date>-<time>)")  # fmt: skip
+    g.add_argument("--searcher", default=d.searcher, help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, "
+                   "latency), random or grid")  # fmt: skip
+    g.add_argument("--space", default=d.space, help="default, criteria, pai or package.module:function")
+    g.add_argument("--trials", type=int, default=None, help="trials to run (default 12; grid: the grid's size)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs per trial (default {d.epochs})")
+    g.add_argument("--final-epochs", type=int, default=d.final_epochs,
+                   help=f"epochs when the best policy is re-run for the saved model (default {d.final_epochs})")  # fmt: skip
+    g.add_argument("--scheduler", choices=("asha", "none"), default=None,
+                   help="asha stops weak trials early (default; none for nsga2 and grid)")  # fmt: skip
+    r = p.add_argument_group("resources and storage")
+    r.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
+    r.add_argument("--cpus-per-trial", type=float, default=d.cpus_per_trial, help="CPUs (and torch threads) per trial")
+    r.add_argument("--gpus-per-trial", type=float, default=d.gpus_per_trial, help="GPUs per trial, fractions allowed")
+    r.add_argument("--address", default=None, help="a running Ray cluster, host:port (default $RAY_ADDRESS, else a "
+                   "local instance)")  # fmt: skip
+    r.add_argument("--storage", default=d.storage, help=f"Ray Tune results folder (default {d.storage})")
+    r.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    r.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<cwd>/mlflow.db)")
+    r.add_argument("--out", default=None, help="summary.json and the best model (default <storage>/<name>/best)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p)
     _add_policy_flags(p)
     p.add_argument("--out", default="autoprune-out", help="output directory (default autoprune-out)")
+
+    s = sub.add_parser("search", help="search pruning policies on Ray Tune; every trial logged to MLflow")
+    _add_task_flags(s)
+    _add_engine_flags(s)
+    _add_budget_flags(s)
+    _add_search_flags(s)
+
+    u = sub.add_parser("ui", help="the MLflow UI for the search runs, on 127.0.0.1")
+    u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    u.add_argument("--tracking-uri", default=None, help="the MLflow store (default sqlite:///<cwd>/mlflow.db)")
 
     e = sub.add_parser("evaluate", help="reload a saved pruned model and measure it")
     e.add_argument("model_path", help="DIR/model.pt written by prune or search")
@@ -155,20 +196,41 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
     return Budget("flops", 0.5 if args.budget_flops is None else args.budget_flops)
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
-    from .jobs import prune_job
-
-    policy = policy_from_args(args)
-    budget = budget_from_args(args)
-    cfg = EngineConfig(
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
         task=task_config(args), checkpoint=args.checkpoint, train_epochs=args.train_epochs,
         seed=args.seed, device=args.device, cache_dir=args.cache_dir,
         **_drop_none({"scoring_per_class": args.scoring_per_class}),
         measure=MeasureConfig(**_drop_none({"threads": args.threads})),
         progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip
-    prune_job(cfg, policy, budget, Path(args.out))
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .jobs import prune_job
+
+    prune_job(engine_config(args), policy_from_args(args), budget_from_args(args), Path(args.out))
     return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from . import search
+
+    config = SearchConfig(
+        budget=budget_from_args(args), name=args.name, searcher=args.searcher, space=args.space,
+        trials=args.trials, epochs=args.epochs, final_epochs=args.final_epochs, concurrency=args.concurrency,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, scheduler=args.scheduler,
+        storage=args.storage, resume=args.resume, address=args.address, tracking_uri=args.tracking_uri,
+        out=args.out, engine=engine_config(args), progress=not args.no_progress,
+    )  # fmt: skip
+    search.search(config)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from .jobs import ui_job
+
+    return ui_job(args.tracking_uri, args.host, args.port)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -240,7 +302,14 @@ def _saved_task(path: str) -> TaskConfig:
     return TaskConfig(**read_model_file(path)["task"])
 
 
-COMMANDS = {"prune": cmd_prune, "evaluate": cmd_evaluate, "export": cmd_export, "list": cmd_list}
+COMMANDS = {
+    "search": cmd_search,
+    "ui": cmd_ui,
+    "prune": cmd_prune,
+    "evaluate": cmd_evaluate,
+    "export": cmd_export,
+    "list": cmd_list,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

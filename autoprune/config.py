@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,3 +190,59 @@ class EngineConfig:
         if isinstance(self.scoring_per_class, bool) or not isinstance(self.scoring_per_class, int) \
                 or self.scoring_per_class < 1:  # fmt: skip
             raise AutopruneError(f"scoring_per_class must be an integer >= 1, got {self.scoring_per_class!r}")
+
+
+SCHEDULERS = ("asha", "none")
+DEFAULT_STORAGE = "~/autoprune_results"
+
+
+@dataclass
+class SearchConfig:
+    """One policy search: what to search, how many trials, where they run and are recorded."""
+
+    budget: Budget = field(default_factory=Budget)
+    name: str | None = None  # results folder and MLflow experiment (default: search-<date>-<time>)
+    searcher: str = "tpe"  # tpe, nsga2, random, grid (see autoprune.search.SEARCHERS)
+    space: str = "default"  # a registered space (autoprune.search_spaces) or package.module:function
+    trials: int | None = None  # trials to run (default 12; grid: the grid's size)
+    epochs: int = 2  # training epochs per trial (fine-tuning; from scratch for method init)
+    final_epochs: int = 10  # the best policy is re-run from the dense model with this many epochs
+    concurrency: int | None = None  # trials at once (default: as many as the resources allow)
+    cpus_per_trial: float = 1.0  # also the trial's torch threads
+    gpus_per_trial: float = 0.0  # fractional allowed (trials then share a GPU)
+    scheduler: str | None = None  # asha or none (default: asha, none for nsga2 and grid)
+    storage: str = DEFAULT_STORAGE  # Ray Tune results: <storage>/<name>
+    resume: bool = False  # continue the interrupted search <storage>/<name>
+    address: str | None = None  # a running Ray cluster (default $RAY_ADDRESS, else a local instance)
+    tracking_uri: str | None = None  # MLflow store (default sqlite:///<cwd>/mlflow.db)
+    out: str | None = None  # where summary.json and the best model go (default <storage>/<name>/best)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    progress: bool = True  # the live progress line
+
+    def __post_init__(self) -> None:
+        def whole(name: str, value: Any, low: int) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise AutopruneError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        if self.trials is not None:
+            whole("--trials", self.trials, 1)
+        whole("--epochs", self.epochs, 1)
+        whole("--final-epochs", self.final_epochs, 0)
+        if self.concurrency is not None:
+            whole("--concurrency", self.concurrency, 1)
+        if not self.cpus_per_trial > 0:
+            raise AutopruneError(f"--cpus-per-trial must be > 0, got {self.cpus_per_trial}")
+        if not self.gpus_per_trial >= 0:
+            raise AutopruneError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
+        if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
+            raise AutopruneError(f"--gpus-per-trial above 1 must be a whole number, got {self.gpus_per_trial}")
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise AutopruneError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if self.name is not None and not _NAME.fullmatch(self.name):
+            raise AutopruneError(
+                f"--name {self.name!r} must be 1-100 letters, digits, '.', '_' or '-', not starting with '.' "
+                "(it names a folder)"
+            )
+
+
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")

@@ -102,3 +102,34 @@ def evaluate_job(
     metrics["model"] = task.model_name
     metrics["structure"] = blob["structure"]
     return metrics
+
+
+def ui_job(tracking_uri: str | None, host: str, port: int) -> int:
+    """``autoprune ui``: the MLflow UI for the search store, bound to 127.0.0.1 by default."""
+    import socket
+    import subprocess
+    import sys
+
+    from .tracking import check_tracking_uri, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise AutopruneError(f"no MLflow store at {uri}; run `autoprune search` here first, or pass --tracking-uri")
+    if not 0 < port < 65536:
+        raise AutopruneError(f"--port must be in 1..65535, got {port}")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise AutopruneError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    print(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port), "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+        return 0

@@ -68,3 +68,18 @@ def single(metrics: dict[str, Any]) -> str:
     for b, t in metrics.get("latency_ms_by_batch", {}).items():
         rows.append([f"latency (batch {b})", _ms(t)])
     return table(rows)
+
+
+def trials_table(records: list[dict[str, Any]], kind: str, top: int = 5) -> str:
+    """The best completed trials of a search, and how many completed, stopped or failed."""
+    done = sorted((r for r in records if r["status"] == "completed"), key=lambda r: -r["metrics"]["val_acc"])
+    rows = [["trial", "policy", "val accuracy", f"{kind} ratio", "latency (batch 1)", "speed-up"]]
+    for r in done[:top]:
+        p, m = r["policy"], r["metrics"]
+        what = "/".join(str(p.get(k, "-")) for k in ("structure", "criterion", "scope"))
+        rows.append([r["trial_id"], what, _pct(m["val_acc"]), f"{m[f'{kind}_ratio']:.3f}", _ms(m.get("latency_ms")),
+                     f"{m['speedup']:.2f}x" if m.get("speedup") else "-"])  # fmt: skip
+    counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped", "failed")}
+    footer = (f"{len(records)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by the "
+              f"scheduler, {counts['failed']} failed")  # fmt: skip
+    return (table(rows) + "\n" if len(rows) > 1 else "") + footer

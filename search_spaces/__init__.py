@@ -1,0 +1,121 @@
+"""Define-by-run search spaces, registered by name (installed as ``autoprune.search_spaces``).
+
+A space is a function ``space(trial, table) -> dict``: it asks the Optuna ``trial`` for
+values (``trial.suggest_categorical``, ``suggest_float``, ...) and returns the fields of a
+:class:`autoprune.Policy` it wants to set; the rest keep their defaults. ``table`` is the
+:class:`LayerTable` of the model being pruned (channel groups and weight layers), so a
+space can give every group its own ratio. Every sampled policy then goes through the
+budget solver, so all trials meet the budget and compete on accuracy at equal cost.
+
+A space may carry a ``grid`` attribute, ``grid(table) -> {parameter: [choices]}``, for the
+``grid`` searcher. A user space is ``package.module:function`` with the same signature.
+
+Parameter names must differ between branches whose choices differ (Optuna fixes a
+parameter's distribution on first use), hence ``criterion_channel`` beside
+``criterion_unstructured``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from autoprune.errors import AutopruneError
+from autoprune.registry import Registry, load_object
+
+Space = Callable[[Any, "LayerTable"], dict]
+SPACES: Registry[Space] = Registry("search space")
+
+LR_RANGE = (1e-3, 0.1)  # fine-tuning learning rate, sampled log-uniformly
+RATIO_RANGE = (0.0, 0.8)  # per-group pruned fraction before the solver scales it to the budget
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """What a space may know about the model: channel groups and weight layers, each with
+    its size and its share of the dense FLOPs."""
+
+    groups: dict[str, int]  # channel group name -> channels
+    layers: dict[str, int]  # conv/linear layer name -> weights
+    group_flops: dict[str, float]  # group name -> fraction of the dense FLOPs it touches
+    layer_flops: dict[str, float]  # layer name -> fraction of the dense FLOPs
+
+    def units(self, structure: str) -> dict[str, int]:
+        """The names a per_layer policy ratios: groups for channels, layers for masks."""
+        return self.groups if structure == "channel" else self.layers
+
+
+def criteria_for(structure: str, data: bool | None = None) -> list[str]:
+    """Registered criteria that support ``structure`` (only data-dependent or data-free ones
+    when ``data`` is given)."""
+    from autoprune.criteria import CRITERIA
+
+    names = []
+    for name in CRITERIA.names():
+        cls = CRITERIA.get(name)
+        if structure in cls.structures and (data is None or cls.needs_data == data):
+            names.append(name)
+    return names
+
+
+def get_space(spec: str) -> Space:
+    """A registered space by name, or a user space as ``package.module:function``."""
+    if ":" in spec:
+        space = load_object(spec, "search space")
+        if not callable(space):
+            raise AutopruneError(f"search space {spec!r} is not callable")
+        return space
+    return SPACES.get(spec)
+
+
+def _ratios(trial, table: LayerTable, structure: str) -> dict[str, float]:
+    tag = "channel" if structure == "channel" else "mask"
+    lo, hi = RATIO_RANGE
+    return {name: trial.suggest_float(f"ratio_{tag}.{name}", lo, hi) for name in table.units(structure)}
+
+
+@SPACES.register("default")
+def default(trial, table: LayerTable) -> dict:
+    """Structure, criterion (every one that supports the structure), scope, a per-group
+    allocation when the scope is per_layer, BN warm-up and the fine-tuning learning rate."""
+    structure = trial.suggest_categorical("structure", ["channel", "unstructured"])
+    policy: dict[str, Any] = {
+        "structure": structure,
+        "criterion": trial.suggest_categorical(f"criterion_{structure}", criteria_for(structure)),
+        "scope": trial.suggest_categorical("scope", ["global", "local", "per_layer"]),
+        "bn_warmup": trial.suggest_categorical("bn_warmup", [True, False]),
+        "finetune": {"lr": trial.suggest_float("lr", *LR_RANGE, log=True)},
+    }
+    if policy["scope"] == "per_layer":
+        policy["ratios"] = _ratios(trial, table, structure)
+    return policy
+
+
+def _criteria_grid(table: LayerTable) -> dict[str, list]:
+    return {"criterion": criteria_for("channel"), "scope": ["global", "local"]}
+
+
+@SPACES.register("criteria")
+def criteria(trial, table: LayerTable) -> dict:
+    """Criterion x scope for channel pruning, everything else fixed: a fair comparison
+    (pair it with ``--searcher grid`` to run every cell once)."""
+    grid = _criteria_grid(table)
+    return {name: trial.suggest_categorical(name, choices) for name, choices in grid.items()}
+
+
+criteria.grid = _criteria_grid
+
+
+@SPACES.register("pai")
+def pai(trial, table: LayerTable) -> dict:
+    """Pruning at initialisation (method ``init``, weight masks): the data-dependent
+    criteria (snip, grasp, ...) against the data-free ones (synflow, magnitude, random),
+    global or local, with or without BN warm-up."""
+    return {
+        "method": "init",
+        "structure": "unstructured",
+        "criterion": trial.suggest_categorical("criterion", criteria_for("unstructured")),
+        "scope": trial.suggest_categorical("scope", ["global", "local"]),
+        "bn_warmup": trial.suggest_categorical("bn_warmup", [True, False]),
+    }

@@ -1,0 +1,32 @@
+"""Ray's environment, set before ``import ray`` (Ray reads some of it at import)."""
+
+from __future__ import annotations
+
+import os
+
+
+def quiet_environment() -> None:
+    """Before ``import ray``: token auth on, Tune's tables and per-error dumps off, snapshots
+    every second (so a killed driver loses little), quick failure on a dead address."""
+    for key, value in {
+        "RAY_AUTH_MODE": "token",
+        "RAY_AIR_NEW_OUTPUT": "0",
+        "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
+        "TUNE_GLOBAL_CHECKPOINT_S": "1",
+        "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "60",
+        "RAY_gcs_server_port_wait_time_s": "3",
+        "RAY_DEDUP_LOGS": "0",
+        "MLFLOW_LOGGING_LEVEL": "WARNING",
+    }.items():
+        os.environ.setdefault(key, value)
+    import logging
+    import warnings
+
+    for logger in ("ray", "ray.tune", "ray.tune.tune", "ray.train"):
+        logging.getLogger(logger).setLevel(logging.ERROR)
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*reported value is ignored.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="ray")

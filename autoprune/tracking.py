@@ -1,0 +1,382 @@
+"""MLflow tracking of a search: one experiment per search name, a parent *search run* and one
+child run per trial, written only by the driver (from Ray Tune callbacks), never by workers.
+
+Child runs hold the policy (params, with the per-group ratios), per-epoch and final metrics,
+status FINISHED or FAILED with the error, the Ray trial id and node as tags, and the policy
+JSON plus a per-group ratio bar chart as artifacts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .errors import AutopruneError
+from .rayenv import quiet_environment
+
+quiet_environment()
+from ray.tune import Callback  # noqa: E402
+
+ROLE = "autoprune.role"  # "search" (the parent run) or "trial"
+TRIAL_ID = "autoprune.trial_id"  # the Ray Tune trial id of a child run
+NODE_ID = "autoprune.node_id"
+PARENT = "mlflow.parentRunId"
+FINAL_METRICS = ("val_acc", "flops_ratio", "params_ratio", "latency_ms", "speedup", "engine_s")
+MAX_PARAM = 6000  # MLflow's limit on a param value's length
+
+
+# ------------------------------------------------------------------ the store
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The default store is ``mlflow.db`` in the working directory; SQLite paths become
+    absolute, because Ray Tune changes the working directory of trials."""
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :]).expanduser()
+        return f"sqlite:///{path if path.is_absolute() else Path.cwd() / path}"
+    return uri
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast on a store that cannot work: an MLflow server that does not answer, or an
+    SQLite file in a missing folder. (A down server otherwise costs minutes of retries.)"""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as reply:
+                if reply.status != 200:
+                    raise OSError(f"HTTP {reply.status}")
+        except (OSError, urllib.error.URLError) as exc:
+            raise AutopruneError(
+                f"--tracking-uri {uri!r} does not answer ({exc}); start `mlflow server` there, or leave the "
+                "flag out for the local SQLite store mlflow.db"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///") :]).parent
+        if not folder.is_dir():
+            raise AutopruneError(f"--tracking-uri {uri!r}: the folder {str(folder)!r} does not exist")
+    elif "://" not in uri and ":" not in uri:
+        raise AutopruneError(f"--tracking-uri {uri!r} is not a URI; use sqlite:///path/mlflow.db or http://host:port")
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (absolute, whatever the cwd);
+    a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).as_uri()
+    return None
+
+
+def flat_params(prefix: str, data: Any) -> dict[str, str]:
+    """Nested config -> flat MLflow params (``finetune.lr``), values as text."""
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out.update(flat_params(f"{prefix}.{key}" if prefix else str(key), value))
+        return out
+    text = json.dumps(data) if isinstance(data, (list, tuple)) else str(data)
+    return {prefix: text[:MAX_PARAM]}
+
+
+def log_params(mlflow, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        mlflow.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(mlflow, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+    if items:
+        mlflow.log_batch(run_id, metrics=items)
+
+
+def open_search_run(uri: str, name: str, params: dict[str, str], resume: bool) -> tuple[str, str]:
+    """(experiment id, parent run id). A resumed search reuses its experiment and run."""
+    mlflow = client(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    elif experiment.lifecycle_stage == "deleted":
+        raise AutopruneError(
+            f"MLflow experiment {name!r} was deleted but still exists in {uri}; restore it or choose another --name"
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    if resume:
+        runs = mlflow.search_runs([experiment_id], f"tags.`{ROLE}` = 'search'", max_results=1)
+        if runs:
+            mlflow.update_run(runs[0].info.run_id, status="RUNNING")
+            return experiment_id, runs[0].info.run_id
+    run = mlflow.create_run(experiment_id, run_name=name, tags={ROLE: "search"})
+    log_params(mlflow, run.info.run_id, params)
+    return experiment_id, run.info.run_id
+
+
+def trial_runs(uri: str, experiment_id: str, parent: str) -> dict[str, Any]:
+    """Ray trial id -> the child run of ``parent`` logged for it."""
+    mlflow = client(uri)
+    found, token = {}, None
+    while True:
+        page = mlflow.search_runs([experiment_id], f"tags.`{PARENT}` = '{parent}'", max_results=1000,
+                                  page_token=token)  # fmt: skip
+        for run in page:
+            found[run.data.tags.get(TRIAL_ID)] = run
+        token = page.token
+        if not token:
+            return found
+
+
+# ------------------------------------------------------------------ the Tune callback
+
+
+def trial_error(trial) -> str:
+    """The exception a trial raised, as ``Type: message`` (Tune pickles it beside the trial;
+    ``trial.get_error()`` is not yet set when callbacks run)."""
+    path = getattr(trial, "pickled_error_file", None)
+    if path and os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                exc = pickle.load(f)
+            cause = getattr(exc, "cause", None) or exc
+            return f"{type(cause).__name__}: {cause}"
+        except Exception:  # noqa: BLE001 - fall back to the text file
+            pass
+    path = getattr(trial, "error_file", None)
+    if path and os.path.exists(path):
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+        return lines[-1] if lines else "unknown error"
+    return "unknown error"
+
+
+class TrialLogger(Callback):
+    """Logs each Ray Tune trial as a child run of the search run, from the driver.
+
+    It is pickled with the Tuner (for ``--resume``), so it holds only the store's URI and run
+    ids, and finds the child run of a trial by its tag when it does not know it yet."""
+
+    def __init__(self, uri: str, experiment_id: str, parent: str, completed_dir: str) -> None:
+        self.uri = uri
+        self.experiment_id = experiment_id
+        self.parent = parent
+        self.completed_dir = completed_dir  # final results by trial id, replayed on --resume
+        self._runs: dict[str, str] = {}
+        self._logged: set[str] = set()  # trials whose run was finished before a resume: not logged again
+        self._started: dict[str, float] = {}
+        self._client = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def mlflow(self):
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
+
+    def _find(self, trial_id: str):
+        runs = self.mlflow.search_runs(
+            [self.experiment_id], f"tags.`{PARENT}` = '{self.parent}' and tags.`{TRIAL_ID}` = '{trial_id}'"
+        )
+        return runs[0] if runs else None
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._started[trial.trial_id] = time.time()
+        old = self._find(trial.trial_id)
+        if old is not None:
+            if old.info.status in ("FINISHED", "FAILED"):
+                # ended just before an interruption, after Tune's last snapshot: the
+                # trial replays its recorded result (see search.run_trial); log nothing
+                self._runs[trial.trial_id] = old.info.run_id
+                self._logged.add(trial.trial_id)
+                return
+            # started before an interruption and now run again from scratch: replace it,
+            # so its epochs are not logged twice
+            self.mlflow.delete_run(old.info.run_id)
+        config = trial.config
+        run = self.mlflow.create_run(
+            self.experiment_id,
+            run_name=f"trial {trial.trial_id}",
+            tags={PARENT: self.parent, ROLE: "trial", TRIAL_ID: trial.trial_id, "ray.trial_id": trial.trial_id},
+        )
+        run_id = run.info.run_id
+        self._runs[trial.trial_id] = run_id
+        params = flat_params("", config.get("policy", {}))
+        if "budget_fraction" in config:
+            params["budget_fraction"] = str(config["budget_fraction"])
+        if "space_error" in config:
+            params["space_error"] = str(config["space_error"])[:MAX_PARAM]
+        log_params(self.mlflow, run_id, params)
+        self.mlflow.log_dict(run_id, config.get("policy", {}), "policy.json")
+
+    def _run_id(self, trial) -> str | None:
+        if trial.trial_id in self._logged:
+            return None
+        if trial.trial_id not in self._runs:
+            run = self._find(trial.trial_id)
+            if run is None:
+                return None
+            self._runs[trial.trial_id] = run.info.run_id
+        return self._runs[trial.trial_id]
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        # per epoch: val_acc and loss; with the last epoch also the final metrics
+        log_metrics(self.mlflow, run_id, {k: result.get(k) for k in ("loss", *FINAL_METRICS)}, step)
+        if result.get("node_id") and step <= 1:
+            self.mlflow.set_tag(run_id, NODE_ID, result["node_id"])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        result = trial.last_result or {}
+        ratios = result.get("ratios") or {}
+        final = result.get("flops_ratio") is not None  # else stopped early by the scheduler
+        if final:
+            save_final(self.completed_dir, trial.trial_id, result)
+            log_params(self.mlflow, run_id, {f"ratio.{k}": f"{v:.4f}" for k, v in ratios.items()})
+            self.mlflow.log_figure(run_id, ratio_chart(ratios, f"trial {trial.trial_id}"), "ratios.png")
+        self.mlflow.set_tag(run_id, "autoprune.stopped_early", str(not final).lower())
+        self._end(run_id, trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run_id(trial)
+        if run_id is None:
+            return
+        message = trial_error(trial)
+        self.mlflow.set_tag(run_id, "autoprune.error", message[:MAX_PARAM])
+        self.mlflow.log_text(run_id, message + "\n", "error.txt")
+        self._end(run_id, trial, "FAILED")
+
+    def _end(self, run_id: str, trial, status: str) -> None:
+        started = self._started.pop(trial.trial_id, None)
+        if started is not None:
+            log_metrics(self.mlflow, run_id, {"trial_wall_s": time.time() - started})
+        self.mlflow.set_terminated(run_id, status=status)
+
+
+REPORTED = (
+    "epoch",
+    "val_acc",
+    "loss",
+    "node_id",
+    "flops_ratio",
+    "params_ratio",
+    "flops",
+    "params",
+    "latency_ms",
+    "speedup",
+    "engine_s",
+    "ratios",
+)  # what a trial's final report holds
+
+
+def save_final(folder: str, trial_id: str, result: dict) -> None:
+    """A completed trial's final report, kept so that a resumed search can replay it."""
+    path = Path(folder) / f"{trial_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: result[k] for k in REPORTED if k in result}))
+    tmp.replace(path)
+
+
+def load_finals(folder: str) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in Path(folder).glob("*.json")}
+
+
+# ------------------------------------------------------------------ plots
+
+
+def _figure(width: float, height: float):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def ratio_chart(ratios: dict[str, float], title: str):
+    """Horizontal bars: the pruned fraction of every group (or layer)."""
+    fig = _figure(7, max(2.5, 0.28 * len(ratios) + 1))
+    ax = fig.subplots()
+    names = list(ratios)
+    ax.barh(range(len(names)), [ratios[n] for n in names], color="#4c72b0")
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("pruned fraction")
+    ax.set_title(title)
+    return fig
+
+
+def scatter_chart(records: list[dict], front: list[str], budget: float, kind: str, dense_acc: float):
+    """Validation accuracy against the kept cost fraction of every completed trial, with the
+    Pareto front (higher accuracy, lower cost) joined and marked."""
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    done = [r for r in records if r["status"] == "completed"]
+    key = f"{kind}_ratio"
+    ax.scatter([r["metrics"][key] for r in done], [100 * r["metrics"]["val_acc"] for r in done],
+               c="#999999", s=22, label="trial")  # fmt: skip
+    pts = sorted((r["metrics"][key], 100 * r["metrics"]["val_acc"]) for r in done if r["trial_id"] in front)
+    if pts:
+        ax.plot(*zip(*pts), "o-", color="#c44e52", ms=6, label="Pareto front")
+    ax.axvline(budget, color="#55a868", ls="--", lw=1, label=f"budget {budget:g}")
+    ax.axhline(100 * dense_acc, color="#4c72b0", ls=":", lw=1, label="dense")
+    ax.set_xlabel(f"{'FLOPs' if kind == 'flops' else 'parameters'} kept (fraction of dense)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def criteria_chart(records: list[dict]):
+    """Per criterion: every completed trial's validation accuracy (dots) and the best (bar)."""
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    by: dict[str, list[float]] = {}
+    for r in records:
+        if r["status"] == "completed":
+            by.setdefault(r["policy"].get("criterion", "?"), []).append(100 * r["metrics"]["val_acc"])
+    names = sorted(by, key=lambda n: -max(by[n]))
+    ax.bar(range(len(names)), [max(by[n]) for n in names], color="#dddddd", label="best")
+    for i, n in enumerate(names):
+        ax.scatter([i] * len(by[n]), by[n], color="#4c72b0", s=16, zorder=3)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel("validation accuracy (%)")
+    if by:
+        low = min(min(v) for v in by.values())
+        ax.set_ylim(max(0.0, low - 2), 100.5)
+    ax.set_title("criteria compared (completed trials)")
+    return fig
+
+
+def drop_unfinished(uri: str, experiment_id: str, parent: str) -> int:
+    """Before a resume: delete the child runs an interrupted search left RUNNING. Their
+    trials run again from the start under fresh runs, so no epoch is logged twice."""
+    mlflow = client(uri)
+    stale = [r for r in trial_runs(uri, experiment_id, parent).values() if r.info.status not in ("FINISHED", "FAILED")]
+    for run in stale:
+        mlflow.delete_run(run.info.run_id)
+    return len(stale)
