@@ -85,7 +85,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--searcher", default=d.searcher, help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, "
                    "latency), random or grid")  # fmt: skip
     g.add_argument("--space", default=d.space, help="default, criteria, pai or package.module:function")
-    g.add_argument("--trials", type=int, default=None, help="trials to run (default 12; grid: the grid's size)")
+    g.add_argument("--trials", type=int, default=None, help="trials to run (default 20; grid: the grid's size)")
+    g.add_argument("--structure", choices=STRUCTURES, default=None,
+                   help="search only channel pruning (a really faster model) or only weight masks (default: both)")  # fmt: skip
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs per trial (default {d.epochs})")
     g.add_argument("--final-epochs", type=int, default=d.final_epochs,
                    help=f"epochs when the best policy is re-run for the saved model (default {d.final_epochs})")  # fmt: skip
@@ -144,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_flags(x)
 
     ls = sub.add_parser("list", help="name what exists")
-    ls.add_argument("what", choices=("criteria", "structures", "scopes", "methods", "tasks", "groups"))
+    ls.add_argument("what", choices=("criteria", "structures", "scopes", "methods", "tasks", "groups", "searchers",
+                                     "spaces"))  # fmt: skip
     _add_task_flags(ls)
     return parser
 
@@ -218,7 +221,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     config = SearchConfig(
         budget=budget_from_args(args), name=args.name, searcher=args.searcher, space=args.space,
-        trials=args.trials, epochs=args.epochs, final_epochs=args.final_epochs, concurrency=args.concurrency,
+        trials=args.trials, structure=args.structure, epochs=args.epochs, final_epochs=args.final_epochs, concurrency=args.concurrency,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, scheduler=args.scheduler,
         storage=args.storage, resume=args.resume, address=args.address, tracking_uri=args.tracking_uri,
         out=args.out, engine=engine_config(args), progress=not args.no_progress,
@@ -273,6 +276,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     elif args.what == "methods":
         for name in METHODS.names():
             print(f"{name:10s} {(METHODS.get(name).__doc__ or '').strip().splitlines()[0]}")
+    elif args.what == "searchers":
+        from .search import SEARCHERS
+
+        for name in SEARCHERS.names():
+            spec = SEARCHERS.get(name)
+            print(f"{name:8s} {'multi-objective' if spec.multi_objective else 'val_acc':15s} "
+                  f"default scheduler {spec.scheduler}")  # fmt: skip
+    elif args.what == "spaces":
+        from autoprune.search_spaces import SPACES
+
+        for name in SPACES.names():
+            print(f"{name:8s} {' '.join((SPACES.get(name).__doc__ or '').split())}")
+        print("package.module:function  your own: space(trial, table) -> dict of policy fields")
     elif args.what == "tasks":
         models = {"digits": "digits_resnet", "cifar10": "resnet20, resnet56, plain20",
                   "imagefolder": "any torchvision classification model (resnet18, mobilenet_v2, vgg11_bn, ...)"}  # fmt: skip

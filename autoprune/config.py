@@ -204,8 +204,9 @@ class SearchConfig:
     name: str | None = None  # results folder and MLflow experiment (default: search-<date>-<time>)
     searcher: str = "tpe"  # tpe, nsga2, random, grid (see autoprune.search.SEARCHERS)
     space: str = "default"  # a registered space (autoprune.search_spaces) or package.module:function
-    trials: int | None = None  # trials to run (default 12; grid: the grid's size)
-    epochs: int = 2  # training epochs per trial (fine-tuning; from scratch for method init)
+    trials: int | None = None  # trials to run (default 20; grid: the grid's size)
+    epochs: int = 3  # training epochs per trial (fine-tuning; from scratch for method init)
+    structure: str | None = None  # pin the structure in spaces that sample it (default: both)
     final_epochs: int = 10  # the best policy is re-run from the dense model with this many epochs
     concurrency: int | None = None  # trials at once (default: as many as the resources allow)
     cpus_per_trial: float = 1.0  # also the trial's torch threads
@@ -236,6 +237,8 @@ class SearchConfig:
             raise AutopruneError(f"--gpus-per-trial must be >= 0, got {self.gpus_per_trial}")
         if self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial):
             raise AutopruneError(f"--gpus-per-trial above 1 must be a whole number, got {self.gpus_per_trial}")
+        if self.structure is not None and self.structure not in STRUCTURES:
+            raise AutopruneError(f"unknown structure {self.structure!r}; choose one of: {', '.join(STRUCTURES)}")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise AutopruneError(f"unknown scheduler {self.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
         if self.name is not None and not _NAME.fullmatch(self.name):

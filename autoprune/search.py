@@ -30,7 +30,7 @@ from .errors import AutopruneError
 from .rayenv import quiet_environment
 from .registry import Registry
 
-DEFAULT_TRIALS = 12
+DEFAULT_TRIALS = 20
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
 COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
 OBJECTIVES = (("val_acc", "max"), ("flops_ratio", "min"), ("latency_ms", "min"))  # nsga2
@@ -185,22 +185,25 @@ def run_trial(config: dict, setup_ref: list) -> None:
     cfg = dataclasses.replace(setup.engine, device=device, train_epochs=setup.epochs, progress=False)
     node = ray.get_runtime_context().get_node_id()
     last: dict[str, Any] = {}
+    reporting = [0.0]  # seconds spent in tune.report, which waits for the driver: not engine time
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         row = {"epoch": epoch + 1, "val_acc": metrics["val_acc"], "loss": metrics["loss"], "node_id": node}
         if epoch + 1 < setup.epochs:
+            t = time.perf_counter()
             tune.report(row)
+            reporting[0] += time.perf_counter() - t
         else:
             last.update(row)  # reported below, with the final metrics
 
     t0 = time.perf_counter()
     result = engine.run(setup.task, dense, policy, budget, cfg, setup.dense_metrics, on_epoch=on_epoch)
-    engine_s = time.perf_counter() - t0
+    engine_s = time.perf_counter() - t0 - reporting[0]
     p = result.pruned
     tune.report({
         **last, "epoch": setup.epochs, "val_acc": p["val_acc"], "node_id": node,
         "flops_ratio": p["flops_ratio"], "params_ratio": p["params_ratio"], "flops": p["flops"],
-        "params": p["params"], "latency_ms": p["latency_ms"], "speedup": p["speedup"], "engine_s": engine_s,
+        "params": p["params"], "latency_ms": p["latency_ms"], "speedup": p["speedup"], "engine_s": engine_s, "report_s": reporting[0],
         "ratios": {k: float(v) for k, v in result.ratios.items()},
     })  # fmt: skip
 
@@ -357,7 +360,7 @@ def _concurrency(plan: Plan) -> int:
 # ------------------------------------------------------------------ the dense model and the layer table
 
 
-def layer_table(task) -> Any:
+def layer_table(task, structures: tuple[str, ...] = ("channel", "unstructured")) -> Any:
     """Channel groups and weight layers of the task's model, with their FLOPs shares."""
     import numpy as np
 
@@ -368,7 +371,7 @@ def layer_table(task) -> Any:
 
     model = task.model_factory().eval()
     example = task.example_input()
-    graph = PrunableGraph(model, example)
+    graph = PrunableGraph(model, example)  # also rejects layers the dependency graph cannot handle
     graph.dry_run()
     total, by_module = flops_by_module(model, example)
     costs = CostModel(graph, by_module, total)
@@ -383,6 +386,7 @@ def layer_table(task) -> Any:
         layers=layers,
         group_flops=group_flops,
         layer_flops={n: by_module.get(n, 0.0) / total for n in layers},
+        structures=structures,
     )
 
 
@@ -487,7 +491,7 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
 
     config = plan.config
     task = get_task(config.engine.task)
-    table = layer_table(task)
+    table = layer_table(task, (config.structure,) if config.structure else ("channel", "unstructured"))
     if SEARCHERS.get(config.searcher).needs_grid:
         plan.grid = get_space(config.space).grid(table)
         size = math.prod(len(v) for v in plan.grid.values())
@@ -502,7 +506,8 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
     setup_ref = ray.put(setup)
 
     saved = dataclasses.asdict(config)
-    saved.update(name=plan.name, trials=plan.trials, out=str(plan.out), scheduler=plan.scheduler)
+    saved.update(name=plan.name, trials=plan.trials, out=str(plan.out), scheduler=plan.scheduler,
+                 tracking_uri=plan.tracking_uri, storage=str(plan.path.parent))  # fmt: skip
     experiment_id, run_id = tracking.open_search_run(
         plan.tracking_uri,
         plan.name,
@@ -510,13 +515,17 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
         config.resume,
     )
     mlflow = tracking.client(plan.tracking_uri)
-    tracking.log_metrics(mlflow, run_id, {f"dense_{k}": v for k, v in _short(dense_metrics).items()})
+    tracking.log(mlflow, run_id, {f"dense_{k}": v for k, v in _short(dense_metrics).items()})
     plan.path.mkdir(parents=True, exist_ok=True)
     (plan.path / STATE_FILE).write_text(json.dumps(
         {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
         indent=2) + "\n")  # fmt: skip
+    restore = config.resume and tune.Tuner.can_restore(str(plan.path))
     if config.resume:
-        tracking.drop_unfinished(plan.tracking_uri, experiment_id, run_id)
+        from ray.tune import ExperimentAnalysis
+
+        known = {t.trial_id for t in ExperimentAnalysis(str(plan.path)).trials} if restore else set()
+        tracking.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup_ref=[setup_ref]),
@@ -527,7 +536,7 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
         f"{config.epochs} epoch(s) each, {concurrency} at a time, scheduler {plan.scheduler}), "
         f"budget {config.budget.kind} {config.budget.fraction:g}")  # fmt: skip
     try:
-        if config.resume and tune.Tuner.can_restore(str(plan.path)):
+        if restore:
             tuner = tune.Tuner.restore(str(plan.path), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False)  # fmt: skip
         else:
@@ -563,6 +572,8 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
         tuner.fit()
     except BaseException:
         mlflow.set_terminated(run_id, status="KILLED")
+        print(f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
+              f"--storage {plan.path.parent} --resume", file=sys.stderr)  # fmt: skip
         raise
 
     runs = tracking.trial_runs(plan.tracking_uri, experiment_id, run_id)
@@ -631,7 +642,7 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
             "flops_ratio": p["flops_ratio"], "params_ratio": p["params_ratio"], "latency_ms": p["latency_ms"],
             "speedup": p["speedup"], "ratios": final.ratios, "model_path": str(model_path),
         }  # fmt: skip
-        tracking.log_metrics(mlflow, run_id, {f"best_{k}": p[k] for k in
+        tracking.log(mlflow, run_id, {f"best_{k}": p[k] for k in
                                               ("val_acc", "test_acc", "flops_ratio", "params_ratio", "latency_ms",
                                                "speedup")})  # fmt: skip
         mlflow.set_tag(run_id, "autoprune.best_trial_id", best["trial_id"])
@@ -640,6 +651,7 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
     summary["wall_time_s"] = time.time() - t0
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     mlflow.log_artifact(run_id, str(plan.out / "summary.json"))
+    tracking.ratio_charts(mlflow, records)
     mlflow.log_figure(run_id, tracking.scatter_chart(records, [r["trial_id"] for r in front], config.budget.fraction,
                                                      kind, dense_metrics["val_acc"]), "accuracy_vs_cost.png")  # fmt: skip
     mlflow.log_figure(run_id, tracking.criteria_chart(records), "criteria.png")

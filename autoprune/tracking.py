@@ -27,7 +27,7 @@ ROLE = "autoprune.role"  # "search" (the parent run) or "trial"
 TRIAL_ID = "autoprune.trial_id"  # the Ray Tune trial id of a child run
 NODE_ID = "autoprune.node_id"
 PARENT = "mlflow.parentRunId"
-FINAL_METRICS = ("val_acc", "flops_ratio", "params_ratio", "latency_ms", "speedup", "engine_s")
+FINAL_METRICS = ("val_acc", "flops_ratio", "params_ratio", "latency_ms", "speedup", "engine_s", "report_s")
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 
 
@@ -91,21 +91,26 @@ def flat_params(prefix: str, data: Any) -> dict[str, str]:
     return {prefix: text[:MAX_PARAM]}
 
 
-def log_params(mlflow, run_id: str, params: dict[str, str]) -> None:
-    from mlflow.entities import Param
-
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        mlflow.log_batch(run_id, params=items[i : i + 100])
-
-
-def log_metrics(mlflow, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-    from mlflow.entities import Metric
+def log(
+    mlflow,
+    run_id: str,
+    metrics: dict[str, Any] | None = None,
+    params: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+    step: int = 0,
+) -> None:
+    """Metrics (numbers only), params and tags in as few store transactions as MLflow allows
+    (at most 100 params per batch)."""
+    from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
-    if items:
-        mlflow.log_batch(run_id, metrics=items)
+    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
+          if isinstance(v, (int, float)) and not isinstance(v, bool)]  # fmt: skip
+    ps = [Param(k, v) for k, v in (params or {}).items()]
+    ts = [RunTag(k, v) for k, v in (tags or {}).items()]
+    while ms or ps or ts:
+        mlflow.log_batch(run_id, metrics=ms, params=ps[:100], tags=ts)
+        ms, ps, ts = [], ps[100:], []
 
 
 def open_search_run(uri: str, name: str, params: dict[str, str], resume: bool) -> tuple[str, str]:
@@ -126,7 +131,7 @@ def open_search_run(uri: str, name: str, params: dict[str, str], resume: bool) -
             mlflow.update_run(runs[0].info.run_id, status="RUNNING")
             return experiment_id, runs[0].info.run_id
     run = mlflow.create_run(experiment_id, run_name=name, tags={ROLE: "search"})
-    log_params(mlflow, run.info.run_id, params)
+    log(mlflow, run.info.run_id, params=params)
     return experiment_id, run.info.run_id
 
 
@@ -223,7 +228,7 @@ class TrialLogger(Callback):
             params["budget_fraction"] = str(config["budget_fraction"])
         if "space_error" in config:
             params["space_error"] = str(config["space_error"])[:MAX_PARAM]
-        log_params(self.mlflow, run_id, params)
+        log(self.mlflow, run_id, params=params)
         self.mlflow.log_dict(run_id, config.get("policy", {}), "policy.json")
 
     def _run_id(self, trial) -> str | None:
@@ -242,37 +247,33 @@ class TrialLogger(Callback):
             return
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         # per epoch: val_acc and loss; with the last epoch also the final metrics
-        log_metrics(self.mlflow, run_id, {k: result.get(k) for k in ("loss", *FINAL_METRICS)}, step)
-        if result.get("node_id") and step <= 1:
-            self.mlflow.set_tag(run_id, NODE_ID, result["node_id"])
+        tags = {NODE_ID: result["node_id"]} if result.get("node_id") and step <= 1 else None
+        log(self.mlflow, run_id, {k: result.get(k) for k in ("loss", *FINAL_METRICS)}, tags=tags, step=step)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run_id(trial)
         if run_id is None:
             return
         result = trial.last_result or {}
-        ratios = result.get("ratios") or {}
         final = result.get("flops_ratio") is not None  # else stopped early by the scheduler
         if final:
             save_final(self.completed_dir, trial.trial_id, result)
-            log_params(self.mlflow, run_id, {f"ratio.{k}": f"{v:.4f}" for k, v in ratios.items()})
-            self.mlflow.log_figure(run_id, ratio_chart(ratios, f"trial {trial.trial_id}"), "ratios.png")
-        self.mlflow.set_tag(run_id, "autoprune.stopped_early", str(not final).lower())
-        self._end(run_id, trial, "FINISHED")
+        # (the per-group ratio charts are drawn once, when the search ends: ratio_charts)
+        ratios = {f"ratio.{k}": f"{v:.4f}" for k, v in (result.get("ratios") or {}).items()}
+        self._end(run_id, trial, "FINISHED", ratios, {"autoprune.stopped_early": str(not final).lower()})
 
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run_id(trial)
         if run_id is None:
             return
         message = trial_error(trial)
-        self.mlflow.set_tag(run_id, "autoprune.error", message[:MAX_PARAM])
         self.mlflow.log_text(run_id, message + "\n", "error.txt")
-        self._end(run_id, trial, "FAILED")
+        self._end(run_id, trial, "FAILED", {}, {"autoprune.error": message[:MAX_PARAM]})
 
-    def _end(self, run_id: str, trial, status: str) -> None:
+    def _end(self, run_id: str, trial, status: str, params: dict[str, str], tags: dict[str, str]) -> None:
         started = self._started.pop(trial.trial_id, None)
-        if started is not None:
-            log_metrics(self.mlflow, run_id, {"trial_wall_s": time.time() - started})
+        wall = {"trial_wall_s": time.time() - started} if started is not None else {}
+        log(self.mlflow, run_id, wall, params, tags)
         self.mlflow.set_terminated(run_id, status=status)
 
 
@@ -299,6 +300,13 @@ def save_final(folder: str, trial_id: str, result: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({k: result[k] for k in REPORTED if k in result}))
     tmp.replace(path)
+
+
+def ratio_charts(mlflow, records: list[dict]) -> None:
+    """The per-group ratio bar chart of every completed trial, on its child run."""
+    for r in records:
+        if r["status"] == "completed" and r["run_id"] and r["ratios"]:
+            mlflow.log_figure(r["run_id"], ratio_chart(r["ratios"], f"trial {r['trial_id']}"), "ratios.png")
 
 
 def load_finals(folder: str) -> dict[str, dict]:
@@ -372,11 +380,14 @@ def criteria_chart(records: list[dict]):
     return fig
 
 
-def drop_unfinished(uri: str, experiment_id: str, parent: str) -> int:
-    """Before a resume: delete the child runs an interrupted search left RUNNING. Their
-    trials run again from the start under fresh runs, so no epoch is logged twice."""
+def drop_unfinished(uri: str, experiment_id: str, parent: str, known: set[str]) -> int:
+    """Before a resume: delete the child runs an interrupted search left RUNNING (their
+    trials run again from the start under fresh runs, so no epoch is logged twice), and the
+    runs of trials Tune's last snapshot does not know (``known``: they will not be resumed;
+    new trials take their place)."""
     mlflow = client(uri)
-    stale = [r for r in trial_runs(uri, experiment_id, parent).values() if r.info.status not in ("FINISHED", "FAILED")]
+    stale = [r for tid, r in trial_runs(uri, experiment_id, parent).items()
+             if r.info.status not in ("FINISHED", "FAILED") or tid not in known]  # fmt: skip
     for run in stale:
         mlflow.delete_run(run.info.run_id)
     return len(stale)

@@ -40,6 +40,7 @@ class LayerTable:
     layers: dict[str, int]  # conv/linear layer name -> weights
     group_flops: dict[str, float]  # group name -> fraction of the dense FLOPs it touches
     layer_flops: dict[str, float]  # layer name -> fraction of the dense FLOPs
+    structures: tuple[str, ...] = ("channel", "unstructured")  # what the search allows (--structure)
 
     def units(self, structure: str) -> dict[str, int]:
         """The names a per_layer policy ratios: groups for channels, layers for masks."""
@@ -77,9 +78,10 @@ def _ratios(trial, table: LayerTable, structure: str) -> dict[str, float]:
 
 @SPACES.register("default")
 def default(trial, table: LayerTable) -> dict:
-    """Structure, criterion (every one that supports the structure), scope, a per-group
-    allocation when the scope is per_layer, BN warm-up and the fine-tuning learning rate."""
-    structure = trial.suggest_categorical("structure", ["channel", "unstructured"])
+    """Structure (those the search allows), criterion (every one that supports the
+    structure), scope, a per-group allocation when the scope is per_layer, BN warm-up and the
+    fine-tuning learning rate."""
+    structure = trial.suggest_categorical("structure", list(table.structures))
     policy: dict[str, Any] = {
         "structure": structure,
         "criterion": trial.suggest_categorical(f"criterion_{structure}", criteria_for(structure)),

@@ -307,3 +307,11 @@ def test_an_existing_search_name_is_not_overwritten(cli, tmp_path):
     out = cli("search", "--storage", str(tmp_path / "results"), "--name", "taken", cwd=tmp_path, timeout=60)
     assert out.returncode == 2 and "already exists" in out.stderr and "--resume" in out.stderr
     assert (tmp_path / "results" / "taken" / "keep.txt").read_text() == "recorded"
+
+
+def test_list_names_searchers_and_spaces(cli):
+    searchers = cli("list", "searchers")
+    assert searchers.returncode == 0
+    assert [line.split()[0] for line in searchers.stdout.splitlines()] == ["tpe", "nsga2", "random", "grid"]
+    spaces = cli("list", "spaces")
+    assert [line.split()[0] for line in spaces.stdout.splitlines()][:3] == ["default", "criteria", "pai"]

@@ -1,0 +1,107 @@
+"""Search throughput on the default task: per-trial overhead, and trials per minute at
+concurrency 1 against 2.
+
+Two real searches run back to back in one process, identical but for ``--concurrency``:
+the default space, the seeded ``random`` searcher (so both run the same policies in the same
+order), no early stopping (every trial runs all its epochs), local Ray sized to this
+machine, MLflow logging to a fresh SQLite store, 1 CPU (one torch thread) per trial.
+From the MLflow child runs and the trials' own reports:
+
+* engine time: the time a trial spends inside ``engine.run`` (score, solve, prune, measure,
+  fine-tune, evaluate), measured in the trial;
+* trial wall time: from Tune's trial start to its completion, measured by the driver's
+  callback (scheduling, actor reuse, fetching the dense model, result reporting and the
+  MLflow logging of its epochs included);
+* per-trial overhead = (trial wall - engine time) / trial wall, summed over the trials;
+  also without the first trial on each worker (``concurrency`` trials), whose wall time
+  includes starting the worker process and importing torch and the engine in it;
+* span: from the first trial's start to the last trial's end; span overhead at
+  concurrency 1 = (span - sum of engine times) / span, which also counts the gaps between
+  trials;
+* trials per minute = trials / span; scaling = concurrency-2 rate over concurrency-1 rate;
+* steady state: the same after every worker's first trial has ended (time t_s): trials
+  ending after t_s over (last end - t_s). Each worker's first trial pays a fixed start-up of
+  about 3 s on this machine (the actor process, importing torch and the engine, and torch's
+  first optimizer importing ``torch._dynamo``), which weighs on a short search at any
+  concurrency.
+
+Run: ``python bench/search_overhead.py`` (``--trials 20 --epochs 3`` by default: the
+default search's size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+from _machine import cpu_name
+
+import autoprune
+from autoprune.config import Budget, EngineConfig, SearchConfig
+
+
+def one(root: Path, concurrency: int, trials: int, epochs: int) -> dict:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    name = f"bench-c{concurrency}"
+    result = autoprune.search(SearchConfig(
+        name=name, budget=Budget("flops", 0.5), searcher="random", trials=trials, epochs=epochs, final_epochs=1,
+        concurrency=concurrency, scheduler="none", storage=str(root / "results"), tracking_uri=uri,
+        engine=EngineConfig(progress=False), progress=False,
+    ))  # fmt: skip
+    client = MlflowClient(uri)
+    runs = sorted((client.get_run(r["run_id"]) for r in result.trials if r["run_id"]), key=lambda r: r.info.start_time)
+    wall = [r.data.metrics["trial_wall_s"] for r in runs]
+    engine = [r.data.metrics["engine_s"] for r in runs]
+    later_wall, later_engine = wall[concurrency:], engine[concurrency:]
+    t_s = max(r.info.end_time for r in runs[:concurrency])
+    after = [r for r in runs if r.info.end_time > t_s]
+    steady = 60 * len(after) / ((max(r.info.end_time for r in runs) - t_s) / 1000) if after else float("nan")
+    span = (max(r.info.end_time for r in runs) - min(r.info.start_time for r in runs)) / 1000
+    return {
+        "concurrency": concurrency,
+        "trials": len(runs),
+        "completed": sum(r["status"] == "completed" for r in result.trials),
+        "mean_engine_s": sum(engine) / len(engine),
+        "mean_wall_s": sum(wall) / len(wall),
+        "overhead": (sum(wall) - sum(engine)) / sum(wall),
+        "overhead_warm": (sum(later_wall) - sum(later_engine)) / sum(later_wall),
+        "span_s": span,
+        "span_overhead": (span - sum(engine) / concurrency) / span,
+        "per_min": 60 * len(runs) / span,
+        "steady_per_min": steady,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="autoprune-bench-search-"))
+    os.environ.setdefault("AUTOPRUNE_CACHE", str(root / "cache"))
+    try:
+        rows = [one(root, c, args.trials, args.epochs) for c in (1, 2)]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    cores = len(os.sched_getaffinity(0))
+    print(f"\nmachine: {cpu_name()}, {cores} cores, Python {platform.python_version()}")
+    print(f"default task, default space, random searcher, {args.trials} trials x {args.epochs} epochs, no early stop")
+    print(f"{'concurrency':>11} {'trials':>6} {'engine s':>9} {'wall s':>7} {'overhead':>9} {'after start-up':>14} "
+          f"{'span s':>7} {'span overhead':>13} {'trials/min':>10} {'steady trials/min':>17}")  # fmt: skip
+    for r in rows:
+        span_over = f"{100 * r['span_overhead']:.1f}%" if r["concurrency"] == 1 else "-"
+        print(f"{r['concurrency']:>11} {r['trials']:>6} {r['mean_engine_s']:>9.2f} {r['mean_wall_s']:>7.2f} "
+              f"{100 * r['overhead']:>8.1f}% {100 * r['overhead_warm']:>13.1f}% {r['span_s']:>7.1f} {span_over:>13} "
+              f"{r['per_min']:>10.1f} {r['steady_per_min']:>17.1f}")  # fmt: skip
+    print(f"scaling, concurrency 2 over 1: {rows[1]['per_min'] / rows[0]['per_min']:.2f}x trials per minute "
+          f"({rows[1]['steady_per_min'] / rows[0]['steady_per_min']:.2f}x in steady state)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
