@@ -42,12 +42,11 @@ OBJECTIVES = (("val_acc", "max"), ("flops_ratio", "min"), ("latency_ms", "min"))
 @dataclass
 class SearcherContext:
     """What a searcher factory gets: the define-by-run space (already bound to the layer
-    table), the config, the trial count and the epochs a trial reports."""
+    table), the config, the trial count and, for ``grid``, the grid."""
 
     space: Callable[[Any], dict]
     config: SearchConfig
     trials: int
-    epochs: int
     grid: dict[str, list] | None = None
 
 
@@ -325,9 +324,9 @@ def _check_address(address: str) -> None:
 # ------------------------------------------------------------------ Ray
 
 
-def connect(plan: Plan) -> bool:
-    """Start a local Ray instance sized to this machine, or join ``address``. Returns
-    whether we started it (and so stop it). Checks that the cluster can run a trial."""
+def connect(plan: Plan) -> None:
+    """Start a local Ray instance sized to this machine, or join ``address``, and check
+    that the cluster can run a trial."""
     quiet_environment()
     import ray
 
@@ -340,9 +339,8 @@ def connect(plan: Plan) -> bool:
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
         _check_fits(plan.config, max((n.get("CPU", 0) for n in nodes), default=0),
                     max((n.get("GPU", 0) for n in nodes), default=0), "any node of the cluster")  # fmt: skip
-        return False
+        return
     ray.init(address="local", num_cpus=plan.local_cpus, num_gpus=plan.local_gpus, include_dashboard=False, **common)
-    return True
 
 
 def _concurrency(plan: Plan) -> int:
@@ -407,7 +405,6 @@ class SearchResult:
     run_id: str
     tracking_uri: str
     wall_time_s: float = 0.0
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 def pareto_front(records: list[dict], objectives=OBJECTIVES) -> list[dict]:
@@ -469,14 +466,16 @@ def search(config: SearchConfig) -> SearchResult:
     quiet_environment()  # before anything imports ray
     plan = prepare(config)
     say = print
-    started = connect(plan)
     import ray
 
+    owned = not ray.is_initialized()  # a caller's own ray.init() is used as it is, and left running
     try:
+        if owned:
+            connect(plan)
         return _search(plan, say, t0)
     finally:
-        if started or ray.is_initialized():
-            ray.shutdown()
+        if owned and ray.is_initialized():
+            ray.shutdown()  # stops the local instance; only disconnects from a cluster
 
 
 def _search(plan: Plan, say, t0: float) -> SearchResult:
@@ -541,7 +540,7 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
                                        resume_errored=False)  # fmt: skip
         else:
             space = partial(define_by_run, config.space, table, config.budget if spec.multi_objective else None)
-            ctx = SearcherContext(space, config, plan.trials, config.epochs, plan.grid)
+            ctx = SearcherContext(space, config, plan.trials, plan.grid)
             scheduler = None
             if plan.scheduler == "asha":
                 from ray.tune.schedulers import ASHAScheduler
