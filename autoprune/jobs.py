@@ -106,6 +106,8 @@ def evaluate_job(
 
 def ui_job(tracking_uri: str | None, host: str, port: int) -> int:
     """``autoprune ui``: the MLflow UI for the search store, bound to 127.0.0.1 by default."""
+    import os
+    import signal
     import socket
     import subprocess
     import sys
@@ -126,10 +128,24 @@ def ui_job(tracking_uri: str | None, host: str, port: int) -> int:
     print(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
            "--port", str(port), "--workers", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd)
+    # MLflow's background job runners (GenAI evaluation jobs) are not needed to browse runs
+    # and cost seven processes; the server gets its own process group, stopped as a whole.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
         return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -139,9 +139,24 @@ def test_ui_serves_the_search_runs_over_rest(searched, cli):
         listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
         local = [line.split()[3] for line in listening.splitlines() if line.strip()]
         assert local and all(addr == f"127.0.0.1:{port}" for addr in local), listening
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()  # SIGTERM to `autoprune ui` alone stops the MLflow server it started
         proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while _answers(port) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _answers(port), "the MLflow server outlived `autoprune ui`"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 SPACES = '''
