@@ -87,7 +87,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--space", default=d.space, help="default, criteria, pai or package.module:function")
     g.add_argument("--trials", type=int, default=None, help="trials to run (default 20; grid: the grid's size)")
     g.add_argument("--structure", choices=STRUCTURES, default=None,
-                   help="search only channel pruning (a really faster model) or only weight masks (default: both)")  # fmt: skip
+                   help="search only channel pruning (a really faster model) or only weight masks, in spaces that "
+                   "sample the structure (default: both)")  # fmt: skip
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs per trial (default {d.epochs})")
     g.add_argument("--final-epochs", type=int, default=d.final_epochs,
                    help=f"epochs when the best policy is re-run for the saved model (default {d.final_epochs})")  # fmt: skip

@@ -17,6 +17,7 @@ def quiet_environment() -> None:
         "RAY_gcs_server_port_wait_time_s": "3",
         "RAY_DEDUP_LOGS": "0",
         "MLFLOW_LOGGING_LEVEL": "WARNING",
+        "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C interrupts the search (resumable), not a graceful finish
     }.items():
         os.environ.setdefault(key, value)
     import logging

@@ -33,7 +33,11 @@ from .registry import Registry
 DEFAULT_TRIALS = 20
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
 COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
-OBJECTIVES = (("val_acc", "max"), ("flops_ratio", "min"), ("latency_ms", "min"))  # nsga2
+
+
+def objectives(kind: str) -> tuple[tuple[str, str], ...]:
+    """nsga2's objectives: validation accuracy up, the budget's cost and latency down."""
+    return (("val_acc", "max"), (f"{kind}_ratio", "min"), ("latency_ms", "min"))
 
 
 # ------------------------------------------------------------------ searchers
@@ -53,7 +57,7 @@ class SearcherContext:
 @dataclass(frozen=True)
 class SearcherSpec:
     make: Callable[[SearcherContext], Any]  # -> a ray.tune.search.Searcher
-    multi_objective: bool = False  # reports OBJECTIVES and returns a Pareto front
+    multi_objective: bool = False  # optimises objectives(budget kind) and returns a Pareto front
     scheduler: str = "asha"  # the default --scheduler
     needs_grid: bool = False
 
@@ -65,7 +69,8 @@ def _optuna(ctx: SearcherContext, sampler) -> Any:
     from .tune_plugins import PolicyOptunaSearch
 
     if SEARCHERS.get(ctx.config.searcher).multi_objective:
-        metric, mode = [m for m, _ in OBJECTIVES], [d for _, d in OBJECTIVES]
+        goals = objectives(ctx.config.budget.kind)
+        metric, mode = [m for m, _ in goals], [d for _, d in goals]
     else:
         metric, mode = "val_acc", "max"
     return PolicyOptunaSearch(space=ctx.space, metric=metric, mode=mode, sampler=sampler)
@@ -237,7 +242,8 @@ def _saved_config(data: dict) -> SearchConfig:
 def prepare(config: SearchConfig) -> Plan:
     """Every check that needs no Ray, data or training: names, budget, resources on this
     machine, the tracking store and the cluster address. A resumed search takes its saved
-    configuration (only ``out``, ``address`` and ``progress`` may change)."""
+    configuration (only ``out`` and ``address`` may change: Tune restores the rest, the
+    progress line included, from its own snapshot)."""
     from autoprune.search_spaces import get_space
 
     from . import engine, tracking
@@ -253,7 +259,7 @@ def prepare(config: SearchConfig) -> Plan:
             )
         saved = json.loads(state.read_text())["config"]
         config = dataclasses.replace(_saved_config(saved), resume=True, out=config.out or saved["out"],
-                                     address=config.address, progress=config.progress)  # fmt: skip
+                                     address=config.address)  # fmt: skip
     elif path.exists() and any(path.iterdir()):
         raise AutopruneError(
             f"a search named {name!r} already exists in {str(path.parent)!r}; pass --resume to continue it, "
@@ -267,6 +273,10 @@ def prepare(config: SearchConfig) -> Plan:
         raise AutopruneError(
             f"searcher {config.searcher!r} needs a space with a grid (such as 'criteria'); {config.space!r} has none"
         )
+    fixed = getattr(space, "structure", None)
+    if config.structure and fixed and config.structure != fixed:
+        raise AutopruneError(f"--structure {config.structure} does not fit space {config.space!r}, which prunes "
+                             f"{fixed} only")  # fmt: skip
     scheduler = config.scheduler or spec.scheduler
     if scheduler == "asha" and spec.multi_objective:
         raise AutopruneError(
@@ -364,23 +374,26 @@ def layer_table(task, structures: tuple[str, ...] = ("channel", "unstructured"))
 
     from autoprune.search_spaces import LayerTable
 
-    from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph
+    from .criteria import scored_modules
+    from .graph import CostModel, PrunableGraph
     from .measure import flops_by_module
 
     model = task.model_factory().eval()
     example = task.example_input()
-    graph = PrunableGraph(model, example)  # also rejects layers the dependency graph cannot handle
-    graph.dry_run()
     total, by_module = flops_by_module(model, example)
-    costs = CostModel(graph, by_module, total)
-    group_flops = {}
-    for i, g in enumerate(graph.groups):
-        removed = [np.zeros(h.size, bool) for h in graph.groups]
-        removed[i][:] = True
-        group_flops[g.name] = 1.0 - costs.cost(removed)[0] / total
-    layers = {n: m.weight.numel() for n, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+    groups, group_flops = {}, {}
+    if "channel" in structures:  # only channel pruning needs the dependency graph
+        graph = PrunableGraph(model, example)
+        graph.dry_run()  # rejects layers the graph cannot handle, naming them
+        costs = CostModel(graph, by_module, total)
+        for i, g in enumerate(graph.groups):
+            removed = [np.zeros(h.size, bool) for h in graph.groups]
+            removed[i][:] = True
+            groups[g.name] = g.size
+            group_flops[g.name] = 1.0 - costs.cost(removed)[0] / total
+    layers = {n: m.weight.numel() for n, m in scored_modules(model).items()}
     return LayerTable(
-        groups={g.name: g.size for g in graph.groups},
+        groups=groups,
         layers=layers,
         group_flops=group_flops,
         layer_flops={n: by_module.get(n, 0.0) / total for n in layers},
@@ -407,13 +420,13 @@ class SearchResult:
     wall_time_s: float = 0.0
 
 
-def pareto_front(records: list[dict], objectives=OBJECTIVES) -> list[dict]:
+def pareto_front(records: list[dict], goals: tuple[tuple[str, str], ...]) -> list[dict]:
     """Completed trials that no other completed trial dominates (at least as good in every
     objective, strictly better in one)."""
     done = [r for r in records if r["status"] == "completed"]
 
     def vec(r):
-        return [r["metrics"][k] if d == "min" else -r["metrics"][k] for k, d in objectives]
+        return [r["metrics"][k] if d == "min" else -r["metrics"][k] for k, d in goals]
 
     vecs = [vec(r) for r in done]
     front = []
@@ -432,7 +445,12 @@ def _records(path: Path, runs: dict[str, Any]) -> list[dict]:
 
     records = []
     trials = ExperimentAnalysis(str(path)).trials
-    for number, trial in enumerate(sorted(trials, key=lambda t: t.trial_id)):
+
+    def started(t) -> tuple:  # trial ids are random: order by when their runs started
+        run = runs.get(t.trial_id)
+        return (run.info.start_time if run else float("inf"), t.trial_id)
+
+    for number, trial in enumerate(sorted(trials, key=started)):
         last = trial.last_result or {}
         if trial.status == "ERROR":
             status = "failed"
@@ -490,7 +508,8 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
 
     config = plan.config
     task = get_task(config.engine.task)
-    table = layer_table(task, (config.structure,) if config.structure else ("channel", "unstructured"))
+    fixed = config.structure or getattr(get_space(config.space), "structure", None)
+    table = layer_table(task, (fixed,) if fixed else ("channel", "unstructured"))
     if SEARCHERS.get(config.searcher).needs_grid:
         plan.grid = get_space(config.space).grid(table)
         size = math.prod(len(v) for v in plan.grid.values())
@@ -505,7 +524,7 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
     setup_ref = ray.put(setup)
 
     saved = dataclasses.asdict(config)
-    saved.update(name=plan.name, trials=plan.trials, out=str(plan.out), scheduler=plan.scheduler,
+    saved.update(name=plan.name, trials=plan.trials, out=str(plan.out), scheduler=plan.scheduler, concurrency=concurrency,
                  tracking_uri=plan.tracking_uri, storage=str(plan.path.parent))  # fmt: skip
     experiment_id, run_id = tracking.open_search_run(
         plan.tracking_uri,
@@ -596,8 +615,8 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
     mlflow = tracking.client(plan.tracking_uri)
     done = [r for r in records if r["status"] == "completed"
             and r["metrics"].get(f"{kind}_ratio", math.inf) <= config.budget.fraction + 1e-9]  # fmt: skip
-    objectives = OBJECTIVES if SEARCHERS.get(config.searcher).multi_objective else OBJECTIVES[:2]
-    front = pareto_front(records, objectives)
+    goals = objectives(kind)
+    front = pareto_front(records, goals if SEARCHERS.get(config.searcher).multi_objective else goals[:2])
     counts = {
         "total": len(records),
         "completed": sum(r["status"] == "completed" for r in records),
@@ -654,11 +673,14 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
     mlflow.log_figure(run_id, tracking.scatter_chart(records, [r["trial_id"] for r in front], config.budget.fraction,
                                                      kind, dense_metrics["val_acc"]), "accuracy_vs_cost.png")  # fmt: skip
     mlflow.log_figure(run_id, tracking.criteria_chart(records), "criteria.png")
-    mlflow.set_terminated(run_id, status="FINISHED")
+    mlflow.set_terminated(run_id, status="FINISHED" if model_path else "FAILED")
 
     say("")
     say(trials_table(records, kind))
     if model_path is None:
+        if counts["completed"]:
+            raise AutopruneError(f"no completed trial is within --budget-{kind} {config.budget.fraction:g}; "
+                                 f"see {plan.out / 'summary.json'}")  # fmt: skip
         first = next((r["error"] for r in records if r["error"]), "none recorded")
         raise AutopruneError(f"no trial completed ({counts['failed']} failed; first error: {first}); "
                              f"see {plan.out / 'summary.json'}")  # fmt: skip
@@ -672,8 +694,9 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
 
 
 def _ui_flag(uri: str) -> str:
-    default = f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    return "" if uri == default else f" --tracking-uri {uri}"
+    from .tracking import resolve_tracking_uri
+
+    return "" if uri == resolve_tracking_uri(None) else f" --tracking-uri {uri}"
 
 
 class _CallableModule(type(sys)):

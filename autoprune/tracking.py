@@ -206,14 +206,14 @@ class TrialLogger(Callback):
         self._started[trial.trial_id] = time.time()
         old = self._find(trial.trial_id)
         if old is not None:
-            if old.info.status in ("FINISHED", "FAILED"):
-                # ended just before an interruption, after Tune's last snapshot: the
-                # trial replays its recorded result (see search.run_trial); log nothing
+            if old.info.status == "FINISHED" and (Path(self.completed_dir) / f"{trial.trial_id}.json").is_file():
+                # completed just before an interruption, after Tune's last snapshot: the
+                # trial replays its recorded final report (see search.run_trial); log nothing
                 self._runs[trial.trial_id] = old.info.run_id
                 self._logged.add(trial.trial_id)
                 return
-            # started before an interruption and now run again from scratch: replace it,
-            # so its epochs are not logged twice
+            # run again from scratch after an interruption: replace its run, so no epoch
+            # is logged twice and MLflow shows the outcome of this run
             self.mlflow.delete_run(old.info.run_id)
         config = trial.config
         run = self.mlflow.create_run(

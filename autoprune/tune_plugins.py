@@ -39,8 +39,12 @@ class PolicyOptunaSearch(OptunaSearch):
         )
         if not stopped:
             return super().on_trial_complete(trial_id, result=result, error=error)
-        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-        self._completed_trials.add(trial_id)
+        try:
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        except RuntimeError:  # an exhausted GridSampler calls Study.stop(), which only works in optimize()
+            pass
+        finally:
+            self._completed_trials.add(trial_id)
 
 
 def _clock(seconds: float) -> str:

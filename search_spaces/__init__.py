@@ -8,7 +8,8 @@ space can give every group its own ratio. Every sampled policy then goes through
 budget solver, so all trials meet the budget and compete on accuracy at equal cost.
 
 A space may carry a ``grid`` attribute, ``grid(table) -> {parameter: [choices]}``, for the
-``grid`` searcher. A user space is ``package.module:function`` with the same signature.
+``grid`` searcher, and a ``structure`` attribute when it always samples one structure.
+``table.structures`` says which structures the search allows (``--structure``). A user space is ``package.module:function`` with the same signature.
 
 Parameter names must differ between branches whose choices differ (Optuna fixes a
 parameter's distribution on first use), hence ``criterion_channel`` beside
@@ -107,6 +108,7 @@ def criteria(trial, table: LayerTable) -> dict:
 
 
 criteria.grid = _criteria_grid
+criteria.structure = "channel"  # a space that fixes the structure says so (checked against --structure)
 
 
 @SPACES.register("pai")
@@ -121,3 +123,6 @@ def pai(trial, table: LayerTable) -> dict:
         "scope": trial.suggest_categorical("scope", ["global", "local"]),
         "bn_warmup": trial.suggest_categorical("bn_warmup", [True, False]),
     }
+
+
+pai.structure = "unstructured"
