@@ -11,6 +11,7 @@ is re-run from the dense model for ``final_epochs``, tested once and saved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -588,7 +589,10 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
                 ),
             )  # fmt: skip
         tuner.fit()
+        tracking.close_writers()
     except BaseException:
+        with contextlib.suppress(Exception):
+            tracking.close_writers()  # what the trials reported before the interruption
         mlflow.set_terminated(run_id, status="KILLED")
         print(f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
               f"--storage {plan.path.parent} --resume", file=sys.stderr)  # fmt: skip

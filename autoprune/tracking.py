@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -98,12 +100,13 @@ def log(
     params: dict[str, str] | None = None,
     tags: dict[str, str] | None = None,
     step: int = 0,
+    at_ms: int | None = None,
 ) -> None:
     """Metrics (numbers only), params and tags in as few store transactions as MLflow allows
     (at most 100 params per batch)."""
     from mlflow.entities import Metric, Param, RunTag
 
-    now = int(time.time() * 1000)
+    now = at_ms if at_ms is not None else int(time.time() * 1000)
     ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
           if isinstance(v, (int, float)) and not isinstance(v, bool)]  # fmt: skip
     ps = [Param(k, v) for k, v in (params or {}).items()]
@@ -174,6 +177,12 @@ def trial_error(trial) -> str:
 class TrialLogger(Callback):
     """Logs each Ray Tune trial as a child run of the search run, from the driver.
 
+    The callbacks run on Tune's event loop, and a trial waits there after every report (Tune
+    resumes it only once the loop has handled the result). So the callbacks only note what
+    happened and when; one writer thread makes the store calls, in order. Tune saves its
+    experiment snapshot (what ``--resume`` restores) only after ``get_state``, which waits
+    until the writer has caught up, so a snapshot never claims more than the store holds.
+
     It is pickled with the Tuner (for ``--resume``), so it holds only the store's URI and run
     ids, and finds the child run of a trial by its tag when it does not know it yet."""
 
@@ -186,9 +195,12 @@ class TrialLogger(Callback):
         self._logged: set[str] = set()  # trials whose run was finished before a resume: not logged again
         self._started: dict[str, float] = {}
         self._client = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_queue": None, "_thread": None, "_error": None}
 
     @property
     def mlflow(self):
@@ -196,33 +208,107 @@ class TrialLogger(Callback):
             self._client = client(self.uri)
         return self._client
 
+    # ---- the writer
+
+    def _submit(self, fn, *args) -> None:
+        self._raise()
+        if self._thread is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._work, name="autoprune-mlflow", daemon=True)
+            self._thread.start()
+            _WRITERS.add(self)
+        self._queue.put((fn, args))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                if self._error is None:
+                    item[0](*item[1])
+            except BaseException as exc:  # noqa: BLE001 - raised on Tune's loop at the next event
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            raise AutopruneError(f"MLflow logging to {self.uri} failed: {type(exc).__name__}: {exc}") from exc
+
+    def flush(self) -> None:
+        """Wait until every noted event is in the store."""
+        if self._queue is not None:
+            self._queue.join()
+        self._raise()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+            _WRITERS.discard(self)
+        self._raise()
+
+    def get_state(self) -> None:
+        self.flush()  # before Tune writes its snapshot
+        return None
+
+    def on_experiment_end(self, trials, **info):
+        self.close()
+
+    # ---- Tune's events, noted on its loop
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._started[trial.trial_id] = time.time()
+        self._submit(self._start, trial.trial_id, dict(trial.config))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        # per epoch: val_acc and loss; with the last epoch also the final metrics
+        tags = {NODE_ID: result["node_id"]} if result.get("node_id") and step <= 1 else None
+        metrics = {k: result.get(k) for k in ("loss", *FINAL_METRICS)}
+        self._submit(self._result, trial.trial_id, metrics, tags, step, int(time.time() * 1000))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._submit(self._complete, trial.trial_id, dict(trial.last_result or {}), self._wall(trial))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._submit(self._failed, trial.trial_id, trial_error(trial), self._wall(trial))
+
+    def _wall(self, trial) -> dict[str, float]:
+        started = self._started.pop(trial.trial_id, None)
+        return {"trial_wall_s": time.time() - started} if started is not None else {}
+
+    # ---- the store, on the writer thread
+
     def _find(self, trial_id: str):
         runs = self.mlflow.search_runs(
             [self.experiment_id], f"tags.`{PARENT}` = '{self.parent}' and tags.`{TRIAL_ID}` = '{trial_id}'"
         )
         return runs[0] if runs else None
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._started[trial.trial_id] = time.time()
-        old = self._find(trial.trial_id)
+    def _start(self, trial_id: str, config: dict) -> None:
+        old = self._find(trial_id)
         if old is not None:
-            if old.info.status == "FINISHED" and (Path(self.completed_dir) / f"{trial.trial_id}.json").is_file():
+            if old.info.status == "FINISHED" and (Path(self.completed_dir) / f"{trial_id}.json").is_file():
                 # completed just before an interruption, after Tune's last snapshot: the
                 # trial replays its recorded final report (see search.run_trial); log nothing
-                self._runs[trial.trial_id] = old.info.run_id
-                self._logged.add(trial.trial_id)
+                self._runs[trial_id] = old.info.run_id
+                self._logged.add(trial_id)
                 return
             # run again from scratch after an interruption: replace its run, so no epoch
             # is logged twice and MLflow shows the outcome of this run
             self.mlflow.delete_run(old.info.run_id)
-        config = trial.config
+        self._logged.discard(trial_id)
         run = self.mlflow.create_run(
             self.experiment_id,
-            run_name=f"trial {trial.trial_id}",
-            tags={PARENT: self.parent, ROLE: "trial", TRIAL_ID: trial.trial_id, "ray.trial_id": trial.trial_id},
+            run_name=f"trial {trial_id}",
+            tags={PARENT: self.parent, ROLE: "trial", TRIAL_ID: trial_id, "ray.trial_id": trial_id},
         )
         run_id = run.info.run_id
-        self._runs[trial.trial_id] = run_id
+        self._runs[trial_id] = run_id
         params = flat_params("", config.get("policy", {}))
         if "budget_fraction" in config:
             params["budget_fraction"] = str(config["budget_fraction"])
@@ -231,50 +317,52 @@ class TrialLogger(Callback):
         log(self.mlflow, run_id, params=params)
         self.mlflow.log_dict(run_id, config.get("policy", {}), "policy.json")
 
-    def _run_id(self, trial) -> str | None:
-        if trial.trial_id in self._logged:
+    def _run_id(self, trial_id: str) -> str | None:
+        if trial_id in self._logged:
             return None
-        if trial.trial_id not in self._runs:
-            run = self._find(trial.trial_id)
+        if trial_id not in self._runs:
+            run = self._find(trial_id)
             if run is None:
                 return None
-            self._runs[trial.trial_id] = run.info.run_id
-        return self._runs[trial.trial_id]
+            self._runs[trial_id] = run.info.run_id
+        return self._runs[trial_id]
 
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self._run_id(trial)
+    def _result(self, trial_id: str, metrics: dict, tags: dict | None, step: int, at_ms: int) -> None:
+        run_id = self._run_id(trial_id)
+        if run_id is not None:
+            log(self.mlflow, run_id, metrics, tags=tags, step=step, at_ms=at_ms)
+
+    def _complete(self, trial_id: str, result: dict, wall: dict) -> None:
+        run_id = self._run_id(trial_id)
         if run_id is None:
             return
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
-        # per epoch: val_acc and loss; with the last epoch also the final metrics
-        tags = {NODE_ID: result["node_id"]} if result.get("node_id") and step <= 1 else None
-        log(self.mlflow, run_id, {k: result.get(k) for k in ("loss", *FINAL_METRICS)}, tags=tags, step=step)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
-        if run_id is None:
-            return
-        result = trial.last_result or {}
         final = result.get("flops_ratio") is not None  # else stopped early by the scheduler
-        if final:
-            save_final(self.completed_dir, trial.trial_id, result)
         # (the per-group ratio charts are drawn once, when the search ends: ratio_charts)
         ratios = {f"ratio.{k}": f"{v:.4f}" for k, v in (result.get("ratios") or {}).items()}
-        self._end(run_id, trial, "FINISHED", ratios, {"autoprune.stopped_early": str(not final).lower()})
+        self._end(run_id, "FINISHED", wall, ratios, {"autoprune.stopped_early": str(not final).lower()})
+        if final:  # after the run is FINISHED: a resume replays only what the store has
+            save_final(self.completed_dir, trial_id, result)
 
-    def on_trial_error(self, iteration, trials, trial, **info):
-        run_id = self._run_id(trial)
+    def _failed(self, trial_id: str, message: str, wall: dict) -> None:
+        run_id = self._run_id(trial_id)
         if run_id is None:
             return
-        message = trial_error(trial)
         self.mlflow.log_text(run_id, message + "\n", "error.txt")
-        self._end(run_id, trial, "FAILED", {}, {"autoprune.error": message[:MAX_PARAM]})
+        self._end(run_id, "FAILED", wall, {}, {"autoprune.error": message[:MAX_PARAM]})
 
-    def _end(self, run_id: str, trial, status: str, params: dict[str, str], tags: dict[str, str]) -> None:
-        started = self._started.pop(trial.trial_id, None)
-        wall = {"trial_wall_s": time.time() - started} if started is not None else {}
+    def _end(self, run_id: str, status: str, wall: dict, params: dict[str, str], tags: dict[str, str]) -> None:
         log(self.mlflow, run_id, wall, params, tags)
         self.mlflow.set_terminated(run_id, status=status)
+
+
+_WRITERS: set[TrialLogger] = set()  # loggers with a writer thread, for close_writers
+
+
+def close_writers() -> None:
+    """Let every trial logger's writer finish (after ``Tuner.fit``, also when it was
+    interrupted: the logger of a restored Tuner is Tune's own copy)."""
+    for writer in list(_WRITERS):
+        writer.close()
 
 
 REPORTED = (

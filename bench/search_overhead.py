@@ -1,7 +1,7 @@
 """Search throughput on the default task: per-trial overhead, and trials per minute at
 concurrency 1 against 2.
 
-Two real searches run back to back in one process, identical but for ``--concurrency``:
+Pairs of real searches run back to back in one process, identical but for ``--concurrency``:
 the default space, the seeded ``random`` searcher (so both run the same policies in the same
 order), no early stopping (every trial runs all its epochs), local Ray sized to this
 machine, MLflow logging to a fresh SQLite store, 1 CPU (one torch thread) per trial.
@@ -25,6 +25,10 @@ From the MLflow child runs and the trials' own reports:
   first optimizer importing ``torch._dynamo``), which weighs on a short search at any
   concurrency.
 
+The searches run in pairs (concurrency 1, then 2), ``--repeats`` pairs (default 3), and
+the medians over the pairs are the figures: on a shared 2-core machine one pair's scaling
+has varied from 1.67x to 1.95x.
+
 Run: ``python bench/search_overhead.py`` (``--trials 20 --epochs 3`` by default: the
 default search's size).
 """
@@ -37,6 +41,7 @@ import platform
 import shutil
 import tempfile
 from pathlib import Path
+from statistics import median
 
 from _machine import cpu_name
 
@@ -47,6 +52,7 @@ from autoprune.config import Budget, EngineConfig, SearchConfig
 def one(root: Path, concurrency: int, trials: int, epochs: int) -> dict:
     from mlflow.tracking import MlflowClient
 
+    root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     name = f"bench-c{concurrency}"
     result = autoprune.search(SearchConfig(
@@ -82,25 +88,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="pairs of searches (concurrency 1 then 2)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="autoprune-bench-search-"))
     os.environ.setdefault("AUTOPRUNE_CACHE", str(root / "cache"))
     try:
-        rows = [one(root, c, args.trials, args.epochs) for c in (1, 2)]
+        pairs = [[one(root / f"r{i}", c, args.trials, args.epochs) for c in (1, 2)] for i in range(args.repeats)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     cores = len(os.sched_getaffinity(0))
     print(f"\nmachine: {cpu_name()}, {cores} cores, Python {platform.python_version()}")
-    print(f"default task, default space, random searcher, {args.trials} trials x {args.epochs} epochs, no early stop")
-    print(f"{'concurrency':>11} {'trials':>6} {'engine s':>9} {'wall s':>7} {'overhead':>9} {'after start-up':>14} "
-          f"{'span s':>7} {'span overhead':>13} {'trials/min':>10} {'steady trials/min':>17}")  # fmt: skip
-    for r in rows:
-        span_over = f"{100 * r['span_overhead']:.1f}%" if r["concurrency"] == 1 else "-"
-        print(f"{r['concurrency']:>11} {r['trials']:>6} {r['mean_engine_s']:>9.2f} {r['mean_wall_s']:>7.2f} "
-              f"{100 * r['overhead']:>8.1f}% {100 * r['overhead_warm']:>13.1f}% {r['span_s']:>7.1f} {span_over:>13} "
-              f"{r['per_min']:>10.1f} {r['steady_per_min']:>17.1f}")  # fmt: skip
-    print(f"scaling, concurrency 2 over 1: {rows[1]['per_min'] / rows[0]['per_min']:.2f}x trials per minute "
-          f"({rows[1]['steady_per_min'] / rows[0]['steady_per_min']:.2f}x in steady state)")  # fmt: skip
+    print(f"default task, default space, random searcher, {args.trials} trials x {args.epochs} epochs, no early stop, "
+          f"{args.repeats} pair(s) of searches")  # fmt: skip
+    print(f"{'pair':>4} {'concurrency':>11} {'trials':>6} {'engine s':>9} {'wall s':>7} {'overhead':>9} "
+          f"{'after start-up':>14} {'span s':>7} {'span overhead':>13} {'trials/min':>10} {'steady trials/min':>17}")  # fmt: skip
+    for i, rows in enumerate(pairs, 1):
+        for r in rows:
+            span_over = f"{100 * r['span_overhead']:.1f}%" if r["concurrency"] == 1 else "-"
+            print(f"{i:>4} {r['concurrency']:>11} {r['trials']:>6} {r['mean_engine_s']:>9.2f} {r['mean_wall_s']:>7.2f} "
+                  f"{100 * r['overhead']:>8.1f}% {100 * r['overhead_warm']:>13.1f}% {r['span_s']:>7.1f} {span_over:>13} "
+                  f"{r['per_min']:>10.1f} {r['steady_per_min']:>17.1f}")  # fmt: skip
+    overhead = [rows[0]["overhead"] for rows in pairs]
+    warm = [rows[0]["overhead_warm"] for rows in pairs]
+    scaling = [rows[1]["per_min"] / rows[0]["per_min"] for rows in pairs]
+    steady = [rows[1]["steady_per_min"] / rows[0]["steady_per_min"] for rows in pairs]
+    print(f"per-trial overhead at concurrency 1: median {100 * median(overhead):.1f}% "
+          f"({_each(overhead, '{:.1%}')}), after start-up {100 * median(warm):.1f}%")  # fmt: skip
+    print(f"scaling, concurrency 2 over 1: median {median(scaling):.2f}x trials per minute ({_each(scaling, '{:.2f}x')}), "
+          f"{median(steady):.2f}x in steady state")  # fmt: skip
+
+
+def _each(values: list[float], fmt: str) -> str:
+    return "pairs: " + ", ".join(fmt.format(v) for v in values)
 
 
 if __name__ == "__main__":

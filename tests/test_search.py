@@ -197,6 +197,50 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, engine_cfg
     assert "fpgm" in record["error"] and record["run_id"] == failed[0].info.run_id
 
 
+class _Trial:
+    """What the logger reads of a Ray Tune trial (the real one needs a running Tuner)."""
+
+    def __init__(self, trial_id: str, last_result: dict | None = None) -> None:
+        self.trial_id = trial_id
+        self.config = {"policy": {"criterion": "magnitude", "scope": "global"}}
+        self.last_result = last_result
+
+
+def test_trial_logger_writes_off_tunes_loop_and_the_snapshot_waits_for_it(tmp_path):
+    from autoprune import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id, parent = tracking.open_search_run(uri, "writer", {}, resume=False)
+    logger = tracking.TrialLogger(uri, experiment_id, parent, str(tmp_path / "completed"))
+    final = {"epoch": 2, "val_acc": 0.9, "loss": 0.3, "flops_ratio": 0.5, "params_ratio": 0.4, "ratios": {"g": 0.5}}
+    trial = _Trial("t1", final)
+    logger.on_trial_start(0, [], trial)
+    logger.on_trial_result(0, [], trial, {"epoch": 1, "val_acc": 0.8, "loss": 0.5, "node_id": "n1"})
+    logger.on_trial_result(0, [], trial, final)
+    logger.on_trial_complete(0, [], trial)
+    assert logger.get_state() is None  # what Tune calls before writing its snapshot
+    run = tracking.trial_runs(uri, experiment_id, parent)["t1"]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.NODE_ID] == "n1" and run.data.params["ratio.g"] == "0.5000"
+    assert [m.value for m in _client(uri).get_metric_history(run.info.run_id, "val_acc")] == [0.8, 0.9]
+    assert (tmp_path / "completed" / "t1.json").is_file()  # kept for a resume, after the run ended
+    logger.close()
+    assert not tracking._WRITERS
+
+
+def test_trial_logger_store_errors_reach_tunes_loop(tmp_path):
+    from autoprune import tracking
+    from autoprune.errors import AutopruneError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, parent = tracking.open_search_run(uri, "writer", {}, resume=False)
+    logger = tracking.TrialLogger(uri, "424242", parent, str(tmp_path / "completed"))  # no such experiment
+    logger.on_trial_start(0, [], _Trial("t1"))
+    with pytest.raises(AutopruneError, match="MLflow logging to sqlite:///.* failed"):
+        logger.flush()
+    logger.close()
+
+
 def test_nsga2_returns_a_mutually_non_dominated_front(tmp_path, engine_cfg, digits_dense):
     import autoprune
     from autoprune.search import objectives
