@@ -491,13 +491,13 @@ def search(config: SearchConfig) -> SearchResult:
     try:
         if owned:
             connect(plan)
-        return _search(plan, say, t0)
+        return _search(plan, say, t0, owned)
     finally:
         if owned and ray.is_initialized():
             ray.shutdown()  # stops the local instance; only disconnects from a cluster
 
 
-def _search(plan: Plan, say, t0: float) -> SearchResult:
+def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     import ray
     from ray import tune
 
@@ -600,6 +600,8 @@ def _search(plan: Plan, say, t0: float) -> SearchResult:
 
     runs = tracking.trial_runs(plan.tracking_uri, experiment_id, run_id)
     records = _records(plan.path, runs)
+    if owned:
+        ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
     return finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0)
 
 
