@@ -34,6 +34,8 @@ from .registry import Registry
 DEFAULT_TRIALS = 20
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
 COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
+# what a trial reports of its pruned model, and the summary keeps of the best
+PRUNED_METRICS = ("val_acc", "flops", "params", "flops_ratio", "params_ratio", "latency_ms", "speedup")
 
 
 def objectives(kind: str) -> tuple[tuple[str, str], ...]:
@@ -206,9 +208,8 @@ def run_trial(config: dict, setup_ref: list) -> None:
     engine_s = time.perf_counter() - t0 - reporting[0]
     p = result.pruned
     tune.report({
-        **last, "epoch": setup.epochs, "val_acc": p["val_acc"], "node_id": node,
-        "flops_ratio": p["flops_ratio"], "params_ratio": p["params_ratio"], "flops": p["flops"],
-        "params": p["params"], "latency_ms": p["latency_ms"], "speedup": p["speedup"], "engine_s": engine_s, "report_s": reporting[0],
+        **last, "epoch": setup.epochs, "node_id": node, **{k: p[k] for k in PRUNED_METRICS},
+        "engine_s": engine_s, "report_s": reporting[0],
         "ratios": {k: float(v) for k, v in result.ratios.items()},
     })  # fmt: skip
 
@@ -466,8 +467,7 @@ def _records(path: Path, runs: dict[str, Any]) -> list[dict]:
             "number": number, "trial_id": trial.trial_id, "status": status,
             "policy": trial.config.get("policy", {}),
             "budget_fraction": trial.config.get("budget_fraction"),
-            "metrics": {k: last[k] for k in ("val_acc", "flops_ratio", "params_ratio", "latency_ms", "speedup",
-                                             "engine_s", "epoch") if k in last},
+            "metrics": {k: last[k] for k in (*PRUNED_METRICS, "engine_s", "epoch") if k in last},
             "ratios": last.get("ratios", {}),
             "node_id": last.get("node_id"),
             "error": trial_error(trial) if status == "failed" else None,
@@ -662,13 +662,9 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
         policy.to_json(plan.out / "policy.json")
         summary["best"] = {
             "trial_id": best["trial_id"], "policy": policy.to_dict(), "search_val_acc": best["metrics"]["val_acc"],
-            "val_acc": p["val_acc"], "test_acc": p["test_acc"], "flops": p["flops"], "params": p["params"],
-            "flops_ratio": p["flops_ratio"], "params_ratio": p["params_ratio"], "latency_ms": p["latency_ms"],
-            "speedup": p["speedup"], "ratios": final.ratios, "model_path": str(model_path),
+            **{k: p[k] for k in ("test_acc", *PRUNED_METRICS)}, "ratios": final.ratios, "model_path": str(model_path),
         }  # fmt: skip
-        tracking.log(mlflow, run_id, {f"best_{k}": p[k] for k in
-                                              ("val_acc", "test_acc", "flops_ratio", "params_ratio", "latency_ms",
-                                               "speedup")})  # fmt: skip
+        tracking.log(mlflow, run_id, {f"best_{k}": p[k] for k in ("test_acc", *PRUNED_METRICS)})
         mlflow.set_tag(run_id, "autoprune.best_trial_id", best["trial_id"])
         mlflow.log_artifact(run_id, str(model_path), "best_model")
         mlflow.log_artifact(run_id, str(plan.out / "policy.json"), "best_model")
