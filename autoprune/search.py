@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import Budget, EngineConfig, MeasureConfig, Policy, SearchConfig, TaskConfig
+from .config import STRUCTURES, Budget, EngineConfig, MeasureConfig, Policy, SearchConfig, TaskConfig
 from .errors import AutopruneError
 from .rayenv import quiet_environment
 from .registry import Registry
@@ -36,6 +36,8 @@ STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for 
 COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
 # what a trial reports of its pruned model, and the summary keeps of the best
 PRUNED_METRICS = ("val_acc", "flops", "params", "flops_ratio", "params_ratio", "latency_ms", "speedup")
+# a trial's final report (run_trial), as kept for replay on --resume (tracking.save_final)
+REPORTED = ("epoch", "loss", "node_id", *PRUNED_METRICS, "engine_s", "report_s", "ratios")
 
 
 def objectives(kind: str) -> tuple[tuple[str, str], ...]:
@@ -229,6 +231,7 @@ class Plan:
     trials: int
     scheduler: str
     out: Path
+    structures: tuple[str, ...]  # what the space may sample (--structure, or the space's own)
     grid: dict[str, list] | None = None
     local_cpus: int = 0
     local_gpus: int = 0
@@ -279,6 +282,7 @@ def prepare(config: SearchConfig) -> Plan:
     if config.structure and fixed and config.structure != fixed:
         raise AutopruneError(f"--structure {config.structure} does not fit space {config.space!r}, which prunes "
                              f"{fixed} only")  # fmt: skip
+    structure = config.structure or fixed
     scheduler = config.scheduler or spec.scheduler
     if scheduler == "asha" and spec.multi_objective:
         raise AutopruneError(
@@ -299,7 +303,8 @@ def prepare(config: SearchConfig) -> Plan:
     if out.exists() and not out.is_dir():
         raise AutopruneError(f"--out {str(out)!r} exists and is not a directory")
     trials = config.trials or DEFAULT_TRIALS
-    return Plan(config, name, path, tracking_uri, address, trials, scheduler, out, None, local_cpus, local_gpus)
+    return Plan(config, name, path, tracking_uri, address, trials, scheduler, out,
+                (structure,) if structure else STRUCTURES, None, local_cpus, local_gpus)  # fmt: skip
 
 
 def _gpu_count() -> int:
@@ -370,7 +375,7 @@ def _concurrency(plan: Plan) -> int:
 # ------------------------------------------------------------------ the dense model and the layer table
 
 
-def layer_table(task, structures: tuple[str, ...] = ("channel", "unstructured")) -> Any:
+def layer_table(task, structures: tuple[str, ...] = STRUCTURES) -> Any:
     """Channel groups and weight layers of the task's model, with their FLOPs shares."""
     import numpy as np
 
@@ -509,8 +514,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
 
     config = plan.config
     task = get_task(config.engine.task)
-    fixed = config.structure or getattr(get_space(config.space), "structure", None)
-    table = layer_table(task, (fixed,) if fixed else ("channel", "unstructured"))
+    table = layer_table(task, plan.structures)
     if SEARCHERS.get(config.searcher).needs_grid:
         plan.grid = get_space(config.space).grid(table)
         size = math.prod(len(v) for v in plan.grid.values())

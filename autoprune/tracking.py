@@ -301,7 +301,6 @@ class TrialLogger(Callback):
             # run again from scratch after an interruption: replace its run, so no epoch
             # is logged twice and MLflow shows the outcome of this run
             self.mlflow.delete_run(old.info.run_id)
-        self._logged.discard(trial_id)
         run = self.mlflow.create_run(
             self.experiment_id,
             run_name=f"trial {trial_id}",
@@ -365,24 +364,10 @@ def close_writers() -> None:
         writer.close()
 
 
-REPORTED = (
-    "epoch",
-    "val_acc",
-    "loss",
-    "node_id",
-    "flops_ratio",
-    "params_ratio",
-    "flops",
-    "params",
-    "latency_ms",
-    "speedup",
-    "engine_s",
-    "ratios",
-)  # what a trial's final report holds
-
-
 def save_final(folder: str, trial_id: str, result: dict) -> None:
     """A completed trial's final report, kept so that a resumed search can replay it."""
+    from .search import REPORTED
+
     path = Path(folder) / f"{trial_id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -4,6 +4,7 @@ set): the Optuna searcher and the live progress line. Both are pickled with the 
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -39,12 +40,10 @@ class PolicyOptunaSearch(OptunaSearch):
         )
         if not stopped:
             return super().on_trial_complete(trial_id, result=result, error=error)
-        try:
+        self._completed_trials.add(trial_id)
+        # an exhausted GridSampler calls Study.stop() in tell, which only works inside optimize()
+        with contextlib.suppress(RuntimeError):
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-        except RuntimeError:  # an exhausted GridSampler calls Study.stop(), which only works in optimize()
-            pass
-        finally:
-            self._completed_trials.add(trial_id)
 
 
 def _clock(seconds: float) -> str:

@@ -9,7 +9,8 @@ budget solver, so all trials meet the budget and compete on accuracy at equal co
 
 A space may carry a ``grid`` attribute, ``grid(table) -> {parameter: [choices]}``, for the
 ``grid`` searcher, and a ``structure`` attribute when it always samples one structure.
-``table.structures`` says which structures the search allows (``--structure``). A user space is ``package.module:function`` with the same signature.
+``table.structures`` says which structures the search allows (``--structure``). A user
+space is ``package.module:function`` with the same signature.
 
 Parameter names must differ between branches whose choices differ (Optuna fixes a
 parameter's distribution on first use), hence ``criterion_channel`` beside
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from autoprune.config import STRUCTURES
 from autoprune.errors import AutopruneError
 from autoprune.registry import Registry, load_object
 
@@ -41,7 +43,7 @@ class LayerTable:
     layers: dict[str, int]  # conv/linear layer name -> weights
     group_flops: dict[str, float]  # group name -> fraction of the dense FLOPs it touches
     layer_flops: dict[str, float]  # layer name -> fraction of the dense FLOPs
-    structures: tuple[str, ...] = ("channel", "unstructured")  # what the search allows (--structure)
+    structures: tuple[str, ...] = STRUCTURES  # what the search allows (--structure)
 
     def units(self, structure: str) -> dict[str, int]:
         """The names a per_layer policy ratios: groups for channels, layers for masks."""
