@@ -7,12 +7,13 @@ trained; user errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from .config import SCOPES, STRUCTURES, Budget, EngineConfig, MeasureConfig, Policy, SearchConfig, TaskConfig
+from .config import SCOPES, STRUCTURES, Budget, EngineConfig, Policy, SearchConfig, TaskConfig
 from .errors import AutopruneError
 
 
@@ -33,7 +34,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--train-epochs", type=int, default=None, help="dense training epochs when no checkpoint (task default)"
     )
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="seed of training, scoring and searchers (default 0)")
     g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     g.add_argument(
         "--cache-dir", default=None, help="dense-model cache (default $AUTOPRUNE_CACHE or ~/.cache/autoprune)"
@@ -78,36 +79,46 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
-    d = SearchConfig()
+    d = SearchConfig()  # the defaults are the config's: unset flags stay None (a resumed search keeps its own)
     g = p.add_argument_group("search")
     g.add_argument("--name", default=None, help="the search's name: results folder and MLflow experiment "
                    "(default search-<date>-<time>)")  # fmt: skip
-    g.add_argument("--searcher", default=d.searcher, help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, "
+    g.add_argument("--searcher", default=None, help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, "
                    "latency), random or grid")  # fmt: skip
-    g.add_argument("--space", default=d.space, help="default, criteria, pai or package.module:function")
+    g.add_argument("--space", default=None, help="default, criteria, pai or package.module:function")
     g.add_argument("--trials", type=int, default=None, help="trials to run (default 20; grid: the grid's size)")
     g.add_argument("--structure", choices=STRUCTURES, default=None,
                    help="search only channel pruning (a really faster model) or only weight masks, in spaces that "
                    "sample the structure (default: both)")  # fmt: skip
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"training epochs per trial (default {d.epochs})")
-    g.add_argument("--final-epochs", type=int, default=d.final_epochs,
+    g.add_argument("--epochs", type=int, default=None, help=f"training epochs per trial (default {d.epochs})")
+    g.add_argument("--final-epochs", type=int, default=None,
                    help=f"epochs when the best policy is re-run for the saved model (default {d.final_epochs})")  # fmt: skip
     g.add_argument("--scheduler", choices=("asha", "none"), default=None,
                    help="asha stops weak trials early (default; none for nsga2 and grid)")  # fmt: skip
     r = p.add_argument_group("resources and storage")
     r.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
-    r.add_argument("--cpus-per-trial", type=float, default=d.cpus_per_trial, help="CPUs (and torch threads) per trial")
-    r.add_argument("--gpus-per-trial", type=float, default=d.gpus_per_trial, help="GPUs per trial, fractions allowed")
+    r.add_argument("--cpus-per-trial", type=float, default=None,
+                   help=f"CPUs (and torch threads) per trial (default {d.cpus_per_trial:g})")  # fmt: skip
+    r.add_argument("--gpus-per-trial", type=float, default=None,
+                   help=f"GPUs per trial, fractions allowed (default {d.gpus_per_trial:g})")  # fmt: skip
     r.add_argument("--address", default=None, help="a running Ray cluster, host:port (default $RAY_ADDRESS, else a "
                    "local instance)")  # fmt: skip
     r.add_argument("--storage", default=d.storage, help=f"Ray Tune results folder (default {d.storage})")
-    r.add_argument("--resume", action="store_true", help="continue the interrupted search --name")
+    r.add_argument("--resume", action="store_true", help="continue the interrupted search --name with its saved "
+                   "settings (only --out, --address and --no-progress may differ)")  # fmt: skip
     r.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<cwd>/mlflow.db)")
     r.add_argument("--out", default=None, help="summary.json and the best model (default <storage>/<name>/best)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line like the rest of the CLI (not the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"autoprune: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autoprune",
         description="Search for and apply neural-network pruning policies under an exact budget.",
     )
@@ -157,13 +168,16 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def task_config(args: argparse.Namespace, base: TaskConfig | None = None) -> TaskConfig:
-    base = base or TaskConfig()
-    merged = {**base.__dict__, **_drop_none({
+def task_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The task fields the user named on the command line."""
+    return _drop_none({
         "name": args.task, "model": args.model, "data_dir": args.data_dir,
         "image_size": args.image_size, "batch_size": args.batch_size,
-    })}  # fmt: skip
-    return TaskConfig(**merged)
+    })  # fmt: skip
+
+
+def task_config(args: argparse.Namespace, base: TaskConfig | None = None) -> TaskConfig:
+    return dataclasses.replace(base or TaskConfig(), **task_flags(args))
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
@@ -194,19 +208,41 @@ def _options(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def budget_from_args(args: argparse.Namespace) -> Budget:
+def budget_from_args(args: argparse.Namespace, base: Budget | None = None) -> Budget:
     if args.budget_params is not None:
         return Budget("params", args.budget_params)
-    return Budget("flops", 0.5 if args.budget_flops is None else args.budget_flops)
+    if args.budget_flops is not None:
+        return Budget("flops", args.budget_flops)
+    return base or Budget()
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        task=task_config(args), checkpoint=args.checkpoint, train_epochs=args.train_epochs,
-        seed=args.seed, device=args.device, cache_dir=args.cache_dir,
-        **_drop_none({"scoring_per_class": args.scoring_per_class}),
-        measure=MeasureConfig(**_drop_none({"threads": args.threads})),
+def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
+    """The engine's settings: ``base`` (the defaults, or a resumed search's) with the flags given."""
+    base = base or EngineConfig()
+    return dataclasses.replace(
+        base, task=task_config(args, base.task),
+        measure=dataclasses.replace(base.measure, **_drop_none({"threads": args.threads})),
         progress=not args.no_progress and sys.stderr.isatty(),
+        **_drop_none({
+            "checkpoint": args.checkpoint, "train_epochs": args.train_epochs, "seed": args.seed,
+            "device": args.device, "cache_dir": args.cache_dir, "scoring_per_class": args.scoring_per_class,
+        }),
+    )  # fmt: skip
+
+
+def search_config(args: argparse.Namespace, base: SearchConfig | None = None) -> SearchConfig:
+    """``base`` (the defaults, or the saved settings of the search to resume) with the flags given."""
+    base = base or SearchConfig()
+    return dataclasses.replace(
+        base, budget=budget_from_args(args, base.budget), engine=engine_config(args, base.engine),
+        resume=args.resume, progress=not args.no_progress,
+        **_drop_none({
+            "name": args.name, "searcher": args.searcher, "space": args.space, "trials": args.trials,
+            "structure": args.structure, "epochs": args.epochs, "final_epochs": args.final_epochs,
+            "concurrency": args.concurrency, "cpus_per_trial": args.cpus_per_trial,
+            "gpus_per_trial": args.gpus_per_trial, "scheduler": args.scheduler, "storage": args.storage,
+            "address": args.address, "tracking_uri": args.tracking_uri, "out": args.out,
+        }),
     )  # fmt: skip
 
 
@@ -220,14 +256,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from . import search
 
-    config = SearchConfig(
-        budget=budget_from_args(args), name=args.name, searcher=args.searcher, space=args.space,
-        trials=args.trials, structure=args.structure, epochs=args.epochs, final_epochs=args.final_epochs, concurrency=args.concurrency,
-        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial, scheduler=args.scheduler,
-        storage=args.storage, resume=args.resume, address=args.address, tracking_uri=args.tracking_uri,
-        out=args.out, engine=engine_config(args), progress=not args.no_progress,
-    )  # fmt: skip
-    search.search(config)
+    base = search.saved_config(args.name, args.storage) if args.resume and args.name else None
+    search.search(search_config(args, base))
     return 0
 
 
@@ -241,19 +271,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .jobs import evaluate_job
     from .report import single
 
-    override = task_config(args, _saved_task(args.model_path)) if _any_task_flag(args) else None
-    metrics = evaluate_job(args.model_path, override, args.device, args.threads)
+    metrics = evaluate_job(args.model_path, task_flags(args), args.device, args.threads)
     print(json.dumps(metrics, indent=2) if args.json else single(metrics))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .prune import export_model, load_model
+    from .jobs import export_job
 
-    override = task_config(args, _saved_task(args.model_path)) if _any_task_flag(args) else None
-    model, task, _ = load_model(args.model_path, override)
-    out = args.out or str(Path(args.model_path).with_suffix("." + args.format))
-    path = export_model(model, task.example_input(), out, args.format)
+    path = export_job(args.model_path, task_flags(args), args.format, args.out)
     print(f"exported {args.format} to {path}")
     return 0
 
@@ -307,16 +333,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         for g in graph.groups:
             print(f"{g.name:40s} {g.size:6d} channels")
     return 0
-
-
-def _any_task_flag(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k) is not None for k in ("task", "model", "data_dir", "image_size", "batch_size"))
-
-
-def _saved_task(path: str) -> TaskConfig:
-    from .prune import read_model_file
-
-    return TaskConfig(**read_model_file(path)["task"])
 
 
 COMMANDS = {

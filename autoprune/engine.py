@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import criteria as crit
+from .checkpoint import architecture_key, atomic_save, cpu_state, load_state, load_tensors
 from .config import Budget, EngineConfig, FinetuneConfig, MeasureConfig, Policy
 from .errors import AutopruneError
 from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph, clone
@@ -154,7 +155,8 @@ def cache_dir(cfg: EngineConfig) -> Path:
 
 def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = print) -> nn.Module:
     """``--checkpoint`` if given, else the task's model trained once with ``cfg.seed`` and
-    cached on disk, keyed by a hash of (task, model, seed, epochs)."""
+    cached on disk, keyed by a hash of (task, model architecture and source, seed, epochs).
+    An unreadable cache entry is reported and retrained; entries are written atomically."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = task.model_factory()
@@ -163,42 +165,38 @@ def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = prin
         return model.to(device).eval()
     epochs = task.train_epochs if cfg.train_epochs is None else cfg.train_epochs
     if epochs == 0:
+        if cfg.train_epochs is None:
+            print(f"warning: task {task.name!r} trains no dense model by default and no --checkpoint was given, so "
+                  "an untrained model is pruned; pass --checkpoint FILE or --train-epochs N (--train-epochs 0 "
+                  "says an untrained model is meant)", file=sys.stderr)  # fmt: skip
         return model.to(device).eval()
-    key = task.key({"seed": cfg.seed, "epochs": epochs, "lr": task.train_lr})
-    path = cache_dir(cfg) / f"{task.name}-{task.model_name}-{key}.pt"
+    key = task.key({"seed": cfg.seed, "epochs": epochs, "lr": task.train_lr,
+                    "arch": architecture_key(model, source=True)})  # fmt: skip
+    path = cache_dir(cfg) / f"{task.name.replace(':', '.')}-{task.model_name}-{key}.pt"
     if path.is_file():
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        log(f"dense model: cached {path}")
-        return model.to(device).eval()
+        try:
+            load_state(model, load_tensors(path, "cached dense model"), f"cached dense model {str(path)!r}")
+            log(f"dense model: cached {path}")
+            return model.to(device).eval()
+        except AutopruneError as exc:
+            print(f"warning: {exc}; training it again", file=sys.stderr)
+            seed_everything(cfg.seed)
+            model = task.model_factory()
     log(f"dense model: training {task.model_name} on {task.name} for {epochs} epochs (cached after)")
     model.to(device)
     train(model, task, FinetuneConfig(epochs=epochs, lr=task.train_lr), cfg.seed, device,
           desc="dense training", progress=cfg.progress)  # fmt: skip
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp)
-    tmp.replace(path)
+    atomic_save(cpu_state(model), path)
     return model.eval()
 
 
 def _load_checkpoint(model: nn.Module, path: str) -> None:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise AutopruneError(f"--checkpoint {str(p)!r} does not exist")
-    try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise AutopruneError(f"cannot read --checkpoint {str(p)!r}: {exc}") from None
+    state = load_tensors(path, "--checkpoint")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         if state.get("history"):
-            raise AutopruneError(f"--checkpoint {str(p)!r} is an already pruned model; start from dense weights")
+            raise AutopruneError(f"--checkpoint {path!r} is an already pruned model; start from dense weights")
         state = state["state_dict"]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise AutopruneError(
-            f"--checkpoint {str(p)!r} does not fit the task's model: {str(exc).splitlines()[0]}"
-        ) from None
+    load_state(model, state, f"--checkpoint {path!r}")
 
 
 # ------------------------------------------------------------------ stages

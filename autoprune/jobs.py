@@ -12,23 +12,35 @@ from .errors import AutopruneError
 
 
 def preflight(task, policy: Policy, budget: Budget) -> None:
-    """Checks on an untrained model, before training or data-heavy work: the dependency
-    graph handles every layer, per-layer names exist, and the budget is reachable."""
+    """Checks on an untrained model, before training or data-heavy work: the model runs on
+    the task's input, the dependency graph handles every layer, per-layer names exist, and
+    the budget is reachable (it depends on the structure and ``max_ratio`` alone)."""
+    import torch
+
     from . import engine
     from .criteria import scored_modules
     from .graph import PrunableGraph
+    from .measure import measure
     from .policy import solve_channels
 
     model = task.model_factory().eval()
     example = task.example_input()
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, reported plainly
+        raise AutopruneError(
+            f"model {task.model_name!r} cannot run on the task's input of shape {tuple(example.shape)}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+    scores = engine.score(model, Policy(criterion="magnitude", structure=policy.structure), None, 0)
     if policy.structure != "channel":
         if policy.scope == "per_layer":
             engine._check_names(policy.ratios or {}, list(scored_modules(model)), "layer")
+        engine.solve_unstructured(model, task, policy, budget, scores, measure(model, task.input_shape, None, False))
         return
     graph = PrunableGraph(model, example)
     graph.dry_run()
-    # any scores do: reachability depends on the group sizes and max_ratio alone
-    scores = engine.score(model, Policy(criterion="magnitude"), None, 0)
     names, sizes, channel, costs = engine.channel_problem(model, example, policy, scores, graph)
     solve_channels(names, sizes, channel, policy, budget, costs.cost, (costs.total_flops, costs.total_params))
 
@@ -36,14 +48,16 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
 def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> dict[str, Any]:
     """``autoprune prune``: dense model -> engine -> DIR/summary.json, model.pt, policy.json."""
     from . import engine
-    from .prune import save_model
+    from .checkpoint import architecture_key, save_model
+    from .paths import check_output_dir
     from .report import comparison
     from .tasks import check_task_config, get_task
 
     check_task_config(cfg.task)
     engine.resolve_device(cfg.device)
-    if out.exists() and not out.is_dir():
-        raise AutopruneError(f"--out {str(out)!r} exists and is not a directory")
+    check_output_dir(out, "--out")
+    if not cfg.checkpoint:
+        check_output_dir(engine.cache_dir(cfg), "--cache-dir" if cfg.cache_dir else "the dense-model cache")
     task = get_task(cfg.task)
     preflight(task, policy, budget)
     t0 = time.perf_counter()
@@ -74,8 +88,9 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
         "wall_time_s": time.perf_counter() - t0,
     }
     out.mkdir(parents=True, exist_ok=True)
-    save_model(out / "model.pt", result.model, cfg.task, policy.structure, result.history,
-               policy.to_dict(), {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")})  # fmt: skip
+    save_model(out / "model.pt", result.model, cfg.task, policy.structure, result.history, policy.to_dict(),
+               {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
+               architecture_key(dense))  # fmt: skip
     policy.to_json(out / "policy.json")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
@@ -88,20 +103,32 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
 
 
 def evaluate_job(
-    model_path: str, task_override: TaskConfig | None, device: str | None, threads: int | None
+    model_path: str, task: TaskConfig | dict[str, Any] | None, device: str | None, threads: int | None
 ) -> dict[str, Any]:
-    """``autoprune evaluate``: reload a saved model, report accuracy and cost."""
+    """``autoprune evaluate``: reload a saved model, report accuracy and cost. ``task``: what
+    the user named of the task (see :func:`autoprune.checkpoint.load_model`)."""
     from . import engine
-    from .prune import load_model
+    from .checkpoint import load_model
 
-    model, task, blob = load_model(model_path, task_override)
-    model.to(engine.resolve_device(device))
-    cfg = MeasureConfig(**({"threads": threads} if threads else {}))
-    metrics = engine.measure_model(model, task, cfg, test=True)
-    metrics["task"] = task.name
-    metrics["model"] = task.model_name
-    metrics["structure"] = blob["structure"]
+    cfg = MeasureConfig(**({"threads": threads} if threads is not None else {}))
+    dev = engine.resolve_device(device)
+    model, task_, record = load_model(model_path, task)
+    model.to(dev)
+    metrics = engine.measure_model(model, task_, cfg, test=True)
+    metrics["task"] = task_.name
+    metrics["model"] = task_.model_name
+    metrics["structure"] = record.structure
     return metrics
+
+
+def export_job(model_path: str, task: dict[str, Any], fmt: str, out: str | None) -> Path:
+    """``autoprune export``: the output location is checked before the model is rebuilt."""
+    from .checkpoint import export_model, load_model
+    from .paths import check_output_file
+
+    target = check_output_file(out or Path(model_path).with_suffix("." + fmt), "--out")
+    model, built, _ = load_model(model_path, task)
+    return export_model(model, built.example_input(), target, fmt)
 
 
 def ui_job(tracking_uri: str | None, host: str, port: int) -> int:

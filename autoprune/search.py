@@ -26,7 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from .config import STRUCTURES, Budget, EngineConfig, MeasureConfig, Policy, SearchConfig, TaskConfig
+from .config import STRUCTURES, Budget, EngineConfig, Policy, SearchConfig
 from .errors import AutopruneError
 from .rayenv import quiet_environment
 from .registry import Registry
@@ -237,34 +237,79 @@ class Plan:
     local_gpus: int = 0
 
 
-def _saved_config(data: dict) -> SearchConfig:
-    eng = dict(data["engine"])
-    eng["task"] = TaskConfig(**eng["task"])
-    eng["measure"] = MeasureConfig(**{**eng["measure"], "batch_sizes": tuple(eng["measure"]["batch_sizes"])})
-    return SearchConfig(**{**data, "budget": Budget(**data["budget"]), "engine": EngineConfig(**eng)})
+RESUME_MAY_CHANGE = ("name", "storage", "resume", "out", "address", "progress", "engine.progress")
+
+
+def saved_config(name: str, storage: str) -> SearchConfig | None:
+    """The checked settings of the search ``<storage>/<name>``, or None if there is none."""
+    from .schema import from_dict
+
+    state = Path(storage).expanduser().resolve() / name / STATE_FILE
+    if not state.is_file():
+        return None
+    try:
+        data = json.loads(state.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AutopruneError(f"{str(state)!r} is not a readable search state ({exc}); it cannot be resumed") from None
+    try:
+        return from_dict(SearchConfig, data, f"saved search {str(state)!r}")
+    except AutopruneError as exc:
+        raise AutopruneError(
+            f"{str(state)!r} holds settings that are no longer valid ({exc}); it cannot be resumed"
+        ) from None
+
+
+def resume_conflicts(config: SearchConfig, saved: SearchConfig) -> list[str]:
+    """Settings of ``config`` that a resumed search could not honour: those set (not None)
+    and different from the saved ones. A config that sets nothing beyond the defaults (the
+    Python API's ``SearchConfig(name=..., resume=True)``) takes the saved settings."""
+    from .schema import flat_fields
+    from .tracking import resolve_tracking_uri
+
+    mine, theirs, default = flat_fields(config), flat_fields(saved), flat_fields(SearchConfig())
+    asked = [k for k in mine if k not in RESUME_MAY_CHANGE]
+    if all(mine[k][0] == default[k][0] for k in asked):
+        return []
+    out = []
+    for key in asked:
+        value, flag = mine[key]
+        if key == "tracking_uri" and value is not None:
+            value = resolve_tracking_uri(value)
+        if value is not None and value != theirs[key][0]:
+            out.append(f"{flag or key} {value!r} (saved: {theirs[key][0]!r})")
+    return out
 
 
 def prepare(config: SearchConfig) -> Plan:
     """Every check that needs no Ray, data or training: names, budget, resources on this
-    machine, the tracking store and the cluster address. A resumed search takes its saved
-    configuration (only ``out`` and ``address`` may change: Tune restores the rest, the
-    progress line included, from its own snapshot)."""
+    machine, the output locations, the tracking store and the cluster address. A resumed
+    search takes its saved configuration: only ``out``, ``address`` and the progress display
+    may change (Tune restores the rest from its own snapshot); other differences are refused."""
     from autoprune.search_spaces import get_space
 
     from . import engine, tracking
+    from .paths import check_output_dir
     from .tasks import check_task_config
 
+    if config.resume and not config.name:
+        raise AutopruneError("--resume needs --name: the name of the search to continue")
     name = config.name or datetime.now().strftime("search-%Y%m%d-%H%M%S")
+    check_output_dir(Path(config.storage), "--storage")
     path = Path(config.storage).expanduser().resolve() / name
     if config.resume:
-        state = path / STATE_FILE
-        if not state.is_file():
+        saved = saved_config(name, config.storage)
+        if saved is None:
             raise AutopruneError(
                 f"no search named {name!r} to resume under {str(path.parent)!r} ({STATE_FILE} missing)"
             )
-        saved = json.loads(state.read_text())["config"]
-        config = dataclasses.replace(_saved_config(saved), resume=True, out=config.out or saved["out"],
-                                     address=config.address)  # fmt: skip
+        conflicts = resume_conflicts(config, saved)
+        if conflicts:
+            raise AutopruneError(
+                f"--resume continues search {name!r} with its saved settings, but these differ: "
+                f"{'; '.join(conflicts)}. Leave them out, or start a new search under another --name"
+            )
+        config = dataclasses.replace(saved, resume=True, out=config.out or saved.out, address=config.address,
+                                     progress=config.progress)  # fmt: skip
     elif path.exists() and any(path.iterdir()):
         raise AutopruneError(
             f"a search named {name!r} already exists in {str(path.parent)!r}; pass --resume to continue it, "
@@ -289,6 +334,10 @@ def prepare(config: SearchConfig) -> Plan:
             f"--scheduler asha stops trials on one metric; searcher {config.searcher!r} optimises several: "
             "use --scheduler none"
         )
+    out = check_output_dir(Path(config.out).resolve() if config.out else path / "best", "--out")
+    if not config.engine.checkpoint:
+        check_output_dir(engine.cache_dir(config.engine),
+                         "--cache-dir" if config.engine.cache_dir else "the dense-model cache")  # fmt: skip
     tracking_uri = tracking.resolve_tracking_uri(config.tracking_uri)
     tracking.check_tracking_uri(tracking_uri)
     address = config.address or os.environ.get("RAY_ADDRESS") or None
@@ -299,11 +348,8 @@ def prepare(config: SearchConfig) -> Plan:
         local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local_gpus = _gpu_count()
         _check_fits(config, local_cpus, local_gpus, "this machine")
-    out = Path(config.out).expanduser().resolve() if config.out else path / "best"
-    if out.exists() and not out.is_dir():
-        raise AutopruneError(f"--out {str(out)!r} exists and is not a directory")
     trials = config.trials or DEFAULT_TRIALS
-    return Plan(config, name, path, tracking_uri, address, trials, scheduler, out,
+    return Plan(config, name, path, tracking_uri, address, trials, scheduler, out.resolve(),
                 (structure,) if structure else STRUCTURES, None, local_cpus, local_gpus)  # fmt: skip
 
 
@@ -509,6 +555,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     from autoprune.search_spaces import get_space
 
     from . import engine, tracking
+    from .checkpoint import cpu_state
     from .tasks import get_task
     from .tune_plugins import ProgressLine
 
@@ -522,7 +569,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     concurrency = _concurrency(plan)
     dense = engine.dense_model(task, config.engine, log=say)
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
-    setup = TrialSetup(task, {k: v.cpu() for k, v in dense.state_dict().items()},
+    setup = TrialSetup(task, cpu_state(dense),
                        {k: v for k, v in dense_metrics.items() if k != "test_acc"}, config.budget, config.epochs,
                        config.engine, config.cpus_per_trial, config.gpus_per_trial,
                        tracking.load_finals(str(plan.path / COMPLETED)) if config.resume else {})  # fmt: skip
@@ -538,75 +585,82 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
         config.resume,
     )
     mlflow = tracking.client(plan.tracking_uri)
-    tracking.log(mlflow, run_id, {f"dense_{k}": v for k, v in _short(dense_metrics).items()})
-    plan.path.mkdir(parents=True, exist_ok=True)
-    (plan.path / STATE_FILE).write_text(json.dumps(
-        {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
-        indent=2) + "\n")  # fmt: skip
-    restore = config.resume and tune.Tuner.can_restore(str(plan.path))
-    if config.resume:
-        from ray.tune import ExperimentAnalysis
-
-        known = {t.trial_id for t in ExperimentAnalysis(str(plan.path)).trials} if restore else set()
-        tracking.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
-
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, setup_ref=[setup_ref]),
-        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
-    )
-    spec = SEARCHERS.get(config.searcher)
-    say(f"search {plan.name!r}: {plan.trials} trials ({config.searcher} on space {config.space!r}, "
-        f"{config.epochs} epoch(s) each, {concurrency} at a time, scheduler {plan.scheduler}), "
-        f"budget {config.budget.kind} {config.budget.fraction:g}")  # fmt: skip
+    # From here on the search run is open: whatever ends the search also ends the run,
+    # KILLED on an interruption and FAILED on an error, never left RUNNING.
     try:
-        if restore:
-            tuner = tune.Tuner.restore(str(plan.path), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=False)  # fmt: skip
-        else:
-            space = partial(define_by_run, config.space, table, config.budget if spec.multi_objective else None)
-            ctx = SearcherContext(space, config, plan.trials, plan.grid)
-            scheduler = None
-            if plan.scheduler == "asha":
-                from ray.tune.schedulers import ASHAScheduler
+        tracking.log(mlflow, run_id, {f"dense_{k}": v for k, v in _short(dense_metrics).items()})
+        plan.path.mkdir(parents=True, exist_ok=True)
+        (plan.path / STATE_FILE).write_text(json.dumps(
+            {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
+            indent=2) + "\n")  # fmt: skip
+        restore = config.resume and tune.Tuner.can_restore(str(plan.path))
+        if config.resume:
+            from ray.tune import ExperimentAnalysis
 
-                scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.epochs, grace_period=1,
-                                          reduction_factor=2)  # fmt: skip
-            tuner = tune.Tuner(
-                trainable,
-                tune_config=tune.TuneConfig(
-                    search_alg=spec.make(ctx),
-                    scheduler=scheduler,
-                    metric=None if spec.multi_objective else "val_acc",
-                    mode=None if spec.multi_objective else "max",
-                    num_samples=plan.trials,
-                    max_concurrent_trials=concurrency,
-                    reuse_actors=True,
-                ),
-                run_config=tune.RunConfig(
-                    name=plan.name,
-                    storage_path=str(plan.path.parent),
-                    verbose=0,
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                    callbacks=[tracking.TrialLogger(plan.tracking_uri, experiment_id, run_id, str(plan.path / COMPLETED)),
-                               ProgressLine(plan.trials, config.progress)],
-                ),
-            )  # fmt: skip
-        tuner.fit()
-        tracking.close_writers()
-    except BaseException:
+            known = {t.trial_id for t in ExperimentAnalysis(str(plan.path)).trials} if restore else set()
+            tracking.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
+
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, setup_ref=[setup_ref]),
+            {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+        )
+        spec = SEARCHERS.get(config.searcher)
+        say(f"search {plan.name!r}: {plan.trials} trials ({config.searcher} on space {config.space!r}, "
+            f"{config.epochs} epoch(s) each, {concurrency} at a time, scheduler {plan.scheduler}), "
+            f"budget {config.budget.kind} {config.budget.fraction:g}")  # fmt: skip
+        try:
+            if restore:
+                tuner = tune.Tuner.restore(str(plan.path), trainable=trainable, resume_unfinished=True,
+                                           resume_errored=False)  # fmt: skip
+            else:
+                space = partial(define_by_run, config.space, table, config.budget if spec.multi_objective else None)
+                ctx = SearcherContext(space, config, plan.trials, plan.grid)
+                scheduler = None
+                if plan.scheduler == "asha":
+                    from ray.tune.schedulers import ASHAScheduler
+
+                    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.epochs, grace_period=1,
+                                              reduction_factor=2)  # fmt: skip
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(
+                        search_alg=spec.make(ctx),
+                        scheduler=scheduler,
+                        metric=None if spec.multi_objective else "val_acc",
+                        mode=None if spec.multi_objective else "max",
+                        num_samples=plan.trials,
+                        max_concurrent_trials=concurrency,
+                        reuse_actors=True,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=plan.name,
+                        storage_path=str(plan.path.parent),
+                        verbose=0,
+                        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                        callbacks=[tracking.TrialLogger(plan.tracking_uri, experiment_id, run_id, str(plan.path / COMPLETED)),
+                                   ProgressLine(plan.trials, config.progress)],
+                    ),
+                )  # fmt: skip
+            tuner.fit()
+            tracking.close_writers()
+        except BaseException:
+            print(f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
+                  f"--storage {plan.path.parent} --resume", file=sys.stderr)  # fmt: skip
+            raise
+
+        runs = tracking.trial_runs(plan.tracking_uri, experiment_id, run_id)
+        records = _records(plan.path, runs)
+        if owned:
+            ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
+        return finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0)
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             tracking.close_writers()  # what the trials reported before the interruption
-        mlflow.set_terminated(run_id, status="KILLED")
-        print(f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
-              f"--storage {plan.path.parent} --resume", file=sys.stderr)  # fmt: skip
+        with contextlib.suppress(Exception):
+            if mlflow.get_run(run_id).info.status == "RUNNING":
+                mlflow.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-
-    runs = tracking.trial_runs(plan.tracking_uri, experiment_id, run_id)
-    records = _records(plan.path, runs)
-    if owned:
-        ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
-    return finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0)
 
 
 def _short(metrics: dict[str, Any]) -> dict[str, float]:
@@ -617,7 +671,7 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
     """Pick the best trial, re-run it for ``final_epochs``, test it once, save it and log the
     search run's plots, summary and model."""
     from . import engine, tracking
-    from .prune import save_model
+    from .checkpoint import architecture_key, save_model
     from .report import comparison, trials_table
 
     config = plan.config
@@ -662,7 +716,7 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
         p = final.pruned
         model_path = plan.out / "model.pt"
         save_model(model_path, final.model, config.engine.task, policy.structure, final.history, policy.to_dict(),
-                   {k: p.get(k) for k in ("val_acc", "test_acc", "flops", "params")})  # fmt: skip
+                   {k: p.get(k) for k in ("val_acc", "test_acc", "flops", "params")}, architecture_key(dense))  # fmt: skip
         policy.to_json(plan.out / "policy.json")
         summary["best"] = {
             "trial_id": best["trial_id"], "policy": policy.to_dict(), "search_val_acc": best["metrics"]["val_acc"],

@@ -8,6 +8,7 @@ JSON plus a per-group ratio bar chart as artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -47,25 +48,67 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri
 
 
+STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql")
+
+
 def check_tracking_uri(uri: str) -> None:
-    """Fail fast on a store that cannot work: an MLflow server that does not answer, or an
-    SQLite file in a missing folder. (A down server otherwise costs minutes of retries.)"""
-    if uri.startswith(("http://", "https://")):
+    """Fail fast, before Ray starts, on a store that cannot work: an unknown scheme, an MLflow
+    server that does not answer (it otherwise costs minutes of retries), an SQLite file that
+    is not an MLflow store or lies where nothing can be written, a file store MLflow 3 refuses."""
+    from .paths import check_output_dir
+
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if scheme not in STORE_SCHEMES:
+        raise AutopruneError(
+            f"--tracking-uri {uri!r} is not a tracking store MLflow can open; use sqlite:///path/mlflow.db, "
+            "http(s)://host:port (an `mlflow server`) or a database URI (postgresql://, mysql://, mssql://)"
+        )
+    if scheme in ("http", "https"):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as reply:
                 if reply.status != 200:
                     raise OSError(f"HTTP {reply.status}")
-        except (OSError, urllib.error.URLError) as exc:
+        except (OSError, urllib.error.URLError, ValueError) as exc:
             raise AutopruneError(
                 f"--tracking-uri {uri!r} does not answer ({exc}); start `mlflow server` there, or leave the "
                 "flag out for the local SQLite store mlflow.db"
             ) from None
-    elif uri.startswith("sqlite:///"):
-        folder = Path(uri[len("sqlite:///") :]).parent
-        if not folder.is_dir():
-            raise AutopruneError(f"--tracking-uri {uri!r}: the folder {str(folder)!r} does not exist")
-    elif "://" not in uri and ":" not in uri:
-        raise AutopruneError(f"--tracking-uri {uri!r} is not a URI; use sqlite:///path/mlflow.db or http://host:port")
+    elif scheme == "sqlite":
+        path = Path(uri[len("sqlite:///") :])
+        if not path.parent.is_dir():
+            raise AutopruneError(f"--tracking-uri {uri!r}: the folder {str(path.parent)!r} does not exist")
+        if path.is_dir():
+            raise AutopruneError(f"--tracking-uri {uri!r} names a directory; give the database file, e.g. mlflow.db")
+        check_output_dir(path.parent, "--tracking-uri")
+        if path.is_file() and path.stat().st_size > 0:
+            _check_sqlite_store(path, uri)
+    elif scheme == "file":
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise AutopruneError(
+                f"--tracking-uri {uri!r} is an MLflow file store, which MLflow 3 refuses (maintenance mode); use "
+                "sqlite:///path/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true to use it anyway"
+            )
+        check_output_dir(urllib.request.url2pathname(uri[len("file://") :]), "--tracking-uri")
+
+
+def _check_sqlite_store(path: Path, uri: str) -> None:
+    """An existing SQLite file must be a database, and an MLflow store if it has tables
+    (opened read-only: nothing is written)."""
+    import sqlite3
+
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise AutopruneError(f"--tracking-uri {uri!r}: {str(path)!r} is not an SQLite database")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise AutopruneError(f"--tracking-uri {uri!r}: {str(path)!r} cannot be read as a database ({exc})") from None
+    if tables and "experiments" not in tables:
+        raise AutopruneError(
+            f"--tracking-uri {uri!r}: {str(path)!r} is an SQLite database but not an MLflow store (no experiments "
+            "table); give another file"
+        )
 
 
 def client(uri: str):

@@ -82,7 +82,7 @@ def test_unstructured_meets_effective_budget(cli, tmp_path):
 
 @pytest.mark.slow
 def test_export_pt2_and_onnx(cli, channel_run, tmp_path):
-    from autoprune.prune import load_model
+    from autoprune.checkpoint import load_model
 
     out, _ = channel_run
     model, task, _ = load_model(out / "model.pt")

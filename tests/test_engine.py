@@ -167,7 +167,7 @@ def test_diverging_finetune_is_reported(digits_task, digits_dense):
 
 
 def test_saved_model_replays_exactly(tmp_path, digits_task, digits_dense, digits_dense_metrics, engine_cfg):
-    from autoprune.prune import load_model, save_model
+    from autoprune.checkpoint import load_model, save_model
 
     policy = Policy(finetune=FinetuneConfig(epochs=1))
     result = engine.run(digits_task, digits_dense, policy, Budget("flops", 0.4), engine_cfg, digits_dense_metrics)
