@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import AutopruneError
-from .models import classifier_layer
+from .models import classifier_layer, first_tensor
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -80,7 +80,9 @@ class PrunableGraph:
         self.example_input = example_input
         self.dg = build_dependency_graph(model, example_input)
         names = {m: n for n, m in model.named_modules()}
-        self.groups: list[Group] = _groups_of(self.dg, model, names)
+        self.output_layer = names[classifier_layer(model, example_input)]
+        self.output_shape = output_shape(model, example_input)
+        self.groups: list[Group] = _groups_of(self.dg, names, model.get_submodule(self.output_layer))
         if not self.groups:
             raise AutopruneError("the model has no prunable channel group besides its classifier")
         self.by_name = {g.name: g for g in self.groups}
@@ -97,7 +99,17 @@ class PrunableGraph:
 
     def prune(self, plan: dict[str, np.ndarray]) -> None:
         """Physically remove the channels ``plan`` names (group name -> channel indices).
-        Operates on ``self.model``; the history is recorded in ``self.dg``."""
+        Operates on ``self.model``; the history is recorded in ``self.dg``. Then runs the
+        model once on the example input and fails if its output shape changed."""
+        self._remove(plan)
+        shape = output_shape(self.model, self.example_input)
+        if shape != self.output_shape:
+            pruned = [g for g in self.groups if plan.get(g.name) is not None and len(plan[g.name]) > 0]
+            at_output = [g for g in pruned if any((it.module, it.dim) == (self.output_layer, "out") for it in g.items)]
+            culprits = ", ".join(repr(g.name) for g in at_output or pruned)
+            raise self._shape_error(f"pruning group(s) {culprits}" if culprits else "pruning", shape)
+
+    def _remove(self, plan: dict[str, np.ndarray]) -> None:
         for group in self.groups:
             idxs = plan.get(group.name)
             if idxs is None or len(idxs) == 0:
@@ -112,23 +124,29 @@ class PrunableGraph:
     def dry_run(self) -> None:
         """Prune one channel of every group on a copy and run it: a layer the dependency
         graph mis-handles (a custom layer, a channel shuffle, channel slicing) fails here,
-        on an untrained model, instead of after training. Names the groups that break."""
+        on an untrained model, instead of after training, and so does a group whose pruning
+        changes the model's output shape. Names the groups that break."""
 
-        def breaks(groups: list[Group]) -> str | None:
+        def attempt(groups: list[Group]) -> tuple[tuple | None, str | None]:
+            """(output shape, None) with channel 0 of each of ``groups`` removed, or (None, error)."""
             trial = PrunableGraph(copy.deepcopy(self.model).eval(), self.example_input)
-            wanted = {g.name for g in groups}
-            trial.groups = [g for g in trial.groups if g.name in wanted]
+            trial.groups = groups
             try:
-                trial.prune({g.name: np.array([0]) for g in trial.groups})
-                with torch.no_grad():
-                    trial.model(self.example_input)
+                trial._remove({g.name: np.array([0]) for g in groups})
+                return output_shape(trial.model, self.example_input), None
             except Exception as exc:  # noqa: BLE001 - reported to the user below
-                return str(exc).splitlines()[0]
-            return None
+                return None, (str(exc).splitlines() or [type(exc).__name__])[0]
 
-        if breaks(self.groups) is None:
+        shape, error = attempt(self.groups)
+        if error is None and shape == self.output_shape:
             return
-        culprits = [(g.name, err) for g in self.groups if (err := breaks([g])) is not None]
+        results = [(g.name, *attempt([g])) for g in self.groups]
+        for name, one_shape, one_error in results:
+            if one_error is None and one_shape != self.output_shape:
+                raise self._shape_error(f"pruning group {name!r}", one_shape)
+        culprits = [(n, e) for n, _, e in results if e is not None]
+        if error is None and not culprits:
+            raise self._shape_error("pruning all groups together", shape)
         detail = "; ".join(f"{n}: {e}" for n, e in culprits[:3]) or "the groups together"
         raise AutopruneError(
             "channel pruning cannot handle this model: removing a channel of group(s) "
@@ -136,6 +154,13 @@ class PrunableGraph:
             "The dependency graph follows standard layers (conv incl. depthwise/grouped, linear, "
             "norms, residual adds, concatenations) but not custom layers with their own weights, "
             "channel shuffles or channel slicing; use --structure unstructured"
+        )
+
+    def _shape_error(self, what: str, shape: tuple | None) -> AutopruneError:
+        return AutopruneError(
+            f"{what} changes the model's output shape from {self.output_shape} to {shape}: channels that "
+            f"reach the model's output cannot be pruned (the output layer, whose channels are kept, was "
+            f"taken to be {self.output_layer!r}); use --structure unstructured"
         )
 
     def history(self) -> list:
@@ -162,10 +187,24 @@ class PrunableGraph:
                             p[sel] = 0.0
 
 
-def _groups_of(dg, model: nn.Module, names: dict) -> list[Group]:
-    """The prunable groups of a dependency graph (the classifier's output is never pruned)."""
+def output_shape(model: nn.Module, example_input: torch.Tensor) -> tuple | None:
+    """The shape of the model's output (its first tensor) on ``example_input``: one forward
+    pass without gradients in eval mode; the training flag is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = first_tensor(model(example_input))
+    finally:
+        model.train(was_training)
+    return None if out is None else tuple(out.shape)
+
+
+def _groups_of(dg, names: dict, output_layer: nn.Module) -> list[Group]:
+    """The prunable groups of a dependency graph: every group but those that would prune
+    ``output_layer``'s output channels (names: module -> qualified name)."""
     groups = []
-    for tp_group in dg.get_all_groups(ignored_layers=[classifier_layer(model)], root_module_types=PRUNABLE_TYPES):
+    for tp_group in dg.get_all_groups(ignored_layers=[output_layer], root_module_types=PRUNABLE_TYPES):
         root = tp_group[0].dep.target.module
         group = Group(name=names[root], size=len(tp_group[0].idxs))
         for item in tp_group:

@@ -7,6 +7,7 @@ zero-padding shortcut of option A has no weights for a dependency graph to follo
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 
 import torch
@@ -117,16 +118,60 @@ def torchvision_model(name: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
-def classifier_layer(model: nn.Module) -> nn.Module:
-    """The output layer (never channel-pruned): the last Linear, else the last Conv2d."""
-    last = None
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            last = m
-    if last is None:
-        for m in model.modules():
-            if isinstance(m, nn.Conv2d):
-                last = m
-    if last is None:
-        raise AutopruneError("the model has no Linear or Conv2d layer to treat as its classifier")
-    return last
+def classifier_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """The layer that produces the model's output (its output channels are never pruned).
+
+    Runs ``model`` once on ``example_input`` (in eval mode, with gradients) while hooks on
+    every conv and Linear layer record the autograd node of each output, then walks the
+    autograd graph breadth-first from the model's output towards its input: the first
+    recorded node met is the output layer, the one nearest the output. Registration order
+    does not matter, so a block registered after the real head (say a squeeze-and-excitation
+    block's Linear layers) is not mistaken for it. Of a tuple, list or dict output the first
+    tensor counts. When the graph names no layer (an output without autograd history), the
+    last registered Linear is taken, else the last conv.
+    """
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    if not layers:
+        raise AutopruneError(
+            f"the model ({type(model).__name__}) has no Linear or Conv layer to treat as its output layer"
+        )
+    producer: dict = {}  # autograd node -> the layer whose output it is
+
+    def record(module: nn.Module, _inputs, output) -> None:
+        if isinstance(output, torch.Tensor) and output.grad_fn is not None:
+            producer[output.grad_fn] = module
+
+    hooks = [m.register_forward_hook(record) for m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        x = example_input.detach().requires_grad_() if example_input.is_floating_point() else example_input
+        with torch.enable_grad():
+            out = first_tensor(model(x))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    start = getattr(out, "grad_fn", None)
+    queue, seen = deque([start] if start is not None else []), {start}
+    while queue:
+        node = queue.popleft()
+        if node in producer:
+            return producer[node]
+        for parent, _ in node.next_functions:
+            if parent is not None and parent not in seen:
+                seen.add(parent)
+                queue.append(parent)
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    return (linears or layers)[-1]
+
+
+def first_tensor(output) -> torch.Tensor | None:
+    """``output`` if it is a tensor, else the first tensor in a tuple, list or dict (depth first)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    for item in items:
+        if (found := first_tensor(item)) is not None:
+            return found
+    return None
