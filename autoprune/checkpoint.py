@@ -79,6 +79,7 @@ def load_tensors(path: str | Path, what: str) -> Any:
             ) from None
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", text, re.S)
         reason = " ".join((detail.group(1) if detail else text).split("Check the documentation")[0].split())
+        reason = reason.split(". ")[0].rstrip(".")  # torch's first sentence; never its advice
         raise AutopruneError(
             f"{what} {str(path)!r} is not a readable torch file ({type(exc).__name__}: {reason or 'no detail'})"
         ) from None
@@ -104,7 +105,10 @@ def load_state(model: nn.Module, state: Any, what: str) -> None:
     ]
     if problems:
         raise AutopruneError(f"{what} does not fit the model: " + "; ".join(problems))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:  # noqa: BLE001 - a module's own check of what it loads (versions, ...)
+        raise AutopruneError(f"{what} cannot be loaded into the model: {str(exc).splitlines()[0]}") from None
 
 
 def _few(items: list[str], n: int = 3) -> str:

@@ -25,9 +25,7 @@ def check_output_dir(path: str | Path, flag: str, target: Path | None = None) ->
         return p
     ancestor = _nearest_existing(p)
     if not ancestor.is_dir():
-        raise AutopruneError(
-            f"{flag} {str(target)!r} cannot be created: {str(ancestor)!r} is a file, not a directory"
-        )
+        raise AutopruneError(f"{flag} {str(target)!r} cannot be created: {str(ancestor)!r} is a file, not a directory")
     _probe(ancestor, target, flag)
     return p
 

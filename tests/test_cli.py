@@ -141,64 +141,8 @@ def test_criterion_options_reach_the_criterion(cli, tmp_path):
     assert json.loads((out / "policy.json").read_text())["criterion_options"] == {"p": 2}
 
 
-def _write(tmp_path, name, text):
-    p = tmp_path / name
-    p.write_text(text)
-    return str(p)
-
-
-BAD = [
-    (["--budget-flops", "1.5"], ["1.5", "(0, 1]"]),
-    (["--budget-flops", "0"], ["(0, 1]"]),
-    (["--budget-params", "-1"], ["-1", "(0, 1]"]),
-    (["--criterion", "psychic"], ["psychic", "magnitude", "random"]),
-    (["--task", "mnist"], ["mnist", "digits", "cifar10", "imagefolder"]),
-    (["--model", "vgg16"], ["vgg16", "digits_resnet"]),
-    (["--task", "imagefolder", "--model", "resnet18"], ["--data-dir"]),
-    (["--task", "imagefolder", "--model", "nonet", "--data-dir", "."], ["nonet", "resnet18"]),
-    (["--task", "cifar10", "--data-dir", "/no/such/dir"], ["/no/such/dir", "does not exist"]),
-    (["--budget-flops", "0.01"], ["unreachable", "smallest reachable"]),
-    (["--scope", "per_layer"], ["ratios"]),
-    (["--checkpoint", "/no/such.pt"], ["/no/such.pt"]),
-    (["--criterion", "fpgm", "--structure", "unstructured"], ["fpgm", "channel", "unstructured"]),
-    (["--criterion", "hutchinson", "--criterion-option", "probe=3"], ["probe", "probes", "temperature"]),
-    (["--criterion", "hutchinson", "--criterion-option", "probes=0"], ["probes", "> 0"]),
-    (["--criterion-option", "p"], ["KEY=VALUE"]),
-    (["--criterion-option", "p=3"], ["p must be 1", "2"]),
-    (["--method", "iterative", "--iterations", "0"], ["iterations", ">= 1"]),
-    (["--method", "lottery"], ["lottery", "gradual", "init", "iterative", "oneshot", "rewind"]),
-    (["--scoring-per-class", "0"], ["scoring_per_class", ">= 1"]),
-    (["--task", "nosuchpkg.mod:fn"], ["nosuchpkg.mod"]),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("args, words", BAD)
-def test_bad_input_exits_2_with_a_clear_message_before_training(cli, tmp_path, args, words):
-    cache = tmp_path / "cache"
-    proc = cli("prune", *args, "--out", str(tmp_path / "o"), env={"AUTOPRUNE_CACHE": str(cache)})
-    assert proc.returncode == 2, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("autoprune: error:") or "error:" in proc.stderr
-    for w in words:
-        assert w in proc.stderr
-    assert not cache.exists() or not any(cache.iterdir())  # nothing was trained
-    assert not (tmp_path / "o").exists()  # nothing was written
-
-
-def test_bad_policy_files(cli, tmp_path):
-    cache = tmp_path / "cache"
-    env = {"AUTOPRUNE_CACHE": str(cache)}
-    broken = _write(tmp_path, "broken.json", "{not json")
-    proc = cli("prune", "--policy", broken, env=env)
-    assert proc.returncode == 2 and "not valid JSON" in proc.stderr and broken in proc.stderr
-    groups = _write(tmp_path, "groups.json", json.dumps({"scope": "per_layer", "ratios": {"layers.9.conv1": 0.5}}))
-    proc = cli("prune", "--policy", groups, env=env)
-    assert proc.returncode == 2
-    assert "layers.9.conv1" in proc.stderr and "stem.0" in proc.stderr  # names what exists
-    keys = _write(tmp_path, "keys.json", json.dumps({"sparsity": 0.5}))
-    proc = cli("prune", "--policy", keys, env=env)
-    assert proc.returncode == 2 and "sparsity" in proc.stderr and "criterion" in proc.stderr
-    assert not cache.exists() or not any(cache.iterdir())
+# Bad input (flags, policy files, checkpoints, model files) is tested table-driven in
+# tests/test_bad_input.py.
 
 
 def test_unsupported_layer_is_reported_before_training(cli, tmp_path):
@@ -236,12 +180,3 @@ def test_unsupported_layer_is_reported_before_training(cli, tmp_path):
     assert "group(s) conv" in proc.stderr and "unstructured" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not cache.exists() or not any(cache.iterdir())
-
-
-def test_evaluate_rejects_a_file_that_is_not_a_pruned_model(cli, tmp_path):
-    p = tmp_path / "dense.pt"
-    torch.save({"w": torch.zeros(2)}, p)
-    proc = cli("evaluate", str(p))
-    assert proc.returncode == 2 and "not an autoprune pruned model" in proc.stderr
-    proc = cli("evaluate", str(tmp_path / "missing.pt"))
-    assert proc.returncode == 2 and "does not exist" in proc.stderr

@@ -136,13 +136,18 @@ def test_init_prunes_the_untrained_network_before_any_training_step(digits_task,
 
 
 def test_collapse_report_names_groups_at_their_floor(digits_task, digits_dense, digits_dense_metrics, engine_cfg):
+    # per_layer asks stem.0 for more than max_ratio allows, whatever the weights are (a global
+    # scope reaches the cap or not depending on the trained weights)
+    ratios = {g: 0.2 for g in ("layers.0.conv1", "layers.1.conv1", "layers.2.conv1", "layers.3.conv1",
+                               "layers.2.shortcut.0")} | {"stem.0": 0.99}  # fmt: skip
     result = engine.run(digits_task, digits_dense,
-                        Policy(criterion="magnitude", scope="global", max_ratio=0.5, finetune=FinetuneConfig(epochs=0)),
-                        Budget("flops", 0.3), engine_cfg, digits_dense_metrics)  # fmt: skip
+                        Policy(criterion="magnitude", scope="per_layer", ratios=ratios, max_ratio=0.5,
+                               finetune=FinetuneConfig(epochs=0)),
+                        Budget("flops", 0.6), engine_cfg, digits_dense_metrics)  # fmt: skip
     kept = result.collapse["kept_fraction"]
     assert set(kept) == set(result.ratios)
     floor = result.collapse["at_floor"]
-    assert floor, "a 0.3 budget with max_ratio 0.5 must push some groups to the cap"
+    assert "stem.0" in floor, "stem.0 asked for 0.99 with max_ratio 0.5 must be at the cap"
     model_groups = PrunableGraph(clone(digits_dense), digits_task.example_input()).groups
     sizes = {g.name: g.size for g in model_groups}
     for g, frac in kept.items():

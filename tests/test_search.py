@@ -197,6 +197,24 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, engine_cfg
     assert "fpgm" in record["error"] and record["run_id"] == failed[0].info.run_id
 
 
+def test_an_error_after_the_search_run_opens_ends_it_failed(tmp_path, engine_cfg, digits_dense, monkeypatch):
+    """Whatever ends a search ends its MLflow run: an error is FAILED, never left RUNNING."""
+    import autoprune
+    from autoprune.rayenv import quiet_environment
+
+    quiet_environment()  # token authentication, before Ray is imported
+    from ray import tune
+
+    def broken_fit(self):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tune.Tuner, "fit", broken_fit)
+    with pytest.raises(OSError, match="No space left"):
+        autoprune.search(_config(tmp_path, "broken", engine_cfg, trials=2))
+    [run] = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "broken")
+    assert run.data.tags["autoprune.role"] == "search" and run.info.status == "FAILED"
+
+
 class _Trial:
     """What the logger reads of a Ray Tune trial (the real one needs a running Tuner)."""
 
@@ -338,34 +356,15 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
         assert now.info.run_id == run.info.run_id and now.info.end_time == run.info.end_time
 
 
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--budget-flops", "1.5"], "--budget-flops must be in (0, 1]"),
-        (["--searcher", "annealing"], "unknown searcher 'annealing'; choose one of: tpe, nsga2, random, grid"),
-        (["--space", "nope"], "unknown search space 'nope'; choose one of: default, criteria, pai"),
-        (["--space", "no_such_module:fn"], "cannot import module 'no_such_module'"),
-        (["--task", "mnist"], "unknown task 'mnist'"),
-        (["--trials", "0"], "--trials must be an integer >= 1, got 0"),
-        (["--cpus-per-trial", "4096"], "--cpus-per-trial 4096 is more than this machine has"),
-        (["--gpus-per-trial", "1"], "--gpus-per-trial 1 is more than this machine has"),
-        (["--address", "127.0.0.1:1"], "no Ray cluster answers at --address '127.0.0.1:1'"),
-        (["--tracking-uri", "http://127.0.0.1:1"], "--tracking-uri 'http://127.0.0.1:1' does not answer"),
-        (["--searcher", "nsga2", "--scheduler", "asha"], "use --scheduler none"),
-        (["--searcher", "grid"], "needs a space with a grid"),
-        (["--name", "../up"], "--name '../up' must be"),
-        (["--name", "absent", "--resume"], "no search named 'absent' to resume"),
-    ],
-)
-def test_bad_input_fails_before_any_trial(cli, tmp_path, flags, message):
-    if "--gpus-per-trial" in flags:
-        import torch
+def test_more_gpus_than_the_machine_has_fails_before_any_trial(cli, tmp_path):
+    """(The rest of the search's bad input is in tests/test_bad_input.py.)"""
+    import torch
 
-        if torch.cuda.is_available():
-            pytest.skip("this machine has a GPU")
-    out = cli("search", "--storage", str(tmp_path / "results"), *flags, cwd=tmp_path, timeout=60)
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = cli("search", "--storage", str(tmp_path / "results"), "--gpus-per-trial", "1", cwd=tmp_path, timeout=60)
     assert out.returncode == 2, out.stdout + out.stderr
-    assert message in out.stderr and "Traceback" not in out.stderr
+    assert "--gpus-per-trial 1 is more than this machine has" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
 
 

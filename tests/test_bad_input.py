@@ -1,0 +1,366 @@
+"""Bad and hostile input, as a new user (or an attacker) types it: every row exits 2 with one
+line on stderr naming the bad value, no traceback, and nothing written: no output folder,
+no cache entry, no MLflow run left RUNNING, no marker file from code a file tried to run.
+
+Each row is ``(id, argv, words, setup)``: ``{d}`` in argv is the row's own folder, where
+``setup(d, model)`` first writes what the row needs (``model`` is a good pruned model file);
+``words`` must all appear in the one stderr line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+MARKER = "PWNED"  # what a hostile file tries to create in the row's folder
+
+
+# ------------------------------------------------------------------ setups: files the rows need
+
+
+def _json(name: str, data) -> callable:
+    def setup(d: Path, model: Path) -> None:
+        (d / name).write_text(data if isinstance(data, str) else json.dumps(data))
+
+    return setup
+
+
+def _file(name: str, content: bytes = b"") -> callable:
+    def setup(d: Path, model: Path) -> None:
+        (d / name).write_bytes(content)
+
+    return setup
+
+
+def _code_pickle(d: Path, model: Path) -> None:
+    class Payload:  # unpickling it would create the marker
+        def __reduce__(self):
+            return (open, (str(d / MARKER), "w"))
+
+    torch.save({"w": Payload()}, d / "code.pt")
+
+
+def _other_arch(d: Path, model: Path) -> None:
+    from autoprune.models import resnet20
+
+    torch.save(resnet20().state_dict(), d / "r20.pt")
+
+
+def _edited_model(field: str, value) -> callable:
+    """A copy of the good model whose record says ``field`` = ``value`` (``task.name``...)."""
+
+    def setup(d: Path, model: Path) -> None:
+        blob = torch.load(model, weights_only=True)
+        section, _, key = field.partition(".")
+        if key:
+            blob[section][key] = value
+        else:
+            blob[section] = value
+        torch.save(blob, d / "m.pt")
+
+    return setup
+
+
+def _evil_module(d: Path) -> None:
+    """A module that creates the marker when imported."""
+    (d / "evilmod.py").write_text(f"open({str(d / MARKER)!r}, 'w').close()\ndef build():\n    pass\n")
+
+
+def _user_task_model(d: Path, model: Path) -> None:
+    _evil_module(d)
+    _edited_model("task.name", "evilmod:build")(d, model)
+
+
+def _cifar_files(d: Path, hostile: str | None) -> Path:
+    """A CIFAR-10 python-format folder; ``hostile`` names the file that carries a payload."""
+    root = d / "cifar" / "cifar-10-batches-py"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(d / MARKER), "w"))
+
+    def batch(n: int) -> dict:
+        return {b"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), b"labels": [i % 10 for i in range(n)]}
+
+    files = {f"data_batch_{i}": batch(20) for i in range(1, 6)}
+    files["test_batch"] = batch(20)
+    files["batches.meta"] = {"label_names": [f"c{i}" for i in range(10)]}
+    for name, content in files.items():
+        if name == hostile:
+            content = {**content, "x": Payload()} if isinstance(content, dict) else content
+        with open(root / name, "wb") as f:
+            pickle.dump(content, f)
+    return d / "cifar"
+
+
+def _hostile_cifar(name: str) -> callable:
+    def setup(d: Path, model: Path) -> None:
+        _cifar_files(d, name)
+
+    return setup
+
+
+def _cifar_model(d: Path, model: Path) -> None:
+    """A model whose record points at a hostile CIFAR folder: loading it must not read it."""
+    _edited_model("task", {"name": "cifar10", "model": None, "data_dir": str(_cifar_files(d, "batches.meta")),
+                           "image_size": None, "batch_size": 64})(d, model)  # fmt: skip
+
+
+def _image_folder(classes: int) -> callable:
+    def setup(d: Path, model: Path) -> None:
+        from PIL import Image
+
+        for c in range(classes):
+            (d / "img" / f"class_{c}").mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (16, 16), (40 * c, 10 * i, 0)).save(d / "img" / f"class_{c}" / f"{i}.png")
+
+    return setup
+
+
+def _garbage_sqlite(d: Path, model: Path) -> None:
+    (d / "g.db").write_bytes(np.random.default_rng(0).bytes(4096))
+
+
+def _other_sqlite(d: Path, model: Path) -> None:
+    with sqlite3.connect(d / "o.db") as db:
+        db.execute("CREATE TABLE notes (x TEXT)")
+
+
+def _saved_search(d: Path, model: Path) -> None:
+    """The state an interrupted search leaves behind (as autoprune.search writes it)."""
+    from autoprune.config import SearchConfig
+
+    saved = dataclasses.asdict(SearchConfig(name="old", trials=2))
+    saved.update(out=str(d / "res" / "old" / "best"), scheduler="asha", concurrency=1,
+                 tracking_uri=f"sqlite:///{d / 'mlflow.db'}", storage=str(d / "res"))  # fmt: skip
+    (d / "res" / "old").mkdir(parents=True)
+    (d / "res" / "old" / "autoprune-search.json").write_text(json.dumps({"config": saved}))
+
+
+# ------------------------------------------------------------------ the table
+
+PRUNE = ["prune", "--out", "{d}/o"]
+SEARCH = ["search", "--storage", "{d}/res"]
+
+ROWS = [
+    # budgets
+    ("budget-above-1", [*PRUNE, "--budget-flops", "1.5"], ["1.5", "(0, 1]"], None),
+    ("budget-0", [*PRUNE, "--budget-flops", "0"], ["--budget-flops", "(0, 1]"], None),
+    ("budget-negative", [*PRUNE, "--budget-params", "-1"], ["-1", "(0, 1]"], None),
+    ("budget-not-a-number", [*PRUNE, "--budget-flops", "half"], ["--budget-flops", "'half'"], None),
+    ("budget-unreachable-channel", [*PRUNE, "--budget-flops", "0.01"], ["unreachable", "smallest reachable"], None),
+    ("budget-unreachable-masks", [*PRUNE, "--structure", "unstructured", "--budget-flops", "0.05"],
+     ["unreachable", "unstructured"], None),
+    # names
+    ("criterion", [*PRUNE, "--criterion", "psychic"], ["psychic", "magnitude", "random"], None),
+    ("task", [*PRUNE, "--task", "mnist"], ["mnist", "digits", "cifar10", "imagefolder"], None),
+    ("model", [*PRUNE, "--model", "vgg16"], ["vgg16", "digits_resnet"], None),
+    ("method", [*PRUNE, "--method", "lottery"], ["lottery", "gradual", "init", "iterative", "oneshot"], None),
+    ("structure-choice", [*PRUNE, "--structure", "blocks"], ["--structure", "'blocks'", "channel"], None),
+    ("criterion-structure", [*PRUNE, "--criterion", "fpgm", "--structure", "unstructured"],
+     ["fpgm", "channel", "unstructured"], None),
+    ("user-task-missing", [*PRUNE, "--task", "nosuchpkg.mod:fn"], ["nosuchpkg.mod"], None),
+    ("imagefolder-model", [*PRUNE, "--task", "imagefolder", "--model", "nonet", "--data-dir", "{d}"],
+     ["nonet", "resnet18"], None),
+    # criterion options and policy fields
+    ("option-unknown", [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "probe=3"],
+     ["probe", "probes", "temperature"], None),
+    ("option-range", [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "probes=0"], ["probes", "> 0"], None),
+    ("option-form", [*PRUNE, "--criterion-option", "p"], ["KEY=VALUE"], None),
+    ("option-value", [*PRUNE, "--criterion-option", "p=3"], ["p must be 1", "2"], None),
+    ("iterations", [*PRUNE, "--method", "iterative", "--iterations", "0"], ["--iterations", ">= 1", "0"], None),
+    ("per-layer-without-ratios", [*PRUNE, "--scope", "per_layer"], ["ratios"], None),
+    ("max-ratio", [*PRUNE, "--max-ratio", "1.5"], ["--max-ratio", "(0, 1]", "1.5"], None),
+    ("lr", [*PRUNE, "--lr", "0"], ["--lr", "> 0", "0"], None),
+    ("finetune-epochs", [*PRUNE, "--finetune-epochs", "-1"], ["--finetune-epochs", ">= 0", "-1"], None),
+    ("policy-bool-as-text", [*PRUNE, "--policy", "{d}/p.json"], ["bn_warmup", "'yes'", "true or false"],
+     _json("p.json", {"bn_warmup": "yes"})),
+    ("policy-bool-as-false-text", [*PRUNE, "--policy", "{d}/p.json"], ["bn_warmup", "'false'"],
+     _json("p.json", {"bn_warmup": "false"})),
+    ("policy-ratio-type", [*PRUNE, "--policy", "{d}/p.json"], ["ratios", "'half'"],
+     _json("p.json", {"scope": "per_layer", "ratios": {"layers.0.conv1": "half"}})),
+    ("policy-not-json", [*PRUNE, "--policy", "{d}/p.json"], ["not valid JSON", "p.json"], _json("p.json", "{no")),
+    ("policy-unknown-key", [*PRUNE, "--policy", "{d}/p.json"], ["sparsity", "criterion"],
+     _json("p.json", {"sparsity": 0.5})),
+    ("policy-unknown-group", [*PRUNE, "--policy", "{d}/p.json"], ["layers.9.conv1", "stem.0"],
+     _json("p.json", {"scope": "per_layer", "ratios": {"layers.9.conv1": 0.5}})),
+    # numbers
+    ("batch-size", [*PRUNE, "--batch-size", "0"], ["--batch-size", ">= 1", "0"], None),
+    ("threads", [*PRUNE, "--threads", "0"], ["--threads", ">= 1", "0"], None),
+    ("image-size-negative", [*PRUNE, "--image-size", "-4"], ["--image-size", "-4"], None),
+    ("image-size-0", [*PRUNE, "--image-size", "0"], ["--image-size", "0"], None),
+    ("train-epochs", [*PRUNE, "--train-epochs", "-5"], ["--train-epochs", ">= 0", "-5"], None),
+    ("scoring-per-class", [*PRUNE, "--scoring-per-class", "0"], ["--scoring-per-class", ">= 1"], None),
+    ("seed", [*PRUNE, "--seed", "-1"], ["--seed", ">= 0"], None),
+    # data
+    ("data-dir-missing", [*PRUNE, "--task", "imagefolder", "--model", "resnet18"], ["--data-dir"], None),
+    ("data-dir-absent", [*PRUNE, "--task", "cifar10", "--data-dir", "/no/such/dir"],
+     ["/no/such/dir", "does not exist"], None),
+    ("one-class-folder", [*PRUNE, "--task", "imagefolder", "--data-dir", "{d}/img", "--image-size", "16"],
+     ["class"], _image_folder(1)),
+    ("cifar-meta-runs-code", [*PRUNE, "--task", "cifar10", "--data-dir", "{d}/cifar"], ["batches.meta", "open"],
+     _hostile_cifar("batches.meta")),
+    ("cifar-batch-runs-code", [*PRUNE, "--task", "cifar10", "--data-dir", "{d}/cifar"], ["data_batch_1", "open"],
+     _hostile_cifar("data_batch_1")),
+    # checkpoints
+    ("checkpoint-absent", [*PRUNE, "--checkpoint", "/no/such.pt"], ["/no/such.pt", "does not exist"], None),
+    ("checkpoint-directory", [*PRUNE, "--checkpoint", "{d}"], ["--checkpoint", "is a directory"], None),
+    ("checkpoint-empty", [*PRUNE, "--checkpoint", "{d}/e.pt"], ["e.pt", "empty"], _file("e.pt")),
+    ("checkpoint-garbage", [*PRUNE, "--checkpoint", "{d}/g.pt"], ["g.pt", "not a readable torch file"],
+     _file("g.pt", b"not a torch file at all")),
+    ("checkpoint-runs-code", [*PRUNE, "--checkpoint", "{d}/code.pt"], ["code.pt", "asks to load", "open"],
+     _code_pickle),
+    ("checkpoint-other-model", [*PRUNE, "--checkpoint", "{d}/r20.pt"], ["missing", "unexpected", "shape"],
+     _other_arch),
+    # output locations
+    ("out-unwritable", ["prune", "--out", "/proc/nonexist/out"], ["/proc/nonexist/out", "not writable"], None),
+    ("out-is-a-file", ["prune", "--out", "{d}/f"], ["{d}/f", "not a directory"], _file("f", b"x")),
+    ("cache-dir-is-a-file", [*PRUNE, "--cache-dir", "{d}/f"], ["--cache-dir", "not a directory"], _file("f", b"x")),
+    # saved models
+    ("model-absent", ["evaluate", "{d}/none.pt"], ["none.pt", "does not exist"], None),
+    ("model-not-pruned", ["evaluate", "{d}/w.pt"], ["not an autoprune pruned model"],
+     lambda d, m: torch.save({"w": torch.zeros(2)}, d / "w.pt")),
+    ("model-runs-code", ["evaluate", "{d}/code.pt"], ["asks to load"], _code_pickle),
+    ("model-names-user-task", ["evaluate", "{d}/m.pt"], ["evilmod:build", "--task", "never"], _user_task_model),
+    ("model-names-cifar-dir", ["evaluate", "{d}/m.pt"], ["cifar10", "--data-dir", "never"], _cifar_model),
+    ("model-bad-record", ["evaluate", "{d}/m.pt"], ["bad record", "bn_warmup", "'yes'"],
+     _edited_model("policy.bn_warmup", "yes")),
+    ("model-bad-history", ["evaluate", "{d}/m.pt"], ["bad record", "history"], _edited_model("history", "rm -rf")),
+    ("model-other-architecture", ["evaluate", "{d}/m.pt", "--task", "imagefolder", "--data-dir", "{d}/img",
+                                  "--model", "resnet18", "--image-size", "16"],
+     ["pruned from model", "digits", "resnet18"], lambda d, m: (shutil.copy(m, d / "m.pt"), _image_folder(3)(d, m))),
+    ("evaluate-threads", ["evaluate", "{d}/m.pt", "--threads", "-1"], ["--threads", "-1"],
+     lambda d, m: shutil.copy(m, d / "m.pt")),
+    ("export-onto-directory", ["export", "{d}/m.pt", "--out", "{d}"], ["--out", "is a directory"],
+     lambda d, m: shutil.copy(m, d / "m.pt")),
+    ("export-under-a-file", ["export", "{d}/m.pt", "--out", "{d}/m.pt/x.pt2"], ["is a file"],
+     lambda d, m: shutil.copy(m, d / "m.pt")),
+    ("export-unwritable", ["export", "{d}/m.pt", "--out", "/proc/nonexist/x.pt2"], ["not writable"],
+     lambda d, m: shutil.copy(m, d / "m.pt")),
+    # search
+    ("search-budget", [*SEARCH, "--budget-flops", "1.5"], ["--budget-flops", "(0, 1]"], None),
+    ("search-searcher", [*SEARCH, "--searcher", "annealing"], ["'annealing'", "tpe, nsga2, random, grid"], None),
+    ("search-space", [*SEARCH, "--space", "nope"], ["'nope'", "default, criteria, pai"], None),
+    ("search-space-module", [*SEARCH, "--space", "no_such_module:fn"], ["cannot import module 'no_such_module'"],
+     None),
+    ("search-trials", [*SEARCH, "--trials", "0"], ["--trials", ">= 1", "0"], None),
+    ("search-cpus", [*SEARCH, "--cpus-per-trial", "4096"], ["--cpus-per-trial 4096 is more than this machine"],
+     None),
+    ("search-address", [*SEARCH, "--address", "127.0.0.1:1"], ["no Ray cluster answers at --address"], None),
+    ("search-nsga2-asha", [*SEARCH, "--searcher", "nsga2", "--scheduler", "asha"], ["use --scheduler none"], None),
+    ("search-grid-space", [*SEARCH, "--searcher", "grid"], ["needs a space with a grid"], None),
+    ("search-name", [*SEARCH, "--name", "../up"], ["--name", "'../up'"], None),
+    ("search-resume-absent", [*SEARCH, "--name", "absent", "--resume"], ["no search named 'absent'"], None),
+    ("search-resume-unnamed", [*SEARCH, "--resume"], ["--resume needs --name"], None),
+    ("search-resume-changed", [*SEARCH, "--name", "old", "--resume", "--budget-flops", "0.3", "--trials", "3"],
+     ["0.3 (saved: 0.5)", "--trials 3 (saved: 2)"], _saved_search),
+    ("search-storage-is-a-file", ["search", "--storage", "{d}/f", "--trials", "2"], ["--storage", "not a directory"],
+     _file("f", b"x")),
+    ("search-out-unwritable", [*SEARCH, "--out", "/proc/nonexist/best"], ["--out", "not writable"], None),
+    ("tracking-scheme", [*SEARCH, "--tracking-uri", "bogus://x/y"], ["'bogus://x/y'", "sqlite:///"], None),
+    ("tracking-file-store", [*SEARCH, "--tracking-uri", "file:///proc/nonexist/mlruns"], ["file store"], None),
+    ("tracking-down-server", [*SEARCH, "--tracking-uri", "http://127.0.0.1:1"], ["does not answer"], None),
+    ("tracking-garbage-sqlite", [*SEARCH, "--tracking-uri", "sqlite:///{d}/g.db"], ["not an SQLite database"],
+     _garbage_sqlite),
+    ("tracking-foreign-sqlite", [*SEARCH, "--tracking-uri", "sqlite:///{d}/o.db"], ["not an MLflow store"],
+     _other_sqlite),
+    ("ui-garbage-sqlite", ["ui", "--tracking-uri", "sqlite:///{d}/g.db"], ["not an SQLite database"],
+     _garbage_sqlite),
+    ("ui-scheme", ["ui", "--tracking-uri", "bogus://x"], ["'bogus://x'"], None),
+    ("ui-port", ["ui", "--port", "70000", "--tracking-uri", "sqlite:///{d}/mlflow.db"], ["--port", "70000"],
+     lambda d, m: _empty_store(d)),
+]  # fmt: skip
+
+
+def _empty_store(d: Path) -> None:
+    with sqlite3.connect(d / "mlflow.db") as db:
+        db.execute("CREATE TABLE experiments (x TEXT)")
+
+
+@pytest.fixture(scope="module")
+def good_model(tmp_path_factory, digits_task, digits_dense, digits_dense_metrics, engine_cfg) -> Path:
+    """A real pruned model file, as `autoprune prune` writes it."""
+    from autoprune import engine
+    from autoprune.checkpoint import architecture_key, save_model
+    from autoprune.config import Budget, FinetuneConfig, Policy
+
+    policy = Policy(finetune=FinetuneConfig(epochs=0))
+    result = engine.run(digits_task, digits_dense, policy, Budget(), engine_cfg, digits_dense_metrics)
+    path = tmp_path_factory.mktemp("good") / "model.pt"
+    save_model(path, result.model, engine_cfg.task, "channel", result.history, policy.to_dict(), {},
+               architecture_key(digits_dense))  # fmt: skip
+    return path
+
+
+def _snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def _running_runs(db: Path) -> int:
+    if not db.is_file() or db.stat().st_size == 0:
+        return 0
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return (
+            conn.execute("SELECT COUNT(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0] if "runs" in tables else 0
+        )
+
+
+def _run(row: tuple, root: Path, model: Path, cli) -> dict:
+    """Set the row up in its own folder, run it, and note what changed."""
+    name, argv, _, setup = row
+    d = root / name / "d"
+    home, cache = root / name / "home", root / name / "cache"
+    for folder in (d, home, cache):
+        folder.mkdir(parents=True)
+    if setup is not None:
+        setup(d, model)
+    before = _snapshot(root / name)
+    env = {"AUTOPRUNE_CACHE": str(cache), "HOME": str(home),
+           "PYTHONPATH": f"{d}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    proc = cli(*[a.replace("{d}", str(d)) for a in argv], cwd=d, env=env, timeout=180)
+    return {"proc": proc, "d": d, "written": _snapshot(root / name) - before, "running": _running_runs(d / "mlflow.db")}
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory, good_model, cli) -> dict[str, dict]:
+    """Every row, run as a real subprocess; as many at once as this machine has cores (each
+    is mostly Python and torch starting up)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("bad")
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        futures = {row[0]: pool.submit(_run, row, root, good_model, cli) for row in ROWS}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def test_the_table_is_large_enough():
+    assert len(ROWS) >= 40 and len({r[0] for r in ROWS}) == len(ROWS)
+
+
+@pytest.mark.parametrize("name, words", [(r[0], r[2]) for r in ROWS], ids=[r[0] for r in ROWS])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(outcomes, name, words):
+    got = outcomes[name]
+    proc, d = got["proc"], got["d"]
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("autoprune: error: ") and "Traceback" not in proc.stderr
+    assert "weights_only=False" not in proc.stderr  # torch's advice is never passed on
+    for word in words:
+        assert word.replace("{d}", str(d)) in lines[0], lines[0]
+    assert not (d / MARKER).exists(), "a file ran code"
+    assert not got["written"], f"written: {sorted(got['written'])}"
+    assert got["running"] == 0
