@@ -235,6 +235,15 @@ def task_for_model(record: TaskConfig, given: dict[str, Any], path: str | Path) 
     return merged
 
 
+def reload_flags(task: TaskConfig) -> str:
+    """The flags a model saved from ``task`` needs when it is loaded again (see
+    :func:`task_for_model`): ``--task`` for a user task, ``--data-dir`` for a data task."""
+    flags = f" --task {task.name}" if ":" in task.name else ""
+    if task.name in DATA_TASKS or (":" in task.name and task.data_dir):
+        flags += f" --data-dir {task.data_dir}"
+    return flags
+
+
 def load_model(path: str | Path, task: TaskConfig | dict[str, Any] | None = None):
     """Rebuild a saved pruned model: (model, task, record). ``task`` is what the user names:
     a whole :class:`TaskConfig`, or only some of its fields (a dict; the CLI's flags)."""

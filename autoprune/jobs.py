@@ -48,7 +48,7 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
 def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> dict[str, Any]:
     """``autoprune prune``: dense model -> engine -> DIR/summary.json, model.pt, policy.json."""
     from . import engine
-    from .checkpoint import architecture_key, save_model
+    from .checkpoint import architecture_key, reload_flags, save_model
     from .paths import check_output_dir
     from .report import comparison
     from .tasks import check_task_config, get_task
@@ -99,6 +99,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
         print(f"\nlayer collapse: {len(result.collapse['empty'])} emptied, {len(result.collapse['at_floor'])} "
               "pruned to their floor (see collapse in summary.json)")  # fmt: skip
     print(f"\nwrote {out / 'model.pt'}, {out / 'policy.json'}, {out / 'summary.json'}")
+    print(f"reload it with: autoprune evaluate {out / 'model.pt'}{reload_flags(cfg.task)}")
     return summary
 
 

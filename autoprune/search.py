@@ -671,7 +671,7 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
     """Pick the best trial, re-run it for ``final_epochs``, test it once, save it and log the
     search run's plots, summary and model."""
     from . import engine, tracking
-    from .checkpoint import architecture_key, save_model
+    from .checkpoint import architecture_key, reload_flags, save_model
     from .report import comparison, trials_table
 
     config = plan.config
@@ -746,7 +746,7 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
                              f"see {plan.out / 'summary.json'}")  # fmt: skip
     say(f"\ndense against the best policy, re-run for {config.final_epochs} epoch(s):")
     say(comparison(dense_metrics, final.pruned))
-    say(f"\nbest model: {model_path}  (autoprune evaluate {model_path})")
+    say(f"\nbest model: {model_path}  (autoprune evaluate {model_path}{reload_flags(config.engine.task)})")
     say(f"summary:    {plan.out / 'summary.json'}")
     say(f"browse the trials: autoprune ui{_ui_flag(plan.tracking_uri)}")
     return SearchResult(plan.name, summary, records, front, model_path, plan.out, experiment_id, run_id,

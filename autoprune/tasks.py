@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
+import pickle
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +114,8 @@ def get_task(config: TaskConfig) -> Task:
 
 
 def check_task_config(config: TaskConfig) -> None:
-    """Cheap checks of names and paths, before any data is read or model trained."""
+    """Cheap checks of names and paths, before any data is read or model trained (values
+    and ranges are the schema's: TaskConfig checks them when it is built)."""
     if ":" in config.name:
         return
     TASKS.get(config.name)
@@ -198,48 +202,172 @@ def digits_task(config: TaskConfig) -> Task:
 # ---------------------------------------------------------------- cifar10 (local files)
 
 
-def _cifar10_class() -> type:
-    from torchvision.datasets import CIFAR10
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_FILES = (*CIFAR_TRAIN_FILES, "test_batch", "batches.meta")
+CIFAR_PIXELS = 3 * 32 * 32
 
-    class LocalCIFAR10(CIFAR10):
-        """torchvision's CIFAR-10 reader that never downloads and accepts any local copy in
-        the python format (the checksums of the official archive are not required)."""
 
-        def _check_integrity(self) -> bool:
-            folder = os.path.join(self.root, self.base_folder)
-            names = [n for n, _ in self.train_list + self.test_list] + [self.meta["filename"]]
-            return all(os.path.isfile(os.path.join(folder, n)) for n in names)
+def _cifar_globals() -> dict[tuple[str, str], object]:
+    """The only globals a CIFAR python-format batch may name: numpy's array and dtype
+    reconstruction, under numpy 1.x and 2.x module names (``_frombuffer``: protocol 5 pickles;
+    ``_codecs.encode``: bytes in protocol 0-2 pickles written by Python 3)."""
+    import codecs
 
-        def _load_meta(self) -> None:
-            import pickle
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray, numeric
+    table: dict[tuple[str, str], object] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for package in ("numpy.core", "numpy._core"):
+        table[(f"{package}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{package}.multiarray", "scalar")] = multiarray.scalar
+        table[(f"{package}.numeric", "_frombuffer")] = numeric._frombuffer
+    table[("_codecs", "encode")] = codecs.encode
+    return table
 
-            path = os.path.join(self.root, self.base_folder, self.meta["filename"])
-            with open(path, "rb") as f:  # the dataset's own format (python pickles)
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
-    return LocalCIFAR10
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data (dicts, lists, strings, numbers) and numpy arrays, nothing else."""
+
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="latin1")  # the official batches are Python 2 pickles
+        self.path = path
+        self.allowed = _cifar_globals()
+
+    def find_class(self, module: str, name: str) -> object:
+        found = self.allowed.get((module, name))
+        if found is None:
+            raise AutopruneError(
+                f"--data-dir file {str(self.path)!r} is not a plain CIFAR-10 batch: it asks to load "
+                f"{f'{module}.{name}'!r}, which autoprune never unpickles"
+            )
+        return found
+
+
+def _read_cifar_file(path: Path) -> dict:
+    """One batch file as a dict with str keys, read by the restricted unpickler."""
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(f, path).load()
+    except AutopruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - anything a malformed pickle raises
+        raise AutopruneError(
+            f"--data-dir file {str(path)!r} cannot be read as a CIFAR-10 python-format batch "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(entry, dict):
+        raise AutopruneError(
+            f"--data-dir file {str(path)!r} is not a CIFAR-10 batch: it holds a {type(entry).__name__}, not a dict"
+        )
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def _cifar_labels(path: Path, labels: object, n: int) -> list[int]:
+    where = f"--data-dir file {str(path)!r} is not a CIFAR-10 batch"
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and np.issubdtype(labels.dtype, np.integer):
+        labels = labels.tolist()
+    if not isinstance(labels, (list, tuple)) or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in labels
+    ):
+        raise AutopruneError(f"{where}: 'labels' must be a list of integers 0..9, got {type(labels).__name__}")
+    if len(labels) != n:
+        raise AutopruneError(f"{where}: {len(labels)} labels for {n} images")
+    bad = [int(v) for v in labels if not 0 <= v <= 9]
+    if bad:
+        raise AutopruneError(f"{where}: labels must lie in 0..9, found {bad[0]}")
+    return [int(v) for v in labels]
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(images as N x 32 x 32 x 3 uint8, labels) of one data or test batch, validated."""
+    entry = _read_cifar_file(path)
+    where = f"--data-dir file {str(path)!r} is not a CIFAR-10 batch"
+    missing = [k for k in ("data", "labels") if k not in entry]
+    if missing:
+        raise AutopruneError(f"{where}: it has no {' or '.join(repr(k) for k in missing)} entry")
+    data = entry["data"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim < 1:
+        got = f"{data.dtype} array" if isinstance(data, np.ndarray) else type(data).__name__
+        raise AutopruneError(f"{where}: 'data' must be a uint8 array of N x {CIFAR_PIXELS} pixels, got {got}")
+    n = data.shape[0]
+    if data.size != n * CIFAR_PIXELS:
+        raise AutopruneError(
+            f"{where}: 'data' must be a uint8 array of N x {CIFAR_PIXELS} pixels, got shape {data.shape}"
+        )
+    labels = _cifar_labels(path, entry["labels"], n)
+    return data.reshape(n, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _read_cifar_meta(path: Path) -> list[str]:
+    entry = _read_cifar_file(path)
+    names = entry.get("label_names")
+    if isinstance(names, (list, tuple)):
+        names = [v.decode("latin1") if isinstance(v, bytes) else v for v in names]
+    if not isinstance(names, list) or len(names) != 10 or not all(isinstance(v, str) for v in names):
+        raise AutopruneError(
+            f"--data-dir file {str(path)!r} is not a CIFAR-10 batches.meta: 'label_names' must be a list "
+            "of 10 class names"
+        )
+    return names
+
+
+class CIFAR10Data(Dataset):
+    """CIFAR-10 images read from local python-format batch files (what torchvision's CIFAR10
+    holds, without its unrestricted unpickling): ``data`` (N, 32, 32, 3) uint8, ``targets``,
+    ``classes``; a sample is the transformed PIL image and its label."""
+
+    def __init__(self, data: np.ndarray, targets: list[int], classes: list[str], transform=None) -> None:
+        self.data = data
+        self.targets = targets
+        self.classes = classes
+        self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple:
+        from PIL import Image
+
+        img = Image.fromarray(self.data[index])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, self.targets[index]
+
+
+def _read_cifar(folder: Path, names: tuple[str, ...], classes: list[str], transform) -> CIFAR10Data:
+    batches = [_read_cifar_batch(folder / name) for name in names]
+    data = np.ascontiguousarray(np.concatenate([d for d, _ in batches]))
+    targets = [t for _, labels in batches for t in labels]
+    return CIFAR10Data(data, targets, classes, transform)
 
 
 @TASKS.register("cifar10")
 def cifar10_task(config: TaskConfig) -> Task:
-    """CIFAR-10 from ``--data-dir`` (holding ``cifar-10-batches-py``); 10% of train is validation."""
+    """CIFAR-10 from ``--data-dir`` (holding ``cifar-10-batches-py``, or that folder itself);
+    10% of train is validation. Nothing is downloaded and any local copy in the python format is
+    accepted; its batch files are read with a restricted unpickler (numpy arrays and plain
+    data only), so a batch file that asks to load anything else is refused."""
     import torchvision.transforms as T
 
     model = _small_model_name(config.model, "resnet20", ["resnet20", "resnet56", "plain20"])
     root = _data_dir(config, "cifar10")
-    if not (root / "cifar-10-batches-py").is_dir() and (root.name == "cifar-10-batches-py"):
+    if not (root / CIFAR_FOLDER).is_dir() and (root.name == CIFAR_FOLDER):
         root = root.parent
-    cls = _cifar10_class()
-    normalize = T.Compose([T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))])
-    try:
-        full = cls(str(root), train=True, transform=normalize, download=False)
-        test = cls(str(root), train=False, transform=normalize, download=False)
-    except RuntimeError:
+    folder = root / CIFAR_FOLDER
+    missing = [n for n in CIFAR_FILES if not (folder / n).is_file()]
+    if missing:
         raise AutopruneError(
-            f"--data-dir {str(root)!r} holds no CIFAR-10 python-format data: expected "
-            "cifar-10-batches-py/ with data_batch_1..5, test_batch and batches.meta"
-        ) from None
+            f"--data-dir {str(root)!r} holds no CIFAR-10 python-format data: expected {CIFAR_FOLDER}/ with "
+            "data_batch_1..5, test_batch and batches.meta"
+            + (f" (missing: {', '.join(missing)})" if folder.is_dir() else "")
+        )
+    normalize = T.Compose([T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))])
+    classes = _read_cifar_meta(folder / "batches.meta")
+    full = _read_cifar(folder, CIFAR_TRAIN_FILES, classes, normalize)
+    test = _read_cifar(folder, ("test_batch",), classes, normalize)
     train_idx, val_idx = stratified_split(np.asarray(full.targets), 0.1, seed=0)
     return Task(
         name="cifar10",
@@ -260,17 +388,60 @@ def cifar10_task(config: TaskConfig) -> Task:
 # ---------------------------------------------------------------- imagefolder (local files)
 
 
+SHOWN_SKIPPED = 3  # unreadable images named in the warning line (then "and N more")
+_PIL_ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises on bad files (plus DecompressionBombError)
+
+
+def _identifies_as_image(path: str) -> bool:
+    """The folder-scan check: PIL recognises the file's header (opened and closed again; no
+    pixels are decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except (*_PIL_ERRORS, Image.DecompressionBombError):
+        return False
+
+
+def _load_image(path: str):
+    """ImageFolder's loader (an RGB PIL image), with an error naming the file for an image that
+    identified at scan time but does not decode (truncated, corrupt data)."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (*_PIL_ERRORS, Image.DecompressionBombError) as exc:
+        raise AutopruneError(f"image {path!r} cannot be decoded ({exc}); remove or replace it") from None
+
+
+def _skipped_warning(skipped: list[str]) -> str:
+    shown = ", ".join(repr(p) for p in skipped[:SHOWN_SKIPPED])
+    more = f" and {len(skipped) - SHOWN_SKIPPED} more" if len(skipped) > SHOWN_SKIPPED else ""
+    return f"autoprune: warning: skipped {len(skipped)} image file(s) that PIL cannot identify: {shown}{more}"
+
+
 @TASKS.register("imagefolder")
 def imagefolder_task(config: TaskConfig) -> Task:
     """A local ImageFolder: ``train/`` and ``val/`` (or ``test/``) sub-folders of classes, or a
     single folder of classes split 70/15/15 (stratified, seeded). Untrained unless a checkpoint
-    is given."""
+    is given. ``--image-size`` (default 224, at least 16) is the side of the centre crop.
+
+    The folder the classes come from (``train/`` or the single folder) must hold at least two
+    class sub-folders. Unreadable images: when a folder is scanned, every file with an image
+    extension is opened with PIL (its header only); files PIL cannot identify (not an image,
+    empty, garbage) are skipped, and one warning line on stderr says how many were skipped and
+    names the first few. An image that identified but fails to decode when its sample is read
+    (e.g. a truncated file) stops the run with the error
+    "image '<path>' cannot be decoded (<reason>); remove or replace it"."""
     import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     model = _torchvision_model_name(config.model)
     root = _data_dir(config, "imagefolder")
-    size = config.image_size or 224
+    size = 224 if config.image_size is None else config.image_size
     transform = T.Compose(
         [
             T.Resize(size),
@@ -279,23 +450,49 @@ def imagefolder_task(config: TaskConfig) -> Task:
             T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
         ]
     )
+    skipped: list[str] = []
 
-    def folder(path: Path) -> ImageFolder:
+    def valid(path: str) -> bool:
+        if not has_file_allowed_extension(path, IMG_EXTENSIONS):
+            return False  # not an image by name: ignored, as ImageFolder does
+        if _identifies_as_image(path):
+            return True
+        skipped.append(path)
+        return False
+
+    def folder(path: Path, classes_from: bool = False) -> ImageFolder:
+        need = "imagefolder needs at least two classes, one sub-folder of images per class"
+        if classes_from and not any(entry.is_dir() for entry in os.scandir(path)):
+            raise AutopruneError(f"--data-dir {str(path)!r} has 0 classes (no class sub-folders): {need}")
         try:
-            return ImageFolder(str(path), transform=transform)
+            found = ImageFolder(str(path), transform=transform, loader=_load_image, is_valid_file=valid)
         except (FileNotFoundError, RuntimeError) as exc:
-            raise AutopruneError(f"--data-dir {str(path)!r} is not an image folder: {exc}") from None
+            raise AutopruneError(
+                f"--data-dir {str(path)!r} is not an image folder: {exc} "
+                f"(images are files ending in {', '.join(IMG_EXTENSIONS)} that PIL can open)"
+            ) from None
+        if classes_from and len(found.classes) < 2:
+            raise AutopruneError(
+                f"--data-dir {str(path)!r} has {len(found.classes)} class ({', '.join(found.classes)}): {need}"
+            )
+        return found
 
     held_out = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and held_out is not None:
-        full = folder(root / "train")
-        test: Dataset = folder(held_out)
-        train_idx, val_idx = stratified_split(labels_of(full), 0.15, seed=0, where=str(root / "train"))
+    split_layout = (root / "train").is_dir() and held_out is not None
+    # one folder of classes; a lone train/ (no val/ or test/) is that folder
+    single = root / "train" if (root / "train").is_dir() else root
+    try:
+        full = folder(single, classes_from=True)
+        held_out_folder = folder(held_out) if split_layout else None
+    finally:  # one line for all folders, also when a scan fails
+        if skipped:
+            print(_skipped_warning(skipped), file=sys.stderr, flush=True)
+
+    if held_out_folder is not None:
+        test: Dataset = held_out_folder
+        train_idx, val_idx = stratified_split(labels_of(full), 0.15, seed=0, where=str(single))
         train, val = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
     else:
-        # one folder of classes; a lone train/ (no val/ or test/) is that folder
-        single = root / "train" if (root / "train").is_dir() else root
-        full = folder(single)
         labels = labels_of(full)
         rest, test_idx = stratified_split(labels, 0.15, seed=0, where=str(single))
         train_idx, val_idx = stratified_split(labels[rest], 0.15 / 0.85, seed=1, where=str(single))
