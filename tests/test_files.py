@@ -85,8 +85,12 @@ def test_an_untrained_dense_model_is_said_unless_asked_for(tmp_path, capsys):
 
 
 def test_state_dicts_keep_module_metadata_through_files_and_ray():
-    import ray.cloudpickle as cloudpickle
     import torchvision
+
+    from autoprune.rayenv import quiet_environment
+
+    quiet_environment()  # token authentication is set before Ray is first imported (later tests start Ray)
+    import ray.cloudpickle as cloudpickle
 
     state = cpu_state(torchvision.models.mnasnet0_5(num_classes=3))
     assert state._metadata[""]["version"] == 2  # mnasnet checks its own version on load
