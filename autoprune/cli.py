@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import SCOPES, STRUCTURES, Budget, EngineConfig, Policy, SearchConfig, TaskConfig
+from .config import KEEP_TYPES, SCOPES, STRUCTURES, WARMUP_MODES, Budget, EngineConfig, Policy, SearchConfig, TaskConfig
 from .errors import AutopruneError
 
 
@@ -64,6 +64,18 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bn-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="refresh BN statistics on the scoring data before scoring "
                    "(default: on for data-dependent criteria)")  # fmt: skip
+    g.add_argument("--bn-warmup-mode", choices=WARMUP_MODES, default=None,
+                   help="scoring (default): statistics averaged over the scoring subset; train: one pass over the "
+                   "training split with BN's momentum, as the second-order pruning-at-initialisation study")  # fmt: skip
+    g.add_argument("--bn-warmup-batches", type=int, default=None,
+                   help="train warm-up: at most this many training batches (default: the whole split)")  # fmt: skip
+    g.add_argument("--keep", action="append", default=None, metavar="GLOB",
+                   help="never prune layers whose name matches (repeatable, e.g. 'fc*'; see `autoprune list "
+                   "groups`)")  # fmt: skip
+    g.add_argument("--keep-types", default=None, metavar="TYPES",
+                   help=f"never prune layers of these types, comma-separated: {', '.join(KEEP_TYPES)}")  # fmt: skip
+    g.add_argument("--keep-classifier", action="store_true", default=None,
+                   help="never prune the output layer (for channels: nor the group that feeds it)")  # fmt: skip
     g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default 5)")
     g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     _add_budget_flags(p)
@@ -187,7 +199,9 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     data.update(_drop_none({
         "structure": args.structure, "criterion": args.criterion, "scope": args.scope,
         "method": args.method, "reduction": args.reduction, "max_ratio": args.max_ratio,
-        "bn_warmup": args.bn_warmup, "iterations": args.iterations,
+        "bn_warmup": args.bn_warmup, "iterations": args.iterations, "bn_warmup_mode": args.bn_warmup_mode,
+        "bn_warmup_batches": args.bn_warmup_batches, "keep": args.keep, "keep_classifier": args.keep_classifier,
+        "keep_types": args.keep_types.split(",") if args.keep_types is not None else None,
     }))  # fmt: skip
     data["criterion_options"] = {**data["criterion_options"], **_options(args.criterion_option or [])}
     data["finetune"] = {**data["finetune"], **_drop_none({"epochs": args.finetune_epochs, "lr": args.lr})}

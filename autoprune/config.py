@@ -33,6 +33,8 @@ STRUCTURES = ("channel", "unstructured")
 SCOPES = ("global", "local", "per_layer")
 BUDGET_KINDS = ("flops", "params")
 REDUCTIONS = ("sum", "mean", "max")
+WARMUP_MODES = ("scoring", "train")
+KEEP_TYPES = ("conv", "conv1d", "conv2d", "conv3d", "linear")
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,18 @@ class Policy:
     # statistics on the scoring data before scoring; None: on for data-dependent criteria, off for data-free ones
     max_ratio: float = checked(unit_interval(flag="--max-ratio"), 0.9)  # no group (channel) or layer (unstructured)
     # loses more than this fraction; a channel group always keeps one channel, a layer may be emptied only at 1.0
+    bn_warmup_mode: str = checked(choice(WARMUP_MODES, flag="--bn-warmup-mode"), "scoring")  # "scoring": reset
+    # the statistics and average them over the scoring subset; "train": one pass over the training split in train
+    # mode with BN's own momentum (the second-order pruning-at-initialisation study's warm-up)
+    bn_warmup_batches: int | None = checked(integer(1, optional=True, flag="--bn-warmup-batches"), None)  # "train"
+    # mode: at most this many training batches (default: the whole split)
+    keep: list[str] = checked(sequence(text(), allow_empty=True, flag="--keep"), factory=list)  # module-name globs
+    # never pruned (e.g. "fc*"): their weights stay dense and, for channels, no group touching them is pruned
+    keep_types: list[str] = checked(
+        sequence(choice(KEEP_TYPES), allow_empty=True, flag="--keep-types"), factory=list
+    )  # layer types never pruned: conv, conv1d, conv2d, conv3d, linear
+    keep_classifier: bool = checked(boolean(flag="--keep-classifier"), False)  # the output layer stays dense
+    # (channel pruning never prunes its outputs anyway)
     finetune: FinetuneConfig = checked(nested(FinetuneConfig), factory=FinetuneConfig)
 
     def __post_init__(self) -> None:

@@ -235,6 +235,53 @@ def bn_warmup(model: nn.Module, batches, device: torch.device) -> None:
     model.train(was_training)
 
 
+def bn_warmup_train(model: nn.Module, task: Task, max_batches: int | None, seed: int, device: torch.device) -> None:
+    """The second-order pruning-at-initialisation study's warm-up: one pass over the training
+    split (shuffled, seeded; at most ``max_batches`` batches) in train mode with each BN
+    layer's own momentum, no gradients. Only the running statistics change."""
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for i, (x, _) in enumerate(task.loader("train", shuffle=True, seed=seed)):
+            if max_batches is not None and i >= max_batches:
+                break
+            model(x.to(device))
+    model.train(was_training)
+
+
+_KEEP_TYPES = {
+    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    "conv1d": (nn.Conv1d,),
+    "conv2d": (nn.Conv2d,),
+    "conv3d": (nn.Conv3d,),
+    "linear": (nn.Linear,),
+}
+
+
+def kept_layers(model: nn.Module, policy: Policy, example: torch.Tensor) -> set[str]:
+    """The conv / linear layers ``policy`` leaves untouched: by name glob (``keep``), by type
+    (``keep_types``) and the output layer (``keep_classifier``). A glob that matches no layer
+    is an error naming the layers there are."""
+    from fnmatch import fnmatchcase
+
+    from .models import classifier_layer
+
+    layers = crit.scored_modules(model)
+    types = tuple(t for k in policy.keep_types for t in _KEEP_TYPES[k])
+    kept = {n for n, m in layers.items() if types and isinstance(m, types)}
+    for glob in policy.keep:
+        hits = {n for n in layers if fnmatchcase(n, glob)}
+        if not hits:
+            raise AutopruneError(
+                f"--keep {glob!r} matches no conv or linear layer; the layers are: {', '.join(layers)}"
+            )
+        kept |= hits
+    if policy.keep_classifier:
+        names = {m: n for n, m in model.named_modules()}
+        kept.add(names[classifier_layer(model, example)])
+    return kept
+
+
 def score(
     model: nn.Module,
     policy: Policy,
@@ -299,11 +346,15 @@ def solve_unstructured(
     Weights that are already exactly zero (masked earlier) are ranked below everything."""
     example = task.example_input().to(next(model.parameters()).device)
     total, by_module = flops_by_module(model, example)
+    kept = kept_layers(model, policy, example)
     layers = [
         LayerInfo(n, m.weight.numel(), by_module.get(n, 0.0))
         for n, m in model.named_modules()
-        if isinstance(m, PRUNABLE_TYPES)
+        if isinstance(m, PRUNABLE_TYPES) and n not in kept
     ]
+    if not layers:
+        raise AutopruneError("every conv and linear layer is kept (--keep, --keep-types, --keep-classifier): "
+                             "nothing is left to prune")  # fmt: skip
     below = _below_zeros(model, scores)
     ranked = {layer.name: below[layer.name].double().numpy() for layer in layers}
     if policy.scope == "per_layer":
@@ -382,6 +433,13 @@ def channel_problem(
     """The channel solver's inputs: group names and sizes, channel scores (normalised per
     group for global scope) and the cost model."""
     graph = graph or PrunableGraph(clone(model), example)
+    kept = kept_layers(model, policy, example)
+    if kept:  # a group that touches a kept layer (its outputs or its inputs) is never pruned
+        graph.groups = [g for g in graph.groups if not any(it.module in kept for it in g.items)]
+        graph.by_name = {g.name: g for g in graph.groups}
+        if not graph.groups:
+            raise AutopruneError("every channel group touches a kept layer (--keep, --keep-types, "
+                                 "--keep-classifier): nothing is left to prune")  # fmt: skip
     if policy.scope == "per_layer":
         graph.check_names(policy.ratios or {})
     criterion = crit.make_criterion(policy.criterion, policy.criterion_options)

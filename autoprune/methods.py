@@ -36,11 +36,17 @@ class _Run:
         self.task, self.policy, self.budget, self.cfg = task, policy, budget, cfg
         self.dense_cost, self.device, self.on_epoch = dense_cost, device, on_epoch
         needs = make_criterion(policy.criterion, policy.criterion_options).needs_data
-        self.data = E.scoring_batches(task, cfg.scoring_per_class, cfg.seed) if needs or policy.warmup() else None
+        scoring_warmup = policy.warmup() and policy.bn_warmup_mode == "scoring"
+        self.data = E.scoring_batches(task, cfg.scoring_per_class, cfg.seed) if needs or scoring_warmup else None
         self.events: list[dict] = []
 
     def warm_up(self, model) -> None:
-        if self.policy.warmup():
+        """BN warm-up before scoring, in the policy's mode (see Policy.bn_warmup_mode)."""
+        if not self.policy.warmup():
+            return
+        if self.policy.bn_warmup_mode == "train":
+            E.bn_warmup_train(model, self.task, self.policy.bn_warmup_batches, self.cfg.seed, self.device)
+        else:
             E.bn_warmup(model, self.data, self.device)
 
     def score(self, model, density: float):

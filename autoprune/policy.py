@@ -51,6 +51,8 @@ def max_masked(size: int, max_ratio: float) -> int:
 
 
 def _unreachable(budget: Budget, smallest: float, policy: Policy, why: str = "") -> AutopruneError:
+    if policy.keep or policy.keep_types or policy.keep_classifier:
+        why += ", with the kept layers left whole"
     return AutopruneError(
         f"--budget-{budget.kind} {budget.fraction:g} is unreachable: the smallest reachable "
         f"{budget.kind} fraction is {smallest:.4f} (structure {policy.structure}, scope "

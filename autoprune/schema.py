@@ -33,6 +33,7 @@ class Spec:
     item: Spec | None = None  # mapping values / sequence items
     nested: type | None = None  # the dataclass a "nested" field holds (a dict is converted)
     extra: Callable[[Any], str | None] | None = None  # a further check: returns what is wrong, or None
+    allow_empty: bool = False  # a sequence may be empty
 
     def describe(self) -> str:
         """Allowed values, as a phrase: 'an integer >= 1', 'one of: sum, mean, max'."""
@@ -52,7 +53,7 @@ class Spec:
         if rng:
             base += f" {rng}"
         if self.item is not None and self.kind in ("mapping", "sequence"):
-            base += f" of {self.item.describe()}" if self.kind == "sequence" else f" to {self.item.describe()}"
+            base += f", each {self.item.describe()}" if self.kind == "sequence" else f" to {self.item.describe()}"
         if self.optional:
             base += " (or null for the default)" if self.kind == "boolean" else " (or unset)"
         return base
@@ -79,7 +80,7 @@ class Spec:
         elif self.kind == "mapping":
             ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
         elif self.kind == "sequence":
-            ok = isinstance(value, (list, tuple)) and len(value) > 0
+            ok = isinstance(value, (list, tuple)) and (len(value) > 0 or self.allow_empty)
         elif self.kind == "nested":
             if isinstance(value, dict):
                 return from_dict(self.nested, value, label)
