@@ -1,43 +1,112 @@
-"""Pruning at initialisation on the default task: which criterion keeps a trainable network?
+"""Pruning at initialisation: which criterion keeps a trainable network?
 
 What is measured: for each criterion (random, magnitude, snip, grasp, synflow, fisher,
-hutchinson), each unstructured sparsity (90%, 95%, 98% of the conv/linear weights masked),
+hutchinson), each unstructured sparsity (90%, 95%, 98% of the maskable weights masked),
 with and without BN warm-up, and each seed, autoprune's ``init`` method prunes the
-untrained digits network (scope ``global``, ``max_ratio`` 1.0, so layers may collapse) and
-trains it from scratch with the dense recipe (task default: 30 epochs, SGD, cosine from
-0.1). The table gives test accuracy, mean ± std over seeds, and how many runs emptied a
-layer (layer collapse). The dense network trained with the same recipe and seeds is the
-reference. Every run is a full ``autoprune.engine.run``: the same scoring subset (10 per
-class), the same budget solver and the same training loop as ``autoprune prune``.
+untrained network (scope ``global``, ``max_ratio`` 1.0, so layers may collapse) and trains
+it from scratch with the task's dense recipe (SGD, cosine from 0.1). The table gives test
+accuracy, mean ± std over seeds, how many runs emptied a layer (layer collapse) and how
+many of those emptied the classifier (the model's last ``nn.Linear``; its output is then
+its bias alone, chance accuracy). The dense network trained with the same recipe and seeds
+is the reference. Every run is a full ``autoprune.engine.run``: the same scoring subset (10
+per class), the same budget solver and the same training loop as ``autoprune prune``.
 
-Sparsity counts conv/linear weights only; it is turned into the equivalent ``params``
-budget (BN parameters and biases are never masked).
+Tasks (``--task``):
+
+- ``digits`` (default): scikit-learn's 8x8 digits, the ``digits_resnet`` (Conv2d), 30 epochs.
+- ``seq1d``: the held-out synthetic 1-D task in ``bench/seq1d.py`` (ten classes of
+  waveform + motif sequences of length 64, a small Conv1d ResNet), 20 epochs. It is also a
+  user task for the CLI: ``PYTHONPATH=bench autoprune prune --task seq1d:task ...``.
+
+Protocols (``--protocol``, several comma-separated give one table each):
+
+- ``autoprune`` (default): autoprune's own setting. Every conv and linear weight may be
+  masked, the classifier included; BN warm-up (when on) resets the BN statistics and
+  averages them over the scoring subset (``bn_warmup_mode="scoring"``).
+- ``study``: the second-order pruning-at-initialisation study's setting. Only convolution
+  weights are masked (linear layers including the classifier, biases and BN parameters
+  never: ``keep_types=["linear"]``); BN warm-up (when on) is one pass over the training
+  split in train mode with BN's default momentum, before scoring
+  (``bn_warmup_mode="train"``).
+
+Sparsity counts only the weights the protocol may mask (study: conv weights; autoprune:
+conv and linear weights) and is turned into the equivalent ``params`` budget (BN
+parameters and biases are never masked); the header gives the budget per sparsity.
 
 Runs are independent processes (``--workers``, one torch thread each), so the figures do
-not depend on the worker count. Run: ``python bench/pai.py`` (``--quick`` for a smoke run:
-one seed, 3 epochs, two criteria).
+not depend on the worker count. Run: ``python bench/pai.py [--task seq1d] [--protocol
+study|autoprune|study,autoprune]``; ``--quick`` is a smoke run (one seed, 3 epochs, random
+and snip at 90%).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:  # seq1d and _machine, also in spawned workers
+    sys.path.insert(0, str(BENCH))
 
 CRITERIA = ("random", "magnitude", "snip", "grasp", "synflow", "fisher", "hutchinson")
 SPARSITIES = (0.90, 0.95, 0.98)
+TASKS = ("digits", "seq1d")
+PROTOCOLS = ("study", "autoprune")
 
 
-def _budget_fraction(model, sparsity: float) -> float:
-    """The params fraction that masks ``sparsity`` of the conv/linear weights."""
+def build_task(name: str):
+    """The task by bench name, built as ``autoprune prune --task`` would."""
+    from autoprune.config import TaskConfig
+    from autoprune.tasks import get_task
+
+    if name == "seq1d":
+        import seq1d
+
+        return seq1d.task(TaskConfig())
+    return get_task(TaskConfig(name=name))
+
+
+def maskable_types(protocol: str) -> tuple[type, ...]:
+    """The layer types whose weights the protocol may mask."""
+    from torch import nn
+
     from autoprune.graph import PRUNABLE_TYPES
 
+    return (nn.Conv1d, nn.Conv2d, nn.Conv3d) if protocol == "study" else PRUNABLE_TYPES
+
+
+def maskable_weights(model, protocol: str) -> list:
+    types = maskable_types(protocol)
+    return [m.weight for m in model.modules() if isinstance(m, types)]
+
+
+def budget_fraction(model, sparsity: float, protocol: str) -> float:
+    """The params fraction that masks ``sparsity`` of the protocol's maskable weights."""
     total = sum(p.numel() for p in model.parameters())
-    prunable = sum(m.weight.numel() for m in model.modules() if isinstance(m, PRUNABLE_TYPES))
-    return (total - sparsity * prunable) / total
+    maskable = sum(w.numel() for w in maskable_weights(model, protocol))
+    return (total - sparsity * maskable) / total
+
+
+def classifier_name(model) -> str:
+    """The classifier: the model's last ``nn.Linear`` (true of both bench models)."""
+    from torch import nn
+
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def policy_for(protocol: str, criterion: str, warmup: bool):
+    from autoprune.config import FinetuneConfig, Policy
+
+    common = dict(structure="unstructured", criterion=criterion, scope="global", method="init", max_ratio=1.0,
+                  bn_warmup=warmup, finetune=FinetuneConfig(epochs=0))  # fmt: skip
+    if protocol == "study":
+        return Policy(**common, keep_types=["linear"], bn_warmup_mode="train")
+    return Policy(**common, bn_warmup_mode="scoring")
 
 
 def one_run(job: dict) -> dict:
@@ -45,26 +114,29 @@ def one_run(job: dict) -> dict:
 
     torch.set_num_threads(1)
     from autoprune import engine
-    from autoprune.config import Budget, EngineConfig, FinetuneConfig, MeasureConfig, Policy
-    from autoprune.tasks import get_task
+    from autoprune.config import Budget, EngineConfig, FinetuneConfig, MeasureConfig
 
     cfg = EngineConfig(seed=job["seed"], train_epochs=job["epochs"], progress=False, device="cpu",
                        measure=MeasureConfig(batch_sizes=(1,), warmup=1, repeats=1))  # fmt: skip
-    task = get_task(cfg.task)
+    task = build_task(job["task"])
     t0 = time.perf_counter()
     if job["criterion"] == "dense":
         engine.seed_everything(job["seed"])
         model = task.model_factory()
         engine.train(model, task, FinetuneConfig(epochs=job["epochs"], lr=task.train_lr), job["seed"],
                      torch.device("cpu"))  # fmt: skip
-        return {**job, "test_acc": engine.evaluate(model, task.loader("test")), "empty": 0,
-                "seconds": time.perf_counter() - t0}  # fmt: skip
+        return {**job, "test_acc": engine.evaluate(model, task.loader("test")), "empty": [],
+                "classifier_empty": False, "reached": 0.0, "seconds": time.perf_counter() - t0}  # fmt: skip
     fresh = task.model_factory()
-    budget = Budget("params", _budget_fraction(fresh, job["sparsity"]), tolerance=0.002)
-    policy = Policy(structure="unstructured", criterion=job["criterion"], scope="global", method="init",
-                    max_ratio=1.0, bn_warmup=job["warmup"], finetune=FinetuneConfig(epochs=0))  # fmt: skip
+    budget = Budget("params", budget_fraction(fresh, job["sparsity"], job["protocol"]), tolerance=0.002)
+    policy = policy_for(job["protocol"], job["criterion"], job["warmup"])
     result = engine.run(task, fresh, policy, budget, cfg, test=True)
-    return {**job, "test_acc": result.pruned["test_acc"], "empty": len(result.collapse["empty"]),
+    weights = maskable_weights(result.model, job["protocol"])
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    fc = classifier_name(result.model)
+    fc_empty = fc in result.collapse["empty"] or not result.model.get_submodule(fc).weight.any()
+    return {**job, "test_acc": result.pruned["test_acc"], "empty": list(result.collapse["empty"]),
+            "classifier_empty": bool(fc_empty), "reached": zeros / sum(w.numel() for w in weights),
             "params_ratio": result.pruned["params_ratio"], "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -76,39 +148,96 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.1f} ± {std:.1f}"
 
 
+def _cell(runs: list[dict]) -> str:
+    notes = []
+    collapsed = sum(1 for r in runs if r["empty"] or r["classifier_empty"])
+    if collapsed:
+        notes.append(f"{collapsed} collapsed")
+    emptied = sum(1 for r in runs if r["classifier_empty"])
+    if emptied:
+        notes.append(f"{emptied} classifier emptied")
+    return _fmt([r["test_acc"] for r in runs]) + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _pct(s: float) -> str:
+    return f"{100 * s:g}%"
+
+
+def print_table(results: list[dict], protocol: str, criteria: list[str], sparsities: list[float]) -> None:
+    mine = [r for r in results if r["protocol"] == protocol]
+    masks = "conv weights only" if protocol == "study" else "conv and linear weights, classifier included"
+    mode = "one pass over the training split, default momentum" if protocol == "study" else "scoring subset"
+    print(f"\n## protocol {protocol}: masks {masks}; BN warm-up: {mode}\n")
+    head = " | ".join(f"{_pct(s)} no warm-up | {_pct(s)} BN warm-up" for s in sparsities)
+    print(f"| criterion | {head} |")
+    print("|---|" + "---:|" * (2 * len(sparsities)))
+    for c in criteria:
+        cells = []
+        for sp in sparsities:
+            for w in (False, True):
+                cells.append(
+                    _cell([r for r in mine if r["criterion"] == c and r["sparsity"] == sp and r["warmup"] == w])
+                )
+        print(f"| {c} | " + " | ".join(cells) + " |")
+    for sp in sparsities:
+        reached = [r["reached"] for r in mine if r["sparsity"] == sp]
+        print(f"# {_pct(sp)}: reached sparsity of the maskable weights {100 * min(reached):.2f}-"
+              f"{100 * max(reached):.2f}%")  # fmt: skip
+    emptied = sorted({name for r in mine for name in r["empty"]})
+    if emptied:
+        print(f"# layers emptied in some run: {', '.join(emptied)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=TASKS, default="digits")
+    p.add_argument("--protocol", "--protocols", dest="protocols", default="autoprune",
+                   help="study, autoprune, or both comma-separated (one table each)")  # fmt: skip
     p.add_argument("--criteria", default=",".join(CRITERIA))
     p.add_argument("--sparsities", default=",".join(str(s) for s in SPARSITIES))
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=None, help="training epochs from scratch (task default 30)")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs from scratch (task default)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 3 epochs, random and snip at 0.9")
     args = p.parse_args()
+    protocols = [s.strip() for s in args.protocols.split(",") if s.strip()]
+    bad = [s for s in protocols if s not in PROTOCOLS]
+    if bad or not protocols:
+        p.error(f"--protocol: choose among {', '.join(PROTOCOLS)} (comma-separated), got {args.protocols!r}")
     criteria = args.criteria.split(",")
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds, epochs = args.seeds, args.epochs
     if args.quick:
         criteria, sparsities, seeds, epochs = ["random", "snip"], [0.9], 1, 3
+    task = build_task(args.task)
     if epochs is None:
-        from autoprune.config import TaskConfig
-        from autoprune.tasks import get_task
+        epochs = task.train_epochs
 
-        epochs = get_task(TaskConfig()).train_epochs
-
-    jobs = [{"criterion": "dense", "sparsity": 0.0, "warmup": False, "seed": s, "epochs": epochs} for s in range(seeds)]
+    base = {"task": args.task, "epochs": epochs}
+    jobs = [{**base, "protocol": None, "criterion": "dense", "sparsity": 0.0, "warmup": False, "seed": s}
+            for s in range(seeds)]  # fmt: skip
     jobs += [
-        {"criterion": c, "sparsity": sp, "warmup": w, "seed": s, "epochs": epochs}
+        {**base, "protocol": pr, "criterion": c, "sparsity": sp, "warmup": w, "seed": s}
+        for pr in protocols
         for c in criteria
         for sp in sparsities
         for w in (False, True)
         for s in range(seeds)
     ]
     import torch
+    from _machine import cpu_name
 
-    print(f"# pruning at initialisation, digits task, {epochs} epochs from scratch, {seeds} seed(s)")
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.workers} worker(s) "
-          f"of 1 thread, torch {torch.__version__}, {len(jobs)} runs")  # fmt: skip
+    model = task.model_factory()
+    total = sum(p.numel() for p in model.parameters())
+    print(f"# pruning at initialisation: task {args.task} ({task.model_name}, {total:,} parameters), "
+          f"protocol(s) {', '.join(protocols)}, {epochs} epochs from scratch, seeds 0..{seeds - 1}")  # fmt: skip
+    for pr in protocols:
+        maskable = sum(w.numel() for w in maskable_weights(model, pr))
+        budgets = ", ".join(f"{_pct(sp)} -> {budget_fraction(model, sp, pr):.4f}" for sp in sparsities)
+        print(f"# {pr}: {maskable:,} maskable weights ({100 * maskable / total:.1f}% of the parameters); "
+              f"params budget {budgets}")  # fmt: skip
+    print(f"# {cpu_name()}, {os.cpu_count()} cores, {args.workers} worker(s) of 1 thread, "
+          f"torch {torch.__version__}, {len(jobs)} runs")  # fmt: skip
     t0 = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -118,20 +247,12 @@ def main() -> None:
                 print(f"# {i}/{len(jobs)} runs done, {time.perf_counter() - t0:.0f} s", flush=True)
 
     dense = [r["test_acc"] for r in results if r["criterion"] == "dense"]
-    print(f"\ndense (no pruning), test accuracy %: {_fmt(dense)}\n")
-    head = " | ".join(f"{int(round(100 * s))}% no warm-up | {int(round(100 * s))}% BN warm-up" for s in sparsities)
-    print(f"| criterion | {head} |")
-    print("|---|" + "---:|" * (2 * len(sparsities)))
-    for c in criteria:
-        cells = []
-        for sp in sparsities:
-            for w in (False, True):
-                runs = [r for r in results if r["criterion"] == c and r["sparsity"] == sp and r["warmup"] == w]
-                collapsed = sum(1 for r in runs if r["empty"])
-                cells.append(_fmt([r["test_acc"] for r in runs]) + (f" ({collapsed} collapsed)" if collapsed else ""))
-        print(f"| {c} | " + " | ".join(cells) + " |")
+    print(f"\ndense (no pruning), test accuracy %: {_fmt(dense)}")
+    for pr in protocols:
+        print_table(results, pr, criteria, sparsities)
     secs = [r["seconds"] for r in results]
-    print("\n# test accuracy %, mean ± std over seeds; '(n collapsed)': runs in which a layer was emptied")
+    print("\n# test accuracy %, mean ± std over seeds; '(n collapsed)': runs in which a layer was emptied, "
+          "'(m classifier emptied)': of those, runs in which the classifier (last Linear) was")  # fmt: skip
     print(f"# wall time {time.perf_counter() - t0:.0f} s; median run {statistics.median(secs):.1f} s")
 
 
