@@ -25,7 +25,7 @@ from torch import nn
 
 from .config import STRUCTURES, Policy, TaskConfig
 from .errors import AutopruneError
-from .schema import Spec, checked, choice, from_dict, mapping, nested, text
+from .schema import Spec, checked, choice, from_dict, mapping, nested, text, validate
 
 FORMAT = "autoprune.pruned/1"
 DATA_TASKS = ("cifar10", "imagefolder")  # built-in tasks that read a user-named directory
@@ -171,8 +171,6 @@ class ModelRecord:
     arch: str | None = checked(text(optional=True), None)  # architecture_key of the dense model
 
     def __post_init__(self) -> None:
-        from .schema import validate
-
         validate(self, "model file", flags_first=False)
 
 

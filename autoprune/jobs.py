@@ -18,7 +18,6 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
     import torch
 
     from . import engine
-    from .criteria import scored_modules
     from .graph import PrunableGraph
     from .measure import measure
     from .policy import solve_channels
@@ -34,9 +33,7 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
     scores = engine.score(model, Policy(criterion="magnitude", structure=policy.structure), None, 0)
-    if policy.structure != "channel":
-        if policy.scope == "per_layer":
-            engine._check_names(policy.ratios or {}, list(scored_modules(model)), "layer")
+    if policy.structure != "channel":  # the solver also checks per_layer names against the maskable layers
         engine.solve_unstructured(model, task, policy, budget, scores, measure(model, task.input_shape, None, False))
         return
     graph = PrunableGraph(model, example)
