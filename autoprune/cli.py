@@ -40,8 +40,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         "--cache-dir", default=None, help="dense-model cache (default $AUTOPRUNE_CACHE or ~/.cache/autoprune)"
     )
     g.add_argument("--threads", type=int, default=None, help="torch threads for latency timing on CPU (default 1)")
-    g.add_argument("--scoring-per-class", type=int, default=None,
-                   help="training samples per class that data-dependent criteria score on (default 10)")  # fmt: skip
+    g.add_argument(
+        "--scoring-per-class",
+        type=int,
+        default=None,
+        help="training samples per class that data-dependent criteria score on (default 10)",
+    )
     g.add_argument(
         "--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no terminal)"
     )
@@ -53,29 +57,61 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--structure", choices=STRUCTURES, default=None, help="channel (default) or unstructured")
     g.add_argument("--criterion", default=None, help="see `autoprune list criteria` (default magnitude)")
     g.add_argument("--scope", choices=SCOPES, default=None, help="local (default), global or per_layer")
-    g.add_argument("--criterion-option", action="append", default=None, metavar="KEY=VALUE",
-                   help="a criterion option, repeatable (e.g. p=2 for L2 magnitude, probes=20 for hutchinson; "
-                   "see `autoprune list criteria`)")  # fmt: skip
+    g.add_argument(
+        "--criterion-option",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="a criterion option, repeatable (e.g. p=2 for L2 magnitude, probes=20 for hutchinson; "
+        "see `autoprune list criteria`)",
+    )
     g.add_argument("--method", default=None, help="see `autoprune list methods` (default oneshot)")
-    g.add_argument("--iterations", type=int, default=None,
-                   help="iterative: prune/fine-tune rounds (default 3); gradual: pruning steps (default 10)")  # fmt: skip
+    g.add_argument(
+        "--iterations",
+        type=int,
+        default=None,
+        help="iterative: prune/fine-tune rounds (default 3); gradual: pruning steps (default 10)",
+    )
     g.add_argument("--reduction", choices=("sum", "mean", "max"), default=None, help="channel score reduction")
     g.add_argument("--max-ratio", type=float, default=None, help="most of any group/layer to prune (default 0.9)")
-    g.add_argument("--bn-warmup", action=argparse.BooleanOptionalAction, default=None,
-                   help="refresh BN statistics on the scoring data before scoring "
-                   "(default: on for data-dependent criteria)")  # fmt: skip
-    g.add_argument("--bn-warmup-mode", choices=WARMUP_MODES, default=None,
-                   help="scoring (default): statistics averaged over the scoring subset; train: one pass over the "
-                   "training split with BN's momentum, as the second-order pruning-at-initialisation study")  # fmt: skip
-    g.add_argument("--bn-warmup-batches", type=int, default=None,
-                   help="train warm-up: at most this many training batches (default: the whole split)")  # fmt: skip
-    g.add_argument("--keep", action="append", default=None, metavar="GLOB",
-                   help="never prune layers whose name matches (repeatable, e.g. 'fc*'; see `autoprune list "
-                   "groups`)")  # fmt: skip
-    g.add_argument("--keep-types", default=None, metavar="TYPES",
-                   help=f"never prune layers of these types, comma-separated: {', '.join(KEEP_TYPES)}")  # fmt: skip
-    g.add_argument("--keep-classifier", action="store_true", default=None,
-                   help="never prune the output layer (for channels: nor the group that feeds it)")  # fmt: skip
+    g.add_argument(
+        "--bn-warmup",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refresh BN statistics on the scoring data before scoring (default: on for data-dependent criteria)",
+    )
+    g.add_argument(
+        "--bn-warmup-mode",
+        choices=WARMUP_MODES,
+        default=None,
+        help="scoring (default): statistics averaged over the scoring subset; train: one pass over the "
+        "training split with BN's momentum, as the second-order pruning-at-initialisation study",
+    )
+    g.add_argument(
+        "--bn-warmup-batches",
+        type=int,
+        default=None,
+        help="train warm-up: at most this many training batches (default: the whole split)",
+    )
+    g.add_argument(
+        "--keep",
+        action="append",
+        default=None,
+        metavar="GLOB",
+        help="never prune layers whose name matches (repeatable, e.g. 'fc*'; see `autoprune list groups`)",
+    )
+    g.add_argument(
+        "--keep-types",
+        default=None,
+        metavar="TYPES",
+        help=f"never prune layers of these types, comma-separated: {', '.join(KEEP_TYPES)}",
+    )
+    g.add_argument(
+        "--keep-classifier",
+        action="store_true",
+        default=None,
+        help="never prune the output layer (for channels: nor the group that feeds it)",
+    )
     g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default 5)")
     g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
     _add_budget_flags(p)
@@ -93,31 +129,62 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
     d = SearchConfig()  # the defaults are the config's: unset flags stay None (a resumed search keeps its own)
     g = p.add_argument_group("search")
-    g.add_argument("--name", default=None, help="the search's name: results folder and MLflow experiment "
-                   "(default search-<date>-<time>)")  # fmt: skip
-    g.add_argument("--searcher", default=None, help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, "
-                   "latency), random or grid")  # fmt: skip
+    g.add_argument(
+        "--name",
+        default=None,
+        help="the search's name: results folder and MLflow experiment (default search-<date>-<time>)",
+    )
+    g.add_argument(
+        "--searcher",
+        default=None,
+        help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, latency), random or grid",
+    )
     g.add_argument("--space", default=None, help="default, criteria, pai or package.module:function")
     g.add_argument("--trials", type=int, default=None, help="trials to run (default 20; grid: the grid's size)")
-    g.add_argument("--structure", choices=STRUCTURES, default=None,
-                   help="search only channel pruning (a really faster model) or only weight masks, in spaces that "
-                   "sample the structure (default: both)")  # fmt: skip
+    g.add_argument(
+        "--structure",
+        choices=STRUCTURES,
+        default=None,
+        help="search only channel pruning (a really faster model) or only weight masks, in spaces that "
+        "sample the structure (default: both)",
+    )
     g.add_argument("--epochs", type=int, default=None, help=f"training epochs per trial (default {d.epochs})")
-    g.add_argument("--final-epochs", type=int, default=None,
-                   help=f"epochs when the best policy is re-run for the saved model (default {d.final_epochs})")  # fmt: skip
-    g.add_argument("--scheduler", choices=("asha", "none"), default=None,
-                   help="asha stops weak trials early (default; none for nsga2 and grid)")  # fmt: skip
+    g.add_argument(
+        "--final-epochs",
+        type=int,
+        default=None,
+        help=f"epochs when the best policy is re-run for the saved model (default {d.final_epochs})",
+    )
+    g.add_argument(
+        "--scheduler",
+        choices=("asha", "none"),
+        default=None,
+        help="asha stops weak trials early (default; none for nsga2 and grid)",
+    )
     r = p.add_argument_group("resources and storage")
     r.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
-    r.add_argument("--cpus-per-trial", type=float, default=None,
-                   help=f"CPUs (and torch threads) per trial (default {d.cpus_per_trial:g})")  # fmt: skip
-    r.add_argument("--gpus-per-trial", type=float, default=None,
-                   help=f"GPUs per trial, fractions allowed (default {d.gpus_per_trial:g})")  # fmt: skip
-    r.add_argument("--address", default=None, help="a running Ray cluster, host:port (default $RAY_ADDRESS, else a "
-                   "local instance)")  # fmt: skip
+    r.add_argument(
+        "--cpus-per-trial",
+        type=float,
+        default=None,
+        help=f"CPUs (and torch threads) per trial (default {d.cpus_per_trial:g})",
+    )
+    r.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        default=None,
+        help=f"GPUs per trial, fractions allowed (default {d.gpus_per_trial:g})",
+    )
+    r.add_argument(
+        "--address", default=None, help="a running Ray cluster, host:port (default $RAY_ADDRESS, else a local instance)"
+    )
     r.add_argument("--storage", default=d.storage, help=f"Ray Tune results folder (default {d.storage})")
-    r.add_argument("--resume", action="store_true", help="continue the interrupted search --name with its saved "
-                   "settings (only --out, --address and --no-progress may differ)")  # fmt: skip
+    r.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted search --name with its saved "
+        "settings (only --out, --address and --no-progress may differ)",
+    )
     r.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<cwd>/mlflow.db)")
     r.add_argument("--out", default=None, help="summary.json and the best model (default <storage>/<name>/best)")
 
@@ -170,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_flags(x)
 
     ls = sub.add_parser("list", help="name what exists")
-    ls.add_argument("what", choices=("criteria", "structures", "scopes", "methods", "tasks", "groups", "searchers",
-                                     "spaces"))  # fmt: skip
+    ls.add_argument(
+        "what", choices=("criteria", "structures", "scopes", "methods", "tasks", "groups", "searchers", "spaces")
+    )
     _add_task_flags(ls)
     return parser
 
@@ -182,10 +250,15 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
 
 def task_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The task fields the user named on the command line."""
-    return _drop_none({
-        "name": args.task, "model": args.model, "data_dir": args.data_dir,
-        "image_size": args.image_size, "batch_size": args.batch_size,
-    })  # fmt: skip
+    return _drop_none(
+        {
+            "name": args.task,
+            "model": args.model,
+            "data_dir": args.data_dir,
+            "image_size": args.image_size,
+            "batch_size": args.batch_size,
+        }
+    )
 
 
 def task_config(args: argparse.Namespace, base: TaskConfig | None = None) -> TaskConfig:
@@ -196,13 +269,25 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
     data = Policy.from_json(args.policy).to_dict() if args.policy else Policy().to_dict()
     if args.criterion is not None and args.criterion != data["criterion"]:
         data["criterion_options"] = {}  # the file's options belong to its own criterion
-    data.update(_drop_none({
-        "structure": args.structure, "criterion": args.criterion, "scope": args.scope,
-        "method": args.method, "reduction": args.reduction, "max_ratio": args.max_ratio,
-        "bn_warmup": args.bn_warmup, "iterations": args.iterations, "bn_warmup_mode": args.bn_warmup_mode,
-        "bn_warmup_batches": args.bn_warmup_batches, "keep": args.keep, "keep_classifier": args.keep_classifier,
-        "keep_types": args.keep_types.split(",") if args.keep_types is not None else None,
-    }))  # fmt: skip
+    data.update(
+        _drop_none(
+            {
+                "structure": args.structure,
+                "criterion": args.criterion,
+                "scope": args.scope,
+                "method": args.method,
+                "reduction": args.reduction,
+                "max_ratio": args.max_ratio,
+                "bn_warmup": args.bn_warmup,
+                "iterations": args.iterations,
+                "bn_warmup_mode": args.bn_warmup_mode,
+                "bn_warmup_batches": args.bn_warmup_batches,
+                "keep": args.keep,
+                "keep_classifier": args.keep_classifier,
+                "keep_types": args.keep_types.split(",") if args.keep_types is not None else None,
+            }
+        )
+    )
     data["criterion_options"] = {**data["criterion_options"], **_options(args.criterion_option or [])}
     data["finetune"] = {**data["finetune"], **_drop_none({"epochs": args.finetune_epochs, "lr": args.lr})}
     return Policy.from_dict(data)
@@ -234,30 +319,52 @@ def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) ->
     """The engine's settings: ``base`` (the defaults, or a resumed search's) with the flags given."""
     base = base or EngineConfig()
     return dataclasses.replace(
-        base, task=task_config(args, base.task),
+        base,
+        task=task_config(args, base.task),
         measure=dataclasses.replace(base.measure, **_drop_none({"threads": args.threads})),
         progress=not args.no_progress and sys.stderr.isatty(),
-        **_drop_none({
-            "checkpoint": args.checkpoint, "train_epochs": args.train_epochs, "seed": args.seed,
-            "device": args.device, "cache_dir": args.cache_dir, "scoring_per_class": args.scoring_per_class,
-        }),
-    )  # fmt: skip
+        **_drop_none(
+            {
+                "checkpoint": args.checkpoint,
+                "train_epochs": args.train_epochs,
+                "seed": args.seed,
+                "device": args.device,
+                "cache_dir": args.cache_dir,
+                "scoring_per_class": args.scoring_per_class,
+            }
+        ),
+    )
 
 
 def search_config(args: argparse.Namespace, base: SearchConfig | None = None) -> SearchConfig:
     """``base`` (the defaults, or the saved settings of the search to resume) with the flags given."""
     base = base or SearchConfig()
     return dataclasses.replace(
-        base, budget=budget_from_args(args, base.budget), engine=engine_config(args, base.engine),
-        resume=args.resume, progress=not args.no_progress,
-        **_drop_none({
-            "name": args.name, "searcher": args.searcher, "space": args.space, "trials": args.trials,
-            "structure": args.structure, "epochs": args.epochs, "final_epochs": args.final_epochs,
-            "concurrency": args.concurrency, "cpus_per_trial": args.cpus_per_trial,
-            "gpus_per_trial": args.gpus_per_trial, "scheduler": args.scheduler, "storage": args.storage,
-            "address": args.address, "tracking_uri": args.tracking_uri, "out": args.out,
-        }),
-    )  # fmt: skip
+        base,
+        budget=budget_from_args(args, base.budget),
+        engine=engine_config(args, base.engine),
+        resume=args.resume,
+        progress=not args.no_progress,
+        **_drop_none(
+            {
+                "name": args.name,
+                "searcher": args.searcher,
+                "space": args.space,
+                "trials": args.trials,
+                "structure": args.structure,
+                "epochs": args.epochs,
+                "final_epochs": args.final_epochs,
+                "concurrency": args.concurrency,
+                "cpus_per_trial": args.cpus_per_trial,
+                "gpus_per_trial": args.gpus_per_trial,
+                "scheduler": args.scheduler,
+                "storage": args.storage,
+                "address": args.address,
+                "tracking_uri": args.tracking_uri,
+                "out": args.out,
+            }
+        ),
+    )
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -308,8 +415,10 @@ def cmd_list(args: argparse.Namespace) -> int:
             cls = CRITERIA.get(name)
             data = "data" if cls.needs_data else "data-free"
             opts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cls.options.items())
-            print(f"{name:11s} {'/'.join(cls.structures):21s} {data:10s} {opts or '-':26s} "
-                  f"{(cls.__doc__ or '').strip().splitlines()[0]}")  # fmt: skip
+            print(
+                f"{name:11s} {'/'.join(cls.structures):21s} {data:10s} {opts or '-':26s} "
+                f"{(cls.__doc__ or '').strip().splitlines()[0]}"
+            )
     elif args.what == "structures":
         print("\n".join(STRUCTURES))
     elif args.what == "scopes":
@@ -322,8 +431,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         for name in SEARCHERS.names():
             spec = SEARCHERS.get(name)
-            print(f"{name:8s} {'multi-objective' if spec.multi_objective else 'val_acc':15s} "
-                  f"default scheduler {spec.scheduler}")  # fmt: skip
+            print(
+                f"{name:8s} {'multi-objective' if spec.multi_objective else 'val_acc':15s} "
+                f"default scheduler {spec.scheduler}"
+            )
     elif args.what == "spaces":
         from autoprune.search_spaces import SPACES
 
@@ -331,8 +442,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{name:8s} {' '.join((SPACES.get(name).__doc__ or '').split())}")
         print("package.module:function  your own: space(trial, table) -> dict of policy fields")
     elif args.what == "tasks":
-        models = {"digits": "digits_resnet", "cifar10": "resnet20, resnet56, plain20",
-                  "imagefolder": "any torchvision classification model (resnet18, mobilenet_v2, vgg11_bn, ...)"}  # fmt: skip
+        models = {
+            "digits": "digits_resnet",
+            "cifar10": "resnet20, resnet56, plain20",
+            "imagefolder": "any torchvision classification model (resnet18, mobilenet_v2, vgg11_bn, ...)",
+        }
         for name in TASKS.names():
             print(f"{name:12s} models: {models.get(name, '-')}")
         print("package.module:function  a user task returning autoprune.tasks.Task")

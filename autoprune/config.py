@@ -49,8 +49,11 @@ class Budget:
 
     def __post_init__(self) -> None:
         if self.kind in BUDGET_KINDS:  # name the flag the user typed
-            object.__setattr__(self, "fraction", unit_interval(flag=f"--budget-{self.kind}").check(
-                self.fraction, f"--budget-{self.kind}"))  # fmt: skip
+            object.__setattr__(
+                self,
+                "fraction",
+                unit_interval(flag=f"--budget-{self.kind}").check(self.fraction, f"--budget-{self.kind}"),
+            )
         validate(self, "budget")
 
 

@@ -84,8 +84,9 @@ def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr,
-                dynamic_ncols=True, unit="batch")  # fmt: skip
+    return tqdm(
+        total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr, dynamic_ncols=True, unit="batch"
+    )
 
 
 def train(
@@ -135,8 +136,9 @@ def train(
                 step += 1
                 bar.update(1)
             metrics = {"loss": running / max(seen, 1), "val_acc": evaluate(model, val_loader, device)}
-            bar.set_postfix(epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{metrics['loss']:.3f}",
-                            val_acc=f"{metrics['val_acc']:.3f}")  # fmt: skip
+            bar.set_postfix(
+                epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{metrics['loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}"
+            )
             history.append(metrics)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
@@ -166,12 +168,16 @@ def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = prin
     epochs = task.train_epochs if cfg.train_epochs is None else cfg.train_epochs
     if epochs == 0:
         if cfg.train_epochs is None:
-            print(f"warning: task {task.name!r} trains no dense model by default and no --checkpoint was given, so "
-                  "an untrained model is pruned; pass --checkpoint FILE or --train-epochs N (--train-epochs 0 "
-                  "says an untrained model is meant)", file=sys.stderr)  # fmt: skip
+            print(
+                f"warning: task {task.name!r} trains no dense model by default and no --checkpoint was given, so "
+                "an untrained model is pruned; pass --checkpoint FILE or --train-epochs N (--train-epochs 0 "
+                "says an untrained model is meant)",
+                file=sys.stderr,
+            )
         return model.to(device).eval()
-    key = task.key({"seed": cfg.seed, "epochs": epochs, "lr": task.train_lr,
-                    "arch": architecture_key(model, source=True)})  # fmt: skip
+    key = task.key(
+        {"seed": cfg.seed, "epochs": epochs, "lr": task.train_lr, "arch": architecture_key(model, source=True)}
+    )
     path = cache_dir(cfg) / f"{task.name.replace(':', '.')}-{task.model_name}-{key}.pt"
     if path.is_file():
         try:
@@ -184,8 +190,15 @@ def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = prin
             model = task.model_factory()
     log(f"dense model: training {task.model_name} on {task.name} for {epochs} epochs (cached after)")
     model.to(device)
-    train(model, task, FinetuneConfig(epochs=epochs, lr=task.train_lr), cfg.seed, device,
-          desc="dense training", progress=cfg.progress)  # fmt: skip
+    train(
+        model,
+        task,
+        FinetuneConfig(epochs=epochs, lr=task.train_lr),
+        cfg.seed,
+        device,
+        desc="dense training",
+        progress=cfg.progress,
+    )
     atomic_save(cpu_state(model), path)
     return model.eval()
 
@@ -353,8 +366,9 @@ def solve_unstructured(
         if isinstance(m, PRUNABLE_TYPES) and n not in kept
     ]
     if not layers:
-        raise AutopruneError("every conv and linear layer is kept (--keep, --keep-types, --keep-classifier): "
-                             "nothing is left to prune")  # fmt: skip
+        raise AutopruneError(
+            "every conv and linear layer is kept (--keep, --keep-types, --keep-classifier): nothing is left to prune"
+        )
     below = _below_zeros(model, scores)
     ranked = {layer.name: below[layer.name].double().numpy() for layer in layers}
     if policy.scope == "per_layer":
@@ -397,8 +411,16 @@ def prune_to_budget(
         real = measure(pruned, task.input_shape, None, latency=False)
         real_fraction = (real.flops, real.params)[which] / dense[which]
         if real_fraction <= budget.fraction:
-            best = Pruned(pruned, "channel", history, plan.ratios(), plan.fraction, attempt, plan=plan.indices(),
-                          sizes=dict(zip(names, sizes)))  # fmt: skip
+            best = Pruned(
+                pruned,
+                "channel",
+                history,
+                plan.ratios(),
+                plan.fraction,
+                attempt,
+                plan=plan.indices(),
+                sizes=dict(zip(names, sizes)),
+            )
             if real_fraction >= budget.fraction - budget.tolerance:
                 break
             target += (budget.fraction - budget.tolerance / 2) - real_fraction
@@ -438,8 +460,10 @@ def channel_problem(
         graph.groups = [g for g in graph.groups if not any(it.module in kept for it in g.items)]
         graph.by_name = {g.name: g for g in graph.groups}
         if not graph.groups:
-            raise AutopruneError("every channel group touches a kept layer (--keep, --keep-types, "
-                                 "--keep-classifier): nothing is left to prune")  # fmt: skip
+            raise AutopruneError(
+                "every channel group touches a kept layer (--keep, --keep-types, "
+                "--keep-classifier): nothing is left to prune"
+            )
     if policy.scope == "per_layer":
         graph.check_names(policy.ratios or {})
     criterion = crit.make_criterion(policy.criterion, policy.criterion_options)
@@ -535,5 +559,15 @@ def run(
     out["speedup_by_batch"] = {b: by_batch[b] / t for b, t in out["latency_ms_by_batch"].items() if b in by_batch}
     out["speedup"] = out["speedup_by_batch"].get("1", next(iter(out["speedup_by_batch"].values()), None))
     out["solver_attempts"] = pruned.attempts
-    return RunResult(model, policy, budget, pruned.history, pruned.ratios, dense_metrics, out,
-                     pruned.epochs, collapse_report(pruned, policy), pruned.events)  # fmt: skip
+    return RunResult(
+        model,
+        policy,
+        budget,
+        pruned.history,
+        pruned.ratios,
+        dense_metrics,
+        out,
+        pruned.epochs,
+        collapse_report(pruned, policy),
+        pruned.events,
+    )

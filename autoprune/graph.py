@@ -249,16 +249,22 @@ class CostModel:
                 bias = m.bias is not None
                 self.modules[name] = dict(
                     kind="depthwise" if depthwise else ("grouped" if groups > 1 else "dense"),
-                    cin=cin, cout=cout, groups=groups, kernel=kernel, bias=bias,
+                    cin=cin,
+                    cout=cout,
+                    groups=groups,
+                    kernel=kernel,
+                    bias=bias,
                     flops=float(module_flops.get(name, 0.0)),
                     params=float(sum(p.numel() for p in m.parameters(recurse=False))),
-                )  # fmt: skip
+                )
             elif isinstance(m, NORM_TYPES):
                 self.modules[name] = dict(
-                    kind="norm", cin=m.num_features, cout=m.num_features,
+                    kind="norm",
+                    cin=m.num_features,
+                    cout=m.num_features,
                     flops=float(module_flops.get(name, 0.0)),
                     params=float(sum(p.numel() for p in m.parameters(recurse=False))),
-                )  # fmt: skip
+                )
         # per group: (module name, dim, root index of each idx) for the modules we model
         self.effects = [
             [(it.module, it.dim, it.root_idxs) for it in g.items if it.module in self.modules] for g in graph.groups

@@ -60,8 +60,10 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     t0 = time.perf_counter()
     dense = engine.dense_model(task, cfg)
     dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True)
-    print(f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "
-          f"budget {budget.kind} {budget.fraction:g}")  # fmt: skip
+    print(
+        f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "
+        f"budget {budget.kind} {budget.fraction:g}"
+    )
     result = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True)
     landed = result.pruned[f"{budget.kind}_ratio"]
     if landed < budget.fraction - budget.tolerance:
@@ -85,16 +87,25 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
         "wall_time_s": time.perf_counter() - t0,
     }
     out.mkdir(parents=True, exist_ok=True)
-    save_model(out / "model.pt", result.model, cfg.task, policy.structure, result.history, policy.to_dict(),
-               {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
-               architecture_key(dense))  # fmt: skip
+    save_model(
+        out / "model.pt",
+        result.model,
+        cfg.task,
+        policy.structure,
+        result.history,
+        policy.to_dict(),
+        {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
+        architecture_key(dense),
+    )
     policy.to_json(out / "policy.json")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
     print(comparison(result.dense, result.pruned))
     if result.collapse["empty"] or result.collapse["at_floor"]:
-        print(f"\nlayer collapse: {len(result.collapse['empty'])} emptied, {len(result.collapse['at_floor'])} "
-              "pruned to their floor (see collapse in summary.json)")  # fmt: skip
+        print(
+            f"\nlayer collapse: {len(result.collapse['empty'])} emptied, {len(result.collapse['at_floor'])} "
+            "pruned to their floor (see collapse in summary.json)"
+        )
     print(f"\nwrote {out / 'model.pt'}, {out / 'policy.json'}, {out / 'summary.json'}")
     print(f"reload it with: autoprune evaluate {out / 'model.pt'}{reload_flags(cfg.task)}")
     return summary
@@ -151,8 +162,20 @@ def ui_job(tracking_uri: str | None, host: str, port: int) -> int:
         except OSError as exc:
             raise AutopruneError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
     print(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host,
-           "--port", str(port), "--workers", "1"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # MLflow's background job runners (GenAI evaluation jobs) are not needed to browse runs
     # and cost seven processes; the server gets its own process group, stopped as a whole.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -68,8 +68,17 @@ class _Run:
             if self.on_epoch is not None:
                 self.on_epoch(epoch + epoch_offset, metrics)
 
-        return E.train(model, self.task, recipe, self.cfg.seed, self.device, desc=desc,
-                       progress=self.cfg.progress, on_epoch=on_epoch, step_hook=step_hook)  # fmt: skip
+        return E.train(
+            model,
+            self.task,
+            recipe,
+            self.cfg.seed,
+            self.device,
+            desc=desc,
+            progress=self.cfg.progress,
+            on_epoch=on_epoch,
+            step_hook=step_hook,
+        )
 
     def prune(self, model, budget: Budget, floors=None) -> E.Pruned:
         scores = self.score(model, budget.fraction)
@@ -154,8 +163,17 @@ def iterative(task, dense, policy, budget, cfg, dense_cost, device, on_epoch) ->
         recipe = dataclasses.replace(policy.finetune, epochs=n_epochs)
         epochs += run.train(work, recipe, f"fine-tune {i}/{k}", epoch_offset=len(epochs))
     ratios = pruned.ratios if policy.structure == "unstructured" else {g: 1.0 - v for g, v in kept.items()}
-    out = E.Pruned(work, policy.structure, history, ratios, pruned.estimate, pruned.attempts, epochs,
-                   counts=pruned.counts, sizes=sizes)  # fmt: skip
+    out = E.Pruned(
+        work,
+        policy.structure,
+        history,
+        ratios,
+        pruned.estimate,
+        pruned.attempts,
+        epochs,
+        counts=pruned.counts,
+        sizes=sizes,
+    )
     return run.finish(out)
 
 
@@ -233,11 +251,11 @@ def gradual(task, dense, policy, budget, cfg, dense_cost, device, on_epoch) -> E
         model, history = prune_channels(work, example, removed)
         sizes = {g.name: g.size for g in graph.groups}
         ratios = {g: len(removed[g]) / sizes[g] for g in sizes}
-        out = E.Pruned(model, "channel", history, ratios, state["fraction"], 1, epochs,
-                       plan=removed, sizes=sizes)  # fmt: skip
+        out = E.Pruned(model, "channel", history, ratios, state["fraction"], 1, epochs, plan=removed, sizes=sizes)
     else:
         sizes = {n: m.weight.numel() for n, m in work.named_modules() if n in state["counts"]}
         ratios = {n: k / sizes[n] for n, k in state["counts"].items()}
-        out = E.Pruned(work, "unstructured", [], ratios, state["estimate"], 1, epochs,
-                       counts=state["counts"], sizes=sizes)  # fmt: skip
+        out = E.Pruned(
+            work, "unstructured", [], ratios, state["estimate"], 1, epochs, counts=state["counts"], sizes=sizes
+        )
     return run.finish(out)

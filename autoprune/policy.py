@@ -97,8 +97,9 @@ def solve_channels(
     if policy.scope == "per_layer":
         smallest_here = fraction(removed_from_counts(counts_fn(knobs[-1])))
         if smallest_here > target and smallest <= target:
-            raise _unreachable(budget, smallest_here, policy, " with the given per-layer ratios; "
-                               "groups given ratio 0 are never pruned")  # fmt: skip
+            raise _unreachable(
+                budget, smallest_here, policy, " with the given per-layer ratios; groups given ratio 0 are never pruned"
+            )
         smallest = smallest_here
     if smallest > target:
         raise _unreachable(budget, smallest, policy)

@@ -77,9 +77,19 @@ def trials_table(records: list[dict[str, Any]], kind: str, top: int = 5) -> str:
     for r in done[:top]:
         p, m = r["policy"], r["metrics"]
         what = "/".join(str(p.get(k, "-")) for k in ("structure", "criterion", "scope"))
-        rows.append([r["trial_id"], what, _pct(m["val_acc"]), f"{m[f'{kind}_ratio']:.3f}", _ms(m.get("latency_ms")),
-                     f"{m['speedup']:.2f}x" if m.get("speedup") else "-"])  # fmt: skip
+        rows.append(
+            [
+                r["trial_id"],
+                what,
+                _pct(m["val_acc"]),
+                f"{m[f'{kind}_ratio']:.3f}",
+                _ms(m.get("latency_ms")),
+                f"{m['speedup']:.2f}x" if m.get("speedup") else "-",
+            ]
+        )
     counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped", "failed")}
-    footer = (f"{len(records)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by the "
-              f"scheduler, {counts['failed']} failed")  # fmt: skip
+    footer = (
+        f"{len(records)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by the "
+        f"scheduler, {counts['failed']} failed"
+    )
     return (table(rows) + "\n" if len(rows) > 1 else "") + footer

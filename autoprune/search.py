@@ -85,8 +85,9 @@ def _tpe(ctx: SearcherContext):
     import optuna
 
     startup = min(10, max(2, ctx.trials // 3))  # random trials before TPE models the results
-    return _optuna(ctx, optuna.samplers.TPESampler(seed=ctx.config.engine.seed, n_startup_trials=startup,
-                                                   constant_liar=True))  # fmt: skip
+    return _optuna(
+        ctx, optuna.samplers.TPESampler(seed=ctx.config.engine.seed, n_startup_trials=startup, constant_liar=True)
+    )
 
 
 def _nsga2(ctx: SearcherContext):
@@ -209,11 +210,17 @@ def run_trial(config: dict, setup_ref: list) -> None:
     result = engine.run(setup.task, dense, policy, budget, cfg, setup.dense_metrics, on_epoch=on_epoch)
     engine_s = time.perf_counter() - t0 - reporting[0]
     p = result.pruned
-    tune.report({
-        **last, "epoch": setup.epochs, "node_id": node, **{k: p[k] for k in PRUNED_METRICS},
-        "engine_s": engine_s, "report_s": reporting[0],
-        "ratios": {k: float(v) for k, v in result.ratios.items()},
-    })  # fmt: skip
+    tune.report(
+        {
+            **last,
+            "epoch": setup.epochs,
+            "node_id": node,
+            **{k: p[k] for k in PRUNED_METRICS},
+            "engine_s": engine_s,
+            "report_s": reporting[0],
+            "ratios": {k: float(v) for k, v in result.ratios.items()},
+        }
+    )
 
 
 # ------------------------------------------------------------------ checks before anything starts
@@ -308,8 +315,9 @@ def prepare(config: SearchConfig) -> Plan:
                 f"--resume continues search {name!r} with its saved settings, but these differ: "
                 f"{'; '.join(conflicts)}. Leave them out, or start a new search under another --name"
             )
-        config = dataclasses.replace(saved, resume=True, out=config.out or saved.out, address=config.address,
-                                     progress=config.progress)  # fmt: skip
+        config = dataclasses.replace(
+            saved, resume=True, out=config.out or saved.out, address=config.address, progress=config.progress
+        )
     elif path.exists() and any(path.iterdir()):
         raise AutopruneError(
             f"a search named {name!r} already exists in {str(path.parent)!r}; pass --resume to continue it, "
@@ -325,8 +333,9 @@ def prepare(config: SearchConfig) -> Plan:
         )
     fixed = getattr(space, "structure", None)
     if config.structure and fixed and config.structure != fixed:
-        raise AutopruneError(f"--structure {config.structure} does not fit space {config.space!r}, which prunes "
-                             f"{fixed} only")  # fmt: skip
+        raise AutopruneError(
+            f"--structure {config.structure} does not fit space {config.space!r}, which prunes {fixed} only"
+        )
     structure = config.structure or fixed
     scheduler = config.scheduler or spec.scheduler
     if scheduler == "asha" and spec.multi_objective:
@@ -336,8 +345,9 @@ def prepare(config: SearchConfig) -> Plan:
         )
     out = check_output_dir(Path(config.out).resolve() if config.out else path / "best", "--out")
     if not config.engine.checkpoint:
-        check_output_dir(engine.cache_dir(config.engine),
-                         "--cache-dir" if config.engine.cache_dir else "the dense-model cache")  # fmt: skip
+        check_output_dir(
+            engine.cache_dir(config.engine), "--cache-dir" if config.engine.cache_dir else "the dense-model cache"
+        )
     tracking_uri = tracking.resolve_tracking_uri(config.tracking_uri)
     tracking.check_tracking_uri(tracking_uri)
     address = config.address or os.environ.get("RAY_ADDRESS") or None
@@ -349,8 +359,20 @@ def prepare(config: SearchConfig) -> Plan:
         local_gpus = _gpu_count()
         _check_fits(config, local_cpus, local_gpus, "this machine")
     trials = config.trials or DEFAULT_TRIALS
-    return Plan(config, name, path, tracking_uri, address, trials, scheduler, out.resolve(),
-                (structure,) if structure else STRUCTURES, None, local_cpus, local_gpus)  # fmt: skip
+    return Plan(
+        config,
+        name,
+        path,
+        tracking_uri,
+        address,
+        trials,
+        scheduler,
+        out.resolve(),
+        (structure,) if structure else STRUCTURES,
+        None,
+        local_cpus,
+        local_gpus,
+    )
 
 
 def _gpu_count() -> int:
@@ -380,8 +402,10 @@ def _check_address(address: str) -> None:
     try:
         socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
     except OSError as exc:
-        raise AutopruneError(f"no Ray cluster answers at --address {address!r} ({exc}); start one with "
-                             "`ray start --head`, or leave --address out for a local instance") from None  # fmt: skip
+        raise AutopruneError(
+            f"no Ray cluster answers at --address {address!r} ({exc}); start one with "
+            "`ray start --head`, or leave --address out for a local instance"
+        ) from None
 
 
 # ------------------------------------------------------------------ Ray
@@ -400,8 +424,12 @@ def connect(plan: Plan) -> None:
         except (ConnectionError, RuntimeError) as exc:
             raise AutopruneError(f"cannot join the Ray cluster at {plan.address!r}: {exc}") from None
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        _check_fits(plan.config, max((n.get("CPU", 0) for n in nodes), default=0),
-                    max((n.get("GPU", 0) for n in nodes), default=0), "any node of the cluster")  # fmt: skip
+        _check_fits(
+            plan.config,
+            max((n.get("CPU", 0) for n in nodes), default=0),
+            max((n.get("GPU", 0) for n in nodes), default=0),
+            "any node of the cluster",
+        )
         return
     ray.init(address="local", num_cpus=plan.local_cpus, num_gpus=plan.local_gpus, include_dashboard=False, **common)
 
@@ -484,8 +512,9 @@ def pareto_front(records: list[dict], goals: tuple[tuple[str, str], ...]) -> lis
     vecs = [vec(r) for r in done]
     front = []
     for i, v in enumerate(vecs):
-        dominated = any(all(a <= b for a, b in zip(w, v)) and any(a < b for a, b in zip(w, v))
-                        for j, w in enumerate(vecs) if j != i)  # fmt: skip
+        dominated = any(
+            all(a <= b for a, b in zip(w, v)) and any(a < b for a, b in zip(w, v)) for j, w in enumerate(vecs) if j != i
+        )
         if not dominated:
             front.append(done[i])
     return front
@@ -514,16 +543,20 @@ def _records(path: Path, runs: dict[str, Any]) -> list[dict]:
         else:
             status = trial.status.lower()
         run = runs.get(trial.trial_id)
-        records.append({
-            "number": number, "trial_id": trial.trial_id, "status": status,
-            "policy": trial.config.get("policy", {}),
-            "budget_fraction": trial.config.get("budget_fraction"),
-            "metrics": {k: last[k] for k in (*PRUNED_METRICS, "engine_s", "epoch") if k in last},
-            "ratios": last.get("ratios", {}),
-            "node_id": last.get("node_id"),
-            "error": trial_error(trial) if status == "failed" else None,
-            "run_id": run.info.run_id if run else None,
-        })  # fmt: skip
+        records.append(
+            {
+                "number": number,
+                "trial_id": trial.trial_id,
+                "status": status,
+                "policy": trial.config.get("policy", {}),
+                "budget_fraction": trial.config.get("budget_fraction"),
+                "metrics": {k: last[k] for k in (*PRUNED_METRICS, "engine_s", "epoch") if k in last},
+                "ratios": last.get("ratios", {}),
+                "node_id": last.get("node_id"),
+                "error": trial_error(trial) if status == "failed" else None,
+                "run_id": run.info.run_id if run else None,
+            }
+        )
     return records
 
 
@@ -569,15 +602,29 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     concurrency = _concurrency(plan)
     dense = engine.dense_model(task, config.engine, log=say)
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
-    setup = TrialSetup(task, cpu_state(dense),
-                       {k: v for k, v in dense_metrics.items() if k != "test_acc"}, config.budget, config.epochs,
-                       config.engine, config.cpus_per_trial, config.gpus_per_trial,
-                       tracking.load_finals(str(plan.path / COMPLETED)) if config.resume else {})  # fmt: skip
+    setup = TrialSetup(
+        task,
+        cpu_state(dense),
+        {k: v for k, v in dense_metrics.items() if k != "test_acc"},
+        config.budget,
+        config.epochs,
+        config.engine,
+        config.cpus_per_trial,
+        config.gpus_per_trial,
+        tracking.load_finals(str(plan.path / COMPLETED)) if config.resume else {},
+    )
     setup_ref = ray.put(setup)
 
     saved = dataclasses.asdict(config)
-    saved.update(name=plan.name, trials=plan.trials, out=str(plan.out), scheduler=plan.scheduler, concurrency=concurrency,
-                 tracking_uri=plan.tracking_uri, storage=str(plan.path.parent))  # fmt: skip
+    saved.update(
+        name=plan.name,
+        trials=plan.trials,
+        out=str(plan.out),
+        scheduler=plan.scheduler,
+        concurrency=concurrency,
+        tracking_uri=plan.tracking_uri,
+        storage=str(plan.path.parent),
+    )
     experiment_id, run_id = tracking.open_search_run(
         plan.tracking_uri,
         plan.name,
@@ -590,9 +637,13 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     try:
         tracking.log(mlflow, run_id, {f"dense_{k}": v for k, v in _short(dense_metrics).items()})
         plan.path.mkdir(parents=True, exist_ok=True)
-        (plan.path / STATE_FILE).write_text(json.dumps(
-            {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
-            indent=2) + "\n")  # fmt: skip
+        (plan.path / STATE_FILE).write_text(
+            json.dumps(
+                {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
+                indent=2,
+            )
+            + "\n"
+        )
         restore = config.resume and tune.Tuner.can_restore(str(plan.path))
         if config.resume:
             from ray.tune import ExperimentAnalysis
@@ -605,13 +656,16 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
         )
         spec = SEARCHERS.get(config.searcher)
-        say(f"search {plan.name!r}: {plan.trials} trials ({config.searcher} on space {config.space!r}, "
+        say(
+            f"search {plan.name!r}: {plan.trials} trials ({config.searcher} on space {config.space!r}, "
             f"{config.epochs} epoch(s) each, {concurrency} at a time, scheduler {plan.scheduler}), "
-            f"budget {config.budget.kind} {config.budget.fraction:g}")  # fmt: skip
+            f"budget {config.budget.kind} {config.budget.fraction:g}"
+        )
         try:
             if restore:
-                tuner = tune.Tuner.restore(str(plan.path), trainable=trainable, resume_unfinished=True,
-                                           resume_errored=False)  # fmt: skip
+                tuner = tune.Tuner.restore(
+                    str(plan.path), trainable=trainable, resume_unfinished=True, resume_errored=False
+                )
             else:
                 space = partial(define_by_run, config.space, table, config.budget if spec.multi_objective else None)
                 ctx = SearcherContext(space, config, plan.trials, plan.grid)
@@ -619,8 +673,9 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                 if plan.scheduler == "asha":
                     from ray.tune.schedulers import ASHAScheduler
 
-                    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=config.epochs, grace_period=1,
-                                              reduction_factor=2)  # fmt: skip
+                    scheduler = ASHAScheduler(
+                        time_attr="training_iteration", max_t=config.epochs, grace_period=1, reduction_factor=2
+                    )
                 tuner = tune.Tuner(
                     trainable,
                     tune_config=tune.TuneConfig(
@@ -638,15 +693,20 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                         verbose=0,
                         failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                        callbacks=[tracking.TrialLogger(plan.tracking_uri, experiment_id, run_id, str(plan.path / COMPLETED)),
-                                   ProgressLine(plan.trials, config.progress)],
+                        callbacks=[
+                            tracking.TrialLogger(plan.tracking_uri, experiment_id, run_id, str(plan.path / COMPLETED)),
+                            ProgressLine(plan.trials, config.progress),
+                        ],
                     ),
-                )  # fmt: skip
+                )
             tuner.fit()
             tracking.close_writers()
         except BaseException:
-            print(f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
-                  f"--storage {plan.path.parent} --resume", file=sys.stderr)  # fmt: skip
+            print(
+                f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
+                f"--storage {plan.path.parent} --resume",
+                file=sys.stderr,
+            )
             raise
 
         runs = tracking.trial_runs(plan.tracking_uri, experiment_id, run_id)
@@ -677,8 +737,11 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
     config = plan.config
     kind = config.budget.kind
     mlflow = tracking.client(plan.tracking_uri)
-    done = [r for r in records if r["status"] == "completed"
-            and r["metrics"].get(f"{kind}_ratio", math.inf) <= config.budget.fraction + 1e-9]  # fmt: skip
+    done = [
+        r
+        for r in records
+        if r["status"] == "completed" and r["metrics"].get(f"{kind}_ratio", math.inf) <= config.budget.fraction + 1e-9
+    ]
     goals = objectives(kind)
     front = pareto_front(records, goals if SEARCHERS.get(config.searcher).multi_objective else goals[:2])
     counts = {
@@ -710,18 +773,32 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
         policy = Policy.from_dict(fields)
         budget = Budget(kind, best["budget_fraction"] or config.budget.fraction, config.budget.tolerance)
         cfg = dataclasses.replace(config.engine, train_epochs=config.final_epochs)
-        say(f"best trial {best['trial_id']} (val {100 * best['metrics']['val_acc']:.2f}%): re-running it for "
-            f"{config.final_epochs} epoch(s) and testing it")  # fmt: skip
+        say(
+            f"best trial {best['trial_id']} (val {100 * best['metrics']['val_acc']:.2f}%): re-running it for "
+            f"{config.final_epochs} epoch(s) and testing it"
+        )
         final = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True)
         p = final.pruned
         model_path = plan.out / "model.pt"
-        save_model(model_path, final.model, config.engine.task, policy.structure, final.history, policy.to_dict(),
-                   {k: p.get(k) for k in ("val_acc", "test_acc", "flops", "params")}, architecture_key(dense))  # fmt: skip
+        save_model(
+            model_path,
+            final.model,
+            config.engine.task,
+            policy.structure,
+            final.history,
+            policy.to_dict(),
+            {k: p.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
+            architecture_key(dense),
+        )
         policy.to_json(plan.out / "policy.json")
         summary["best"] = {
-            "trial_id": best["trial_id"], "policy": policy.to_dict(), "search_val_acc": best["metrics"]["val_acc"],
-            **{k: p[k] for k in ("test_acc", *PRUNED_METRICS)}, "ratios": final.ratios, "model_path": str(model_path),
-        }  # fmt: skip
+            "trial_id": best["trial_id"],
+            "policy": policy.to_dict(),
+            "search_val_acc": best["metrics"]["val_acc"],
+            **{k: p[k] for k in ("test_acc", *PRUNED_METRICS)},
+            "ratios": final.ratios,
+            "model_path": str(model_path),
+        }
         tracking.log(mlflow, run_id, {f"best_{k}": p[k] for k in ("test_acc", *PRUNED_METRICS)})
         mlflow.set_tag(run_id, "autoprune.best_trial_id", best["trial_id"])
         mlflow.log_artifact(run_id, str(model_path), "best_model")
@@ -730,8 +807,13 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     mlflow.log_artifact(run_id, str(plan.out / "summary.json"))
     tracking.ratio_charts(mlflow, records)
-    mlflow.log_figure(run_id, tracking.scatter_chart(records, [r["trial_id"] for r in front], config.budget.fraction,
-                                                     kind, dense_metrics["val_acc"]), "accuracy_vs_cost.png")  # fmt: skip
+    mlflow.log_figure(
+        run_id,
+        tracking.scatter_chart(
+            records, [r["trial_id"] for r in front], config.budget.fraction, kind, dense_metrics["val_acc"]
+        ),
+        "accuracy_vs_cost.png",
+    )
     mlflow.log_figure(run_id, tracking.criteria_chart(records), "criteria.png")
     mlflow.set_terminated(run_id, status="FINISHED" if model_path else "FAILED")
 
@@ -739,18 +821,31 @@ def finish(plan: Plan, task, dense, dense_metrics, records, experiment_id, run_i
     say(trials_table(records, kind))
     if model_path is None:
         if counts["completed"]:
-            raise AutopruneError(f"no completed trial is within --budget-{kind} {config.budget.fraction:g}; "
-                                 f"see {plan.out / 'summary.json'}")  # fmt: skip
+            raise AutopruneError(
+                f"no completed trial is within --budget-{kind} {config.budget.fraction:g}; "
+                f"see {plan.out / 'summary.json'}"
+            )
         first = next((r["error"] for r in records if r["error"]), "none recorded")
-        raise AutopruneError(f"no trial completed ({counts['failed']} failed; first error: {first}); "
-                             f"see {plan.out / 'summary.json'}")  # fmt: skip
+        raise AutopruneError(
+            f"no trial completed ({counts['failed']} failed; first error: {first}); see {plan.out / 'summary.json'}"
+        )
     say(f"\ndense against the best policy, re-run for {config.final_epochs} epoch(s):")
     say(comparison(dense_metrics, final.pruned))
     say(f"\nbest model: {model_path}  (autoprune evaluate {model_path}{reload_flags(config.engine.task)})")
     say(f"summary:    {plan.out / 'summary.json'}")
     say(f"browse the trials: autoprune ui{_ui_flag(plan.tracking_uri)}")
-    return SearchResult(plan.name, summary, records, front, model_path, plan.out, experiment_id, run_id,
-                        plan.tracking_uri, summary["wall_time_s"])  # fmt: skip
+    return SearchResult(
+        plan.name,
+        summary,
+        records,
+        front,
+        model_path,
+        plan.out,
+        experiment_id,
+        run_id,
+        plan.tracking_uri,
+        summary["wall_time_s"],
+    )
 
 
 def _ui_flag(uri: str) -> str:

@@ -150,8 +150,11 @@ def log(
     from mlflow.entities import Metric, Param, RunTag
 
     now = at_ms if at_ms is not None else int(time.time() * 1000)
-    ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items()
-          if isinstance(v, (int, float)) and not isinstance(v, bool)]  # fmt: skip
+    ms = [
+        Metric(k, float(v), now, step)
+        for k, v in (metrics or {}).items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    ]
     ps = [Param(k, v) for k, v in (params or {}).items()]
     ts = [RunTag(k, v) for k, v in (tags or {}).items()]
     while ms or ps or ts:
@@ -186,8 +189,7 @@ def trial_runs(uri: str, experiment_id: str, parent: str) -> dict[str, Any]:
     mlflow = client(uri)
     found, token = {}, None
     while True:
-        page = mlflow.search_runs([experiment_id], f"tags.`{PARENT}` = '{parent}'", max_results=1000,
-                                  page_token=token)  # fmt: skip
+        page = mlflow.search_runs([experiment_id], f"tags.`{PARENT}` = '{parent}'", max_results=1000, page_token=token)
         for run in page:
             found[run.data.tags.get(TRIAL_ID)] = run
         token = page.token
@@ -462,8 +464,13 @@ def scatter_chart(records: list[dict], front: list[str], budget: float, kind: st
     ax = fig.subplots()
     done = [r for r in records if r["status"] == "completed"]
     key = f"{kind}_ratio"
-    ax.scatter([r["metrics"][key] for r in done], [100 * r["metrics"]["val_acc"] for r in done],
-               c="#999999", s=22, label="trial")  # fmt: skip
+    ax.scatter(
+        [r["metrics"][key] for r in done],
+        [100 * r["metrics"]["val_acc"] for r in done],
+        c="#999999",
+        s=22,
+        label="trial",
+    )
     pts = sorted((r["metrics"][key], 100 * r["metrics"]["val_acc"]) for r in done if r["trial_id"] in front)
     if pts:
         ax.plot(*zip(*pts), "o-", color="#c44e52", ms=6, label="Pareto front")
@@ -502,8 +509,11 @@ def drop_unfinished(uri: str, experiment_id: str, parent: str, known: set[str]) 
     runs of trials Tune's last snapshot does not know (``known``: they will not be resumed;
     new trials take their place)."""
     mlflow = client(uri)
-    stale = [r for tid, r in trial_runs(uri, experiment_id, parent).items()
-             if r.info.status not in ("FINISHED", "FAILED") or tid not in known]  # fmt: skip
+    stale = [
+        r
+        for tid, r in trial_runs(uri, experiment_id, parent).items()
+        if r.info.status not in ("FINISHED", "FAILED") or tid not in known
+    ]
     for run in stale:
         mlflow.delete_run(run.info.run_id)
     return len(stale)

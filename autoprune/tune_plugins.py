@@ -71,8 +71,11 @@ class ProgressLine(Callback):
         done = sum(t.status == "TERMINATED" for t in trials)
         failed = sum(t.status == "ERROR" for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
-        accs = [t.last_result["val_acc"] for t in trials
-                if t.status == "TERMINATED" and (t.last_result or {}).get("flops_ratio") is not None]  # fmt: skip
+        accs = [
+            t.last_result["val_acc"]
+            for t in trials
+            if t.status == "TERMINATED" and (t.last_result or {}).get("flops_ratio") is not None
+        ]
         best = f"best val {100 * max(accs):.2f}%" if accs else "best val -"
         elapsed = time.time() - self.t0
         left = max(0, self.total - done - failed)

@@ -206,8 +206,15 @@ def fwd_bwd(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 def make_context(setup: Setup, criterion: Criterion, device: torch.device) -> ScoreContext:
     structure = "channel" if criterion.name in CHANNEL_ONLY else "unstructured"
     data = [(x.to(device), y.to(device)) for x, y in setup.data] if criterion.needs_data else None
-    return ScoreContext(model=setup.model, modules=scored_modules(setup.model), data=data, seed=0,
-                        structure=structure, example=setup.ref[0].to(device), density=DENSITY)  # fmt: skip
+    return ScoreContext(
+        model=setup.model,
+        modules=scored_modules(setup.model),
+        data=data,
+        seed=0,
+        structure=structure,
+        example=setup.ref[0].to(device),
+        density=DENSITY,
+    )
 
 
 def check_scores(name: str, model: nn.Module, scores: dict[str, torch.Tensor], before, flags) -> list[str]:
@@ -229,8 +236,12 @@ def check_scores(name: str, model: nn.Module, scores: dict[str, torch.Tensor], b
 def measure(setup: Setup, names: list[str], args: argparse.Namespace, device: torch.device) -> Result:
     model = setup.model
     x, y = (t.to(device) for t in setup.ref)
-    result = Result(setup.name, sum(p.numel() for p in model.parameters()),
-                    sum(m.weight.numel() for m in scored_modules(model).values()), setup.describe)  # fmt: skip
+    result = Result(
+        setup.name,
+        sum(p.numel() for p in model.parameters()),
+        sum(m.weight.numel() for m in scored_modules(model).values()),
+        setup.describe,
+    )
     criteria = {n: make_criterion(n) for n in names}
     contexts = {n: make_context(setup, c, device) for n, c in criteria.items()}
 
@@ -290,8 +301,10 @@ def print_model(res: Result, names: list[str]) -> None:
     print(f"\n### {res.name}: {res.params / 1e6:.2f} M parameters, {res.scored / 1e6:.2f} M scored conv/linear weights")
     print(f"scoring data: {res.describe}")
     spread = max(res.ref_times) / min(res.ref_times)
-    print(f"reference: one forward+backward pass, batch {BATCH}, median of {len(res.ref_times)} passes "
-          f"(max/min of the passes {spread:.2f}: a noise indication)\n")  # fmt: skip
+    print(
+        f"reference: one forward+backward pass, batch {BATCH}, median of {len(res.ref_times)} passes "
+        f"(max/min of the passes {spread:.2f}: a noise indication)\n"
+    )
     print("| criterion | scoring time (s) | × fwd+bwd | peak extra memory (MB) |")
     print("|---|---|---|---|")
     print(f"| (fwd+bwd, batch {BATCH}) | {res.ref:.4f} | 1.00 | {fmt_mem(res.ref_mem)} |")
@@ -303,10 +316,18 @@ def print_model(res: Result, names: list[str]) -> None:
 
 def print_growth(small: Result, big: Result, names: list[str]) -> None:
     ratio = big.params / small.params
-    print(f"\n### growth {small.name} → {big.name}: params ratio {ratio:.2f}x "
-          f"({big.params / 1e6:.2f} M / {small.params / 1e6:.2f} M)\n")  # fmt: skip
-    head = ["criterion", f"time {small.name} (s)", f"time {big.name} (s)", "growth (time ratio)",
-            "params ratio", "growth / params ratio"]  # fmt: skip
+    print(
+        f"\n### growth {small.name} → {big.name}: params ratio {ratio:.2f}x "
+        f"({big.params / 1e6:.2f} M / {small.params / 1e6:.2f} M)\n"
+    )
+    head = [
+        "criterion",
+        f"time {small.name} (s)",
+        f"time {big.name} (s)",
+        "growth (time ratio)",
+        "params ratio",
+        "growth / params ratio",
+    ]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     rows = [("(fwd+bwd)", small.ref, big.ref)] + [(n, small.time(n), big.time(n)) for n in names]
@@ -317,8 +338,11 @@ def print_growth(small: Result, big: Result, names: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet18,resnet50,default",
-                        help="comma-separated: torchvision names and/or 'default' (the digits task's model)")  # fmt: skip
+    parser.add_argument(
+        "--models",
+        default="resnet18,resnet50,default",
+        help="comma-separated: torchvision names and/or 'default' (the digits task's model)",
+    )
     parser.add_argument("--criteria", default="all", help="comma-separated criterion names, or 'all'")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per criterion (median)")
     parser.add_argument(
@@ -326,9 +350,13 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument("--default-data", choices=("batch", "scoring"), default="batch",
-                        help="default model's scoring data: one 64-sample training batch, or "
-                        "engine.scoring_batches(task, 10, 0) (100 samples, 2 batches)")  # fmt: skip
+    parser.add_argument(
+        "--default-data",
+        choices=("batch", "scoring"),
+        default="batch",
+        help="default model's scoring data: one 64-sample training batch, or "
+        "engine.scoring_batches(task, 10, 0) (100 samples, 2 batches)",
+    )
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
@@ -341,14 +369,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
-    print(f"CPU: {cpu_name()}; os.cpu_count() = {os.cpu_count()}, usable here = {usable}; "
-          f"torch threads: {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"CPU: {cpu_name()}; os.cpu_count() = {os.cpu_count()}, usable here = {usable}; "
+        f"torch threads: {torch.get_num_threads()}"
+    )
     if device.type == "cuda":
         print(f"device: {device} ({torch.cuda.get_device_name(device)}), timings bracketed by CUDA synchronisation")
     else:
         print("device: cpu")
-    print(f"criteria: {', '.join(names)}; structure unstructured except {', '.join(CHANNEL_ONLY)} (channel); "
-          f"density {DENSITY} (synflow); default options")  # fmt: skip
+    print(
+        f"criteria: {', '.join(names)}; structure unstructured except {', '.join(CHANNEL_ONLY)} (channel); "
+        f"density {DENSITY} (synflow); default options"
+    )
     print(f"warm-up {args.warmup}, repeats {args.repeats} (median); reference pass before every timed call")
     print(f"{load()} at the start (other processes on the machine make timings noisy)")
 

@@ -53,8 +53,16 @@ def make_model() -> nn.Module:
 def make_task(size: int) -> Task:
     """A real Task around resnet18; magnitude pruning needs no data, so the splits are dummies."""
     dummy = TensorDataset(torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long))
-    return Task(name="bench", model_name="resnet18", model_factory=make_model, train=dummy,
-                val=dummy, test=dummy, input_shape=(3, size, size), num_classes=1000)  # fmt: skip
+    return Task(
+        name="bench",
+        model_name="resnet18",
+        model_factory=make_model,
+        train=dummy,
+        val=dummy,
+        test=dummy,
+        input_shape=(3, size, size),
+        num_classes=1000,
+    )
 
 
 def build_models(task: Task, dense: nn.Module) -> list[tuple[str, str, nn.Module]]:
@@ -90,8 +98,9 @@ def time_interleaved(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch intra-op threads (default: all cores)")  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads (default: all cores)"
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per model and batch")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per model and batch")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -103,11 +112,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"Python {platform.python_version()}")  # fmt: skip
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
     print(f"CPU: {cpu_name()}; os.cpu_count() = {os.cpu_count()}, usable here = {usable}")
-    print(f"torch threads used for timing: {args.threads}; "
-          f"MKLDNN available: {torch.backends.mkldnn.is_available()}")  # fmt: skip
+    print(f"torch threads used for timing: {args.threads}; MKLDNN available: {torch.backends.mkldnn.is_available()}")
     print(
         f"input {args.image_size}x{args.image_size}; batches {args.batches}; warm-up "
         f"{args.warmup}, repeats {args.repeats} (median), interleaved pass by pass\n"
@@ -139,8 +146,7 @@ def main() -> None:
             row += [f"{latency[b][i]:.2f}", f"{latency[b][0] / latency[b][i]:.2f}x"]
         row.append(f"{1 / flops_ratio:.2f}x")
         print("| " + " | ".join(row) + " |")
-    print(f"\ndense: {base.flops / 1e9:.3f} GFLOPs per sample (fvcore), "
-          f"{base.params / 1e6:.2f} M params")  # fmt: skip
+    print(f"\ndense: {base.flops / 1e9:.3f} GFLOPs per sample (fvcore), {base.params / 1e6:.2f} M params")
 
 
 if __name__ == "__main__":

@@ -102,8 +102,15 @@ def classifier_name(model) -> str:
 def policy_for(protocol: str, criterion: str, warmup: bool):
     from autoprune.config import FinetuneConfig, Policy
 
-    common = dict(structure="unstructured", criterion=criterion, scope="global", method="init", max_ratio=1.0,
-                  bn_warmup=warmup, finetune=FinetuneConfig(epochs=0))  # fmt: skip
+    common = dict(
+        structure="unstructured",
+        criterion=criterion,
+        scope="global",
+        method="init",
+        max_ratio=1.0,
+        bn_warmup=warmup,
+        finetune=FinetuneConfig(epochs=0),
+    )
     if protocol == "study":
         return Policy(**common, keep_types=["linear"], bn_warmup_mode="train")
     return Policy(**common, bn_warmup_mode="scoring")
@@ -116,17 +123,29 @@ def one_run(job: dict) -> dict:
     from autoprune import engine
     from autoprune.config import Budget, EngineConfig, FinetuneConfig, MeasureConfig
 
-    cfg = EngineConfig(seed=job["seed"], train_epochs=job["epochs"], progress=False, device="cpu",
-                       measure=MeasureConfig(batch_sizes=(1,), warmup=1, repeats=1))  # fmt: skip
+    cfg = EngineConfig(
+        seed=job["seed"],
+        train_epochs=job["epochs"],
+        progress=False,
+        device="cpu",
+        measure=MeasureConfig(batch_sizes=(1,), warmup=1, repeats=1),
+    )
     task = build_task(job["task"])
     t0 = time.perf_counter()
     if job["criterion"] == "dense":
         engine.seed_everything(job["seed"])
         model = task.model_factory()
-        engine.train(model, task, FinetuneConfig(epochs=job["epochs"], lr=task.train_lr), job["seed"],
-                     torch.device("cpu"))  # fmt: skip
-        return {**job, "test_acc": engine.evaluate(model, task.loader("test")), "empty": [],
-                "classifier_empty": False, "reached": 0.0, "seconds": time.perf_counter() - t0}  # fmt: skip
+        engine.train(
+            model, task, FinetuneConfig(epochs=job["epochs"], lr=task.train_lr), job["seed"], torch.device("cpu")
+        )
+        return {
+            **job,
+            "test_acc": engine.evaluate(model, task.loader("test")),
+            "empty": [],
+            "classifier_empty": False,
+            "reached": 0.0,
+            "seconds": time.perf_counter() - t0,
+        }
     fresh = task.model_factory()
     budget = Budget("params", budget_fraction(fresh, job["sparsity"], job["protocol"]), tolerance=0.002)
     policy = policy_for(job["protocol"], job["criterion"], job["warmup"])
@@ -135,9 +154,15 @@ def one_run(job: dict) -> dict:
     zeros = sum(int((w == 0).sum()) for w in weights)
     fc = classifier_name(result.model)
     fc_empty = fc in result.collapse["empty"] or not result.model.get_submodule(fc).weight.any()
-    return {**job, "test_acc": result.pruned["test_acc"], "empty": list(result.collapse["empty"]),
-            "classifier_empty": bool(fc_empty), "reached": zeros / sum(w.numel() for w in weights),
-            "params_ratio": result.pruned["params_ratio"], "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {
+        **job,
+        "test_acc": result.pruned["test_acc"],
+        "empty": list(result.collapse["empty"]),
+        "classifier_empty": bool(fc_empty),
+        "reached": zeros / sum(w.numel() for w in weights),
+        "params_ratio": result.pruned["params_ratio"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _fmt(values: list[float]) -> str:
@@ -181,8 +206,9 @@ def print_table(results: list[dict], protocol: str, criteria: list[str], sparsit
         print(f"| {c} | " + " | ".join(cells) + " |")
     for sp in sparsities:
         reached = [r["reached"] for r in mine if r["sparsity"] == sp]
-        print(f"# {_pct(sp)}: reached sparsity of the maskable weights {100 * min(reached):.2f}-"
-              f"{100 * max(reached):.2f}%")  # fmt: skip
+        print(
+            f"# {_pct(sp)}: reached sparsity of the maskable weights {100 * min(reached):.2f}-{100 * max(reached):.2f}%"
+        )
     emptied = sorted({name for r in mine for name in r["empty"]})
     if emptied:
         print(f"# layers emptied in some run: {', '.join(emptied)}")
@@ -191,8 +217,13 @@ def print_table(results: list[dict], protocol: str, criteria: list[str], sparsit
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=TASKS, default="digits")
-    p.add_argument("--protocol", "--protocols", dest="protocols", default="autoprune",
-                   help="study, autoprune, or both comma-separated (one table each)")  # fmt: skip
+    p.add_argument(
+        "--protocol",
+        "--protocols",
+        dest="protocols",
+        default="autoprune",
+        help="study, autoprune, or both comma-separated (one table each)",
+    )
     p.add_argument("--criteria", default=",".join(CRITERIA))
     p.add_argument("--sparsities", default=",".join(str(s) for s in SPARSITIES))
     p.add_argument("--seeds", type=int, default=3)
@@ -214,8 +245,10 @@ def main() -> None:
         epochs = task.train_epochs
 
     base = {"task": args.task, "epochs": epochs}
-    jobs = [{**base, "protocol": None, "criterion": "dense", "sparsity": 0.0, "warmup": False, "seed": s}
-            for s in range(seeds)]  # fmt: skip
+    jobs = [
+        {**base, "protocol": None, "criterion": "dense", "sparsity": 0.0, "warmup": False, "seed": s}
+        for s in range(seeds)
+    ]
     jobs += [
         {**base, "protocol": pr, "criterion": c, "sparsity": sp, "warmup": w, "seed": s}
         for pr in protocols
@@ -229,15 +262,21 @@ def main() -> None:
 
     model = task.model_factory()
     total = sum(p.numel() for p in model.parameters())
-    print(f"# pruning at initialisation: task {args.task} ({task.model_name}, {total:,} parameters), "
-          f"protocol(s) {', '.join(protocols)}, {epochs} epochs from scratch, seeds 0..{seeds - 1}")  # fmt: skip
+    print(
+        f"# pruning at initialisation: task {args.task} ({task.model_name}, {total:,} parameters), "
+        f"protocol(s) {', '.join(protocols)}, {epochs} epochs from scratch, seeds 0..{seeds - 1}"
+    )
     for pr in protocols:
         maskable = sum(w.numel() for w in maskable_weights(model, pr))
         budgets = ", ".join(f"{_pct(sp)} -> {budget_fraction(model, sp, pr):.4f}" for sp in sparsities)
-        print(f"# {pr}: {maskable:,} maskable weights ({100 * maskable / total:.1f}% of the parameters); "
-              f"params budget {budgets}")  # fmt: skip
-    print(f"# {cpu_name()}, {os.cpu_count()} cores, {args.workers} worker(s) of 1 thread, "
-          f"torch {torch.__version__}, {len(jobs)} runs")  # fmt: skip
+        print(
+            f"# {pr}: {maskable:,} maskable weights ({100 * maskable / total:.1f}% of the parameters); "
+            f"params budget {budgets}"
+        )
+    print(
+        f"# {cpu_name()}, {os.cpu_count()} cores, {args.workers} worker(s) of 1 thread, "
+        f"torch {torch.__version__}, {len(jobs)} runs"
+    )
     t0 = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -251,8 +290,10 @@ def main() -> None:
     for pr in protocols:
         print_table(results, pr, criteria, sparsities)
     secs = [r["seconds"] for r in results]
-    print("\n# test accuracy %, mean ± std over seeds; '(n collapsed)': runs in which a layer was emptied, "
-          "'(m classifier emptied)': of those, runs in which the classifier (last Linear) was")  # fmt: skip
+    print(
+        "\n# test accuracy %, mean ± std over seeds; '(n collapsed)': runs in which a layer was emptied, "
+        "'(m classifier emptied)': of those, runs in which the classifier (last Linear) was"
+    )
     print(f"# wall time {time.perf_counter() - t0:.0f} s; median run {statistics.median(secs):.1f} s")
 
 

@@ -51,8 +51,10 @@ def main() -> None:
     torch.set_num_threads(1)
     task = build_task(args.task)
     variants = [("none", False, "scoring"), ("scoring", True, "scoring"), ("train", True, "train")]
-    print(f"# kept fraction per layer at initialisation: task {args.task}, protocol {args.protocol}, "
-          f"sparsity {args.sparsity:g}, seed {args.seed}; warm-up none / scoring subset / training pass")  # fmt: skip
+    print(
+        f"# kept fraction per layer at initialisation: task {args.task}, protocol {args.protocol}, "
+        f"sparsity {args.sparsity:g}, seed {args.seed}; warm-up none / scoring subset / training pass"
+    )
     for criterion in args.criteria.split(","):
         cols = {v: densities(task, criterion, args.protocol, args.sparsity, w, m, args.seed) for v, w, m in variants}
         layers = list(cols["none"])

@@ -55,11 +55,22 @@ def one(root: Path, concurrency: int, trials: int, epochs: int) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     name = f"bench-c{concurrency}"
-    result = autoprune.search(SearchConfig(
-        name=name, budget=Budget("flops", 0.5), searcher="random", trials=trials, epochs=epochs, final_epochs=1,
-        concurrency=concurrency, scheduler="none", storage=str(root / "results"), tracking_uri=uri,
-        engine=EngineConfig(progress=False), progress=False,
-    ))  # fmt: skip
+    result = autoprune.search(
+        SearchConfig(
+            name=name,
+            budget=Budget("flops", 0.5),
+            searcher="random",
+            trials=trials,
+            epochs=epochs,
+            final_epochs=1,
+            concurrency=concurrency,
+            scheduler="none",
+            storage=str(root / "results"),
+            tracking_uri=uri,
+            engine=EngineConfig(progress=False),
+            progress=False,
+        )
+    )
     client = MlflowClient(uri)
     runs = sorted((client.get_run(r["run_id"]) for r in result.trials if r["run_id"]), key=lambda r: r.info.start_time)
     wall = [r.data.metrics["trial_wall_s"] for r in runs]
@@ -98,24 +109,34 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     cores = len(os.sched_getaffinity(0))
     print(f"\nmachine: {cpu_name()}, {cores} cores, Python {platform.python_version()}")
-    print(f"default task, default space, random searcher, {args.trials} trials x {args.epochs} epochs, no early stop, "
-          f"{args.repeats} pair(s) of searches")  # fmt: skip
-    print(f"{'pair':>4} {'concurrency':>11} {'trials':>6} {'engine s':>9} {'wall s':>7} {'overhead':>9} "
-          f"{'after start-up':>14} {'span s':>7} {'span overhead':>13} {'trials/min':>10} {'steady trials/min':>17}")  # fmt: skip
+    print(
+        f"default task, default space, random searcher, {args.trials} trials x {args.epochs} epochs, no early stop, "
+        f"{args.repeats} pair(s) of searches"
+    )
+    print(
+        f"{'pair':>4} {'concurrency':>11} {'trials':>6} {'engine s':>9} {'wall s':>7} {'overhead':>9} "
+        f"{'after start-up':>14} {'span s':>7} {'span overhead':>13} {'trials/min':>10} {'steady trials/min':>17}"
+    )
     for i, rows in enumerate(pairs, 1):
         for r in rows:
             span_over = f"{100 * r['span_overhead']:.1f}%" if r["concurrency"] == 1 else "-"
-            print(f"{i:>4} {r['concurrency']:>11} {r['trials']:>6} {r['mean_engine_s']:>9.2f} {r['mean_wall_s']:>7.2f} "
-                  f"{100 * r['overhead']:>8.1f}% {100 * r['overhead_warm']:>13.1f}% {r['span_s']:>7.1f} {span_over:>13} "
-                  f"{r['per_min']:>10.1f} {r['steady_per_min']:>17.1f}")  # fmt: skip
+            print(
+                f"{i:>4} {r['concurrency']:>11} {r['trials']:>6} {r['mean_engine_s']:>9.2f} {r['mean_wall_s']:>7.2f} "
+                f"{100 * r['overhead']:>8.1f}% {100 * r['overhead_warm']:>13.1f}% {r['span_s']:>7.1f} {span_over:>13} "
+                f"{r['per_min']:>10.1f} {r['steady_per_min']:>17.1f}"
+            )
     overhead = [rows[0]["overhead"] for rows in pairs]
     warm = [rows[0]["overhead_warm"] for rows in pairs]
     scaling = [rows[1]["per_min"] / rows[0]["per_min"] for rows in pairs]
     steady = [rows[1]["steady_per_min"] / rows[0]["steady_per_min"] for rows in pairs]
-    print(f"per-trial overhead at concurrency 1: median {100 * median(overhead):.1f}% "
-          f"({_each(overhead, '{:.1%}')}), after start-up {100 * median(warm):.1f}%")  # fmt: skip
-    print(f"scaling, concurrency 2 over 1: median {median(scaling):.2f}x trials per minute ({_each(scaling, '{:.2f}x')}), "
-          f"{median(steady):.2f}x in steady state")  # fmt: skip
+    print(
+        f"per-trial overhead at concurrency 1: median {100 * median(overhead):.1f}% "
+        f"({_each(overhead, '{:.1%}')}), after start-up {100 * median(warm):.1f}%"
+    )
+    print(
+        f"scaling, concurrency 2 over 1: median {median(scaling):.2f}x trials per minute ({_each(scaling, '{:.2f}x')}), "
+        f"{median(steady):.2f}x in steady state"
+    )
 
 
 def _each(values: list[float], fmt: str) -> str:

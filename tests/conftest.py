@@ -20,9 +20,11 @@ from autoprune.config import EngineConfig, MeasureConfig, TaskConfig  # noqa: E4
 @pytest.fixture(scope="session")
 def engine_cfg() -> EngineConfig:
     return EngineConfig(
-        task=TaskConfig(), cache_dir=_CACHE, progress=False,
+        task=TaskConfig(),
+        cache_dir=_CACHE,
+        progress=False,
         measure=MeasureConfig(batch_sizes=(1, 8), warmup=2, repeats=5),
-    )  # fmt: skip
+    )
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +57,13 @@ def cli():
 
     def run(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600):
         return subprocess.run(
-            [str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+            [str(exe), *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
             env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        )
 
     return run
 

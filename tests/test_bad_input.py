@@ -113,8 +113,16 @@ def _hostile_cifar(name: str) -> callable:
 
 def _cifar_model(d: Path, model: Path) -> None:
     """A model whose record points at a hostile CIFAR folder: loading it must not read it."""
-    _edited_model("task", {"name": "cifar10", "model": None, "data_dir": str(_cifar_files(d, "batches.meta")),
-                           "image_size": None, "batch_size": 64})(d, model)  # fmt: skip
+    _edited_model(
+        "task",
+        {
+            "name": "cifar10",
+            "model": None,
+            "data_dir": str(_cifar_files(d, "batches.meta")),
+            "image_size": None,
+            "batch_size": 64,
+        },
+    )(d, model)
 
 
 def _image_folder(classes: int) -> callable:
@@ -143,8 +151,13 @@ def _saved_search(d: Path, model: Path) -> None:
     from autoprune.config import SearchConfig
 
     saved = dataclasses.asdict(SearchConfig(name="old", trials=2))
-    saved.update(out=str(d / "res" / "old" / "best"), scheduler="asha", concurrency=1,
-                 tracking_uri=f"sqlite:///{d / 'mlflow.db'}", storage=str(d / "res"))  # fmt: skip
+    saved.update(
+        out=str(d / "res" / "old" / "best"),
+        scheduler="asha",
+        concurrency=1,
+        tracking_uri=f"sqlite:///{d / 'mlflow.db'}",
+        storage=str(d / "res"),
+    )
     (d / "res" / "old").mkdir(parents=True)
     (d / "res" / "old" / "autoprune-search.json").write_text(json.dumps({"config": saved}))
 
@@ -161,46 +174,86 @@ ROWS = [
     ("budget-negative", [*PRUNE, "--budget-params", "-1"], ["-1", "(0, 1]"], None),
     ("budget-not-a-number", [*PRUNE, "--budget-flops", "half"], ["--budget-flops", "'half'"], None),
     ("budget-unreachable-channel", [*PRUNE, "--budget-flops", "0.01"], ["unreachable", "smallest reachable"], None),
-    ("budget-unreachable-masks", [*PRUNE, "--structure", "unstructured", "--budget-flops", "0.05"],
-     ["unreachable", "unstructured"], None),
+    (
+        "budget-unreachable-masks",
+        [*PRUNE, "--structure", "unstructured", "--budget-flops", "0.05"],
+        ["unreachable", "unstructured"],
+        None,
+    ),
     # names
     ("criterion", [*PRUNE, "--criterion", "psychic"], ["psychic", "magnitude", "random"], None),
     ("task", [*PRUNE, "--task", "mnist"], ["mnist", "digits", "cifar10", "imagefolder"], None),
     ("model", [*PRUNE, "--model", "vgg16"], ["vgg16", "digits_resnet"], None),
     ("method", [*PRUNE, "--method", "lottery"], ["lottery", "gradual", "init", "iterative", "oneshot"], None),
     ("structure-choice", [*PRUNE, "--structure", "blocks"], ["--structure", "'blocks'", "channel"], None),
-    ("criterion-structure", [*PRUNE, "--criterion", "fpgm", "--structure", "unstructured"],
-     ["fpgm", "channel", "unstructured"], None),
+    (
+        "criterion-structure",
+        [*PRUNE, "--criterion", "fpgm", "--structure", "unstructured"],
+        ["fpgm", "channel", "unstructured"],
+        None,
+    ),
     ("user-task-missing", [*PRUNE, "--task", "nosuchpkg.mod:fn"], ["nosuchpkg.mod"], None),
-    ("imagefolder-model", [*PRUNE, "--task", "imagefolder", "--model", "nonet", "--data-dir", "{d}"],
-     ["nonet", "resnet18"], None),
+    (
+        "imagefolder-model",
+        [*PRUNE, "--task", "imagefolder", "--model", "nonet", "--data-dir", "{d}"],
+        ["nonet", "resnet18"],
+        None,
+    ),
     # criterion options and policy fields
-    ("option-unknown", [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "probe=3"],
-     ["probe", "probes", "temperature"], None),
+    (
+        "option-unknown",
+        [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "probe=3"],
+        ["probe", "probes", "temperature"],
+        None,
+    ),
     ("option-range", [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "probes=0"], ["probes", "> 0"], None),
     ("option-form", [*PRUNE, "--criterion-option", "p"], ["KEY=VALUE"], None),
     ("option-value", [*PRUNE, "--criterion-option", "p=3"], ["p must be 1", "2"], None),
     ("iterations", [*PRUNE, "--method", "iterative", "--iterations", "0"], ["--iterations", ">= 1", "0"], None),
     ("keep-glob", [*PRUNE, "--keep", "head*"], ["--keep 'head*'", "stem.0"], None),
     ("keep-types", [*PRUNE, "--keep-types", "lin"], ["--keep-types", "'lin'", "linear"], None),
-    ("keep-everything", [*PRUNE, "--structure", "unstructured", "--keep-types", "conv,linear"],
-     ["nothing is left to prune"], None),
+    (
+        "keep-everything",
+        [*PRUNE, "--structure", "unstructured", "--keep-types", "conv,linear"],
+        ["nothing is left to prune"],
+        None,
+    ),
     ("warmup-mode", [*PRUNE, "--bn-warmup-mode", "study"], ["--bn-warmup-mode", "'study'"], None),
     ("per-layer-without-ratios", [*PRUNE, "--scope", "per_layer"], ["ratios"], None),
     ("max-ratio", [*PRUNE, "--max-ratio", "1.5"], ["--max-ratio", "(0, 1]", "1.5"], None),
     ("lr", [*PRUNE, "--lr", "0"], ["--lr", "> 0", "0"], None),
     ("finetune-epochs", [*PRUNE, "--finetune-epochs", "-1"], ["--finetune-epochs", ">= 0", "-1"], None),
-    ("policy-bool-as-text", [*PRUNE, "--policy", "{d}/p.json"], ["bn_warmup", "'yes'", "true or false"],
-     _json("p.json", {"bn_warmup": "yes"})),
-    ("policy-bool-as-false-text", [*PRUNE, "--policy", "{d}/p.json"], ["bn_warmup", "'false'"],
-     _json("p.json", {"bn_warmup": "false"})),
-    ("policy-ratio-type", [*PRUNE, "--policy", "{d}/p.json"], ["ratios", "'half'"],
-     _json("p.json", {"scope": "per_layer", "ratios": {"layers.0.conv1": "half"}})),
+    (
+        "policy-bool-as-text",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["bn_warmup", "'yes'", "true or false"],
+        _json("p.json", {"bn_warmup": "yes"}),
+    ),
+    (
+        "policy-bool-as-false-text",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["bn_warmup", "'false'"],
+        _json("p.json", {"bn_warmup": "false"}),
+    ),
+    (
+        "policy-ratio-type",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["ratios", "'half'"],
+        _json("p.json", {"scope": "per_layer", "ratios": {"layers.0.conv1": "half"}}),
+    ),
     ("policy-not-json", [*PRUNE, "--policy", "{d}/p.json"], ["not valid JSON", "p.json"], _json("p.json", "{no")),
-    ("policy-unknown-key", [*PRUNE, "--policy", "{d}/p.json"], ["sparsity", "criterion"],
-     _json("p.json", {"sparsity": 0.5})),
-    ("policy-unknown-group", [*PRUNE, "--policy", "{d}/p.json"], ["layers.9.conv1", "stem.0"],
-     _json("p.json", {"scope": "per_layer", "ratios": {"layers.9.conv1": 0.5}})),
+    (
+        "policy-unknown-key",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["sparsity", "criterion"],
+        _json("p.json", {"sparsity": 0.5}),
+    ),
+    (
+        "policy-unknown-group",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["layers.9.conv1", "stem.0"],
+        _json("p.json", {"scope": "per_layer", "ratios": {"layers.9.conv1": 0.5}}),
+    ),
     # numbers
     ("batch-size", [*PRUNE, "--batch-size", "0"], ["--batch-size", ">= 1", "0"], None),
     ("threads", [*PRUNE, "--threads", "0"], ["--threads", ">= 1", "0"], None),
@@ -211,82 +264,160 @@ ROWS = [
     ("seed", [*PRUNE, "--seed", "-1"], ["--seed", ">= 0"], None),
     # data
     ("data-dir-missing", [*PRUNE, "--task", "imagefolder", "--model", "resnet18"], ["--data-dir"], None),
-    ("data-dir-absent", [*PRUNE, "--task", "cifar10", "--data-dir", "/no/such/dir"],
-     ["/no/such/dir", "does not exist"], None),
-    ("one-class-folder", [*PRUNE, "--task", "imagefolder", "--data-dir", "{d}/img", "--image-size", "16"],
-     ["class"], _image_folder(1)),
-    ("cifar-meta-runs-code", [*PRUNE, "--task", "cifar10", "--data-dir", "{d}/cifar"], ["batches.meta", "open"],
-     _hostile_cifar("batches.meta")),
-    ("cifar-batch-runs-code", [*PRUNE, "--task", "cifar10", "--data-dir", "{d}/cifar"], ["data_batch_1", "open"],
-     _hostile_cifar("data_batch_1")),
+    (
+        "data-dir-absent",
+        [*PRUNE, "--task", "cifar10", "--data-dir", "/no/such/dir"],
+        ["/no/such/dir", "does not exist"],
+        None,
+    ),
+    (
+        "one-class-folder",
+        [*PRUNE, "--task", "imagefolder", "--data-dir", "{d}/img", "--image-size", "16"],
+        ["class"],
+        _image_folder(1),
+    ),
+    (
+        "cifar-meta-runs-code",
+        [*PRUNE, "--task", "cifar10", "--data-dir", "{d}/cifar"],
+        ["batches.meta", "open"],
+        _hostile_cifar("batches.meta"),
+    ),
+    (
+        "cifar-batch-runs-code",
+        [*PRUNE, "--task", "cifar10", "--data-dir", "{d}/cifar"],
+        ["data_batch_1", "open"],
+        _hostile_cifar("data_batch_1"),
+    ),
     # checkpoints
     ("checkpoint-absent", [*PRUNE, "--checkpoint", "/no/such.pt"], ["/no/such.pt", "does not exist"], None),
     ("checkpoint-directory", [*PRUNE, "--checkpoint", "{d}"], ["--checkpoint", "is a directory"], None),
     ("checkpoint-empty", [*PRUNE, "--checkpoint", "{d}/e.pt"], ["e.pt", "empty"], _file("e.pt")),
-    ("checkpoint-garbage", [*PRUNE, "--checkpoint", "{d}/g.pt"], ["g.pt", "not a readable torch file"],
-     _file("g.pt", b"not a torch file at all")),
-    ("checkpoint-runs-code", [*PRUNE, "--checkpoint", "{d}/code.pt"], ["code.pt", "asks to load", "open"],
-     _code_pickle),
-    ("checkpoint-other-model", [*PRUNE, "--checkpoint", "{d}/r20.pt"], ["missing", "unexpected", "shape"],
-     _other_arch),
+    (
+        "checkpoint-garbage",
+        [*PRUNE, "--checkpoint", "{d}/g.pt"],
+        ["g.pt", "not a readable torch file"],
+        _file("g.pt", b"not a torch file at all"),
+    ),
+    (
+        "checkpoint-runs-code",
+        [*PRUNE, "--checkpoint", "{d}/code.pt"],
+        ["code.pt", "asks to load", "open"],
+        _code_pickle,
+    ),
+    ("checkpoint-other-model", [*PRUNE, "--checkpoint", "{d}/r20.pt"], ["missing", "unexpected", "shape"], _other_arch),
     # output locations
     ("out-unwritable", ["prune", "--out", "/proc/nonexist/out"], ["/proc/nonexist/out", "not writable"], None),
     ("out-is-a-file", ["prune", "--out", "{d}/f"], ["{d}/f", "not a directory"], _file("f", b"x")),
     ("cache-dir-is-a-file", [*PRUNE, "--cache-dir", "{d}/f"], ["--cache-dir", "not a directory"], _file("f", b"x")),
     # saved models
     ("model-absent", ["evaluate", "{d}/none.pt"], ["none.pt", "does not exist"], None),
-    ("model-not-pruned", ["evaluate", "{d}/w.pt"], ["not an autoprune pruned model"],
-     lambda d, m: torch.save({"w": torch.zeros(2)}, d / "w.pt")),
+    (
+        "model-not-pruned",
+        ["evaluate", "{d}/w.pt"],
+        ["not an autoprune pruned model"],
+        lambda d, m: torch.save({"w": torch.zeros(2)}, d / "w.pt"),
+    ),
     ("model-runs-code", ["evaluate", "{d}/code.pt"], ["asks to load"], _code_pickle),
     ("model-names-user-task", ["evaluate", "{d}/m.pt"], ["evilmod:build", "--task", "never"], _user_task_model),
     ("model-names-cifar-dir", ["evaluate", "{d}/m.pt"], ["cifar10", "--data-dir", "never"], _cifar_model),
-    ("model-bad-record", ["evaluate", "{d}/m.pt"], ["bad record", "bn_warmup", "'yes'"],
-     _edited_model("policy.bn_warmup", "yes")),
+    (
+        "model-bad-record",
+        ["evaluate", "{d}/m.pt"],
+        ["bad record", "bn_warmup", "'yes'"],
+        _edited_model("policy.bn_warmup", "yes"),
+    ),
     ("model-bad-history", ["evaluate", "{d}/m.pt"], ["bad record", "history"], _edited_model("history", "rm -rf")),
-    ("model-other-architecture", ["evaluate", "{d}/m.pt", "--task", "imagefolder", "--data-dir", "{d}/img",
-                                  "--model", "resnet18", "--image-size", "16"],
-     ["pruned from model", "digits", "resnet18"], lambda d, m: (shutil.copy(m, d / "m.pt"), _image_folder(3)(d, m))),
-    ("evaluate-threads", ["evaluate", "{d}/m.pt", "--threads", "-1"], ["--threads", "-1"],
-     lambda d, m: shutil.copy(m, d / "m.pt")),
-    ("export-onto-directory", ["export", "{d}/m.pt", "--out", "{d}"], ["--out", "is a directory"],
-     lambda d, m: shutil.copy(m, d / "m.pt")),
-    ("export-under-a-file", ["export", "{d}/m.pt", "--out", "{d}/m.pt/x.pt2"], ["is a file"],
-     lambda d, m: shutil.copy(m, d / "m.pt")),
-    ("export-unwritable", ["export", "{d}/m.pt", "--out", "/proc/nonexist/x.pt2"], ["not writable"],
-     lambda d, m: shutil.copy(m, d / "m.pt")),
+    (
+        "model-other-architecture",
+        [
+            "evaluate",
+            "{d}/m.pt",
+            "--task",
+            "imagefolder",
+            "--data-dir",
+            "{d}/img",
+            "--model",
+            "resnet18",
+            "--image-size",
+            "16",
+        ],
+        ["pruned from model", "digits", "resnet18"],
+        lambda d, m: (shutil.copy(m, d / "m.pt"), _image_folder(3)(d, m)),
+    ),
+    (
+        "evaluate-threads",
+        ["evaluate", "{d}/m.pt", "--threads", "-1"],
+        ["--threads", "-1"],
+        lambda d, m: shutil.copy(m, d / "m.pt"),
+    ),
+    (
+        "export-onto-directory",
+        ["export", "{d}/m.pt", "--out", "{d}"],
+        ["--out", "is a directory"],
+        lambda d, m: shutil.copy(m, d / "m.pt"),
+    ),
+    (
+        "export-under-a-file",
+        ["export", "{d}/m.pt", "--out", "{d}/m.pt/x.pt2"],
+        ["is a file"],
+        lambda d, m: shutil.copy(m, d / "m.pt"),
+    ),
+    (
+        "export-unwritable",
+        ["export", "{d}/m.pt", "--out", "/proc/nonexist/x.pt2"],
+        ["not writable"],
+        lambda d, m: shutil.copy(m, d / "m.pt"),
+    ),
     # search
     ("search-budget", [*SEARCH, "--budget-flops", "1.5"], ["--budget-flops", "(0, 1]"], None),
     ("search-searcher", [*SEARCH, "--searcher", "annealing"], ["'annealing'", "tpe, nsga2, random, grid"], None),
     ("search-space", [*SEARCH, "--space", "nope"], ["'nope'", "default, criteria, pai"], None),
-    ("search-space-module", [*SEARCH, "--space", "no_such_module:fn"], ["cannot import module 'no_such_module'"],
-     None),
+    ("search-space-module", [*SEARCH, "--space", "no_such_module:fn"], ["cannot import module 'no_such_module'"], None),
     ("search-trials", [*SEARCH, "--trials", "0"], ["--trials", ">= 1", "0"], None),
-    ("search-cpus", [*SEARCH, "--cpus-per-trial", "4096"], ["--cpus-per-trial 4096 is more than this machine"],
-     None),
+    ("search-cpus", [*SEARCH, "--cpus-per-trial", "4096"], ["--cpus-per-trial 4096 is more than this machine"], None),
     ("search-address", [*SEARCH, "--address", "127.0.0.1:1"], ["no Ray cluster answers at --address"], None),
     ("search-nsga2-asha", [*SEARCH, "--searcher", "nsga2", "--scheduler", "asha"], ["use --scheduler none"], None),
     ("search-grid-space", [*SEARCH, "--searcher", "grid"], ["needs a space with a grid"], None),
     ("search-name", [*SEARCH, "--name", "../up"], ["--name", "'../up'"], None),
     ("search-resume-absent", [*SEARCH, "--name", "absent", "--resume"], ["no search named 'absent'"], None),
     ("search-resume-unnamed", [*SEARCH, "--resume"], ["--resume needs --name"], None),
-    ("search-resume-changed", [*SEARCH, "--name", "old", "--resume", "--budget-flops", "0.3", "--trials", "3"],
-     ["0.3 (saved: 0.5)", "--trials 3 (saved: 2)"], _saved_search),
-    ("search-storage-is-a-file", ["search", "--storage", "{d}/f", "--trials", "2"], ["--storage", "not a directory"],
-     _file("f", b"x")),
+    (
+        "search-resume-changed",
+        [*SEARCH, "--name", "old", "--resume", "--budget-flops", "0.3", "--trials", "3"],
+        ["0.3 (saved: 0.5)", "--trials 3 (saved: 2)"],
+        _saved_search,
+    ),
+    (
+        "search-storage-is-a-file",
+        ["search", "--storage", "{d}/f", "--trials", "2"],
+        ["--storage", "not a directory"],
+        _file("f", b"x"),
+    ),
     ("search-out-unwritable", [*SEARCH, "--out", "/proc/nonexist/best"], ["--out", "not writable"], None),
     ("tracking-scheme", [*SEARCH, "--tracking-uri", "bogus://x/y"], ["'bogus://x/y'", "sqlite:///"], None),
     ("tracking-file-store", [*SEARCH, "--tracking-uri", "file:///proc/nonexist/mlruns"], ["file store"], None),
     ("tracking-down-server", [*SEARCH, "--tracking-uri", "http://127.0.0.1:1"], ["does not answer"], None),
-    ("tracking-garbage-sqlite", [*SEARCH, "--tracking-uri", "sqlite:///{d}/g.db"], ["not an SQLite database"],
-     _garbage_sqlite),
-    ("tracking-foreign-sqlite", [*SEARCH, "--tracking-uri", "sqlite:///{d}/o.db"], ["not an MLflow store"],
-     _other_sqlite),
-    ("ui-garbage-sqlite", ["ui", "--tracking-uri", "sqlite:///{d}/g.db"], ["not an SQLite database"],
-     _garbage_sqlite),
+    (
+        "tracking-garbage-sqlite",
+        [*SEARCH, "--tracking-uri", "sqlite:///{d}/g.db"],
+        ["not an SQLite database"],
+        _garbage_sqlite,
+    ),
+    (
+        "tracking-foreign-sqlite",
+        [*SEARCH, "--tracking-uri", "sqlite:///{d}/o.db"],
+        ["not an MLflow store"],
+        _other_sqlite,
+    ),
+    ("ui-garbage-sqlite", ["ui", "--tracking-uri", "sqlite:///{d}/g.db"], ["not an SQLite database"], _garbage_sqlite),
     ("ui-scheme", ["ui", "--tracking-uri", "bogus://x"], ["'bogus://x'"], None),
-    ("ui-port", ["ui", "--port", "70000", "--tracking-uri", "sqlite:///{d}/mlflow.db"], ["--port", "70000"],
-     lambda d, m: _empty_store(d)),
-]  # fmt: skip
+    (
+        "ui-port",
+        ["ui", "--port", "70000", "--tracking-uri", "sqlite:///{d}/mlflow.db"],
+        ["--port", "70000"],
+        lambda d, m: _empty_store(d),
+    ),
+]
 
 
 def _empty_store(d: Path) -> None:
@@ -304,8 +435,16 @@ def good_model(tmp_path_factory, digits_task, digits_dense, digits_dense_metrics
     policy = Policy(finetune=FinetuneConfig(epochs=0))
     result = engine.run(digits_task, digits_dense, policy, Budget(), engine_cfg, digits_dense_metrics)
     path = tmp_path_factory.mktemp("good") / "model.pt"
-    save_model(path, result.model, engine_cfg.task, "channel", result.history, policy.to_dict(), {},
-               architecture_key(digits_dense))  # fmt: skip
+    save_model(
+        path,
+        result.model,
+        engine_cfg.task,
+        "channel",
+        result.history,
+        policy.to_dict(),
+        {},
+        architecture_key(digits_dense),
+    )
     return path
 
 
@@ -333,8 +472,11 @@ def _run(row: tuple, root: Path, model: Path, cli) -> dict:
     if setup is not None:
         setup(d, model)
     before = _snapshot(root / name)
-    env = {"AUTOPRUNE_CACHE": str(cache), "HOME": str(home),
-           "PYTHONPATH": f"{d}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    env = {
+        "AUTOPRUNE_CACHE": str(cache),
+        "HOME": str(home),
+        "PYTHONPATH": f"{d}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    }
     proc = cli(*[a.replace("{d}", str(d)) for a in argv], cwd=d, env=env, timeout=180)
     return {"proc": proc, "d": d, "written": _snapshot(root / name) - before, "running": _running_runs(d / "mlflow.db")}
 

@@ -13,8 +13,21 @@ import torch
 @pytest.fixture(scope="module")
 def channel_run(cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "d"
-    proc = cli("prune", "--criterion", "magnitude", "--scope", "local", "--structure", "channel",
-               "--budget-flops", "0.5", "--finetune-epochs", "2", "--out", str(out))  # fmt: skip
+    proc = cli(
+        "prune",
+        "--criterion",
+        "magnitude",
+        "--scope",
+        "local",
+        "--structure",
+        "channel",
+        "--budget-flops",
+        "0.5",
+        "--finetune-epochs",
+        "2",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
@@ -59,8 +72,17 @@ def test_evaluate_reproduces_accuracy_and_flops_exactly(cli, channel_run):
 @pytest.mark.slow
 def test_policy_file_replays(cli, channel_run, tmp_path):
     out, _ = channel_run
-    proc = cli("prune", "--policy", str(out / "policy.json"), "--finetune-epochs", "0",
-               "--budget-flops", "0.7", "--out", str(tmp_path / "again"))  # fmt: skip
+    proc = cli(
+        "prune",
+        "--policy",
+        str(out / "policy.json"),
+        "--finetune-epochs",
+        "0",
+        "--budget-flops",
+        "0.7",
+        "--out",
+        str(tmp_path / "again"),
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "again" / "summary.json").read_text())
     assert summary["policy"]["criterion"] == "magnitude"
@@ -70,8 +92,21 @@ def test_policy_file_replays(cli, channel_run, tmp_path):
 
 @pytest.mark.slow
 def test_unstructured_meets_effective_budget(cli, tmp_path):
-    proc = cli("prune", "--criterion", "magnitude", "--scope", "local", "--structure", "unstructured",
-               "--budget-flops", "0.3", "--finetune-epochs", "2", "--out", str(tmp_path / "u"))  # fmt: skip
+    proc = cli(
+        "prune",
+        "--criterion",
+        "magnitude",
+        "--scope",
+        "local",
+        "--structure",
+        "unstructured",
+        "--budget-flops",
+        "0.3",
+        "--finetune-epochs",
+        "2",
+        "--out",
+        str(tmp_path / "u"),
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "u" / "summary.json").read_text())
     assert 0.29 <= summary["pruned"]["flops_ratio"] <= 0.30
@@ -100,15 +135,33 @@ def test_export_pt2_and_onnx(cli, channel_run, tmp_path):
     assert conv_channels and max(conv_channels) < 64  # the exported graph is the thin one
 
 
-@pytest.mark.parametrize("what, expected", [
-    ("criteria", ["random", "magnitude", "fpgm", "bn_scale", "taylor", "snip", "grasp", "synflow", "fisher",
-                  "hutchinson", "probes=10", "temperature=200"]),
-    ("structures", ["channel", "unstructured"]),
-    ("scopes", ["global", "local", "per_layer"]),
-    ("methods", ["oneshot", "iterative", "gradual", "rewind", "init"]),
-    ("tasks", ["digits", "cifar10", "imagefolder", "package.module:function"]),
-    ("groups", ["stem.0", "layers.0.conv1"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "what, expected",
+    [
+        (
+            "criteria",
+            [
+                "random",
+                "magnitude",
+                "fpgm",
+                "bn_scale",
+                "taylor",
+                "snip",
+                "grasp",
+                "synflow",
+                "fisher",
+                "hutchinson",
+                "probes=10",
+                "temperature=200",
+            ],
+        ),
+        ("structures", ["channel", "unstructured"]),
+        ("scopes", ["global", "local", "per_layer"]),
+        ("methods", ["oneshot", "iterative", "gradual", "rewind", "init"]),
+        ("tasks", ["digits", "cifar10", "imagefolder", "package.module:function"]),
+        ("groups", ["stem.0", "layers.0.conv1"]),
+    ],
+)
 def test_list(cli, what, expected):
     proc = cli("list", what)
     assert proc.returncode == 0, proc.stderr
@@ -135,8 +188,21 @@ def test_prune_with_every_criterion_meets_the_budget(cli, tmp_path, name):
 
 def test_criterion_options_reach_the_criterion(cli, tmp_path):
     out = tmp_path / "d"
-    proc = cli("prune", "--criterion", "magnitude", "--criterion-option", "p=2", "--structure", "unstructured",
-               "--budget-flops", "0.5", "--finetune-epochs", "0", "--out", str(out))  # fmt: skip
+    proc = cli(
+        "prune",
+        "--criterion",
+        "magnitude",
+        "--criterion-option",
+        "p=2",
+        "--structure",
+        "unstructured",
+        "--budget-flops",
+        "0.5",
+        "--finetune-epochs",
+        "0",
+        "--out",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "policy.json").read_text())["criterion_options"] == {"p": 2}
 

@@ -52,10 +52,16 @@ def conv_net(seed: int = 0, dtype=torch.float64) -> nn.Module:
     Groups: "0" (conv 0, BN 1, conv 3's inputs) and "3" (conv 3, BN 4, the classifier's inputs)."""
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(1, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    )  # fmt: skip
+        nn.Conv2d(1, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
     with torch.no_grad():
         for bn in (model[1], model[4]):
             bn.weight.copy_(torch.tensor([1.3, -0.7, 0.4, -1.1]))
@@ -304,8 +310,10 @@ def test_snip_is_normalised_connection_sensitivity_over_all_samples():
     assert float(sum(s.double().sum() for s in got.values())) == pytest.approx(1.0, abs=1e-6)
     # the batch weighting matters here: equal weights per batch would give another answer
     per_batch = [full_gradients(model, [b]) for b in data]
-    alt = {n: (m.weight.detach() * sum(g[f"{n}.weight"] for g in per_batch) / 2).abs()
-           for n, m in scored_modules(model).items()}  # fmt: skip
+    alt = {
+        n: (m.weight.detach() * sum(g[f"{n}.weight"] for g in per_batch) / 2).abs()
+        for n, m in scored_modules(model).items()
+    }
     alt_total = sum(r.sum() for r in alt.values())
     assert not all(torch.allclose(got[n].double(), alt[n] / alt_total, rtol=1e-3) for n in alt)
 
@@ -441,8 +449,9 @@ def test_layer_collapse_at_99_percent_sparsity(name, digits_task, digits_dense, 
     weights = sum(m.weight.numel() for m in scored_modules(digits_dense).values())
     smallest = 1 - weights / count_params(digits_dense)
     assert smallest < 0.01
-    policy = Policy(structure="unstructured", criterion=name, scope="global", max_ratio=1.0,
-                    finetune=FinetuneConfig(epochs=0))  # fmt: skip
+    policy = Policy(
+        structure="unstructured", criterion=name, scope="global", max_ratio=1.0, finetune=FinetuneConfig(epochs=0)
+    )
     result = engine.run(digits_task, digits_dense, policy, Budget("params", 0.01), engine_cfg, digits_dense_metrics)
     assert smallest <= result.pruned["params_ratio"] <= 0.01
     kept, empty = result.collapse["kept_fraction"], result.collapse["empty"]
@@ -475,8 +484,14 @@ def fpgm_net() -> nn.Module:
     """Five hand-set signed 3x3 filters: 2 and 3 are the same filter p in the middle of the
     cluster {0, 1, 2, 3}; 4 has by far the smallest L1 norm but lies away from the rest."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3)).eval()  # fmt: skip
+    model = nn.Sequential(
+        nn.Conv2d(1, 5, 3, bias=False),
+        nn.BatchNorm2d(5),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(5, 3),
+    ).eval()
     p = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0, -1.0, 1.0])
     e = torch.eye(9)
     filters = torch.stack([p + 0.5 * e[0], p - 0.5 * e[1], p, p, 0.1 * torch.ones(9)])
@@ -497,8 +512,9 @@ def test_fpgm_prunes_the_filter_nearest_the_others_not_the_smallest():
     # every weight of a filter carries the filter's summed distance, on the raw signed weights
     torch.testing.assert_close(scores["0"].double(), dist.view(5, 1, 1, 1).expand(5, 1, 3, 3), rtol=1e-6, atol=0)
     abs_filters = filters.abs()
-    abs_dist = torch.stack([sum(torch.linalg.vector_norm(abs_filters[j] - abs_filters[k]) for k in range(5))
-                            for j in range(5)])  # fmt: skip
+    abs_dist = torch.stack(
+        [sum(torch.linalg.vector_norm(abs_filters[j] - abs_filters[k]) for k in range(5)) for j in range(5)]
+    )
     assert not torch.allclose(scores["0"][:, 0, 0, 0].double(), abs_dist, rtol=1e-3)
     example = torch.zeros(1, 1, 5, 5)
     policy = Policy(criterion="fpgm", scope="local")
@@ -524,8 +540,16 @@ def test_bn_scale_channel_score_is_abs_gamma():
         assert (gamma < 0).any()
         np.testing.assert_allclose(channel[group], gamma.abs().numpy(), rtol=1e-6)
     # a group without a norm layer cannot be ranked; a model without one cannot be scored
-    no_bn = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
-                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()  # fmt: skip
+    no_bn = nn.Sequential(
+        nn.Conv2d(1, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
     partial = engine.score(no_bn, policy, None, 0)
     with pytest.raises(AutopruneError, match="scores no layer of group"):
         channel_scores(PrunableGraph(no_bn, torch.zeros(1, 1, 7, 7)), partial, "sum", out_only=True)

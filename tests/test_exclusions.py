@@ -20,8 +20,14 @@ def _run(task, dense, metrics, cfg, policy, budget):
 
 @pytest.mark.parametrize("budget", [Budget("flops", 0.5), Budget("params", 0.4)])
 def test_kept_layers_keep_every_weight_under_masks(digits_task, digits_dense, digits_dense_metrics, engine_cfg, budget):
-    policy = Policy(structure="unstructured", criterion="magnitude", scope="global", keep=["layers.0.*"],
-                    keep_types=["linear"], finetune=NO_FT)  # fmt: skip
+    policy = Policy(
+        structure="unstructured",
+        criterion="magnitude",
+        scope="global",
+        keep=["layers.0.*"],
+        keep_types=["linear"],
+        finetune=NO_FT,
+    )
     result = _run(digits_task, digits_dense, digits_dense_metrics, engine_cfg, policy, budget)
     dense, pruned = dict(digits_dense.named_modules()), dict(result.model.named_modules())
     kept = {"layers.0.conv1", "layers.0.conv2", "fc"}
@@ -86,8 +92,22 @@ def test_both_warm_up_modes_change_only_bn_running_statistics(digits_task, digit
 def test_warm_up_flags_and_exclusions_reach_the_policy():
     from autoprune.cli import build_parser, policy_from_args
 
-    args = build_parser().parse_args(["prune", "--keep", "fc*", "--keep", "stem.*", "--keep-types", "linear,conv1d",
-                                      "--keep-classifier", "--bn-warmup-mode", "train", "--bn-warmup-batches", "5"])  # fmt: skip
+    args = build_parser().parse_args(
+        [
+            "prune",
+            "--keep",
+            "fc*",
+            "--keep",
+            "stem.*",
+            "--keep-types",
+            "linear,conv1d",
+            "--keep-classifier",
+            "--bn-warmup-mode",
+            "train",
+            "--bn-warmup-batches",
+            "5",
+        ]
+    )
     policy = policy_from_args(args)
     assert policy.keep == ["fc*", "stem.*"] and policy.keep_types == ["linear", "conv1d"]
     assert policy.keep_classifier and policy.bn_warmup_mode == "train" and policy.bn_warmup_batches == 5

@@ -114,8 +114,9 @@ def test_a_pruned_mnasnet_reloads(tmp_path, write_image_folder):
     dense = engine.dense_model(task, cfg, log=lambda _: None)  # from the cache, which kept the versions
     policy = Policy(structure="unstructured", finetune=FinetuneConfig(epochs=0))
     result = engine.run(task, dense, policy, Budget("flops", 0.5), cfg)
-    save_model(tmp_path / "m.pt", result.model, task_cfg, "unstructured", [], policy.to_dict(), {},
-               architecture_key(dense))  # fmt: skip
+    save_model(
+        tmp_path / "m.pt", result.model, task_cfg, "unstructured", [], policy.to_dict(), {}, architecture_key(dense)
+    )
     model, _, record = load_model(tmp_path / "m.pt", {"data_dir": str(data)})
     x = task.example_input(2)
     torch.testing.assert_close(model(x), result.model.eval()(x))

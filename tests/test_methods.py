@@ -35,8 +35,9 @@ def test_all_five_methods_are_registered():
 @pytest.mark.parametrize("structure", ["channel", "unstructured"])
 @pytest.mark.parametrize("method", ["oneshot", "iterative", "gradual", "rewind", "init"])
 def test_each_method_reaches_its_budget(digits_task, digits_dense, digits_dense_metrics, short_cfg, method, structure):
-    result = _run(digits_task, digits_dense, digits_dense_metrics, short_cfg,
-                  structure=structure, criterion="snip", method=method)  # fmt: skip
+    result = _run(
+        digits_task, digits_dense, digits_dense_metrics, short_cfg, structure=structure, criterion="snip", method=method
+    )
     assert 0.49 <= result.pruned["flops_ratio"] <= 0.50
     assert result.events and result.events[-1]["target"] == BUDGET.fraction
     assert result.events[-1]["reached"] == pytest.approx(result.pruned["flops_ratio"], abs=1e-9)
@@ -47,8 +48,17 @@ def test_each_method_reaches_its_budget(digits_task, digits_dense, digits_dense_
 @pytest.mark.parametrize("structure", ["unstructured", "channel"])
 def test_gradual_follows_the_cubic_schedule(digits_task, digits_dense, digits_dense_metrics, engine_cfg, structure):
     epochs, n = 2, 6
-    result = _run(digits_task, digits_dense, digits_dense_metrics, engine_cfg, structure=structure,
-                  criterion="magnitude", method="gradual", iterations=n, finetune=FinetuneConfig(epochs=epochs))  # fmt: skip
+    result = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        structure=structure,
+        criterion="magnitude",
+        method="gradual",
+        iterations=n,
+        finetune=FinetuneConfig(epochs=epochs),
+    )
     total = epochs * len(digits_task.loader("train", shuffle=True, seed=0))
     end = round(GRADUAL_END * total)
     steps = [e["step"] for e in result.events]
@@ -68,9 +78,19 @@ def test_iterative_rounds_approach_the_budget_geometrically(
     digits_task, digits_dense, digits_dense_metrics, engine_cfg
 ):
     k = 3
-    result = _run(digits_task, digits_dense, digits_dense_metrics, engine_cfg, structure="channel",
-                  criterion="magnitude", method="iterative", iterations=k, max_ratio=0.35, scope="global",
-                  finetune=FinetuneConfig(epochs=3))  # fmt: skip
+    result = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        structure="channel",
+        criterion="magnitude",
+        method="iterative",
+        iterations=k,
+        max_ratio=0.35,
+        scope="global",
+        finetune=FinetuneConfig(epochs=3),
+    )
     assert [e["target"] for e in result.events] == pytest.approx([0.5 ** (i / k) for i in range(1, k + 1)])
     for e in result.events:
         assert e["target"] - 0.011 <= e["reached"] <= e["target"] + 1e-9
@@ -85,8 +105,17 @@ def test_iterative_rounds_approach_the_budget_geometrically(
 
 
 def test_iterative_unstructured_masks_only_grow(digits_task, digits_dense, digits_dense_metrics, engine_cfg):
-    result = _run(digits_task, digits_dense, digits_dense_metrics, engine_cfg, structure="unstructured",
-                  criterion="random", method="iterative", iterations=2, finetune=FinetuneConfig(epochs=2))  # fmt: skip
+    result = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        structure="unstructured",
+        criterion="random",
+        method="iterative",
+        iterations=2,
+        finetune=FinetuneConfig(epochs=2),
+    )
     # random scores would revive weights masked in round 1 if masks were not kept
     assert result.pruned["flops_ratio"] == pytest.approx(0.5, abs=0.005)
     assert result.events[0]["reached"] == pytest.approx(0.5**0.5, abs=0.005)
@@ -98,12 +127,27 @@ def test_rewind_is_fine_tuning_at_the_original_learning_rate(
     """Known answer: rewind == oneshot whose fine-tuning uses the dense recipe's peak lr and
     cosine schedule; and it differs from oneshot at the fine-tuning lr."""
     ft = FinetuneConfig(epochs=1, lr=0.01, schedule="constant")
-    rewound = _run(digits_task, digits_dense, digits_dense_metrics, engine_cfg, criterion="magnitude",
-                   method="rewind", finetune=ft)  # fmt: skip
-    same = _run(digits_task, digits_dense, digits_dense_metrics, engine_cfg, criterion="magnitude",
-                method="oneshot", finetune=dataclasses.replace(ft, lr=digits_task.train_lr, schedule="cosine"))  # fmt: skip
-    plain = _run(digits_task, digits_dense, digits_dense_metrics, engine_cfg, criterion="magnitude",
-                 method="oneshot", finetune=ft)  # fmt: skip
+    rewound = _run(
+        digits_task, digits_dense, digits_dense_metrics, engine_cfg, criterion="magnitude", method="rewind", finetune=ft
+    )
+    same = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        criterion="magnitude",
+        method="oneshot",
+        finetune=dataclasses.replace(ft, lr=digits_task.train_lr, schedule="cosine"),
+    )
+    plain = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        criterion="magnitude",
+        method="oneshot",
+        finetune=ft,
+    )
     a, b, c = (r.model.state_dict() for r in (rewound, same, plain))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -112,8 +156,9 @@ def test_rewind_is_fine_tuning_at_the_original_learning_rate(
 def test_init_prunes_the_untrained_network_before_any_training_step(digits_task, digits_dense, engine_cfg):
     def run(train_epochs):
         cfg = dataclasses.replace(engine_cfg, train_epochs=train_epochs)
-        policy = Policy(structure="unstructured", criterion="snip", method="init", scope="global",
-                        finetune=FinetuneConfig(epochs=0))  # fmt: skip
+        policy = Policy(
+            structure="unstructured", criterion="snip", method="init", scope="global", finetune=FinetuneConfig(epochs=0)
+        )
         return engine.run(digits_task, digits_dense, policy, BUDGET, cfg)
 
     untrained = run(0)
@@ -138,12 +183,19 @@ def test_init_prunes_the_untrained_network_before_any_training_step(digits_task,
 def test_collapse_report_names_groups_at_their_floor(digits_task, digits_dense, digits_dense_metrics, engine_cfg):
     # per_layer asks stem.0 for more than max_ratio allows, whatever the weights are (a global
     # scope reaches the cap or not depending on the trained weights)
-    ratios = {g: 0.2 for g in ("layers.0.conv1", "layers.1.conv1", "layers.2.conv1", "layers.3.conv1",
-                               "layers.2.shortcut.0")} | {"stem.0": 0.99}  # fmt: skip
-    result = engine.run(digits_task, digits_dense,
-                        Policy(criterion="magnitude", scope="per_layer", ratios=ratios, max_ratio=0.5,
-                               finetune=FinetuneConfig(epochs=0)),
-                        Budget("flops", 0.6), engine_cfg, digits_dense_metrics)  # fmt: skip
+    ratios = {
+        g: 0.2 for g in ("layers.0.conv1", "layers.1.conv1", "layers.2.conv1", "layers.3.conv1", "layers.2.shortcut.0")
+    } | {"stem.0": 0.99}
+    result = engine.run(
+        digits_task,
+        digits_dense,
+        Policy(
+            criterion="magnitude", scope="per_layer", ratios=ratios, max_ratio=0.5, finetune=FinetuneConfig(epochs=0)
+        ),
+        Budget("flops", 0.6),
+        engine_cfg,
+        digits_dense_metrics,
+    )
     kept = result.collapse["kept_fraction"]
     assert set(kept) == set(result.ratios)
     floor = result.collapse["at_floor"]

@@ -175,8 +175,20 @@ def test_cli_prune_keeps_a_conv_heads_three_outputs(cli, tmp_path):
         "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
     }
     out = tmp_path / "o"
-    proc = cli("prune", "--task", "sehead_task:task", "--budget-flops", "0.5", "--finetune-epochs", "1",
-               "--device", "cpu", "--out", str(out), env=env)  # fmt: skip
+    proc = cli(
+        "prune",
+        "--task",
+        "sehead_task:task",
+        "--budget-flops",
+        "0.5",
+        "--finetune-epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (out / "summary.json").is_file()
     blob = torch.load(out / "model.pt", map_location="cpu", weights_only=True)

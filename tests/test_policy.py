@@ -63,8 +63,9 @@ def test_global_scope_uses_one_threshold():
 
 def test_per_layer_keeps_the_allocation_order():
     ratios = {"a": 0.1, "b": 0.3, "c": 0.6, "d": 0.0}
-    plan = solve_channels(NAMES, SIZES, scores(), Policy(scope="per_layer", ratios=ratios),
-                          Budget("flops", 0.6), cost, (DENSE, DENSE))  # fmt: skip
+    plan = solve_channels(
+        NAMES, SIZES, scores(), Policy(scope="per_layer", ratios=ratios), Budget("flops", 0.6), cost, (DENSE, DENSE)
+    )
     got = plan.ratios()
     assert got["d"] == 0.0
     assert got["a"] <= got["b"] <= got["c"]
@@ -110,8 +111,13 @@ def test_mask_solver_meets_effective_budget(scope, kind):
 
 
 def test_policy_json_round_trip(tmp_path):
-    policy = Policy(structure="unstructured", criterion="random", scope="per_layer",
-                    ratios={"x": 0.5}, finetune={"epochs": 3, "lr": 0.05})  # fmt: skip
+    policy = Policy(
+        structure="unstructured",
+        criterion="random",
+        scope="per_layer",
+        ratios={"x": 0.5},
+        finetune={"epochs": 3, "lr": 0.05},
+    )
     path = tmp_path / "p.json"
     policy.to_json(path)
     again = Policy.from_json(path)

@@ -39,10 +39,16 @@ def _runs(uri: str, name: str, deleted: bool = False):
 
 def _config(tmp: Path, name: str, engine_cfg, **kw) -> SearchConfig:
     base = dict(
-        name=name, budget=Budget("flops", 0.5), trials=6, epochs=1, final_epochs=1,
-        storage=str(tmp / "results"), tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", engine=engine_cfg,
+        name=name,
+        budget=Budget("flops", 0.5),
+        trials=6,
+        epochs=1,
+        final_epochs=1,
+        storage=str(tmp / "results"),
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        engine=engine_cfg,
         progress=False,
-    )  # fmt: skip
+    )
     base.update(kw)
     return SearchConfig(**base)
 
@@ -122,8 +128,12 @@ def test_ui_serves_the_search_runs_over_rest(searched, cli):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).with_name("autoprune")
-    proc = subprocess.Popen([str(exe), "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(exe), "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 90
@@ -138,8 +148,9 @@ def test_ui_serves_the_search_runs_over_rest(searched, cli):
             assert time.time() < deadline, "the MLflow UI did not answer within 90 s"
             time.sleep(0.5)
         body = json.dumps({"experiment_ids": [result.experiment_id], "max_results": 100}).encode()
-        request = urllib.request.Request(base + "/api/2.0/mlflow/runs/search", data=body,
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        request = urllib.request.Request(
+            base + "/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=10) as reply:
             runs = json.loads(reply.read())["runs"]
         assert len(runs) == 7
@@ -182,8 +193,9 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, engine_cfg
 
     (tmp_path / "user_spaces_fail.py").write_text(textwrap.dedent(SPACES))
     monkeypatch.syspath_prepend(str(tmp_path))
-    result = autoprune.search(_config(tmp_path, "fails", engine_cfg, trials=3, searcher="random",
-                                      space="user_spaces_fail:one_fails"))  # fmt: skip
+    result = autoprune.search(
+        _config(tmp_path, "fails", engine_cfg, trials=3, searcher="random", space="user_spaces_fail:one_fails")
+    )
     summary = json.loads((result.out / "summary.json").read_text())
     assert summary["trials"] == {"total": 3, "completed": 2, "stopped_early": 0, "failed": 1}
     assert summary["best"]["policy"]["criterion"] in ("magnitude", "random")
@@ -271,8 +283,10 @@ def test_nsga2_returns_a_mutually_non_dominated_front(tmp_path, engine_cfg, digi
     assert max(r["metrics"]["flops_ratio"] for r in done) - min(r["metrics"]["flops_ratio"] for r in done) > 0.02
 
     def dominates(a, b):
-        pairs = [(a["metrics"][k], b["metrics"][k]) if d == "min" else (-a["metrics"][k], -b["metrics"][k])
-                 for k, d in objectives("flops")]  # fmt: skip
+        pairs = [
+            (a["metrics"][k], b["metrics"][k]) if d == "min" else (-a["metrics"][k], -b["metrics"][k])
+            for k, d in objectives("flops")
+        ]
         return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
 
     for a in front:
@@ -307,9 +321,29 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
     exe = Path(sys.executable).with_name("autoprune")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
-    args = [str(exe), "search", "--name", "kill", "--storage", str(tmp_path / "results"), "--tracking-uri", uri,
-            "--trials", "6", "--epochs", "2", "--final-epochs", "1", "--concurrency", "1", "--searcher", "random",
-            "--budget-flops", "0.5", "--no-progress"]  # fmt: skip
+    args = [
+        str(exe),
+        "search",
+        "--name",
+        "kill",
+        "--storage",
+        str(tmp_path / "results"),
+        "--tracking-uri",
+        uri,
+        "--trials",
+        "6",
+        "--epochs",
+        "2",
+        "--final-epochs",
+        "1",
+        "--concurrency",
+        "1",
+        "--searcher",
+        "random",
+        "--budget-flops",
+        "0.5",
+        "--no-progress",
+    ]
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     finished_before = 0
@@ -328,11 +362,19 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
         _kill_tree(proc.pid, ray_tmp)
         proc.wait(timeout=30)
     assert 2 <= finished_before < 6, "the driver was not killed mid-way"
-    before = {r.data.tags["autoprune.trial_id"]: r for r in _runs(uri, "kill")
-              if r.data.tags.get("autoprune.role") == "trial" and r.info.status == "FINISHED"}  # fmt: skip
+    before = {
+        r.data.tags["autoprune.trial_id"]: r
+        for r in _runs(uri, "kill")
+        if r.data.tags.get("autoprune.role") == "trial" and r.info.status == "FINISHED"
+    }
 
-    resumed = subprocess.run([str(exe), "search", "--name", "kill", "--storage", str(tmp_path / "results"),
-                              "--resume", "--no-progress"], env=env, capture_output=True, text=True, timeout=400)  # fmt: skip
+    resumed = subprocess.run(
+        [str(exe), "search", "--name", "kill", "--storage", str(tmp_path / "results"), "--resume", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     try:
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     finally:

@@ -107,8 +107,9 @@ def test_multi_objective_trials_sample_a_budget_up_to_the_limit(table):
     from autoprune.search import define_by_run
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    fractions = [define_by_run("default", table, Budget("flops", 0.5), study.ask())["budget_fraction"]
-                 for _ in range(20)]  # fmt: skip
+    fractions = [
+        define_by_run("default", table, Budget("flops", 0.5), study.ask())["budget_fraction"] for _ in range(20)
+    ]
     assert all(0.125 <= f <= 0.5 for f in fractions) and len(set(fractions)) == 20
 
 
@@ -118,8 +119,12 @@ def test_early_stopped_trials_reach_optuna_as_pruned_with_their_epochs(table):
     from autoprune.search import define_by_run
     from autoprune.tune_plugins import PolicyOptunaSearch
 
-    searcher = PolicyOptunaSearch(space=partial(define_by_run, "default", table, None), metric="val_acc", mode="max",
-                                  sampler=optuna.samplers.RandomSampler(seed=0))  # fmt: skip
+    searcher = PolicyOptunaSearch(
+        space=partial(define_by_run, "default", table, None),
+        metric="val_acc",
+        mode="max",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
     for tid in ("stopped", "full", "broken"):
         assert "policy" in searcher.suggest(tid)
     searcher.on_trial_result("stopped", {"val_acc": 0.5, "training_iteration": 1})
@@ -138,8 +143,11 @@ def test_pareto_front_keeps_exactly_the_non_dominated():
     from autoprune.search import objectives, pareto_front
 
     def rec(i, acc, flops, lat, status="completed"):
-        return {"trial_id": str(i), "status": status,
-                "metrics": {"val_acc": acc, "flops_ratio": flops, "latency_ms": lat}}  # fmt: skip
+        return {
+            "trial_id": str(i),
+            "status": status,
+            "metrics": {"val_acc": acc, "flops_ratio": flops, "latency_ms": lat},
+        }
 
     records = [
         rec(0, 0.90, 0.5, 1.0),

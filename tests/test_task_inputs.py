@@ -107,8 +107,11 @@ def test_cli_refuses_a_cifar_payload_without_a_traceback(tmp_path, cli, target):
     folder = _write_cifar(data)
     marker = tmp_path / "marker"
     payload = _payloads(marker)["os.system"]
-    entry = {"label_names": payload} if target == "batches.meta" else {**_batch(20, np.random.default_rng(1), target),
-                                                                        "data": payload}  # fmt: skip
+    entry = (
+        {"label_names": payload}
+        if target == "batches.meta"
+        else {**_batch(20, np.random.default_rng(1), target), "data": payload}
+    )
     with open(folder / target, "wb") as f:
         pickle.dump(entry, f)
     out = tmp_path / "o"
@@ -209,20 +212,29 @@ def _replace(folder: Path, name: str, obj) -> None:
     [
         ("data_batch_2", {"labels": [0] * 20}, r"no 'data' entry"),
         ("data_batch_2", {"data": np.zeros((20, 3072), np.uint8)}, r"no 'labels' entry"),
-        ("data_batch_2", {"data": np.zeros((20, 3072), np.float32), "labels": [0] * 20},
-         r"'data' must be a uint8 array of N x 3072 pixels, got float32 array"),
-        ("data_batch_2", {"data": np.zeros((20, 1000), np.uint8), "labels": [0] * 20},
-         r"'data' must be a uint8 array of N x 3072 pixels, got shape \(20, 1000\)"),
+        (
+            "data_batch_2",
+            {"data": np.zeros((20, 3072), np.float32), "labels": [0] * 20},
+            r"'data' must be a uint8 array of N x 3072 pixels, got float32 array",
+        ),
+        (
+            "data_batch_2",
+            {"data": np.zeros((20, 1000), np.uint8), "labels": [0] * 20},
+            r"'data' must be a uint8 array of N x 3072 pixels, got shape \(20, 1000\)",
+        ),
         ("data_batch_2", {"data": [[0] * 3072] * 20, "labels": [0] * 20}, r"uint8 array.*got list"),
         ("test_batch", {"data": np.zeros((20, 3072), np.uint8), "labels": [0] * 19}, r"19 labels for 20 images"),
         ("test_batch", {"data": np.zeros((20, 3072), np.uint8), "labels": [0] * 19 + [10]}, r"0\.\.9, found 10"),
-        ("test_batch", {"data": np.zeros((20, 3072), np.uint8), "labels": ["cat"] * 20},
-         r"'labels' must be a list of integers"),
+        (
+            "test_batch",
+            {"data": np.zeros((20, 3072), np.uint8), "labels": ["cat"] * 20},
+            r"'labels' must be a list of integers",
+        ),
         ("test_batch", [1, 2, 3], r"holds a list, not a dict"),
         ("batches.meta", {"label_names": CLASSES[:9]}, r"batches.meta.*'label_names' must be a list of 10"),
         ("batches.meta", {"num_cases_per_batch": 20}, r"'label_names' must be a list of 10"),
     ],
-)  # fmt: skip
+)
 def test_cifar_batch_contents_are_validated(tmp_path, name, contents, message):
     folder = _write_cifar(tmp_path)
     _replace(folder, name, contents)
@@ -388,9 +400,11 @@ def test_image_size_none_means_224_and_16_is_allowed(tmp_path, write_image_folde
 
 @pytest.mark.parametrize(
     "flags, message",
-    [(["--image-size", "0"], r"--image-size must be an integer >= 16.*got 0"),
-     (["--batch-size", "0"], r"--batch-size must be an integer >= 1.*got 0")],
-)  # fmt: skip
+    [
+        (["--image-size", "0"], r"--image-size must be an integer >= 16.*got 0"),
+        (["--batch-size", "0"], r"--batch-size must be an integer >= 1.*got 0"),
+    ],
+)
 def test_cli_rejects_sizes_without_a_traceback(tmp_path, cli, write_image_folder, flags, message):
     import re
 

@@ -90,8 +90,9 @@ def split_folder(request, tmp_path_factory, write_image_folder):
 
 
 def test_imagefolder_single_folder_split_is_70_15_15_stratified_and_disjoint(single_folder):
-    task = get_task(TaskConfig(name="imagefolder", model="resnet18", data_dir=str(single_folder),
-                               image_size=32, batch_size=4))  # fmt: skip
+    task = get_task(
+        TaskConfig(name="imagefolder", model="resnet18", data_dir=str(single_folder), image_size=32, batch_size=4)
+    )
     assert task.name == "imagefolder" and task.model_name == "resnet18"
     assert task.num_classes == 3
     # all three splits index one ImageFolder over the whole directory
@@ -180,11 +181,13 @@ def test_imagefolder_images_of_different_classes_differ(single_folder):
     "model, check",
     [
         ("resnet18", lambda m: isinstance(m, torchvision.models.ResNet) and m.fc.out_features == 3),
-        ("mobilenet_v2", lambda m: isinstance(m, torchvision.models.MobileNetV2)
-         and m.classifier[-1].out_features == 3),
+        (
+            "mobilenet_v2",
+            lambda m: isinstance(m, torchvision.models.MobileNetV2) and m.classifier[-1].out_features == 3,
+        ),
     ],
     ids=["resnet18", "mobilenet_v2"],
-)  # fmt: skip
+)
 def test_imagefolder_model_factory_builds_named_torchvision_model(single_folder, model, check):
     task = get_task(TaskConfig(name="imagefolder", model=model, data_dir=str(single_folder), image_size=32))
     assert task.model_name == model
@@ -254,8 +257,9 @@ def test_cifar10_never_downloads(cifar_dir):
     )
 
 
-@pytest.mark.parametrize("model, blocks, residual", [("resnet20", 9, True), ("resnet56", 27, True),
-                                                     ("plain20", 9, False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, blocks, residual", [("resnet20", 9, True), ("resnet56", 27, True), ("plain20", 9, False)]
+)
 def test_cifar10_models_build_and_run(cifar_dir, model, blocks, residual):
     from autoprune.models import BasicBlock
 
@@ -294,8 +298,9 @@ def test_digits_sizes_split_and_fixed():
             assert torch.equal(ta, tb)
     # the three splits partition the dataset: together they hold every sample exactly once
     digits = load_digits()
-    rows = torch.cat([torch.cat([s.tensors[0].flatten(1), s.tensors[1][:, None].float()], 1)
-                      for s in (a.train, a.val, a.test)])  # fmt: skip
+    rows = torch.cat(
+        [torch.cat([s.tensors[0].flatten(1), s.tensors[1][:, None].float()], 1) for s in (a.train, a.val, a.test)]
+    )
     x = (torch.tensor(digits.images, dtype=torch.float32).reshape(-1, 64) / 16.0 - 0.3) / 0.4
     full = torch.cat([x, torch.tensor(digits.target, dtype=torch.float32)[:, None]], 1)
 
@@ -386,9 +391,13 @@ def test_lone_train_folder_is_split_like_a_single_folder(tmp_path, write_image_f
 
 @pytest.mark.parametrize(
     "task, model",
-    [("digits", "resnet18"), ("cifar10", "resnet18"), ("cifar10", "digits_resnet"),
-     ("imagefolder", "resnet_nonexistent")],
-)  # fmt: skip
+    [
+        ("digits", "resnet18"),
+        ("cifar10", "resnet18"),
+        ("cifar10", "digits_resnet"),
+        ("imagefolder", "resnet_nonexistent"),
+    ],
+)
 def test_unknown_model_for_each_task(task, model, tmp_path):
     # the model name is checked before the data directory is read
     cfg = TaskConfig(name=task, model=model, data_dir=str(tmp_path))

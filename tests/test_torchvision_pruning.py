@@ -64,10 +64,9 @@ def image_root(tmp_path_factory, write_image_folder):
 @pytest.fixture(scope="module")
 def tasks(image_root):
     return {
-        m: get_task(TaskConfig(name="imagefolder", model=m, data_dir=str(image_root),
-                               image_size=32, batch_size=8))
+        m: get_task(TaskConfig(name="imagefolder", model=m, data_dir=str(image_root), image_size=32, batch_size=8))
         for m in MODELS
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +117,7 @@ def pruned_cases(tasks, dense, dense_costs):
             policy = Policy(structure="channel", criterion="magnitude", scope=scope)
             budget = Budget(kind, fraction)
             scores = engine.score(dense[model], policy, None, seed=0)
-            pruned = engine.prune_to_budget(dense[model], tasks[model], policy, budget, scores,
-                                            dense_costs[model])  # fmt: skip
+            pruned = engine.prune_to_budget(dense[model], tasks[model], policy, budget, scores, dense_costs[model])
             cache[key] = (policy, budget, scores, pruned)
         return cache[key]
 
@@ -210,8 +208,7 @@ def test_output_shape_unchanged(pruned_cases, dense, images, tasks, model, scope
 
 
 @pytest.mark.parametrize("model, scope, fraction", CASES)
-def test_masked_equals_physically_removed(pruned_cases, dense, dense_costs, tasks, images,
-                                          model, scope, fraction):  # fmt: skip
+def test_masked_equals_physically_removed(pruned_cases, dense, dense_costs, tasks, images, model, scope, fraction):
     policy, budget, scores, pruned = pruned_cases(model, scope, fraction)
     task = tasks[model]
     # Which channels did prune_to_budget remove? Pruned.ratios gives only counts, not which
