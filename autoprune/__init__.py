@@ -1,6 +1,7 @@
 """autoprune: search for neural-network pruning policies under an exact budget.
 
-``import autoprune`` stays light: Ray and MLflow are imported only by the search.
+``import autoprune`` stays light: it imports neither torch, Ray nor MLflow. ``run_search``
+(and ``SearchResult``) are imported on first use; they bring Ray, Optuna and MLflow.
 """
 
 from .config import Budget, EngineConfig, FinetuneConfig, MeasureConfig, Policy, SearchConfig, TaskConfig
@@ -19,16 +20,15 @@ __all__ = [
     "SearchResult",
     "TaskConfig",
     "__version__",
-    "search",
+    "run_search",
 ]
 
 
 def __getattr__(name: str):
-    """``autoprune.search(SearchConfig(...)) -> SearchResult``, imported on first use (it
-    brings Ray, Optuna and MLflow)."""
-    if name in ("search", "SearchResult"):
+    """``autoprune.run_search(SearchConfig(...)) -> SearchResult``, imported on first use."""
+    if name in ("run_search", "SearchResult"):
         import importlib
 
-        module = importlib.import_module("autoprune.search")
-        return module if name == "search" else module.SearchResult
+        module = importlib.import_module("autoprune.search.runner")
+        return getattr(module, name)
     raise AttributeError(f"module 'autoprune' has no attribute {name!r}")

@@ -7,364 +7,21 @@ trained; user errors print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-from .config import KEEP_TYPES, SCOPES, STRUCTURES, WARMUP_MODES, Budget, EngineConfig, Policy, SearchConfig, TaskConfig
+from .config import SCOPES, STRUCTURES
 from .errors import AutopruneError
-
-
-def _add_task_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("task")
-    g.add_argument("--task", default=None, help="digits (default), cifar10, imagefolder or package.module:function")
-    g.add_argument("--model", default=None, help="model name within the task (see `autoprune list tasks`)")
-    g.add_argument(
-        "--data-dir", default=None, help="local data directory (cifar10, imagefolder); nothing is downloaded"
-    )
-    g.add_argument("--image-size", type=int, default=None, help="imagefolder input resolution (default 224)")
-    g.add_argument("--batch-size", type=int, default=None, help="data loader batch size (default 64)")
-
-
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("dense model and run")
-    g.add_argument("--checkpoint", default=None, help="dense weights (a state_dict file) to start from")
-    g.add_argument(
-        "--train-epochs", type=int, default=None, help="dense training epochs when no checkpoint (task default)"
-    )
-    g.add_argument("--seed", type=int, default=None, help="seed of training, scoring and searchers (default 0)")
-    g.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-    g.add_argument(
-        "--cache-dir", default=None, help="dense-model cache (default $AUTOPRUNE_CACHE or ~/.cache/autoprune)"
-    )
-    g.add_argument("--threads", type=int, default=None, help="torch threads for latency timing on CPU (default 1)")
-    g.add_argument(
-        "--scoring-per-class",
-        type=int,
-        default=None,
-        help="training samples per class that data-dependent criteria score on (default 10)",
-    )
-    g.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no terminal)"
-    )
-
-
-def _add_policy_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("policy (flags override --policy)")
-    g.add_argument("--policy", default=None, help="a policy JSON file (as written to DIR/policy.json)")
-    g.add_argument("--structure", choices=STRUCTURES, default=None, help="channel (default) or unstructured")
-    g.add_argument("--criterion", default=None, help="see `autoprune list criteria` (default magnitude)")
-    g.add_argument("--scope", choices=SCOPES, default=None, help="local (default), global or per_layer")
-    g.add_argument(
-        "--criterion-option",
-        action="append",
-        default=None,
-        metavar="KEY=VALUE",
-        help="a criterion option, repeatable (e.g. p=2 for L2 magnitude, probes=20 for hutchinson; "
-        "see `autoprune list criteria`)",
-    )
-    g.add_argument("--method", default=None, help="see `autoprune list methods` (default oneshot)")
-    g.add_argument(
-        "--iterations",
-        type=int,
-        default=None,
-        help="iterative: prune/fine-tune rounds (default 3); gradual: pruning steps (default 10)",
-    )
-    g.add_argument("--reduction", choices=("sum", "mean", "max"), default=None, help="channel score reduction")
-    g.add_argument("--max-ratio", type=float, default=None, help="most of any group/layer to prune (default 0.9)")
-    g.add_argument(
-        "--bn-warmup",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="refresh BN statistics on the scoring data before scoring (default: on for data-dependent criteria)",
-    )
-    g.add_argument(
-        "--bn-warmup-mode",
-        choices=WARMUP_MODES,
-        default=None,
-        help="scoring (default): statistics averaged over the scoring subset; train: one pass over the "
-        "training split with BN's momentum, as the second-order pruning-at-initialisation study",
-    )
-    g.add_argument(
-        "--bn-warmup-batches",
-        type=int,
-        default=None,
-        help="train warm-up: at most this many training batches (default: the whole split)",
-    )
-    g.add_argument(
-        "--keep",
-        action="append",
-        default=None,
-        metavar="GLOB",
-        help="never prune layers whose name matches (repeatable, e.g. 'fc*'; see `autoprune list groups`)",
-    )
-    g.add_argument(
-        "--keep-types",
-        default=None,
-        metavar="TYPES",
-        help=f"never prune layers of these types, comma-separated: {', '.join(KEEP_TYPES)}",
-    )
-    g.add_argument(
-        "--keep-classifier",
-        action="store_true",
-        default=None,
-        help="never prune the output layer (for channels: nor the group that feeds it)",
-    )
-    g.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default 5)")
-    g.add_argument("--lr", type=float, default=None, help="fine-tuning learning rate (default 0.01)")
-    _add_budget_flags(p)
-
-
-def _add_budget_flags(p: argparse.ArgumentParser) -> None:
-    b = p.add_argument_group("budget (fraction of the dense cost to keep)")
-    x = b.add_mutually_exclusive_group()
-    x.add_argument(
-        "--budget-flops", type=float, default=None, help="keep at most this fraction of the FLOPs (default 0.5)"
-    )
-    x.add_argument("--budget-params", type=float, default=None, help="keep at most this fraction of the parameters")
-
-
-def _add_search_flags(p: argparse.ArgumentParser) -> None:
-    d = SearchConfig()  # the defaults are the config's: unset flags stay None (a resumed search keeps its own)
-    g = p.add_argument_group("search")
-    g.add_argument(
-        "--name",
-        default=None,
-        help="the search's name: results folder and MLflow experiment (default search-<date>-<time>)",
-    )
-    g.add_argument(
-        "--searcher",
-        default=None,
-        help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, latency), random or grid",
-    )
-    g.add_argument("--space", default=None, help="default, criteria, pai or package.module:function")
-    g.add_argument("--trials", type=int, default=None, help="trials to run (default 20; grid: the grid's size)")
-    g.add_argument(
-        "--structure",
-        choices=STRUCTURES,
-        default=None,
-        help="search only channel pruning (a really faster model) or only weight masks, in spaces that "
-        "sample the structure (default: both)",
-    )
-    g.add_argument("--epochs", type=int, default=None, help=f"training epochs per trial (default {d.epochs})")
-    g.add_argument(
-        "--final-epochs",
-        type=int,
-        default=None,
-        help=f"epochs when the best policy is re-run for the saved model (default {d.final_epochs})",
-    )
-    g.add_argument(
-        "--scheduler",
-        choices=("asha", "none"),
-        default=None,
-        help="asha stops weak trials early (default; none for nsga2 and grid)",
-    )
-    r = p.add_argument_group("resources and storage")
-    r.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
-    r.add_argument(
-        "--cpus-per-trial",
-        type=float,
-        default=None,
-        help=f"CPUs (and torch threads) per trial (default {d.cpus_per_trial:g})",
-    )
-    r.add_argument(
-        "--gpus-per-trial",
-        type=float,
-        default=None,
-        help=f"GPUs per trial, fractions allowed (default {d.gpus_per_trial:g})",
-    )
-    r.add_argument(
-        "--address", default=None, help="a running Ray cluster, host:port (default $RAY_ADDRESS, else a local instance)"
-    )
-    r.add_argument("--storage", default=d.storage, help=f"Ray Tune results folder (default {d.storage})")
-    r.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the interrupted search --name with its saved "
-        "settings (only --out, --address and --no-progress may differ)",
-    )
-    r.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<cwd>/mlflow.db)")
-    r.add_argument("--out", default=None, help="summary.json and the best model (default <storage>/<name>/best)")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with errors as one line like the rest of the CLI (not the whole usage)."""
-
-    def error(self, message: str):
-        self.exit(2, f"autoprune: error: {message} (see `{self.prog} --help`)\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="autoprune",
-        description="Search for and apply neural-network pruning policies under an exact budget.",
-    )
-    from . import __version__
-
-    parser.add_argument("--version", action="version", version=f"autoprune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("prune", help="prune a model by one policy to a budget, fine-tune, measure")
-    _add_task_flags(p)
-    _add_engine_flags(p)
-    _add_policy_flags(p)
-    p.add_argument("--out", default="autoprune-out", help="output directory (default autoprune-out)")
-
-    s = sub.add_parser("search", help="search pruning policies on Ray Tune; every trial logged to MLflow")
-    _add_task_flags(s)
-    _add_engine_flags(s)
-    _add_budget_flags(s)
-    _add_search_flags(s)
-
-    u = sub.add_parser("ui", help="the MLflow UI for the search runs, on 127.0.0.1")
-    u.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    u.add_argument("--tracking-uri", default=None, help="the MLflow store (default sqlite:///<cwd>/mlflow.db)")
-
-    e = sub.add_parser("evaluate", help="reload a saved pruned model and measure it")
-    e.add_argument("model_path", help="DIR/model.pt written by prune or search")
-    _add_task_flags(e)
-    e.add_argument("--device", default=None)
-    e.add_argument("--threads", type=int, default=None)
-    e.add_argument("--json", action="store_true", help="print the metrics as JSON")
-
-    x = sub.add_parser("export", help="export a saved pruned model for deployment")
-    x.add_argument("model_path")
-    x.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="pt2 (torch.export) or onnx")
-    x.add_argument("--out", default=None, help="output file (default: beside the model)")
-    _add_task_flags(x)
-
-    ls = sub.add_parser("list", help="name what exists")
-    ls.add_argument(
-        "what", choices=("criteria", "structures", "scopes", "methods", "tasks", "groups", "searchers", "spaces")
-    )
-    _add_task_flags(ls)
-    return parser
-
-
-def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if v is not None}
-
-
-def task_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The task fields the user named on the command line."""
-    return _drop_none(
-        {
-            "name": args.task,
-            "model": args.model,
-            "data_dir": args.data_dir,
-            "image_size": args.image_size,
-            "batch_size": args.batch_size,
-        }
-    )
-
-
-def task_config(args: argparse.Namespace, base: TaskConfig | None = None) -> TaskConfig:
-    return dataclasses.replace(base or TaskConfig(), **task_flags(args))
-
-
-def policy_from_args(args: argparse.Namespace) -> Policy:
-    data = Policy.from_json(args.policy).to_dict() if args.policy else Policy().to_dict()
-    if args.criterion is not None and args.criterion != data["criterion"]:
-        data["criterion_options"] = {}  # the file's options belong to its own criterion
-    data.update(
-        _drop_none(
-            {
-                "structure": args.structure,
-                "criterion": args.criterion,
-                "scope": args.scope,
-                "method": args.method,
-                "reduction": args.reduction,
-                "max_ratio": args.max_ratio,
-                "bn_warmup": args.bn_warmup,
-                "iterations": args.iterations,
-                "bn_warmup_mode": args.bn_warmup_mode,
-                "bn_warmup_batches": args.bn_warmup_batches,
-                "keep": args.keep,
-                "keep_classifier": args.keep_classifier,
-                "keep_types": args.keep_types.split(",") if args.keep_types is not None else None,
-            }
-        )
-    )
-    data["criterion_options"] = {**data["criterion_options"], **_options(args.criterion_option or [])}
-    data["finetune"] = {**data["finetune"], **_drop_none({"epochs": args.finetune_epochs, "lr": args.lr})}
-    return Policy.from_dict(data)
-
-
-def _options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings -> a dict; values are read as JSON (numbers, true/false) or kept as text."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise AutopruneError(f"--criterion-option {item!r} must look like KEY=VALUE, e.g. probes=20")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def budget_from_args(args: argparse.Namespace, base: Budget | None = None) -> Budget:
-    if args.budget_params is not None:
-        return Budget("params", args.budget_params)
-    if args.budget_flops is not None:
-        return Budget("flops", args.budget_flops)
-    return base or Budget()
-
-
-def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
-    """The engine's settings: ``base`` (the defaults, or a resumed search's) with the flags given."""
-    base = base or EngineConfig()
-    return dataclasses.replace(
-        base,
-        task=task_config(args, base.task),
-        measure=dataclasses.replace(base.measure, **_drop_none({"threads": args.threads})),
-        progress=not args.no_progress and sys.stderr.isatty(),
-        **_drop_none(
-            {
-                "checkpoint": args.checkpoint,
-                "train_epochs": args.train_epochs,
-                "seed": args.seed,
-                "device": args.device,
-                "cache_dir": args.cache_dir,
-                "scoring_per_class": args.scoring_per_class,
-            }
-        ),
-    )
-
-
-def search_config(args: argparse.Namespace, base: SearchConfig | None = None) -> SearchConfig:
-    """``base`` (the defaults, or the saved settings of the search to resume) with the flags given."""
-    base = base or SearchConfig()
-    return dataclasses.replace(
-        base,
-        budget=budget_from_args(args, base.budget),
-        engine=engine_config(args, base.engine),
-        resume=args.resume,
-        progress=not args.no_progress,
-        **_drop_none(
-            {
-                "name": args.name,
-                "searcher": args.searcher,
-                "space": args.space,
-                "trials": args.trials,
-                "structure": args.structure,
-                "epochs": args.epochs,
-                "final_epochs": args.final_epochs,
-                "concurrency": args.concurrency,
-                "cpus_per_trial": args.cpus_per_trial,
-                "gpus_per_trial": args.gpus_per_trial,
-                "scheduler": args.scheduler,
-                "storage": args.storage,
-                "address": args.address,
-                "tracking_uri": args.tracking_uri,
-                "out": args.out,
-            }
-        ),
-    )
+from .flags import (
+    budget_from_args,
+    build_parser,
+    engine_config,
+    policy_from_args,
+    search_config,
+    task_config,
+    task_flags,
+)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -375,10 +32,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from . import search
+    from .search.plan import saved_config
+    from .search.runner import run_search
 
-    base = search.saved_config(args.name, args.storage) if args.resume and args.name else None
-    search.search(search_config(args, base))
+    base = saved_config(args.name, args.storage) if args.resume and args.name else None
+    run_search(search_config(args, base))
     return 0
 
 
@@ -406,9 +64,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .criteria import CRITERIA
-    from .methods import METHODS
-    from .tasks import TASKS
+    from .engine.criteria import CRITERIA
+    from .engine.methods import METHODS
+    from .engine.tasks import TASKS
 
     if args.what == "criteria":
         for name in CRITERIA.names():
@@ -427,13 +85,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in METHODS.names():
             print(f"{name:10s} {(METHODS.get(name).__doc__ or '').strip().splitlines()[0]}")
     elif args.what == "searchers":
-        from .search import SEARCHERS
+        from .search.searchers import SEARCHERS
 
         for name in SEARCHERS.names():
             spec = SEARCHERS.get(name)
             print(
                 f"{name:8s} {'multi-objective' if spec.multi_objective else 'val_acc':15s} "
-                f"default scheduler {spec.scheduler}"
+                f"default scheduler {spec.scheduler:5s} {spec.summary}"
             )
     elif args.what == "spaces":
         from autoprune.search_spaces import SPACES
@@ -442,17 +100,17 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{name:8s} {' '.join((SPACES.get(name).__doc__ or '').split())}")
         print("package.module:function  your own: space(trial, table) -> dict of policy fields")
     elif args.what == "tasks":
-        models = {
-            "digits": "digits_resnet",
-            "cifar10": "resnet20, resnet56, plain20",
-            "imagefolder": "any torchvision classification model (resnet18, mobilenet_v2, vgg11_bn, ...)",
-        }
         for name in TASKS.names():
-            print(f"{name:12s} models: {models.get(name, '-')}")
-        print("package.module:function  a user task returning autoprune.tasks.Task")
+            spec = TASKS.get(name)
+            if spec.models is None:
+                models = f"any torchvision classification model (default {spec.default_model})"
+            else:
+                models = ", ".join(spec.models)
+            print(f"{name:12s} models: {models}{'  (needs --data-dir)' if spec.data_dir else ''}")
+        print("package.module:function  a user task returning autoprune.engine.tasks.Task")
     else:
-        from .graph import PrunableGraph
-        from .tasks import check_task_config, get_task
+        from .engine.graph import PrunableGraph
+        from .engine.tasks import check_task_config, get_task
 
         cfg = task_config(args)
         check_task_config(cfg)

@@ -109,26 +109,8 @@ class Policy:
         validate(self, "policy", flags_first=False)
         if self.scope == "per_layer" and not self.ratios:
             raise AutopruneError("scope 'per_layer' needs 'ratios': a pruned fraction per group name")
-        # Names are checked against the registries here so a bad policy fails before any work.
-        from .criteria import CRITERIA
-        from .methods import METHODS
-
-        criterion = CRITERIA.get(self.criterion)
-        criterion(**self.criterion_options)  # checks the option names and values
-        METHODS.get(self.method)
-        if self.structure not in criterion.structures:
-            raise AutopruneError(
-                f"criterion {self.criterion!r} supports structure(s) {', '.join(criterion.structures)}, "
-                f"not {self.structure!r}"
-            )
-
-    def warmup(self) -> bool:
-        """Whether BN warm-up runs: as set, or by default for data-dependent criteria."""
-        if self.bn_warmup is not None:
-            return bool(self.bn_warmup)
-        from .criteria import CRITERIA
-
-        return CRITERIA.get(self.criterion).needs_data
+        # The registry names (criterion, method) are checked by engine.check_policy, which
+        # every path that runs a policy calls: building plain data imports no torch.
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,7 +160,7 @@ MIN_IMAGE_SIZE = 16  # the smallest input resolution the torchvision classifiers
 
 @dataclass
 class TaskConfig:
-    """Which task, model and data; resolved by :func:`autoprune.tasks.get_task`."""
+    """Which task, model and data; resolved by :func:`autoprune.engine.tasks.get_task`."""
 
     name: str = checked(text(flag="--task"), "digits")  # built-in task name or package.module:function
     model: str | None = checked(text(optional=True, flag="--model"), None)  # model within the task (its default)
@@ -240,7 +222,9 @@ class SearchConfig:
     budget: Budget = checked(nested(Budget), factory=Budget)
     name: str | None = checked(text(optional=True, flag="--name", extra=_search_name), None)  # results folder and
     # MLflow experiment (default: search-<date>-<time>)
-    searcher: str = checked(text(flag="--searcher"), "tpe")  # tpe, nsga2, random, grid (autoprune.search.SEARCHERS)
+    searcher: str = checked(
+        text(flag="--searcher"), "tpe"
+    )  # tpe, nsga2, random, grid (autoprune.search.searchers.SEARCHERS)
     space: str = checked(text(flag="--space"), "default")  # a registered space or package.module:function
     trials: int | None = checked(integer(1, optional=True, flag="--trials"), None)  # trials to run (default 20;
     # grid: the grid's size)

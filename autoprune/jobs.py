@@ -18,9 +18,9 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
     import torch
 
     from . import engine
-    from .graph import PrunableGraph
-    from .measure import measure
-    from .policy import solve_channels
+    from .engine.graph import PrunableGraph
+    from .engine.measure import measure
+    from .engine.solver import solve_channels
 
     model = task.model_factory().eval()
     example = task.example_input()
@@ -45,11 +45,12 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
 def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> dict[str, Any]:
     """``autoprune prune``: dense model -> engine -> DIR/summary.json, model.pt, policy.json."""
     from . import engine
-    from .checkpoint import architecture_key, reload_flags, save_model
+    from .engine.checkpoint import architecture_key, reload_flags, save_model
+    from .engine.tasks import check_task_config, get_task
     from .paths import check_output_dir
     from .report import comparison
-    from .tasks import check_task_config, get_task
 
+    engine.check_policy(policy)
     check_task_config(cfg.task)
     engine.resolve_device(cfg.device)
     check_output_dir(out, "--out")
@@ -115,9 +116,9 @@ def evaluate_job(
     model_path: str, task: TaskConfig | dict[str, Any] | None, device: str | None, threads: int | None
 ) -> dict[str, Any]:
     """``autoprune evaluate``: reload a saved model, report accuracy and cost. ``task``: what
-    the user named of the task (see :func:`autoprune.checkpoint.load_model`)."""
+    the user named of the task (see :func:`autoprune.engine.checkpoint.load_model`)."""
     from . import engine
-    from .checkpoint import load_model
+    from .engine.checkpoint import load_model
 
     cfg = MeasureConfig(**({"threads": threads} if threads is not None else {}))
     dev = engine.resolve_device(device)
@@ -132,7 +133,7 @@ def evaluate_job(
 
 def export_job(model_path: str, task: dict[str, Any], fmt: str, out: str | None) -> Path:
     """``autoprune export``: the output location is checked before the model is rebuilt."""
-    from .checkpoint import export_model, load_model
+    from .engine.checkpoint import export_model, load_model
     from .paths import check_output_file
 
     target = check_output_file(out or Path(model_path).with_suffix("." + fmt), "--out")
@@ -148,7 +149,7 @@ def ui_job(tracking_uri: str | None, host: str, port: int) -> int:
     import subprocess
     import sys
 
-    from .tracking import check_tracking_uri, resolve_tracking_uri
+    from .tracking.store import check_tracking_uri, resolve_tracking_uri, runs_link, search_experiments
 
     uri = resolve_tracking_uri(tracking_uri)
     check_tracking_uri(uri)
@@ -161,6 +162,15 @@ def ui_job(tracking_uri: str | None, host: str, port: int) -> int:
             s.bind((host, port))
         except OSError as exc:
             raise AutopruneError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    try:  # the searches in the store, each a link to its runs table (the UI opens elsewhere)
+        searches = search_experiments(uri)
+    except Exception as exc:  # noqa: BLE001 - the server shows the store whatever this makes of it
+        searches = []
+        print(f"warning: could not list the searches in {uri} ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if searches:
+        print("searches in this store, newest first (each link opens its trials):")
+        for experiment_id, name in searches:
+            print(f"  {name}: {runs_link(experiment_id, host, port)}")
     print(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
     cmd = [
         sys.executable,

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .contract import TrialRecord
 
 
-def _fmt_count(x: float | None) -> str:
+def fmt_count(x: float | None) -> str:
     if x is None:
         return "-"
     for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -14,7 +17,7 @@ def _fmt_count(x: float | None) -> str:
     return f"{x:.0f}"
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
@@ -45,9 +48,9 @@ def comparison(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
             diff = ""
             if dense.get(key) is not None and pruned.get(key) is not None:
                 diff = f"{100 * (pruned[key] - dense[key]):+.2f} pts"
-            rows.append([label, _pct(dense.get(key)), _pct(pruned.get(key)), diff])
-    rows.append(["FLOPs", _fmt_count(dense.get("flops")), _fmt_count(pruned.get("flops")), ratio("flops")])
-    rows.append(["params", _fmt_count(dense.get("params")), _fmt_count(pruned.get("params")), ratio("params")])
+            rows.append([label, pct(dense.get(key)), pct(pruned.get(key)), diff])
+    rows.append(["FLOPs", fmt_count(dense.get("flops")), fmt_count(pruned.get("flops")), ratio("flops")])
+    rows.append(["params", fmt_count(dense.get("params")), fmt_count(pruned.get("params")), ratio("params")])
     d_lat = dense.get("latency_ms_by_batch", {})
     p_lat = pruned.get("latency_ms_by_batch", {})
     for b in d_lat:
@@ -62,32 +65,32 @@ def single(metrics: dict[str, Any]) -> str:
     rows = [["metric", "value"]]
     for key, label in (("val_acc", "val accuracy"), ("test_acc", "test accuracy")):
         if key in metrics:
-            rows.append([label, _pct(metrics[key])])
-    rows.append(["FLOPs", _fmt_count(metrics.get("flops"))])
-    rows.append(["params", _fmt_count(metrics.get("params"))])
+            rows.append([label, pct(metrics[key])])
+    rows.append(["FLOPs", fmt_count(metrics.get("flops"))])
+    rows.append(["params", fmt_count(metrics.get("params"))])
     for b, t in metrics.get("latency_ms_by_batch", {}).items():
         rows.append([f"latency (batch {b})", _ms(t)])
     return table(rows)
 
 
-def trials_table(records: list[dict[str, Any]], kind: str, top: int = 5) -> str:
+def trials_table(records: list[TrialRecord], kind: str, top: int = 5) -> str:
     """The best completed trials of a search, and how many completed, stopped or failed."""
-    done = sorted((r for r in records if r["status"] == "completed"), key=lambda r: -r["metrics"]["val_acc"])
+    done = sorted((r for r in records if r.status == "completed"), key=lambda r: -r.metrics["val_acc"])
     rows = [["trial", "policy", "val accuracy", f"{kind} ratio", "latency (batch 1)", "speed-up"]]
     for r in done[:top]:
-        p, m = r["policy"], r["metrics"]
+        p, m = r.policy, r.metrics
         what = "/".join(str(p.get(k, "-")) for k in ("structure", "criterion", "scope"))
         rows.append(
             [
-                r["trial_id"],
+                r.trial_id,
                 what,
-                _pct(m["val_acc"]),
+                pct(m["val_acc"]),
                 f"{m[f'{kind}_ratio']:.3f}",
                 _ms(m.get("latency_ms")),
                 f"{m['speedup']:.2f}x" if m.get("speedup") else "-",
             ]
         )
-    counts = {s: sum(r["status"] == s for r in records) for s in ("completed", "stopped", "failed")}
+    counts = {s: sum(r.status == s for r in records) for s in ("completed", "stopped", "failed")}
     footer = (
         f"{len(records)} trials: {counts['completed']} completed, {counts['stopped']} stopped early by the "
         f"scheduler, {counts['failed']} failed"

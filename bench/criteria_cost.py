@@ -3,7 +3,7 @@
 What is measured: for each model and each criterion, the wall time of one
 ``criterion.score(ctx)`` call (the scoring step of the engine, without the finite check and
 the channel reduction), with the context the engine builds: the model in eval mode, its
-conv/linear layers (:func:`autoprune.criteria.scored_modules`), the scoring data (data
+conv/linear layers (:func:`autoprune.engine.criteria.scored_modules`), the scoring data (data
 criteria only), seed 0, structure ``unstructured`` (``channel`` for fpgm and bn_scale, which
 score channels only), the scoring batch as the example input and density 0.1 (synflow's
 target: its exponential schedule runs its default 100 rounds down to 10% of the weights).
@@ -63,9 +63,9 @@ from torch import nn
 
 from autoprune import engine
 from autoprune.config import TaskConfig
-from autoprune.criteria import CRITERIA, Criterion, ScoreContext, make_criterion, scored_modules
-from autoprune.models import torchvision_model
-from autoprune.tasks import get_task
+from autoprune.engine.criteria import CRITERIA, Criterion, ScoreContext, make_criterion, scored_modules
+from autoprune.engine.models import torchvision_model
+from autoprune.engine.tasks import get_task
 
 BATCH = 64
 DENSITY = 0.1  # synflow's target density

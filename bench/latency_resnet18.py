@@ -7,7 +7,7 @@ tensors) and once with ``unstructured`` pruning (weight masks folded into plain 
 tensors of the dense shape). For the dense model and each pruned model the script reports
 
 * FLOPs ratio: fvcore FLOPs of one forward pass over the dense FLOPs, where masked layers
-  count their effective FLOPs (dense FLOPs times weight density), as ``autoprune.measure`` does;
+  count their effective FLOPs (dense FLOPs times weight density), as ``autoprune.engine.measure`` does;
 * params ratio: parameters (masked weights not counted) over the dense count;
 * latency: the median wall time (ms) of ``--repeats`` timed forward passes on CPU (after
   ``--warmup`` untimed ones), each timed by ``autoprune.measure.latency_ms`` with torch's
@@ -36,10 +36,11 @@ from _machine import cpu_name
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from autoprune import engine, measure
+from autoprune import engine
 from autoprune.config import Budget, MeasureConfig, Policy
-from autoprune.prune import fold_masks
-from autoprune.tasks import Task
+from autoprune.engine import measure
+from autoprune.engine.prune import fold_masks
+from autoprune.engine.tasks import Task
 
 BUDGETS = (0.5, 0.25)
 STRUCTURES = ("channel", "unstructured")

@@ -62,7 +62,7 @@ PROTOCOLS = ("study", "autoprune")
 def build_task(name: str):
     """The task by bench name, built as ``autoprune prune --task`` would."""
     from autoprune.config import TaskConfig
-    from autoprune.tasks import get_task
+    from autoprune.engine.tasks import get_task
 
     if name == "seq1d":
         import seq1d
@@ -75,7 +75,7 @@ def maskable_types(protocol: str) -> tuple[type, ...]:
     """The layer types whose weights the protocol may mask."""
     from torch import nn
 
-    from autoprune.graph import PRUNABLE_TYPES
+    from autoprune.engine.graph import PRUNABLE_TYPES
 
     return (nn.Conv1d, nn.Conv2d, nn.Conv3d) if protocol == "study" else PRUNABLE_TYPES
 

@@ -23,8 +23,8 @@ def densities(task, criterion: str, protocol: str, sparsity: float, warmup: bool
 
     from autoprune import engine
     from autoprune.config import Budget, EngineConfig
-    from autoprune.measure import measure
-    from autoprune.methods import _Run
+    from autoprune.engine.measure import measure
+    from autoprune.engine.methods import MethodContext
 
     cfg = EngineConfig(seed=seed, progress=False, device="cpu")
     engine.seed_everything(seed)
@@ -32,7 +32,7 @@ def densities(task, criterion: str, protocol: str, sparsity: float, warmup: bool
     budget = Budget("params", budget_fraction(model, sparsity, protocol), tolerance=0.002)
     policy = dataclasses.replace(policy_for(protocol, criterion, warmup), bn_warmup_mode=mode)
     dense_cost = measure(model, task.input_shape, None, latency=False)
-    run = _Run(task, policy, budget, cfg, dense_cost, torch.device("cpu"), None)
+    run = MethodContext(task, model, policy, budget, cfg, dense_cost, torch.device("cpu"))
     run.warm_up(model)
     pruned = run.prune(model, budget)
     return {name: 1.0 - ratio for name, ratio in pruned.ratios.items()}

@@ -55,7 +55,7 @@ def one(root: Path, concurrency: int, trials: int, epochs: int) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{root / 'mlflow.db'}"
     name = f"bench-c{concurrency}"
-    result = autoprune.search(
+    result = autoprune.run_search(
         SearchConfig(
             name=name,
             budget=Budget("flops", 0.5),

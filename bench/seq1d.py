@@ -39,8 +39,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from autoprune.config import TaskConfig
+from autoprune.engine.tasks import Task
 from autoprune.errors import AutopruneError
-from autoprune.tasks import Task
 
 LENGTH = 64
 SPLITS = {"train": (300, 0), "val": (60, 1), "test": (100, 2)}  # samples per class, seed

@@ -20,12 +20,13 @@ parameter's distribution on first use), hence ``criterion_channel`` beside
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from autoprune.config import STRUCTURES
 from autoprune.errors import AutopruneError
 from autoprune.registry import Registry, load_object
+
+if TYPE_CHECKING:
+    from autoprune.engine.layers import LayerTable
 
 Space = Callable[[Any, "LayerTable"], dict]
 SPACES: Registry[Space] = Registry("search space")
@@ -34,26 +35,10 @@ LR_RANGE = (1e-3, 0.1)  # fine-tuning learning rate, sampled log-uniformly
 RATIO_RANGE = (0.0, 0.8)  # per-group pruned fraction before the solver scales it to the budget
 
 
-@dataclass(frozen=True)
-class LayerTable:
-    """What a space may know about the model: channel groups and weight layers, each with
-    its size and its share of the dense FLOPs."""
-
-    groups: dict[str, int]  # channel group name -> channels
-    layers: dict[str, int]  # conv/linear layer name -> weights
-    group_flops: dict[str, float]  # group name -> fraction of the dense FLOPs it touches
-    layer_flops: dict[str, float]  # layer name -> fraction of the dense FLOPs
-    structures: tuple[str, ...] = STRUCTURES  # what the search allows (--structure)
-
-    def units(self, structure: str) -> dict[str, int]:
-        """The names a per_layer policy ratios: groups for channels, layers for masks."""
-        return self.groups if structure == "channel" else self.layers
-
-
 def criteria_for(structure: str, data: bool | None = None) -> list[str]:
     """Registered criteria that support ``structure`` (only data-dependent or data-free ones
     when ``data`` is given)."""
-    from autoprune.criteria import CRITERIA
+    from autoprune.engine.criteria import CRITERIA
 
     names = []
     for name in CRITERIA.names():

@@ -29,7 +29,7 @@ def engine_cfg() -> EngineConfig:
 
 @pytest.fixture(scope="session")
 def digits_task():
-    from autoprune.tasks import get_task
+    from autoprune.engine.tasks import get_task
 
     return get_task(TaskConfig())
 

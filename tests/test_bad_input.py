@@ -50,7 +50,7 @@ def _code_pickle(d: Path, model: Path) -> None:
 
 
 def _other_arch(d: Path, model: Path) -> None:
-    from autoprune.models import resnet20
+    from autoprune.engine.models import resnet20
 
     torch.save(resnet20().state_dict(), d / "r20.pt")
 
@@ -429,8 +429,8 @@ def _empty_store(d: Path) -> None:
 def good_model(tmp_path_factory, digits_task, digits_dense, digits_dense_metrics, engine_cfg) -> Path:
     """A real pruned model file, as `autoprune prune` writes it."""
     from autoprune import engine
-    from autoprune.checkpoint import architecture_key, save_model
     from autoprune.config import Budget, FinetuneConfig, Policy
+    from autoprune.engine.checkpoint import architecture_key, save_model
 
     policy = Policy(finetune=FinetuneConfig(epochs=0))
     result = engine.run(digits_task, digits_dense, policy, Budget(), engine_cfg, digits_dense_metrics)

@@ -117,7 +117,7 @@ def test_unstructured_meets_effective_budget(cli, tmp_path):
 
 @pytest.mark.slow
 def test_export_pt2_and_onnx(cli, channel_run, tmp_path):
-    from autoprune.checkpoint import load_model
+    from autoprune.engine.checkpoint import load_model
 
     out, _ = channel_run
     model, task, _ = load_model(out / "model.pt")
@@ -217,7 +217,7 @@ def test_unsupported_layer_is_reported_before_training(cli, tmp_path):
     (pkg / "__init__.py").write_text(
         "import torch\n"
         "from torch import nn\n"
-        "from autoprune.tasks import digits_task\n"
+        "from autoprune.engine.tasks import digits_task\n"
         "from autoprune.config import TaskConfig\n"
         "class Odd(nn.Module):  # a conv with its own weight: the graph cannot follow it\n"
         "    def __init__(self):\n"

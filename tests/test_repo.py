@@ -40,3 +40,40 @@ def test_readme_policy_example_is_a_valid_policy():
     block = re.search(r"```json\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     policy = Policy.from_dict(json.loads(block))
     assert policy.scope == "per_layer" and policy.ratios
+
+
+def _modules_after(code: str) -> set[str]:
+    """The heavy packages imported by running ``code`` in a fresh interpreter."""
+    probe = (
+        f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\n"
+        "print(' '.join(sorted(m for m in ('torch', 'ray', 'mlflow', 'optuna') if m in sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    return set(out.stdout.split())
+
+
+def test_plain_data_and_help_stay_light():
+    assert _modules_after("from autoprune.config import Policy; Policy()") == set()
+    assert _modules_after("from autoprune.contract import TrialConfig; TrialConfig()") == set()
+    for argv in (["--help"], ["ui", "--help"], ["search", "--help"], ["prune", "--help"]):
+        assert "ray" not in _modules_after(f"from autoprune.cli import main; main({argv!r})"), argv
+
+
+def test_no_module_is_a_crowd():
+    """The house rule: no module under autoprune/ (or the installed top-level folders) passes 400 lines."""
+    long = {
+        str(p.relative_to(ROOT)): n
+        for folder in ("autoprune", "search_spaces", "agents")
+        for p in (ROOT / folder).rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert not long, long
+
+
+def test_import_contracts_hold():
+    """The layers, the engine's independence and the absence of cycles (pyproject.toml's
+    [tool.importlinter]); CI runs the same command before the tests."""
+    lint = Path(sys.executable).with_name("lint-imports")  # the test extra installs it beside python
+    out = subprocess.run([str(lint), "--no-logo", "--no-cache"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-3000:]
+    assert "0 broken" in out.stdout

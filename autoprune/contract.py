@@ -1,0 +1,117 @@
+"""The searcher contract: what a searcher hands a trial, what a trial reports, when a report
+is final, and what the search keeps of each trial. Plain data, no torch, no Ray: the search
+(``autoprune.search``), the MLflow callback (``autoprune.tracking``) and the AMC agent
+(``autoprune.agents``) all read it from here, so none keeps its own copy.
+
+A searcher (a ``ray.tune.search.Searcher``) answers ``suggest(trial_id)`` with a Ray Tune
+config dict whose keys are :class:`TrialConfig`'s fields. The trial turns it into a
+``Policy`` and runs the engine, reporting through ``ray.tune.report``:
+
+* every fine-tuning epoch but the last: ``epoch``, ``val_acc``, ``loss``, ``node_id``;
+* once the model has its final structure (before fine-tuning, except for gradual pruning),
+  every later report also carries the pruned model's cost (:data:`COST_KEYS`, and
+  ``ratios``: the realised pruned fraction per group or layer);
+* the last report (with the last epoch) adds :data:`FINAL_KEYS` and ``final: True``.
+
+A trial that ends without a final report was stopped by the scheduler; the searcher's
+``on_trial_complete`` then gets its last, partial report (see :func:`is_final`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import AutopruneError
+
+# per epoch
+EPOCH_KEYS = ("epoch", "val_acc", "loss", "node_id")
+# the pruned model's cost: known once pruning is done, reported from then on
+COST_KEYS = ("flops", "params", "flops_ratio", "params_ratio")
+# only in the final report
+FINAL_KEYS = ("latency_ms", "speedup", "engine_s", "report_s")
+FINAL = "final"  # the final report's marker
+# what a trial reports of its pruned model and the summary keeps of the best
+PRUNED_METRICS = ("val_acc", *COST_KEYS, "latency_ms", "speedup")
+# a final report as kept for replay on --resume (tracking.resume.save_final)
+REPORTED = (*EPOCH_KEYS, *COST_KEYS, *FINAL_KEYS, "ratios", FINAL)
+
+
+def is_final(report: dict[str, Any] | None) -> bool:
+    """Whether a trial's report is its final one: the trial ran to the end (not stopped early)."""
+    return bool(report) and report.get(FINAL) is True
+
+
+def objectives(kind: str) -> tuple[tuple[str, str], ...]:
+    """The multi-objective searchers' goals: validation accuracy up, the budget's cost and latency down."""
+    return (("val_acc", "max"), (f"{kind}_ratio", "min"), ("latency_ms", "min"))
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """What a searcher hands a trial: Ray Tune's per-trial config, keyed by these fields.
+
+    ``policy``: the :class:`~autoprune.config.Policy` fields the searcher chose, as a dict
+    (the search sets the fine-tuning epochs itself). ``budget_fraction``: a budget below the
+    search's own, in the search's budget kind (the multi-objective searchers vary it so the
+    cost objective varies); None keeps the search's. ``space_error``: the search space failed
+    to propose a policy; the trial fails with this message instead of running.
+    """
+
+    policy: dict[str, Any] = field(default_factory=dict)
+    budget_fraction: float | None = None
+    space_error: str | None = None
+
+    def to_config(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> TrialConfig:
+        unknown = sorted(set(config) - set(TRIAL_CONFIG_KEYS))
+        if unknown:
+            raise AutopruneError(
+                f"a searcher handed the trial unknown key(s) {', '.join(unknown)}; "
+                "a trial config has policy, budget_fraction and space_error"
+            )
+        policy = config.get("policy", {})
+        if not isinstance(policy, dict):
+            raise AutopruneError(f"a trial config's policy must be a dict, got {type(policy).__name__}")
+        fraction = config.get("budget_fraction")
+        if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+            raise AutopruneError(f"a trial config's budget_fraction must be in (0, 1], got {fraction!r}")
+        error = config.get("space_error")
+        return cls(dict(policy), None if fraction is None else float(fraction), None if error is None else str(error))
+
+
+TRIAL_CONFIG_KEYS = ("policy", "budget_fraction", "space_error")
+
+
+@dataclass
+class TrialRecord:
+    """What the search keeps of one trial once Tune is done with it."""
+
+    number: int  # the order the trials started in
+    trial_id: str  # Ray Tune's
+    status: str  # "completed", "stopped" (by the scheduler), "failed", or Tune's own for the rest
+    policy: dict[str, Any]
+    budget_fraction: float | None
+    metrics: dict[str, float]  # from the last report: PRUNED_METRICS, engine_s, epoch
+    ratios: dict[str, float]  # realised pruned fraction per group or layer (once pruned)
+    node_id: str | None = None
+    error: str | None = None
+    run_id: str | None = None  # its MLflow child run
+
+    @property
+    def label(self) -> str:
+        """What the trial is, for people: ``channel/snip/global #7``."""
+        p = self.policy
+        what = "/".join(str(p[k]) for k in ("structure", "criterion", "scope") if p.get(k))
+        return f"{what or 'trial'} #{self.number + 1}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def trial_label(policy: dict[str, Any], number: int) -> str:
+    """``channel/snip/global #7`` for the ``number``-th trial (counted from 1)."""
+    return TrialRecord(number - 1, "", "", policy, None, {}, {}).label

@@ -1,0 +1,40 @@
+"""The shared prune-and-fine-tune engine: plain functions on a model, its data and a policy.
+No Ray, no MLflow (an import-linter contract in ``pyproject.toml`` holds it to that).
+
+copy dense model -> (BN warm-up) -> score -> solve the budget -> prune -> measure ->
+fine-tune -> evaluate (validation for decisions, test only for the final report).
+
+Modules, from the bottom up: ``tasks`` and ``models`` (data and networks), ``graph`` (channel
+groups, the cost model and the search's layer table), ``criteria``, ``solver`` (budget ->
+what each group or layer loses), ``prune``, ``measure``, ``checkpoint`` (save, load, export),
+``train``, ``stages`` (one pruning step), ``methods`` (when pruning happens) and ``run``
+(one whole run). The names below are the entry points the jobs, the search and the tests use.
+"""
+
+from .methods import METHODS, MethodContext, check_policy
+from .run import RunResult, measure_model, run
+from .stages import Pruned, channel_problem, prune_to_budget, score, scoring_batches, solve_unstructured, warmup_on
+from .train import TrainingDiverged, cache_dir, dense_model, evaluate, resolve_device, seed_everything, train
+
+__all__ = [
+    "METHODS",
+    "MethodContext",
+    "Pruned",
+    "RunResult",
+    "TrainingDiverged",
+    "cache_dir",
+    "channel_problem",
+    "check_policy",
+    "dense_model",
+    "evaluate",
+    "measure_model",
+    "prune_to_budget",
+    "resolve_device",
+    "run",
+    "score",
+    "scoring_batches",
+    "seed_everything",
+    "solve_unstructured",
+    "train",
+    "warmup_on",
+]

@@ -1,0 +1,271 @@
+"""Policy -> what to prune, and the budget solver.
+
+Whatever a policy gives (a global threshold, a uniform ratio or a per-layer allocation) is
+scaled by one monotone knob until the pruned model's cost lands within the budget's
+tolerance below it: a global score threshold (``global``), a uniform ratio (``local``) or a
+factor on the given ratios (``per_layer``). Candidates then compete on accuracy at equal cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import Budget, Policy
+from ..errors import AutopruneError
+
+# removed-channel masks (one bool array per group) -> estimated (flops, params)
+CostFn = Callable[[list[np.ndarray]], tuple[float, float]]
+
+
+@dataclass
+class ChannelPlan:
+    """Channels to remove, per group, and the estimated cost fraction it reaches."""
+
+    removed: dict[str, np.ndarray]  # group name -> bool mask over its channels (True: remove)
+    fraction: float  # estimated kept fraction of the budget's cost
+
+    def indices(self) -> dict[str, np.ndarray]:
+        return {g: np.flatnonzero(m) for g, m in self.removed.items()}
+
+    def ratios(self) -> dict[str, float]:
+        return {g: float(m.mean()) for g, m in self.removed.items()}
+
+
+def _cap(size: int, max_ratio: float, floor_one: bool) -> int:
+    cap = int(math.floor(max_ratio * size + 1e-9))
+    return min(cap, size - 1) if floor_one else cap
+
+
+def max_pruned(size: int, max_ratio: float) -> int:
+    """The most channels a group of ``size`` may lose: ``max_ratio`` of them, keeping one."""
+    return _cap(size, max_ratio, True)
+
+
+def max_masked(size: int, max_ratio: float) -> int:
+    """The most weights a layer of ``size`` may lose to masks: ``max_ratio`` of them."""
+    return _cap(size, max_ratio, False)
+
+
+def _unreachable(budget: Budget, smallest: float, policy: Policy, why: str = "") -> AutopruneError:
+    if policy.keep or policy.keep_types or policy.keep_classifier:
+        why += ", with the kept layers left whole"
+    return AutopruneError(
+        f"--budget-{budget.kind} {budget.fraction:g} is unreachable: the smallest reachable "
+        f"{budget.kind} fraction is {smallest:.4f} (structure {policy.structure}, scope "
+        f"{policy.scope}, max_ratio {policy.max_ratio:g}{why}); ask for at least {math.ceil(smallest * 1000) / 1000:g}"
+    )
+
+
+def solve_channels(
+    names: list[str],
+    sizes: list[int],
+    scores: dict[str, np.ndarray],
+    policy: Policy,
+    budget: Budget,
+    cost_fn: CostFn,
+    dense: tuple[float, float],
+    target: float | None = None,
+    floors: dict[str, int] | None = None,
+) -> ChannelPlan:
+    """Choose channels to remove so the estimated cost fraction is at most ``target``
+    (default: the budget) and as close to it as the granularity allows. ``floors`` gives
+    groups a minimum number of channels to keep beyond ``max_ratio`` (iterative methods keep
+    ``max_ratio`` relative to the dense widths this way)."""
+    target = budget.fraction if target is None else target
+    which = 0 if budget.kind == "flops" else 1
+    floors = floors or {}
+    caps = [max(0, min(max_pruned(n, policy.max_ratio), n - floors.get(g, 1))) for g, n in zip(names, sizes)]
+    orders = [np.argsort(scores[g], kind="stable") for g in names]
+
+    def fraction(removed: list[np.ndarray]) -> float:
+        return cost_fn(removed)[which] / dense[which]
+
+    def removed_from_counts(counts: list[int]) -> list[np.ndarray]:
+        out = []
+        for order, n, k in zip(orders, sizes, counts):
+            m = np.zeros(n, dtype=bool)
+            m[order[:k]] = True
+            out.append(m)
+        return out
+
+    counts_fn, knobs = _knob(names, sizes, caps, scores, policy)
+    smallest = fraction(removed_from_counts(caps))
+    if policy.scope == "per_layer":
+        smallest_here = fraction(removed_from_counts(counts_fn(knobs[-1])))
+        if smallest_here > target and smallest <= target:
+            raise _unreachable(
+                budget, smallest_here, policy, " with the given per-layer ratios; groups given ratio 0 are never pruned"
+            )
+        smallest = smallest_here
+    if smallest > target:
+        raise _unreachable(budget, smallest, policy)
+
+    # smallest knob index whose plan is within the target (plans shrink as the knob grows)
+    lo, hi = 0, len(knobs) - 1
+    if fraction(removed_from_counts(counts_fn(knobs[0]))) <= target:
+        hi = 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fraction(removed_from_counts(counts_fn(knobs[mid]))) <= target:
+            hi = mid
+        else:
+            lo = mid
+    removed = removed_from_counts(counts_fn(knobs[hi]))
+    best = fraction(removed)
+    if hi > 0 and target - best > 1e-9:
+        # The last knob step may have removed several channels at once: give back those that
+        # still fit, most important first. If that leaves more than half the tolerance
+        # unused (coarse groups), offer every other removed channel the same way.
+        before = removed_from_counts(counts_fn(knobs[hi - 1]))
+        step = _ranked(names, scores, [r & ~b for r, b in zip(removed, before)])
+        rest = _ranked(names, scores, [r & b for r, b in zip(removed, before)])
+        for phase, candidates in enumerate((step, rest)):
+            if phase == 1 and target - best <= budget.tolerance / 2:
+                break
+            for gi, c in candidates:
+                removed[gi][c] = False
+                f = fraction(removed)
+                if f <= target:
+                    best = f
+                    if phase == 1 and target - best <= budget.tolerance / 2:
+                        break
+                else:
+                    removed[gi][c] = True
+    return ChannelPlan(dict(zip(names, removed)), best)
+
+
+def _ranked(names, scores, masks) -> list[tuple[int, int]]:
+    """(group index, channel) of the flagged channels, highest score first."""
+    flagged = [(scores[g][c], gi, c) for gi, g in enumerate(names) for c in np.flatnonzero(masks[gi])]
+    return [(gi, int(c)) for _, gi, c in sorted(flagged, reverse=True)]
+
+
+def _knob(names, sizes, caps, scores, policy: Policy):
+    """(counts(knob) -> channels removed per group, ascending knob values to search)."""
+    if policy.scope == "local":
+        knobs = sorted({j / n for n, cap in zip(sizes, caps) for j in range(cap + 1)})
+
+        def counts(r: float) -> list[int]:
+            return [min(cap, int(math.floor(r * n + 1e-9))) for n, cap in zip(sizes, caps)]
+
+        return counts, knobs
+    if policy.scope == "global":
+        values = np.unique(np.concatenate([scores[g] for g in names]))
+        knobs = list(values) + [np.inf]
+        sorted_scores = [np.sort(scores[g]) for g in names]
+
+        def counts(t: float) -> list[int]:
+            return [min(cap, int(np.searchsorted(s, t, side="left"))) for s, cap in zip(sorted_scores, caps)]
+
+        return counts, knobs
+    ratios = [float((policy.ratios or {}).get(g, 0.0)) for g in names]
+    if not any(r > 0 for r in ratios):
+        raise AutopruneError("per_layer ratios are all 0: give at least one group a ratio above 0")
+    knobs = sorted({0.0} | {j / (n * r) for n, r, cap in zip(sizes, ratios, caps) if r > 0 for j in range(1, cap + 1)})
+
+    def counts(alpha: float) -> list[int]:
+        return [min(cap, int(math.floor(min(alpha * r, 1.0) * n + 1e-9))) for n, r, cap in zip(sizes, ratios, caps)]
+
+    return counts, knobs
+
+
+# ------------------------------------------------------------------------ unstructured
+
+
+@dataclass
+class LayerInfo:
+    """A maskable layer: its weight count and dense FLOPs."""
+
+    name: str
+    numel: int
+    flops: float
+
+
+def solve_masks(
+    layers: list[LayerInfo],
+    scores: dict[str, np.ndarray],
+    policy: Policy,
+    budget: Budget,
+    dense: tuple[float, float],
+) -> tuple[dict[str, int], float]:
+    """Weights to mask per layer (a count; the lowest-scored go) so the effective cost
+    fraction is at most the budget and as close to it as possible."""
+    target = budget.fraction
+    flops0, params0 = dense
+    caps = [max_masked(layer.numel, policy.max_ratio) for layer in layers]
+
+    def fraction(pruned: list[int]) -> float:
+        if budget.kind == "flops":
+            cut = sum(layer.flops * k / layer.numel for layer, k in zip(layers, pruned))
+            return (flops0 - cut) / flops0
+        return (params0 - sum(pruned)) / params0
+
+    smallest = fraction(caps)
+    if smallest > target:
+        raise _unreachable(budget, smallest, policy)
+
+    if policy.scope == "global":
+        flat = [np.sort(scores[layer.name].ravel()) for layer in layers]
+        everything = np.sort(np.concatenate(flat))
+
+        def counts_at(j: int) -> list[int]:
+            t = everything[j] if j < len(everything) else np.inf
+            return [min(cap, int(np.searchsorted(s, t, side="left"))) for s, cap in zip(flat, caps)]
+
+        lo, hi = 0, len(everything)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fraction(counts_at(mid)) <= target:
+                hi = mid
+            else:
+                lo = mid
+        pruned = counts_at(hi)
+        # ties at the threshold, or one more weight in the last layer: fill the remainder
+        pruned = _fill(layers, pruned, caps, fraction, target)
+    else:
+        if policy.scope == "local":
+            shares = [1.0] * len(layers)
+        else:
+            shares = [float((policy.ratios or {}).get(layer.name, 0.0)) for layer in layers]
+            if not any(shares):
+                raise AutopruneError("per_layer ratios are all 0: give at least one layer a ratio above 0")
+
+        def counts_at(s: float) -> list[int]:
+            return [
+                min(cap, int(math.floor(min(s * r, 1.0) * layer.numel))) for layer, r, cap in zip(layers, shares, caps)
+            ]
+
+        top = 1.0 / min(r for r in shares if r > 0)
+        if fraction(counts_at(top)) > target:
+            raise _unreachable(budget, fraction(counts_at(top)), policy, " with the given ratios")
+        lo, hi = 0.0, top
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            if fraction(counts_at(mid)) <= target:
+                hi = mid
+            else:
+                lo = mid
+        pruned = _fill(layers, counts_at(hi), caps, fraction, target)
+    return {layer.name: k for layer, k in zip(layers, pruned)}, fraction(pruned)
+
+
+def _fill(layers, pruned, caps, fraction, target) -> list[int]:
+    """Un-mask weights, layer by layer, while the cost stays within the target."""
+    pruned = list(pruned)
+    for i in range(len(layers)):
+        lo, hi = 0, pruned[i]  # how many of this layer's masked weights can come back
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            trial = pruned.copy()
+            trial[i] -= mid
+            if fraction(trial) <= target:
+                lo = mid
+            else:
+                hi = mid - 1
+        pruned[i] -= lo
+    assert all(0 <= k <= c for k, c in zip(pruned, caps))
+    return pruned

@@ -1,0 +1,200 @@
+"""Training, evaluation, devices and the dense model: what every method and job shares."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import EngineConfig, FinetuneConfig
+from ..errors import AutopruneError
+from .checkpoint import architecture_key, atomic_save, cpu_state, load_state, load_tensors
+from .tasks import Task
+
+EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, {"val_acc": ..., "loss": ...})
+
+
+class TrainingDiverged(AutopruneError):
+    """The loss became NaN or infinite."""
+
+
+# ------------------------------------------------------------------ devices and seeds
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device:
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise AutopruneError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AutopruneError(f"device {device!r} asked for, but no CUDA GPU is available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ------------------------------------------------------------------ training and evaluation
+
+
+def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> float:
+    """Top-1 accuracy (a fraction in 0..1) of ``model`` on ``loader``."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    with torch.inference_mode():
+        for x, y in loader:
+            out = model(x.to(device))
+            correct += int((out.argmax(1).cpu() == y).sum())
+            total += len(y)
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
+    """Learning rate at ``step`` of ``total``: cosine decay from ``peak`` to 0, or constant."""
+    if schedule == "constant" or total <= 0:
+        return peak
+    return 0.5 * peak * (1 + math.cos(math.pi * step / total))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, disable=not enabled, leave=False, file=sys.stderr, dynamic_ncols=True, unit="batch"
+    )
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    cfg: FinetuneConfig,
+    seed: int,
+    device: torch.device,
+    desc: str = "train",
+    progress: bool = False,
+    on_epoch: EpochCallback | None = None,
+    step_hook: Callable[[int, int], None] | None = None,
+) -> list[dict[str, float]]:
+    """SGD with momentum and the configured schedule; validation accuracy after every epoch.
+    ``step_hook(step, total)`` runs before each optimiser step (gradual pruning uses it)."""
+    if cfg.epochs == 0:
+        return []  # nothing to train: the training split is not even opened
+    loader = task.loader("train", shuffle=True, seed=seed)
+    val_loader = task.loader("val")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss()
+    total = cfg.epochs * len(loader)
+    history = []
+    step = 0
+    bar = _progress(total, desc, progress)
+    try:
+        for epoch in range(cfg.epochs):
+            model.train()
+            running, seen = 0.0, 0
+            for x, y in loader:
+                if step_hook is not None:
+                    step_hook(step, total)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total, cfg.lr, cfg.schedule)
+                x, y = x.to(device), y.to(device)
+                loss = loss_fn(model(x), y)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate"
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running += loss.item() * len(y)
+                seen += len(y)
+                step += 1
+                bar.update(1)
+            metrics = {"loss": running / max(seen, 1), "val_acc": evaluate(model, val_loader, device)}
+            bar.set_postfix(
+                epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{metrics['loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}"
+            )
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+    finally:
+        bar.close()
+    return history
+
+
+# ------------------------------------------------------------------ the dense model
+
+
+def cache_dir(cfg: EngineConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("AUTOPRUNE_CACHE") or "~/.cache/autoprune"
+    return Path(root).expanduser()
+
+
+def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = print) -> nn.Module:
+    """``--checkpoint`` if given, else the task's model trained once with ``cfg.seed`` and
+    cached on disk, keyed by a hash of (task, model architecture and source, seed, epochs).
+    An unreadable cache entry is reported and retrained; entries are written atomically."""
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = task.model_factory()
+    if cfg.checkpoint:
+        _load_checkpoint(model, cfg.checkpoint)
+        return model.to(device).eval()
+    epochs = task.train_epochs if cfg.train_epochs is None else cfg.train_epochs
+    if epochs == 0:
+        if cfg.train_epochs is None:
+            print(
+                f"warning: task {task.name!r} trains no dense model by default and no --checkpoint was given, so "
+                "an untrained model is pruned; pass --checkpoint FILE or --train-epochs N (--train-epochs 0 "
+                "says an untrained model is meant)",
+                file=sys.stderr,
+            )
+        return model.to(device).eval()
+    key = task.key(
+        {"seed": cfg.seed, "epochs": epochs, "lr": task.train_lr, "arch": architecture_key(model, source=True)}
+    )
+    path = cache_dir(cfg) / f"{task.name.replace(':', '.')}-{task.model_name}-{key}.pt"
+    if path.is_file():
+        try:
+            load_state(model, load_tensors(path, "cached dense model"), f"cached dense model {str(path)!r}")
+            log(f"dense model: cached {path}")
+            return model.to(device).eval()
+        except AutopruneError as exc:
+            print(f"warning: {exc}; training it again", file=sys.stderr)
+            seed_everything(cfg.seed)
+            model = task.model_factory()
+    log(f"dense model: training {task.model_name} on {task.name} for {epochs} epochs (cached after)")
+    model.to(device)
+    train(
+        model,
+        task,
+        FinetuneConfig(epochs=epochs, lr=task.train_lr),
+        cfg.seed,
+        device,
+        desc="dense training",
+        progress=cfg.progress,
+    )
+    atomic_save(cpu_state(model), path)
+    return model.eval()
+
+
+def _load_checkpoint(model: nn.Module, path: str) -> None:
+    state = load_tensors(path, "--checkpoint")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        if state.get("history"):
+            raise AutopruneError(f"--checkpoint {path!r} is an already pruned model; start from dense weights")
+        state = state["state_dict"]
+    load_state(model, state, f"--checkpoint {path!r}")

@@ -1,0 +1,204 @@
+"""Every check of a search that needs no Ray, data or training: names, budget, resources,
+output locations, the tracking store, the cluster address and what ``--resume`` may change.
+:func:`prepare` turns a :class:`~autoprune.config.SearchConfig` into a checked :class:`Plan`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from ..config import STRUCTURES, SearchConfig
+from ..errors import AutopruneError
+
+DEFAULT_TRIALS = 20
+STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
+COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
+
+
+@dataclass
+class Plan:
+    """A checked, resolved search: what ``search`` runs."""
+
+    config: SearchConfig
+    name: str
+    path: Path  # <storage>/<name>
+    tracking_uri: str
+    address: str | None
+    trials: int
+    scheduler: str
+    out: Path
+    structures: tuple[str, ...]  # what the space may sample (--structure, or the space's own)
+    grid: dict[str, list] | None = None
+    local_cpus: int = 0
+    local_gpus: int = 0
+
+
+RESUME_MAY_CHANGE = ("name", "storage", "resume", "out", "address", "progress", "engine.progress")
+
+
+def saved_config(name: str, storage: str) -> SearchConfig | None:
+    """The checked settings of the search ``<storage>/<name>``, or None if there is none."""
+    from ..schema import from_dict
+
+    state = Path(storage).expanduser().resolve() / name / STATE_FILE
+    if not state.is_file():
+        return None
+    try:
+        data = json.loads(state.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AutopruneError(f"{str(state)!r} is not a readable search state ({exc}); it cannot be resumed") from None
+    try:
+        return from_dict(SearchConfig, data, f"saved search {str(state)!r}")
+    except AutopruneError as exc:
+        raise AutopruneError(
+            f"{str(state)!r} holds settings that are no longer valid ({exc}); it cannot be resumed"
+        ) from None
+
+
+def resume_conflicts(config: SearchConfig, saved: SearchConfig) -> list[str]:
+    """Settings of ``config`` that a resumed search could not honour: those set (not None)
+    and different from the saved ones. A config that sets nothing beyond the defaults (the
+    Python API's ``SearchConfig(name=..., resume=True)``) takes the saved settings."""
+    from ..schema import flat_fields
+    from ..tracking.store import resolve_tracking_uri
+
+    mine, theirs, default = flat_fields(config), flat_fields(saved), flat_fields(SearchConfig())
+    asked = [k for k in mine if k not in RESUME_MAY_CHANGE]
+    if all(mine[k][0] == default[k][0] for k in asked):
+        return []
+    out = []
+    for key in asked:
+        value, flag = mine[key]
+        if key == "tracking_uri" and value is not None:
+            value = resolve_tracking_uri(value)
+        if value is not None and value != theirs[key][0]:
+            out.append(f"{flag or key} {value!r} (saved: {theirs[key][0]!r})")
+    return out
+
+
+def prepare(config: SearchConfig) -> Plan:
+    """Every check that needs no Ray, data or training: names, budget, resources on this
+    machine, the output locations, the tracking store and the cluster address. A resumed
+    search takes its saved configuration: only ``out``, ``address`` and the progress display
+    may change (Tune restores the rest from its own snapshot); other differences are refused."""
+    from autoprune.search_spaces import get_space
+
+    from .. import engine
+    from ..engine.tasks import check_task_config
+    from ..paths import check_output_dir
+    from ..tracking import store
+    from .searchers import SEARCHERS
+
+    if config.resume and not config.name:
+        raise AutopruneError("--resume needs --name: the name of the search to continue")
+    name = config.name or datetime.now().strftime("search-%Y%m%d-%H%M%S")
+    check_output_dir(Path(config.storage), "--storage")
+    path = Path(config.storage).expanduser().resolve() / name
+    if config.resume:
+        saved = saved_config(name, config.storage)
+        if saved is None:
+            raise AutopruneError(
+                f"no search named {name!r} to resume under {str(path.parent)!r} ({STATE_FILE} missing)"
+            )
+        conflicts = resume_conflicts(config, saved)
+        if conflicts:
+            raise AutopruneError(
+                f"--resume continues search {name!r} with its saved settings, but these differ: "
+                f"{'; '.join(conflicts)}. Leave them out, or start a new search under another --name"
+            )
+        config = dataclasses.replace(
+            saved, resume=True, out=config.out or saved.out, address=config.address, progress=config.progress
+        )
+    elif path.exists() and any(path.iterdir()):
+        raise AutopruneError(
+            f"a search named {name!r} already exists in {str(path.parent)!r}; pass --resume to continue it, "
+            "or choose another --name"
+        )
+    spec = SEARCHERS.get(config.searcher)
+    space = get_space(config.space)
+    check_task_config(config.engine.task)
+    engine.resolve_device(config.engine.device)
+    if spec.needs_grid and not hasattr(space, "grid"):
+        raise AutopruneError(
+            f"searcher {config.searcher!r} needs a space with a grid (such as 'criteria'); {config.space!r} has none"
+        )
+    fixed = getattr(space, "structure", None)
+    if config.structure and fixed and config.structure != fixed:
+        raise AutopruneError(
+            f"--structure {config.structure} does not fit space {config.space!r}, which prunes {fixed} only"
+        )
+    structure = config.structure or fixed
+    scheduler = config.scheduler or spec.scheduler
+    if scheduler == "asha" and spec.multi_objective:
+        raise AutopruneError(
+            f"--scheduler asha stops trials on one metric; searcher {config.searcher!r} optimises several: "
+            "use --scheduler none"
+        )
+    out = check_output_dir(Path(config.out).resolve() if config.out else path / "best", "--out")
+    if not config.engine.checkpoint:
+        check_output_dir(
+            engine.cache_dir(config.engine), "--cache-dir" if config.engine.cache_dir else "the dense-model cache"
+        )
+    tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
+    store.check_tracking_uri(tracking_uri)
+    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _check_address(address)
+    local_cpus = local_gpus = 0
+    if not address:
+        local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_gpus = gpu_count()
+        check_fits(config, local_cpus, local_gpus, "this machine")
+    trials = config.trials or DEFAULT_TRIALS
+    return Plan(
+        config,
+        name,
+        path,
+        tracking_uri,
+        address,
+        trials,
+        scheduler,
+        out.resolve(),
+        (structure,) if structure else STRUCTURES,
+        None,
+        local_cpus,
+        local_gpus,
+    )
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_fits(config: SearchConfig, cpus: float, gpus: float, where: str) -> None:
+    if config.cpus_per_trial > cpus:
+        raise AutopruneError(f"--cpus-per-trial {config.cpus_per_trial:g} is more than {where} has ({cpus:g} CPUs)")
+    if config.gpus_per_trial > gpus:
+        raise AutopruneError(
+            f"--gpus-per-trial {config.gpus_per_trial:g} is more than {where} has ({gpus:g} GPUs)"
+            + ("; leave it at 0 to run on the CPU" if not gpus else "")
+        )
+
+
+def _check_address(address: str) -> None:
+    """A Ray cluster's GCS must answer on host:port before Ray tries (it otherwise retries
+    for minutes)."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise AutopruneError(f"--address {address!r} must be host:port (a Ray head's GCS address) or auto")
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+    except OSError as exc:
+        raise AutopruneError(
+            f"no Ray cluster answers at --address {address!r} ({exc}); start one with "
+            "`ray start --head`, or leave --address out for a local instance"
+        ) from None

@@ -1,0 +1,109 @@
+"""What a search produced: the trial records read back from Ray Tune, the best trial within
+budget, the Pareto front and the counts."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..contract import PRUNED_METRICS, TrialConfig, TrialRecord, is_final
+
+
+@dataclass
+class SearchResult:
+    """What a search produced; ``summary`` is what ``summary.json`` holds."""
+
+    name: str
+    summary: dict[str, Any]
+    trials: list[TrialRecord]  # every trial, in the order they started
+    pareto: list[TrialRecord]  # the non-dominated completed trials
+    best_model_path: Path | None
+    out: Path
+    experiment_id: str
+    run_id: str
+    tracking_uri: str
+    wall_time_s: float = 0.0
+
+
+def pareto_front(records: list[TrialRecord], goals: tuple[tuple[str, str], ...]) -> list[TrialRecord]:
+    """Completed trials that no other completed trial dominates (at least as good in every
+    objective, strictly better in one)."""
+    done = [r for r in records if r.status == "completed"]
+
+    def vec(r: TrialRecord) -> list[float]:
+        return [r.metrics[k] if d == "min" else -r.metrics[k] for k, d in goals]
+
+    vecs = [vec(r) for r in done]
+    front = []
+    for i, v in enumerate(vecs):
+        dominated = any(
+            all(a <= b for a, b in zip(w, v)) and any(a < b for a, b in zip(w, v)) for j, w in enumerate(vecs) if j != i
+        )
+        if not dominated:
+            front.append(done[i])
+    return front
+
+
+def best_within(records: list[TrialRecord], kind: str, fraction: float) -> TrialRecord | None:
+    """The completed trial within budget with the highest validation accuracy (ties: the
+    lower cost, then the earlier trial)."""
+    done = [
+        r for r in records if r.status == "completed" and r.metrics.get(f"{kind}_ratio", math.inf) <= fraction + 1e-9
+    ]
+    if not done:
+        return None
+    return max(done, key=lambda r: (r.metrics["val_acc"], -r.metrics[f"{kind}_ratio"], -r.number))
+
+
+def counts(records: list[TrialRecord]) -> dict[str, int]:
+    return {
+        "total": len(records),
+        "completed": sum(r.status == "completed" for r in records),
+        "stopped_early": sum(r.status == "stopped" for r in records),
+        "failed": sum(r.status == "failed" for r in records),
+    }
+
+
+def read_records(path: Path, runs: dict[str, Any]) -> list[TrialRecord]:
+    """Every trial of the Tune experiment at ``path``, with its MLflow child run (``runs``:
+    trial id -> run), in the order the runs started."""
+    from ray.tune import ExperimentAnalysis
+
+    from ..tracking.callback import trial_error
+
+    records = []
+    trials = ExperimentAnalysis(str(path)).trials
+
+    def started(t) -> tuple:  # trial ids are random: order by when their runs started
+        run = runs.get(t.trial_id)
+        return (run.info.start_time if run else float("inf"), t.trial_id)
+
+    for number, trial in enumerate(sorted(trials, key=started)):
+        last = trial.last_result or {}
+        if trial.status == "ERROR":
+            status = "failed"
+        elif trial.status == "TERMINATED" and is_final(last):
+            status = "completed"
+        elif trial.status == "TERMINATED":
+            status = "stopped"  # by the scheduler, before its final report
+        else:
+            status = trial.status.lower()
+        run = runs.get(trial.trial_id)
+        config = TrialConfig.from_config(trial.config)
+        records.append(
+            TrialRecord(
+                number=number,
+                trial_id=trial.trial_id,
+                status=status,
+                policy=config.policy,
+                budget_fraction=config.budget_fraction,
+                metrics={k: last[k] for k in (*PRUNED_METRICS, "engine_s", "epoch") if k in last},
+                ratios=last.get("ratios", {}),
+                node_id=last.get("node_id"),
+                error=trial_error(trial) if status == "failed" else None,
+                run_id=run.info.run_id if run else None,
+            )
+        )
+    return records

@@ -1,0 +1,221 @@
+"""``autoprune search``: the Ray Tune runner.
+
+The driver checks everything cheap first (:mod:`.plan`), connects to Ray (:mod:`.ray_connection`:
+a local instance sized to this machine, or ``--address``), gets the dense model once and puts it
+with the data into Ray's object store once. Ray Tune then runs trials (:mod:`.trial`) proposed
+by a registered searcher (:mod:`.searchers`); a callback in the driver logs every trial to
+MLflow (:mod:`autoprune.tracking`). At the end the best policy is re-run from the dense model
+for ``final_epochs``, tested once and saved (:mod:`.final`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Any
+
+from ..config import SearchConfig
+from ..contract import TrialRecord
+from ..rayenv import quiet_environment
+from .final import Finish, finish, short_metrics
+from .plan import COMPLETED, STATE_FILE, Plan, prepare
+from .ray_connection import concurrency, connect
+from .results import SearchResult, read_records
+from .searchers import SEARCHERS, SearcherContext
+from .trial import TrialSetup, run_trial
+
+
+def run_search(config: SearchConfig) -> SearchResult:
+    """Run (or ``resume``) a policy search; see the module docstring. The CLI wraps this."""
+    t0 = time.time()
+    quiet_environment()  # before anything imports ray
+    plan = prepare(config)
+    say = print
+    import ray
+
+    owned = not ray.is_initialized()  # a caller's own ray.init() is used as it is, and left running
+    try:
+        if owned:
+            connect(plan)
+        return _search(plan, say, t0, owned)
+    finally:
+        if owned and ray.is_initialized():
+            ray.shutdown()  # stops the local instance; only disconnects from a cluster
+
+
+def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
+    import ray
+    from ray import tune
+
+    from autoprune.search_spaces import get_space
+
+    from .. import engine
+    from ..engine.checkpoint import cpu_state
+    from ..engine.layers import layer_table
+    from ..engine.tasks import get_task
+    from ..tracking import store
+    from ..tracking.callback import TrialLogger, close_writers
+    from .progress import ProgressLine
+
+    config = plan.config
+    task = get_task(config.engine.task)
+    table = layer_table(task, plan.structures)
+    if SEARCHERS.get(config.searcher).needs_grid:
+        plan.grid = get_space(config.space).grid(table)
+        size = math.prod(len(v) for v in plan.grid.values())
+        plan.trials = min(config.trials or size, size)
+    workers = concurrency(plan)
+    dense = engine.dense_model(task, config.engine, log=say)
+    dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
+    saved = dataclasses.asdict(config)
+    saved.update(
+        name=plan.name,
+        trials=plan.trials,
+        out=str(plan.out),
+        scheduler=plan.scheduler,
+        concurrency=workers,
+        tracking_uri=plan.tracking_uri,
+        storage=str(plan.path.parent),
+    )
+    experiment_id, run_id = store.open_search_run(
+        plan.tracking_uri, plan.name, store.flat_params("", saved, skip=store.SEARCH_NOISE), config.resume
+    )
+    mlflow = store.client(plan.tracking_uri)
+    system_metrics = store.SystemMetrics(plan.tracking_uri, run_id, resume=config.resume).start()
+    # From here on the search run is open: whatever ends the search also ends the run,
+    # KILLED on an interruption and FAILED on an error, never left RUNNING.
+    try:
+        store.log(mlflow, run_id, once={f"dense_{k}": v for k, v in short_metrics(dense_metrics).items()})
+        plan.path.mkdir(parents=True, exist_ok=True)
+        (plan.path / STATE_FILE).write_text(
+            json.dumps(
+                {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
+                indent=2,
+            )
+            + "\n"
+        )
+        restore = config.resume and tune.Tuner.can_restore(str(plan.path))
+        if config.resume:
+            from ray.tune import ExperimentAnalysis
+
+            known = {t.trial_id for t in ExperimentAnalysis(str(plan.path)).trials} if restore else set()
+            store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
+        setup = TrialSetup(
+            task,
+            cpu_state(dense),
+            {k: v for k, v in dense_metrics.items() if k != "test_acc"},
+            config.budget,
+            config.epochs,
+            config.engine,
+            config.cpus_per_trial,
+            config.gpus_per_trial,
+            _replays(plan, experiment_id, run_id) if config.resume else {},
+        )
+        setup_ref = ray.put(setup)
+
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, setup_ref=[setup_ref]),
+            {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+        )
+        spec = SEARCHERS.get(config.searcher)
+        say(
+            f"search {plan.name!r}: {plan.trials} trials ({config.searcher} on space {config.space!r}, "
+            f"{config.epochs} epoch(s) each, {workers} at a time, scheduler {plan.scheduler}), "
+            f"budget {config.budget.kind} {config.budget.fraction:g}"
+        )
+        try:
+            if restore:
+                tuner = tune.Tuner.restore(
+                    str(plan.path), trainable=trainable, resume_unfinished=True, resume_errored=False
+                )
+            else:
+                ctx = SearcherContext(table, config.budget, config.engine.seed, plan.trials, config.space, plan.grid)
+                scheduler = None
+                if plan.scheduler == "asha":
+                    from ray.tune.schedulers import ASHAScheduler
+
+                    scheduler = ASHAScheduler(
+                        time_attr="training_iteration", max_t=config.epochs, grace_period=1, reduction_factor=2
+                    )
+                tuner = tune.Tuner(
+                    trainable,
+                    tune_config=tune.TuneConfig(
+                        search_alg=spec.make(ctx),
+                        scheduler=scheduler,
+                        metric=None if spec.multi_objective else "val_acc",
+                        mode=None if spec.multi_objective else "max",
+                        num_samples=plan.trials,
+                        max_concurrent_trials=workers,
+                        reuse_actors=True,
+                    ),
+                    run_config=tune.RunConfig(
+                        name=plan.name,
+                        storage_path=str(plan.path.parent),
+                        verbose=0,
+                        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                        callbacks=[
+                            TrialLogger(plan.tracking_uri, experiment_id, run_id, str(plan.path / COMPLETED)),
+                            ProgressLine(plan.trials, config.progress),
+                        ],
+                    ),
+                )
+            tuner.fit()
+            close_writers()
+        except BaseException:
+            print(
+                f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
+                f"--storage {plan.path.parent} --resume",
+                file=sys.stderr,
+            )
+            raise
+
+        runs = store.trial_runs(plan.tracking_uri, experiment_id, run_id)
+        records = numbered(read_records(plan.path, runs), runs)
+        if owned:
+            ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
+        return finish(Finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0, system_metrics))
+    except BaseException as exc:
+        with contextlib.suppress(Exception):
+            close_writers()  # what the trials reported before the interruption
+        system_metrics.stop()
+        with contextlib.suppress(Exception):
+            if mlflow.get_run(run_id).info.status == "RUNNING":
+                mlflow.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+
+
+def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:
+    """The last reports of trials that ended after Tune's last snapshot, to replay on a
+    resume: only those whose child run is FINISHED (the report is kept just before the run
+    is ended; an interruption in between leaves the run RUNNING, and the trial runs again)."""
+    from ..tracking import store
+    from ..tracking.resume import load_finals
+
+    runs = store.trial_runs(plan.tracking_uri, experiment_id, run_id)
+    kept = load_finals(str(plan.path / COMPLETED))
+    return {t: report for t, report in kept.items() if t in runs and runs[t].info.status == "FINISHED"}
+
+
+def numbered(records: list[TrialRecord], runs: dict[str, Any]) -> list[TrialRecord]:
+    """The records numbered as their child runs are named (``#7``: the order the trials
+    started, continued across a resume), in that order; trials without a numbered run come
+    last."""
+    from ..tracking.store import NUMBER
+
+    def number(r: TrialRecord) -> int | None:
+        tag = runs[r.trial_id].data.tags.get(NUMBER, "") if r.trial_id in runs else ""
+        return int(tag) if str(tag).isdigit() else None
+
+    known = {r.trial_id: number(r) for r in records}
+    last = max((n for n in known.values() if n is not None), default=0)
+    for r in sorted(records, key=lambda r: (known[r.trial_id] is None, known[r.trial_id] or 0, r.number)):
+        if known[r.trial_id] is None:
+            last += 1
+            known[r.trial_id] = last
+        r.number = known[r.trial_id] - 1
+    return sorted(records, key=lambda r: r.number)

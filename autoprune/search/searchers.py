@@ -1,0 +1,150 @@
+"""The searcher registry: every search strategy is a :class:`SearcherSpec` whose factory
+returns a ``ray.tune.search.Searcher``. Optuna's samplers (tpe, nsga2, random, grid) register
+here; the AMC agent registers from ``autoprune.agents``. What a searcher hands a trial and
+reads back is :mod:`autoprune.contract`; ``tests/search/test_searcher_conformance.py`` checks
+every registered searcher against it, without Ray running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from ..config import Budget
+from ..contract import TRIAL_CONFIG_KEYS, TrialConfig, is_final, objectives
+from ..errors import AutopruneError
+from ..rayenv import quiet_environment
+from ..registry import Registry
+
+quiet_environment()
+import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@dataclass
+class SearcherContext:
+    """What a searcher factory gets: the layer table of the model (its channel groups and
+    layers with their FLOPs shares), the budget, the seed and the trial count; Optuna
+    searchers also use the define-by-run space (a ``search_spaces`` name or ``pkg.mod:fn``)
+    and, for ``grid``, the grid."""
+
+    table: Any  # autoprune.engine.graph.LayerTable
+    budget: Budget
+    seed: int
+    trials: int
+    space: str = "default"
+    grid: dict[str, list] | None = None
+
+
+@dataclass(frozen=True)
+class SearcherSpec:
+    make: Callable[[SearcherContext], Any]  # -> a ray.tune.search.Searcher
+    multi_objective: bool = False  # optimises contract.objectives(budget kind) and returns a Pareto front
+    scheduler: str = "asha"  # the default --scheduler
+    needs_grid: bool = False
+    summary: str = ""  # one line for `autoprune list`
+
+
+SEARCHERS: Registry[SearcherSpec] = Registry("searcher")
+
+
+def define_by_run(space_spec: str, table, budget: Budget | None, trial) -> dict:
+    """The function OptunaSearch calls per trial: a :class:`TrialConfig` as a dict, with the
+    space's policy fields (and, for the multi-objective searchers, a budget fraction up to the
+    budget). A space that raises does not stop the search: the error travels to the trial,
+    which fails with it."""
+    from autoprune.search_spaces import get_space
+
+    fraction = None
+    try:
+        if budget is not None:
+            fraction = trial.suggest_float("budget_fraction", budget.fraction / 4, budget.fraction)
+        policy = get_space(space_spec)(trial, table)
+        if not isinstance(policy, dict):
+            raise AutopruneError(f"search space {space_spec!r} returned {type(policy).__name__}, not a dict")
+        return TrialConfig(policy, fraction).to_config()
+    except Exception as exc:  # noqa: BLE001 - recorded as the trial's error
+        return TrialConfig(budget_fraction=fraction, space_error=f"{type(exc).__name__}: {exc}").to_config()
+
+
+class PolicyOptunaSearch(OptunaSearch):
+    """``OptunaSearch`` that tells the sampler the truth about trials ASHA stopped early.
+
+    Ray's ``OptunaSearch`` completes an early-stopped trial as COMPLETE with its last,
+    partial accuracy, so TPE would model a one-epoch accuracy as if it were a full run's.
+    Here such a trial is told as PRUNED: Optuna keeps the per-epoch values the trial
+    reported (``trial.report``), and TPE ranks pruned trials below completed ones, by
+    the step they reached and then their last value. A trial is early-stopped when it
+    finished without error and without its final report (``contract.is_final``). It is
+    pickled with the Tuner (for ``--resume``), so it lives at module level."""
+
+    def suggest(self, trial_id: str):
+        """The :class:`TrialConfig` the space returned. Ray's ``OptunaSearch`` also copies every
+        raw Optuna parameter into the config; they are all in the policy already."""
+        config = super().suggest(trial_id)
+        if not isinstance(config, dict):
+            return config  # None (wait) or Searcher.FINISHED
+        return {k: v for k, v in config.items() if k in TRIAL_CONFIG_KEYS}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped = (
+            not error
+            and result
+            and not isinstance(self.metric, list)
+            and not is_final(result)
+            and trial_id in self._ot_trials
+            and trial_id not in self._completed_trials
+        )
+        if not stopped:
+            return super().on_trial_complete(trial_id, result=result, error=error)
+        self._completed_trials.add(trial_id)
+        # an exhausted GridSampler calls Study.stop() in tell, which only works inside optimize()
+        with contextlib.suppress(RuntimeError):
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+
+
+def _optuna(ctx: SearcherContext, sampler, multi_objective: bool = False) -> Any:
+    budget = ctx.budget if multi_objective else None
+    if multi_objective:
+        goals = objectives(ctx.budget.kind)
+        metric, mode = [m for m, _ in goals], [d for _, d in goals]
+    else:
+        metric, mode = "val_acc", "max"
+    space = partial(define_by_run, ctx.space, ctx.table, budget)
+    return PolicyOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
+
+
+def _tpe(ctx: SearcherContext):
+    startup = min(10, max(2, ctx.trials // 3))  # random trials before TPE models the results
+    return _optuna(ctx, optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=startup, constant_liar=True))
+
+
+def _nsga2(ctx: SearcherContext):
+    population = max(4, min(50, ctx.trials // 3))
+    return _optuna(ctx, optuna.samplers.NSGAIISampler(seed=ctx.seed, population_size=population), True)
+
+
+def _random(ctx: SearcherContext):
+    return _optuna(ctx, optuna.samplers.RandomSampler(seed=ctx.seed))
+
+
+def _grid(ctx: SearcherContext):
+    if ctx.grid is None:
+        raise AutopruneError("searcher 'grid' needs a space with a grid (such as 'criteria')")
+    return _optuna(ctx, optuna.samplers.GridSampler(ctx.grid, seed=ctx.seed))
+
+
+SEARCHERS.register("tpe")(SearcherSpec(_tpe, summary="Optuna TPE, constant liar (default)"))
+SEARCHERS.register("nsga2")(
+    SearcherSpec(_nsga2, multi_objective=True, scheduler="none", summary="Optuna NSGA-II: accuracy, cost, latency")
+)
+SEARCHERS.register("random")(SearcherSpec(_random, summary="Optuna random sampling"))
+SEARCHERS.register("grid")(
+    SearcherSpec(_grid, scheduler="none", needs_grid=True, summary="Optuna grid over a space's grid")
+)

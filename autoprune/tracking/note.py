@@ -1,0 +1,103 @@
+"""The search run's description in the MLflow UI (the ``mlflow.note.content`` tag, markdown):
+which trial won and why, dense against the best model, the budget, the searcher and how the
+trials ended, with a link to the best trial's run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..contract import TrialRecord
+from ..report import fmt_count, pct
+
+
+def _ratio(dense: float | None, best: float | None) -> str:
+    return f"{best / dense:.3f}x" if dense and best is not None else ""
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """A link to a run, relative to the UI (works inside a note)."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def search_note(
+    summary: dict[str, Any],
+    dense: dict[str, Any],
+    best: TrialRecord | None,
+    pruned: dict[str, Any] | None,
+    final_epochs: int,
+    experiment_id: str,
+    within_budget: int,
+) -> str:
+    """The markdown description of a search run. ``summary``: what summary.json holds (name,
+    budget, searcher, space, scheduler, trials); ``dense``: the dense model's metrics;
+    ``best``: the trial picked (None: none was); ``pruned``: its re-run's metrics;
+    ``within_budget``: how many completed trials met the budget."""
+    budget, tally = summary["budget"], summary["trials"]
+    kind = "FLOPs" if budget["kind"] == "flops" else "parameters"
+    lines = [f"## autoprune search `{summary['name']}`", ""]
+    if best is None or pruned is None:
+        lines.append(
+            f"**No trial was picked**: {tally['completed']} completed, none within the budget."
+            if tally["completed"]
+            else "**No trial was picked**: no trial completed."
+        )
+    else:
+        name = f"[{best.label}]({run_link(experiment_id, best.run_id)})" if best.run_id else best.label
+        lines.append(
+            f"**Best: {name}** (Ray trial `{best.trial_id}`): "
+            f"the highest validation accuracy ({pct(best.metrics.get('val_acc'))} after the search's epochs) of "
+            f"the {within_budget} completed trial(s) within the budget; it was then re-run from the dense model "
+            f"for {final_epochs} epoch(s) and tested once (the table)."
+        )
+    lines += [
+        "",
+        f"- **budget**: {kind} at most {budget['fraction']:g} of dense",
+        f"- **searcher**: {summary['searcher']} on space `{summary['space']}`, scheduler {summary['scheduler']}",
+        f"- **trials**: {tally['total']}: {tally['completed']} completed, {tally['stopped_early']} stopped early "
+        f"by the scheduler, {tally['failed']} failed",
+        f"- **task**: {summary.get('task', '?')} ({summary.get('model', '?')})",
+    ]
+    if best is not None and pruned is not None:
+        d_lat, p_lat = dense.get("latency_ms"), pruned.get("latency_ms")
+        rows = [
+            (
+                "validation accuracy",
+                pct(dense.get("val_acc")),
+                pct(pruned.get("val_acc")),
+                _diff(dense, pruned, "val_acc"),
+            ),
+            (
+                "test accuracy",
+                pct(dense.get("test_acc")),
+                pct(pruned.get("test_acc")),
+                _diff(dense, pruned, "test_acc"),
+            ),
+            (
+                "FLOPs",
+                fmt_count(dense.get("flops")),
+                fmt_count(pruned.get("flops")),
+                _ratio(dense.get("flops"), pruned.get("flops")),
+            ),
+            (
+                "params",
+                fmt_count(dense.get("params")),
+                fmt_count(pruned.get("params")),
+                _ratio(dense.get("params"), pruned.get("params")),
+            ),
+            (
+                "latency (batch 1)",
+                "-" if d_lat is None else f"{d_lat:.3f} ms",
+                "-" if p_lat is None else f"{p_lat:.3f} ms",
+                _ratio(d_lat, p_lat),
+            ),
+            ("speed-up", "1.00x", "-" if pruned.get("speedup") is None else f"{pruned['speedup']:.2f}x", ""),
+        ]
+        lines += ["", "| | dense | best | best / dense |", "|---|---:|---:|---:|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += ["", "Charts: `accuracy_vs_cost.png`, `criteria.png`; the model: `best_model/` and the Models tab."]
+    return "\n".join(lines) + "\n"
+
+
+def _diff(dense: dict[str, Any], pruned: dict[str, Any], key: str) -> str:
+    d, p = dense.get(key), pruned.get(key)
+    return "" if d is None or p is None else f"{100 * (p - d):+.2f} pts"

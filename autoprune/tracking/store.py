@@ -1,0 +1,304 @@
+"""The MLflow store of a search: its URI (checked before Ray starts), the experiment, the
+parent *search run*, child-run look-ups and batched logging. Imports neither Ray nor torch."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from ..errors import AutopruneError
+
+ROLE = "autoprune.role"  # "search" (the parent run) or "trial"
+TRIAL_ID = "autoprune.trial_id"  # the Ray Tune trial id of a child run
+NUMBER = "autoprune.trial_number"  # the order the trials started in, from 1 (the run name's "#7")
+NODE_ID = "autoprune.node_id"
+BEST = "autoprune.best"  # "true" on the child run of the trial the search picked
+BEST_RUN_ID = "autoprune.best_run_id"  # on the search run: that child run
+BEST_TRIAL_ID = "autoprune.best_trial_id"  # on the search run: its Ray Tune trial id
+PARENT = "mlflow.parentRunId"
+NOTE = "mlflow.note.content"  # a run's description in the UI (markdown)
+MAX_PARAM = 6000  # MLflow's limit on a param value's length
+# the settings of a search that say nothing about its result: not logged as params
+SEARCH_NOISE = ("progress", "engine.progress", "storage", "resume", "tracking_uri")
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `autoprune ui` serves by default
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """The default store is ``mlflow.db`` in the working directory; SQLite paths become
+    absolute, because Ray Tune changes the working directory of trials."""
+    if not uri:
+        return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///") :]).expanduser()
+        return f"sqlite:///{path if path.is_absolute() else Path.cwd() / path}"
+    return uri
+
+
+STORE_SCHEMES = ("sqlite", "http", "https", "file", "postgresql", "mysql", "mssql")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast, before Ray starts, on a store that cannot work: an unknown scheme, an MLflow
+    server that does not answer (it otherwise costs minutes of retries), an SQLite file that
+    is not an MLflow store or lies where nothing can be written, a file store MLflow 3 refuses."""
+    from ..paths import check_output_dir
+
+    scheme = uri.partition("://")[0] if "://" in uri else ""
+    if scheme not in STORE_SCHEMES:
+        raise AutopruneError(
+            f"--tracking-uri {uri!r} is not a tracking store MLflow can open; use sqlite:///path/mlflow.db, "
+            "http(s)://host:port (an `mlflow server`) or a database URI (postgresql://, mysql://, mssql://)"
+        )
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=3) as reply:
+                if reply.status != 200:
+                    raise OSError(f"HTTP {reply.status}")
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            raise AutopruneError(
+                f"--tracking-uri {uri!r} does not answer ({exc}); start `mlflow server` there, or leave the "
+                "flag out for the local SQLite store mlflow.db"
+            ) from None
+    elif scheme == "sqlite":
+        path = Path(uri[len("sqlite:///") :])
+        if not path.parent.is_dir():
+            raise AutopruneError(f"--tracking-uri {uri!r}: the folder {str(path.parent)!r} does not exist")
+        if path.is_dir():
+            raise AutopruneError(f"--tracking-uri {uri!r} names a directory; give the database file, e.g. mlflow.db")
+        check_output_dir(path.parent, "--tracking-uri")
+        if path.is_file() and path.stat().st_size > 0:
+            _check_sqlite_store(path, uri)
+    elif scheme == "file":
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+            raise AutopruneError(
+                f"--tracking-uri {uri!r} is an MLflow file store, which MLflow 3 refuses (maintenance mode); use "
+                "sqlite:///path/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true to use it anyway"
+            )
+        check_output_dir(urllib.request.url2pathname(uri[len("file://") :]), "--tracking-uri")
+
+
+def _check_sqlite_store(path: Path, uri: str) -> None:
+    """An existing SQLite file must be a database, and an MLflow store if it has tables
+    (opened read-only: nothing is written)."""
+    import sqlite3
+
+    with open(path, "rb") as f:
+        if f.read(16) != b"SQLite format 3\x00":
+            raise AutopruneError(f"--tracking-uri {uri!r}: {str(path)!r} is not an SQLite database")
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise AutopruneError(f"--tracking-uri {uri!r}: {str(path)!r} cannot be read as a database ({exc})") from None
+    if tables and "experiments" not in tables:
+        raise AutopruneError(
+            f"--tracking-uri {uri!r}: {str(path)!r} is an SQLite database but not an MLflow store (no experiments "
+            "table); give another file"
+        )
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_location(uri: str, name: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database (absolute, whatever the cwd);
+    a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).as_uri()
+    return None
+
+
+def param_value(value: Any) -> str:
+    """A value as a param's text: floats to 4 significant digits, lists as JSON."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return json.dumps([float(param_value(v)) if isinstance(v, float) else v for v in value])[:MAX_PARAM]
+    return str(value)[:MAX_PARAM]
+
+
+def flat_params(prefix: str, data: Any, skip: tuple[str, ...] = ()) -> dict[str, str]:
+    """Nested config -> flat MLflow params (``finetune.lr``), values as text (see
+    :func:`param_value`). Nothing is logged for None, an empty list or a key in ``skip``."""
+    if prefix in skip:
+        return {}
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out.update(flat_params(f"{prefix}.{key}" if prefix else str(key), value, skip))
+        return out
+    if data is None or (isinstance(data, (list, tuple)) and not data):
+        return {}
+    return {prefix: param_value(data)}
+
+
+def runs_link(experiment_id: str, host: str = UI_HOST, port: int = UI_PORT, server: str | None = None) -> str:
+    """The address that opens an experiment's runs table in the MLflow UI's model-training
+    view (MLflow 3 otherwise opens its GenAI overview): on ``autoprune ui --host --port``, or
+    on the ``server`` given (an http(s) tracking URI is itself a UI)."""
+    if server is None:
+        if host in ("", "0.0.0.0", "::"):  # listening everywhere: this machine's name reaches it
+            import socket
+
+            host = socket.gethostname()
+        server = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def search_experiments(uri: str, limit: int = 5) -> list[tuple[str, str]]:
+    """(experiment id, name) of the experiments in the store that hold an autoprune search
+    run, the newest search first."""
+    mlflow = client(uri)
+    ids = [e.experiment_id for e in mlflow.search_experiments(max_results=1000)]
+    found: dict[str, str] = {}
+    for start in range(0, len(ids), 100):
+        runs = mlflow.search_runs(
+            ids[start : start + 100],
+            f"tags.`{ROLE}` = 'search'",
+            max_results=1000,
+            order_by=["attributes.start_time DESC"],
+        )
+        for run in runs:
+            found.setdefault(run.info.experiment_id, run.info.start_time)
+    newest = sorted(found, key=lambda e: -found[e])[:limit]
+    return [(e, mlflow.get_experiment(e).name) for e in newest]
+
+
+def log(
+    mlflow,
+    run_id: str,
+    metrics: dict[str, Any] | None = None,
+    params: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+    step: int = 0,
+    at_ms: int | None = None,
+    once: dict[str, Any] | None = None,
+) -> None:
+    """Metrics (numbers only) at ``step``, ``once``: single-value metrics at step 0 (so the UI
+    shows them as values, not as one-point series at the last epoch), params and tags, in as
+    few store transactions as MLflow allows (per batch: 1000 metrics, 100 params, 100 tags)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = at_ms if at_ms is not None else int(time.time() * 1000)
+
+    def numbers(values: dict[str, Any] | None, at: int) -> list:
+        return [
+            Metric(k, float(v), now, at)
+            for k, v in (values or {}).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
+
+    ms = numbers(metrics, step) + numbers(once, 0)
+    ps = [Param(k, v) for k, v in (params or {}).items()]
+    ts = [RunTag(k, v) for k, v in (tags or {}).items()]
+    while ms or ps or ts:
+        mlflow.log_batch(run_id, metrics=ms[:1000], params=ps[:100], tags=ts[:100])
+        ms, ps, ts = ms[1000:], ps[100:], ts[100:]
+
+
+def open_search_run(uri: str, name: str, params: dict[str, str], resume: bool) -> tuple[str, str]:
+    """(experiment id, parent run id). A resumed search reuses its experiment and run."""
+    mlflow = client(uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=_artifact_location(uri, name))
+    elif experiment.lifecycle_stage == "deleted":
+        raise AutopruneError(
+            f"MLflow experiment {name!r} was deleted but still exists in {uri}; restore it or choose another --name"
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    if resume:
+        runs = mlflow.search_runs([experiment_id], f"tags.`{ROLE}` = 'search'", max_results=1)
+        if runs:
+            mlflow.update_run(runs[0].info.run_id, status="RUNNING")
+            return experiment_id, runs[0].info.run_id
+    run = mlflow.create_run(experiment_id, run_name=name, tags={ROLE: "search"})
+    log(mlflow, run.info.run_id, params=params)
+    return experiment_id, run.info.run_id
+
+
+def trial_runs(uri: str, experiment_id: str, parent: str) -> dict[str, Any]:
+    """Ray trial id -> the child run of ``parent`` logged for it."""
+    mlflow = client(uri)
+    found, token = {}, None
+    while True:
+        page = mlflow.search_runs([experiment_id], f"tags.`{PARENT}` = '{parent}'", max_results=1000, page_token=token)
+        for run in page:
+            found[run.data.tags.get(TRIAL_ID)] = run
+        token = page.token
+        if not token:
+            return found
+
+
+def drop_unfinished(uri: str, experiment_id: str, parent: str, known: set[str]) -> int:
+    """Before a resume: delete the child runs an interrupted search left RUNNING (their
+    trials run again from the start under fresh runs, so no epoch is logged twice), and the
+    runs of trials Tune's last snapshot does not know (``known``: they will not be resumed;
+    new trials take their place)."""
+    mlflow = client(uri)
+    stale = [
+        r
+        for tid, r in trial_runs(uri, experiment_id, parent).items()
+        if r.info.status not in ("FINISHED", "FAILED") or tid not in known
+    ]
+    for run in stale:
+        mlflow.delete_run(run.info.run_id)
+    return len(stale)
+
+
+SYSTEM_METRICS_S = 10.0  # how often the search run samples CPU, memory, disk, network (and GPU)
+
+
+class SystemMetrics:
+    """MLflow's system metrics (``system/cpu_utilization_percentage``, ...) of the search run,
+    sampled on a thread from :meth:`start` until :meth:`stop` (which may be called twice).
+    A monitor that cannot start is reported on stderr and the search goes on without it."""
+
+    def __init__(self, uri: str, run_id: str, resume: bool = False) -> None:
+        self.uri, self.run_id, self.resume = uri, run_id, resume
+        self._monitor = None
+
+    def start(self) -> SystemMetrics:
+        import logging
+        import sys
+
+        # its INFO lines ("Started monitoring ...", "Skip logging GPU metrics") are not for users
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=SYSTEM_METRICS_S,
+                samples_before_logging=1,
+                resume_logging=self.resume,
+                tracking_uri=self.uri,
+            )
+            self._monitor.start()
+        except Exception as exc:  # noqa: BLE001 - a convenience: the search does not depend on it
+            self._monitor = None
+            print(f"warning: no system metrics for the search run ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return self
+
+    def stop(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        with contextlib.suppress(Exception):
+            monitor.finish()
+            # MLflow drops the samples taken since the last one it logged: log them, so a run
+            # shorter than the sampling interval has its point too
+            metrics = monitor.aggregate_metrics()
+            if metrics:
+                monitor.publish_metrics(metrics)
+                monitor.mlflow_logger.flush()

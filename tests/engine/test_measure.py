@@ -1,0 +1,52 @@
+"""Measurement: fvcore FLOPs (effective for masked weights), parameters, latency."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from autoprune.config import MeasureConfig
+from autoprune.engine.measure import count_params, effective_flops, flops_by_module, measure
+from autoprune.engine.prune import fold_masks, mask_weights
+
+
+def net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+def test_flops_are_multiply_adds_counted_by_hand():
+    total, by_module = flops_by_module(net().eval(), torch.zeros(1, 2, 6, 6))
+    conv = 4 * 4 * 4 * (2 * 3 * 3)  # output positions x channels x (in x kernel)
+    linear = 64 * 3
+    assert by_module["0"] == conv and by_module["3"] == linear
+    assert total == conv + linear
+
+
+def test_masked_weights_count_as_removed_in_flops_and_params():
+    model = net().eval()
+    dense_total = flops_by_module(model, torch.zeros(1, 2, 6, 6))[0]
+    dense_params = count_params(model)
+    scores = {n: torch.rand(m.weight.shape) for n, m in model.named_modules() if n in ("0", "3")}
+    mask_weights(model, {"0": 36, "3": 96}, scores)  # half of each layer's weights
+    conv, linear = 4 * 4 * 4 * 18, 64 * 3
+    assert effective_flops(model, torch.zeros(1, 2, 6, 6)) == pytest.approx(dense_total - conv / 2 - linear / 2)
+    assert count_params(model) == dense_params - 36 - 96
+    fold_masks(model)
+    assert count_params(model) == dense_params - 36 - 96  # the zeros stay after folding
+
+
+def test_measure_times_each_configured_batch_size():
+    cost = measure(net().eval(), (2, 6, 6), MeasureConfig(batch_sizes=(1, 4), warmup=1, repeats=3))
+    assert set(cost.latency_ms) == {1, 4} and all(t > 0 for t in cost.latency_ms.values())
+    row = cost.to_dict()
+    assert row["latency_ms"] == cost.latency_ms[1] and set(row["latency_ms_by_batch"]) == {"1", "4"}
+    assert measure(net().eval(), (2, 6, 6), MeasureConfig(), latency=False).latency_ms == {}
+
+
+def test_latency_leaves_the_models_mode_and_the_thread_count_as_they_were():
+    model = net().train()
+    threads = torch.get_num_threads()
+    measure(model, (2, 6, 6), MeasureConfig(batch_sizes=(1,), warmup=0, repeats=1, threads=1))
+    assert model.training and torch.get_num_threads() == threads

@@ -1,0 +1,207 @@
+"""Pruning methods: each reaches its budget, and each does what its name promises
+(PRUNING.md section 5): the iterative and gradual schedules, rewinding, pruning at init."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from autoprune import engine
+from autoprune.config import Budget, FinetuneConfig, Policy
+from autoprune.engine.graph import PrunableGraph, clone
+from autoprune.engine.methods import GRADUAL_END, METHODS, cubic_fraction, gradual_steps
+from autoprune.engine.solver import max_pruned
+
+BUDGET = Budget("flops", 0.5)
+
+
+@pytest.fixture(scope="module")
+def short_cfg(engine_cfg):
+    """init trains from scratch for ``train_epochs``: keep it short."""
+    return dataclasses.replace(engine_cfg, train_epochs=1)
+
+
+def _run(task, dense, metrics, cfg, **policy):
+    policy.setdefault("finetune", FinetuneConfig(epochs=1))
+    return engine.run(task, dense, Policy(**policy), BUDGET, cfg, metrics)
+
+
+def test_all_five_methods_are_registered():
+    assert set(METHODS.names()) == {"oneshot", "iterative", "gradual", "rewind", "init"}
+
+
+@pytest.mark.parametrize("structure", ["channel", "unstructured"])
+@pytest.mark.parametrize("method", ["oneshot", "iterative", "gradual", "rewind", "init"])
+def test_each_method_reaches_its_budget(digits_task, digits_dense, digits_dense_metrics, short_cfg, method, structure):
+    result = _run(
+        digits_task, digits_dense, digits_dense_metrics, short_cfg, structure=structure, criterion="snip", method=method
+    )
+    assert 0.49 <= result.pruned["flops_ratio"] <= 0.50
+    assert result.events and result.events[-1]["target"] == BUDGET.fraction
+    assert result.events[-1]["reached"] == pytest.approx(result.pruned["flops_ratio"], abs=1e-9)
+    assert result.pruned["val_acc"] > 0.5  # trained, not broken
+    assert set(result.collapse) == {"kept_fraction", "at_floor", "empty"}
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "channel"])
+def test_gradual_follows_the_cubic_schedule(digits_task, digits_dense, digits_dense_metrics, engine_cfg, structure):
+    epochs, n = 2, 6
+    result = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        structure=structure,
+        criterion="magnitude",
+        method="gradual",
+        iterations=n,
+        finetune=FinetuneConfig(epochs=epochs),
+    )
+    total = epochs * len(digits_task.loader("train", shuffle=True, seed=0))
+    end = round(GRADUAL_END * total)
+    steps = [e["step"] for e in result.events]
+    assert steps == [round(i * end / n) for i in range(1, n + 1)] == gradual_steps(total, n)
+    reached = [e["reached"] for e in result.events]
+    for step, r in zip(steps, reached):
+        s_f = 1 - BUDGET.fraction
+        target = 1 - s_f * (1 - (1 - step / end) ** 3)  # Zhu & Gupta's s_t, as a kept fraction
+        assert cubic_fraction(step, end, BUDGET.fraction) == pytest.approx(target)
+        # the live model's measured cost at that step (effective FLOPs for masks)
+        assert target - 0.01 <= r <= target + 1e-9
+    assert all(a > b for a, b in zip(reached, reached[1:]))  # pruning only grows
+    assert result.pruned["flops_ratio"] == pytest.approx(reached[-1], abs=1e-9)
+
+
+def test_iterative_rounds_approach_the_budget_geometrically(
+    digits_task, digits_dense, digits_dense_metrics, engine_cfg
+):
+    k = 3
+    result = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        structure="channel",
+        criterion="magnitude",
+        method="iterative",
+        iterations=k,
+        max_ratio=0.35,
+        scope="global",
+        finetune=FinetuneConfig(epochs=3),
+    )
+    assert [e["target"] for e in result.events] == pytest.approx([0.5 ** (i / k) for i in range(1, k + 1)])
+    for e in result.events:
+        assert e["target"] - 0.011 <= e["reached"] <= e["target"] + 1e-9
+    per_epoch = len(digits_task.loader("train", shuffle=True, seed=0))
+    assert [e["step"] for e in result.events] == [0, per_epoch, 2 * per_epoch]  # one epoch per round
+    assert len(result.epochs) == 3
+    # max_ratio 0.35 holds against the dense widths, not round by round (0.35 per round
+    # would compound to 0.73 over three rounds)
+    for g, kept in result.collapse["kept_fraction"].items():
+        assert kept >= 0.65 - 1e-9, (g, kept)
+    assert result.collapse["at_floor"], "the cap must bind for this test to mean anything"
+
+
+def test_iterative_unstructured_masks_only_grow(digits_task, digits_dense, digits_dense_metrics, engine_cfg):
+    result = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        structure="unstructured",
+        criterion="random",
+        method="iterative",
+        iterations=2,
+        finetune=FinetuneConfig(epochs=2),
+    )
+    # random scores would revive weights masked in round 1 if masks were not kept
+    assert result.pruned["flops_ratio"] == pytest.approx(0.5, abs=0.005)
+    assert result.events[0]["reached"] == pytest.approx(0.5**0.5, abs=0.005)
+
+
+def test_rewind_is_fine_tuning_at_the_original_learning_rate(
+    digits_task, digits_dense, digits_dense_metrics, engine_cfg
+):
+    """Known answer: rewind == oneshot whose fine-tuning uses the dense recipe's peak lr and
+    cosine schedule; and it differs from oneshot at the fine-tuning lr."""
+    ft = FinetuneConfig(epochs=1, lr=0.01, schedule="constant")
+    rewound = _run(
+        digits_task, digits_dense, digits_dense_metrics, engine_cfg, criterion="magnitude", method="rewind", finetune=ft
+    )
+    same = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        criterion="magnitude",
+        method="oneshot",
+        finetune=dataclasses.replace(ft, lr=digits_task.train_lr, schedule="cosine"),
+    )
+    plain = _run(
+        digits_task,
+        digits_dense,
+        digits_dense_metrics,
+        engine_cfg,
+        criterion="magnitude",
+        method="oneshot",
+        finetune=ft,
+    )
+    a, b, c = (r.model.state_dict() for r in (rewound, same, plain))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_init_prunes_the_untrained_network_before_any_training_step(digits_task, digits_dense, engine_cfg):
+    def run(train_epochs):
+        cfg = dataclasses.replace(engine_cfg, train_epochs=train_epochs)
+        policy = Policy(
+            structure="unstructured", criterion="snip", method="init", scope="global", finetune=FinetuneConfig(epochs=0)
+        )
+        return engine.run(digits_task, digits_dense, policy, BUDGET, cfg)
+
+    untrained = run(0)
+    engine.seed_everything(engine_cfg.seed)
+    fresh = digits_task.model_factory().state_dict()
+    pruned0 = untrained.model.state_dict()
+    trained = run(2).model.state_dict()
+    dense = digits_dense.state_dict()
+    for name, m in untrained.model.named_modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+            key = f"{name}.weight"
+            keep = pruned0[key] != 0
+            # the kept weights are the untrained ones: pruning happened before any step
+            assert torch.equal(pruned0[key][keep], fresh[key][keep])
+            assert not torch.equal(pruned0[key], dense[key])
+            # the mask chosen at initialisation is held through training from scratch
+            assert torch.equal(trained[key] != 0, keep)
+            assert not torch.equal(trained[key], pruned0[key])
+    assert untrained.events[0]["step"] == 0 and untrained.events[0]["phase"] == "at initialisation"
+
+
+def test_collapse_report_names_groups_at_their_floor(digits_task, digits_dense, digits_dense_metrics, engine_cfg):
+    # per_layer asks stem.0 for more than max_ratio allows, whatever the weights are (a global
+    # scope reaches the cap or not depending on the trained weights)
+    ratios = {
+        g: 0.2 for g in ("layers.0.conv1", "layers.1.conv1", "layers.2.conv1", "layers.3.conv1", "layers.2.shortcut.0")
+    } | {"stem.0": 0.99}
+    result = engine.run(
+        digits_task,
+        digits_dense,
+        Policy(
+            criterion="magnitude", scope="per_layer", ratios=ratios, max_ratio=0.5, finetune=FinetuneConfig(epochs=0)
+        ),
+        Budget("flops", 0.6),
+        engine_cfg,
+        digits_dense_metrics,
+    )
+    kept = result.collapse["kept_fraction"]
+    assert set(kept) == set(result.ratios)
+    floor = result.collapse["at_floor"]
+    assert "stem.0" in floor, "stem.0 asked for 0.99 with max_ratio 0.5 must be at the cap"
+    model_groups = PrunableGraph(clone(digits_dense), digits_task.example_input()).groups
+    sizes = {g.name: g.size for g in model_groups}
+    for g, frac in kept.items():
+        removed = round((1 - frac) * sizes[g])
+        assert (g in floor) == (removed >= max_pruned(sizes[g], 0.5))

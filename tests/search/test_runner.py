@@ -1,0 +1,397 @@
+"""``autoprune search`` with a real local Ray instance, real Optuna and a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from autoprune.config import Budget, SearchConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _runs(uri: str, name: str, deleted: bool = False):
+    from mlflow.entities import ViewType
+
+    c = _client(uri)
+    exp = c.get_experiment_by_name(name)
+    view = ViewType.ALL if deleted else ViewType.ACTIVE_ONLY
+    return c.search_runs([exp.experiment_id], run_view_type=view, max_results=1000)
+
+
+def _config(tmp: Path, name: str, engine_cfg, **kw) -> SearchConfig:
+    base = dict(
+        name=name,
+        budget=Budget("flops", 0.5),
+        trials=6,
+        epochs=1,
+        final_epochs=1,
+        storage=str(tmp / "results"),
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+        engine=engine_cfg,
+        progress=False,
+    )
+    base.update(kw)
+    return SearchConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, engine_cfg, digits_dense):
+    """One end-to-end search of the default space: 6 trials of 2 epochs, ASHA on."""
+    import autoprune
+
+    tmp = tmp_path_factory.mktemp("search")
+    result = autoprune.run_search(_config(tmp, "e2e", engine_cfg, epochs=2))  # 2 epochs: ASHA may stop trials
+    return tmp, result
+
+
+def test_search_logs_one_parent_and_a_child_per_trial(searched):
+    tmp, result = searched
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    runs = _runs(uri, "e2e")
+    parents = [r for r in runs if r.data.tags.get("autoprune.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
+    assert len(parents) == 1 and len(children) == 6 and len(runs) == 7
+    parent = parents[0]
+    assert parent.info.run_id == result.run_id == result.summary["mlflow"]["run_id"]
+    assert parent.info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags["autoprune.trial_id"] for c in children}) == 6
+    c = _client(uri)
+    stopped = 0
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert child.data.params["policy.criterion"]
+        assert child.data.params["policy.structure"] in ("channel", "unstructured")
+        assert child.data.tags["autoprune.node_id"]
+        steps = [m.step for m in c.get_metric_history(child.info.run_id, "val_acc")]
+        if child.data.tags["autoprune.stopped_early"] == "true":  # by ASHA after epoch 1: no final report
+            stopped += 1
+            assert steps == [1] and "latency_ms" not in child.data.metrics
+            assert "flops_ratio" in child.data.metrics  # pruned before it was stopped: its cost is logged
+            continue
+        assert child.data.tags["autoprune.stopped_early"] == "false"
+        for key in ("val_acc", "flops_ratio", "params_ratio", "latency_ms", "speedup"):
+            assert key in child.data.metrics, key
+        assert child.data.metrics["flops_ratio"] <= 0.5 + 1e-9
+        assert any(k.startswith("realised_pruned_fraction.") for k in child.data.metrics)
+        assert {a.path for a in c.list_artifacts(child.info.run_id)} >= {"policy.json", "ratios.png"}
+        assert sorted(steps) == [1, 2]  # each epoch logged once
+    assert stopped == result.summary["trials"]["stopped_early"]
+    assert stopped == sum(r.status == "stopped" for r in result.trials)
+    artifacts = {a.path for a in c.list_artifacts(parent.info.run_id)}
+    assert {"accuracy_vs_cost.png", "criteria.png", "summary.json", "best_model"} <= artifacts
+    assert "budget.fraction" in parent.data.params and "dense_val_acc" in parent.data.metrics
+    assert parent.data.tags["autoprune.best_run_id"] in {c.info.run_id for c in children}
+
+
+def test_search_summary_and_best_model_reproduce(searched, engine_cfg):
+    from autoprune.jobs import evaluate_job
+
+    tmp, result = searched
+    summary = json.loads((result.out / "summary.json").read_text())
+    assert summary["name"] == "e2e" and summary["searcher"] == "tpe"
+    assert summary["budget"] == {"kind": "flops", "fraction": 0.5}
+    assert summary["trials"]["total"] == 6 and summary["trials"]["failed"] == 0
+    assert summary["trials"]["completed"] + summary["trials"]["stopped_early"] == 6
+    best = summary["best"]
+    for key in ("policy", "val_acc", "test_acc", "flops_ratio", "latency_ms", "speedup", "model_path"):
+        assert best[key] is not None, key
+    assert best["flops_ratio"] <= 0.5
+    assert summary["mlflow"]["experiment_id"] == result.experiment_id
+    completed = [r for r in result.trials if r.status == "completed"]
+    assert best["search_val_acc"] == max(r.metrics["val_acc"] for r in completed)
+    assert all(r.metrics["flops_ratio"] <= 0.5 + 1e-9 for r in completed)
+    metrics = evaluate_job(best["model_path"], None, "cpu", None)
+    assert metrics["test_acc"] == pytest.approx(best["test_acc"], abs=1e-12)
+    assert metrics["flops"] == best["flops"]
+
+
+def test_ui_serves_the_search_runs_over_rest(searched, cli):
+    tmp, result = searched
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = Path(sys.executable).with_name("autoprune")
+    proc = subprocess.Popen(
+        [str(exe), "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as reply:
+                    if reply.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.time() < deadline, "the MLflow UI did not answer within 90 s"
+            time.sleep(0.5)
+        body = json.dumps({"experiment_ids": [result.experiment_id], "max_results": 100}).encode()
+        request = urllib.request.Request(
+            base + "/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            runs = json.loads(reply.read())["runs"]
+        assert len(runs) == 7
+        assert {r["info"]["run_id"] for r in runs} >= {result.run_id}
+        # bound to this machine only
+        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
+        local = [line.split()[3] for line in listening.splitlines() if line.strip()]
+        assert local and all(addr == f"127.0.0.1:{port}" for addr in local), listening
+        proc.terminate()  # SIGTERM to `autoprune ui` alone stops the MLflow server it started
+        proc.wait(timeout=30)
+        deadline = time.time() + 20
+        while _answers(port) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _answers(port), "the MLflow server outlived `autoprune ui`"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+SPACES = '''
+def one_fails(trial, table):
+    """Trial 1 asks for a criterion that cannot mask single weights: the trial raises."""
+    if trial.number == 1:
+        return {"structure": "unstructured", "criterion": "fpgm"}
+    return {"criterion": trial.suggest_categorical("criterion", ["magnitude", "random"])}
+'''
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, engine_cfg, digits_dense, monkeypatch):
+    import autoprune
+
+    (tmp_path / "user_spaces_fail.py").write_text(textwrap.dedent(SPACES))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = autoprune.run_search(
+        _config(tmp_path, "fails", engine_cfg, trials=3, searcher="random", space="user_spaces_fail:one_fails")
+    )
+    summary = json.loads((result.out / "summary.json").read_text())
+    assert summary["trials"] == {"total": 3, "completed": 2, "stopped_early": 0, "failed": 1}
+    assert summary["best"]["policy"]["criterion"] in ("magnitude", "random")
+    runs = [
+        r for r in _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "fails") if r.data.tags["autoprune.role"] == "trial"
+    ]
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(runs) == 3 and len(failed) == 1
+    assert "fpgm" in failed[0].data.tags["autoprune.error"]
+    [record] = [r for r in result.trials if r.status == "failed"]
+    assert "fpgm" in record.error and record.run_id == failed[0].info.run_id
+
+
+def test_an_error_after_the_search_run_opens_ends_it_failed(tmp_path, engine_cfg, digits_dense, monkeypatch):
+    """Whatever ends a search ends its MLflow run: an error is FAILED, never left RUNNING."""
+    import autoprune
+    from autoprune.rayenv import quiet_environment
+
+    quiet_environment()  # token authentication, before Ray is imported
+    from ray import tune
+
+    def broken_fit(self):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tune.Tuner, "fit", broken_fit)
+    with pytest.raises(OSError, match="No space left"):
+        autoprune.run_search(_config(tmp_path, "broken", engine_cfg, trials=2))
+    [run] = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "broken")
+    assert run.data.tags["autoprune.role"] == "search" and run.info.status == "FAILED"
+
+
+def test_nsga2_returns_a_mutually_non_dominated_front(tmp_path, engine_cfg, digits_dense):
+    import autoprune
+    from autoprune.contract import objectives
+
+    result = autoprune.run_search(_config(tmp_path, "pareto", engine_cfg, trials=6, searcher="nsga2", concurrency=2))
+    assert result.summary["scheduler"] == "none"
+    done = [r for r in result.trials if r.status == "completed"]
+    front = result.pareto
+    assert front and len(done) == 6
+    assert max(r.metrics["flops_ratio"] for r in done) - min(r.metrics["flops_ratio"] for r in done) > 0.02
+
+    def dominates(a, b):
+        pairs = [
+            (a.metrics[k], b.metrics[k]) if d == "min" else (-a.metrics[k], -b.metrics[k])
+            for k, d in objectives("flops")
+        ]
+        return all(x <= y for x, y in pairs) and any(x < y for x, y in pairs)
+
+    for a in front:
+        assert not any(dominates(b, a) for b in front if b is not a)
+    ids = {r.trial_id for r in front}
+    for r in done:  # everything off the front is dominated by a front member
+        assert r.trial_id in ids or any(dominates(f, r) for f in front)
+    assert [p["trial_id"] for p in result.summary["pareto"]] == [r.trial_id for r in front]
+
+
+def _kill_tree(pid: int, ray_tmp: str) -> None:
+    """SIGKILL the driver's session and every Ray process of its private temp dir."""
+    victims = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+            sid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[3])
+        except (OSError, ValueError, IndexError):
+            continue
+        if sid == pid or ray_tmp in cmdline:
+            victims.add(int(entry))
+    for v in victims:
+        try:
+            os.kill(v, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engine_cfg, digits_dense):
+    exe = Path(sys.executable).with_name("autoprune")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    args = [
+        str(exe),
+        "search",
+        "--name",
+        "kill",
+        "--storage",
+        str(tmp_path / "results"),
+        "--tracking-uri",
+        uri,
+        "--trials",
+        "6",
+        "--epochs",
+        "2",
+        "--final-epochs",
+        "1",
+        "--concurrency",
+        "1",
+        "--searcher",
+        "random",
+        "--budget-flops",
+        "0.5",
+        "--no-progress",
+    ]
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    finished_before = 0
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                runs = [r for r in _runs(uri, "kill") if r.data.tags.get("autoprune.role") == "trial"]
+            except Exception:  # noqa: BLE001 - the store or experiment may not exist yet
+                runs = []
+            finished_before = sum(r.info.status == "FINISHED" for r in runs)
+            if finished_before >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        _kill_tree(proc.pid, ray_tmp)
+        proc.wait(timeout=30)
+    assert 2 <= finished_before < 6, "the driver was not killed mid-way"
+    from autoprune.rayenv import quiet_environment
+
+    quiet_environment()
+    from ray.tune import ExperimentAnalysis
+
+    # Tune's last snapshot decides what a resume keeps: a run that finished after it belongs
+    # to a trial the resumed search does not know, so it is deleted and its place taken by a
+    # new trial (README, Resume). Everything the snapshot knew as finished must be kept as is.
+    known = {t.trial_id for t in ExperimentAnalysis(str(tmp_path / "results" / "kill")).trials}
+    before = {
+        r.data.tags["autoprune.trial_id"]: r
+        for r in _runs(uri, "kill")
+        if r.data.tags.get("autoprune.role") == "trial"
+        and r.info.status == "FINISHED"
+        and r.data.tags["autoprune.trial_id"] in known
+    }
+    assert before, "the snapshot knew no finished trial"
+
+    resumed = subprocess.run(
+        [str(exe), "search", "--name", "kill", "--storage", str(tmp_path / "results"), "--resume", "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    try:
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    finally:
+        _kill_tree(-1, ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    summary = json.loads((tmp_path / "results" / "kill" / "best" / "summary.json").read_text())
+    assert summary["trials"]["total"] == 6 and summary["trials"]["failed"] == 0
+    runs = _runs(uri, "kill")
+    parents = [r for r in runs if r.data.tags.get("autoprune.role") == "search"]
+    children = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    ids = [r.data.tags["autoprune.trial_id"] for r in children]
+    assert len(children) == 6 and len(set(ids)) == 6
+    assert all(r.info.status == "FINISHED" for r in children)
+    c = _client(uri)
+    for r in children:  # no epoch logged twice
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val_acc")]
+        assert len(steps) == len(set(steps))
+    for trial_id, run in before.items():  # finished trials were kept, not re-run
+        [now] = [r for r in children if r.data.tags["autoprune.trial_id"] == trial_id]
+        assert now.info.run_id == run.info.run_id and now.info.end_time == run.info.end_time
+
+
+def test_more_gpus_than_the_machine_has_fails_before_any_trial(cli, tmp_path):
+    """(The rest of the search's bad input is in tests/test_bad_input.py.)"""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = cli("search", "--storage", str(tmp_path / "results"), "--gpus-per-trial", "1", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--gpus-per-trial 1 is more than this machine has" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_an_existing_search_name_is_not_overwritten(cli, tmp_path):
+    (tmp_path / "results" / "taken").mkdir(parents=True)
+    (tmp_path / "results" / "taken" / "keep.txt").write_text("recorded")
+    out = cli("search", "--storage", str(tmp_path / "results"), "--name", "taken", cwd=tmp_path, timeout=60)
+    assert out.returncode == 2 and "already exists" in out.stderr and "--resume" in out.stderr
+    assert (tmp_path / "results" / "taken" / "keep.txt").read_text() == "recorded"
+
+
+def test_list_names_searchers_and_spaces(cli):
+    searchers = cli("list", "searchers")
+    assert searchers.returncode == 0
+    assert [line.split()[0] for line in searchers.stdout.splitlines()] == ["tpe", "nsga2", "random", "grid"]
+    spaces = cli("list", "spaces")
+    assert [line.split()[0] for line in spaces.stdout.splitlines()][:3] == ["default", "criteria", "pai"]

@@ -1,0 +1,131 @@
+"""Every registered searcher keeps the searcher contract (``autoprune.contract``), without Ray
+running: it suggests trial configs that are valid policies within the budget, is seeded, takes
+completed, early-stopped and failed trials, and continues after save/restore. A new searcher
+(the AMC agent) joins by registering in ``SEARCHERS``."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoprune.rayenv import quiet_environment
+
+quiet_environment()
+
+from autoprune.search_spaces import get_space  # noqa: E402
+
+from autoprune import engine  # noqa: E402
+from autoprune.config import Budget, Policy, TaskConfig  # noqa: E402
+from autoprune.contract import FINAL, TrialConfig, is_final, objectives  # noqa: E402
+from autoprune.engine.layers import layer_table  # noqa: E402
+from autoprune.engine.tasks import get_task  # noqa: E402
+from autoprune.search.searchers import SEARCHERS, SearcherContext  # noqa: E402
+
+BUDGET = Budget("flops", 0.5)
+
+
+@pytest.fixture(scope="module")
+def table():
+    return layer_table(get_task(TaskConfig()))
+
+
+def _context(name: str, table) -> SearcherContext:
+    spec = SEARCHERS.get(name)
+    space = "criteria" if spec.needs_grid else "default"
+    grid = get_space(space).grid(table) if spec.needs_grid else None
+    return SearcherContext(table, BUDGET, seed=7, trials=6, space=space, grid=grid)
+
+
+def _suggest(searcher, trial_id: str) -> TrialConfig:
+    config = searcher.suggest(trial_id)
+    assert isinstance(config, dict), f"suggest returned {config!r}"
+    return TrialConfig.from_config(config)
+
+
+def _check(trial: TrialConfig, table) -> Policy:
+    assert trial.space_error is None, trial.space_error
+    policy = Policy.from_dict(trial.policy)
+    engine.check_policy(policy)
+    assert policy.structure in table.structures
+    if policy.scope == "per_layer":
+        assert set(policy.ratios) <= set(table.units(policy.structure))
+    if trial.budget_fraction is not None:
+        assert 0 < trial.budget_fraction <= BUDGET.fraction
+    return policy
+
+
+def _report(epoch: int, final: bool, acc: float) -> dict:
+    row = {"epoch": epoch, "val_acc": acc, "loss": 1.0 - acc, "node_id": "n", "training_iteration": epoch}
+    row.update(flops=5e5, params=1e4, flops_ratio=0.49, params_ratio=0.5, ratios={})
+    if final:
+        row.update(latency_ms=1.0, speedup=1.3, engine_s=1.0, report_s=0.0, **{FINAL: True})
+    return row
+
+
+@pytest.mark.parametrize("name", SEARCHERS.names())
+def test_searcher_keeps_the_contract(name, table, tmp_path):
+    spec = SEARCHERS.get(name)
+    assert spec.scheduler in ("asha", "none")
+    searcher = spec.make(_context(name, table))
+    trials = [_suggest(searcher, f"t{i}") for i in range(4)]
+    for trial in trials:
+        _check(trial, table)
+    if spec.multi_objective:  # its cost objective varies: the budget fraction is sampled
+        assert len({t.budget_fraction for t in trials}) > 1
+        assert [m for m, _ in objectives(BUDGET.kind)] == searcher.metric
+
+    # a completed trial, one the scheduler stopped after an epoch, one that failed, another completed
+    searcher.on_trial_result("t0", _report(1, False, 0.8))
+    searcher.on_trial_complete("t0", result=_report(2, True, 0.9))
+    searcher.on_trial_result("t1", _report(1, False, 0.5))
+    assert not is_final(_report(1, False, 0.5))
+    searcher.on_trial_complete("t1", result=_report(1, False, 0.5))
+    searcher.on_trial_complete("t2", result=None, error=True)
+    searcher.on_trial_complete("t3", result=_report(2, True, 0.7))
+
+    # it goes on after save/restore, into a fresh searcher from the same context
+    path = str(tmp_path / "searcher.pkl")
+    searcher.save(path)
+    restored = spec.make(_context(name, table))
+    restored.restore(path)
+    _check(_suggest(restored, "t4"), table)
+
+
+@pytest.mark.parametrize("name", SEARCHERS.names())
+def test_searcher_is_seeded(name, table):
+    spec = SEARCHERS.get(name)
+    first = [_suggest(spec.make(_context(name, table)), f"t{i}") for i in range(1)]
+    again = [_suggest(spec.make(_context(name, table)), f"t{i}") for i in range(1)]
+    assert first == again
+
+
+def test_optuna_searchers_learn_what_the_trials_reported(table, tmp_path):
+    """Through the contract, a completed trial is told COMPLETE with its accuracy, a stopped one
+    PRUNED with its per-epoch values (not a partial value passed off as complete), a failed one FAIL."""
+    from optuna.trial import TrialState
+
+    searcher = SEARCHERS.get("tpe").make(_context("tpe", table))
+    for i in range(3):
+        _suggest(searcher, f"t{i}")
+    searcher.on_trial_result("t0", _report(1, False, 0.8))
+    searcher.on_trial_complete("t0", result=_report(2, True, 0.9))
+    searcher.on_trial_result("t1", _report(1, False, 0.5))
+    searcher.on_trial_complete("t1", result=_report(1, False, 0.5))
+    searcher.on_trial_complete("t2", result=None, error=True)
+    states = [(t.state, t.value, t.intermediate_values) for t in searcher._ot_study.trials]
+    assert states == [
+        (TrialState.COMPLETE, 0.9, {1: 0.8}),
+        (TrialState.PRUNED, 0.5, {1: 0.5}),  # Optuna keeps a pruned trial's last intermediate value
+        (TrialState.FAIL, None, {}),
+    ]
+
+
+def test_trial_config_refuses_what_the_contract_does_not_have():
+    from autoprune.errors import AutopruneError
+
+    with pytest.raises(AutopruneError, match="unknown key.*lr.*policy, budget_fraction and space_error"):
+        TrialConfig.from_config({"policy": {}, "lr": 0.1})
+    with pytest.raises(AutopruneError, match="budget_fraction must be in"):
+        TrialConfig.from_config({"budget_fraction": 1.5})
+    assert TrialConfig.from_config(TrialConfig({"scope": "global"}, 0.25).to_config()) == TrialConfig(
+        {"scope": "global"}, 0.25
+    )

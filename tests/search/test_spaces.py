@@ -1,0 +1,134 @@
+"""Search spaces, the searcher's bookkeeping and the Pareto front, without starting Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from functools import partial
+
+import optuna
+import pytest
+from autoprune.search_spaces import SPACES, criteria_for, get_space
+
+from autoprune.config import Budget, Policy
+from autoprune.errors import AutopruneError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture(scope="module")
+def table(digits_task):
+    from autoprune.engine.layers import layer_table
+
+    return layer_table(digits_task)
+
+
+def _policies(space, table, n, sampler=None):
+    study = optuna.create_study(sampler=sampler or optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        out.append((trial, space(trial, table)))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_layer_table_describes_the_model(table):
+    assert table.groups and table.layers
+    assert set(table.group_flops) == set(table.groups)
+    assert all(0 < f <= 1 for f in table.group_flops.values())
+    assert math.isclose(sum(table.layer_flops.values()), 1.0, rel_tol=0.05)  # convs and linear carry the FLOPs
+
+
+@pytest.mark.parametrize("name", SPACES.names())
+def test_every_sampled_policy_is_valid(name, table):
+    seen = set()
+    for _, fields in _policies(SPACES.get(name), table, 40):
+        policy = Policy.from_dict(fields)
+        seen.add((policy.structure, policy.criterion, policy.scope))
+        if policy.scope == "per_layer":
+            assert set(policy.ratios) == set(table.units(policy.structure))
+    assert len(seen) > 5  # the space really varies
+
+
+def test_default_space_covers_all_criteria_and_scopes(table):
+    got = [Policy.from_dict(f) for _, f in _policies(SPACES.get("default"), table, 200)]
+    assert {p.criterion for p in got} == set(criteria_for("channel")) | set(criteria_for("unstructured"))
+    assert {p.scope for p in got} == {"global", "local", "per_layer"}
+    assert {p.structure for p in got} == {"channel", "unstructured"}
+    assert len({p.finetune.lr for p in got}) == len(got) and all(1e-3 <= p.finetune.lr <= 0.1 for p in got)
+
+
+def test_structure_can_be_pinned(table):
+    import dataclasses
+
+    channel_only = dataclasses.replace(table, structures=("channel",))
+    got = {Policy.from_dict(f).structure for _, f in _policies(SPACES.get("default"), channel_only, 30)}
+    assert got == {"channel"}
+
+
+def test_pai_space_prunes_at_initialisation(table):
+    for _, fields in _policies(SPACES.get("pai"), table, 20):
+        assert fields["method"] == "init" and fields["structure"] == "unstructured"
+    assert set(criteria_for("unstructured", data=True)) == {"taylor", "snip", "grasp", "fisher", "hutchinson"}
+
+
+def test_grid_sampler_visits_every_cell_of_the_criteria_space_once(table):
+    from autoprune.search.searchers import define_by_run
+
+    space = get_space("criteria")
+    grid = space.grid(table)
+    assert math.prod(len(v) for v in grid.values()) == 20
+    study = optuna.create_study(sampler=optuna.samplers.GridSampler(grid, seed=0))
+    fn = partial(define_by_run, "criteria", table, None)
+    cells = set()
+    for _ in range(20):
+        trial = study.ask()
+        fields = fn(trial)["policy"]
+        cells.add((fields["criterion"], fields["scope"]))
+        with contextlib.suppress(RuntimeError):  # the exhausted grid calls Study.stop(), fine only in optimize()
+            study.tell(trial, 0.0)
+    assert len(cells) == 20
+
+
+def test_a_raising_space_becomes_the_trial_error(table, tmp_path, monkeypatch):
+    from autoprune.search.searchers import define_by_run
+
+    (tmp_path / "bad_space_mod.py").write_text("def space(trial, table):\n    raise ValueError('no luck')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    trial = optuna.create_study().ask()
+    out = define_by_run("bad_space_mod:space", table, None, trial)
+    from autoprune.contract import TrialConfig
+
+    assert TrialConfig.from_config(out) == TrialConfig(space_error="ValueError: no luck")
+    with pytest.raises(AutopruneError, match="no attribute 'nope'"):
+        get_space("bad_space_mod:nope")
+
+
+def test_multi_objective_trials_sample_a_budget_up_to_the_limit(table):
+    from autoprune.search.searchers import define_by_run
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    fractions = [
+        define_by_run("default", table, Budget("flops", 0.5), study.ask())["budget_fraction"] for _ in range(20)
+    ]
+    assert all(0.125 <= f <= 0.5 for f in fractions) and len(set(fractions)) == 20
+
+
+def test_pareto_front_keeps_exactly_the_non_dominated():
+    from autoprune.contract import TrialRecord, objectives
+    from autoprune.search.results import pareto_front
+
+    def rec(i, acc, flops, lat, status="completed"):
+        return TrialRecord(i, str(i), status, {}, None, {"val_acc": acc, "flops_ratio": flops, "latency_ms": lat}, {})
+
+    records = [
+        rec(0, 0.90, 0.5, 1.0),
+        rec(1, 0.95, 0.5, 1.0),  # dominates 0
+        rec(2, 0.80, 0.3, 1.0),  # cheaper: on the front
+        rec(3, 0.80, 0.3, 1.2),  # dominated by 2 (slower)
+        rec(4, 0.95, 0.5, 1.0),  # equal to 1: neither dominates
+        rec(5, 0.99, 0.1, 0.1, status="failed"),  # not completed: ignored
+    ]
+    assert [r.trial_id for r in pareto_front(records, objectives("flops"))] == ["1", "2", "4"]
+    assert [r.trial_id for r in pareto_front(records, objectives("flops")[:2])] == ["1", "2", "3", "4"]
