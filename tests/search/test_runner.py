@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,19 +53,15 @@ def _config(tmp: Path, name: str, engine_cfg, **kw) -> SearchConfig:
 
 
 @pytest.fixture(scope="module")
-def searched(tmp_path_factory, engine_cfg, digits_dense):
-    """One end-to-end search of the default space: 6 trials of 2 epochs, ASHA on."""
-    import autoprune
-
-    tmp = tmp_path_factory.mktemp("search")
-    result = autoprune.run_search(_config(tmp, "e2e", engine_cfg, epochs=2))  # 2 epochs: ASHA may stop trials
-    return tmp, result
+def searched(viewed):
+    """The suite's end-to-end default search (tests/conftest.py): 6 trials of 2 epochs, ASHA on."""
+    return viewed.tmp, viewed.result
 
 
 def test_search_logs_one_parent_and_a_child_per_trial(searched):
     tmp, result = searched
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    runs = _runs(uri, "e2e")
+    runs = _runs(uri, "view")
     parents = [r for r in runs if r.data.tags.get("autoprune.role") == "search"]
     children = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
     assert len(parents) == 1 and len(children) == 6 and len(runs) == 7
@@ -108,7 +103,7 @@ def test_search_summary_and_best_model_reproduce(searched, engine_cfg):
 
     tmp, result = searched
     summary = json.loads((result.out / "summary.json").read_text())
-    assert summary["name"] == "e2e" and summary["searcher"] == "tpe"
+    assert summary["name"] == "view" and summary["searcher"] == "tpe"
     assert summary["budget"] == {"kind": "flops", "fraction": 0.5}
     assert summary["trials"]["total"] == 6 and summary["trials"]["failed"] == 0
     assert summary["trials"]["completed"] + summary["trials"]["stopped_early"] == 6
@@ -125,61 +120,21 @@ def test_search_summary_and_best_model_reproduce(searched, engine_cfg):
     assert metrics["flops"] == best["flops"]
 
 
-def test_ui_serves_the_search_runs_over_rest(searched, cli):
+def test_ui_serves_the_search_runs_over_rest_on_this_machine_only(searched, ui):
+    """(`autoprune ui` stopping its MLflow server on SIGTERM is checked when the shared server
+    stops: tests/tracking/conftest.py.)"""
     tmp, result = searched
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    exe = Path(sys.executable).with_name("autoprune")
-    proc = subprocess.Popen(
-        [str(exe), "ui", "--port", str(port), "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    body = json.dumps({"experiment_ids": [result.experiment_id], "max_results": 100}).encode()
+    request = urllib.request.Request(
+        ui.base + "/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
     )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as reply:
-                    if reply.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.time() < deadline, "the MLflow UI did not answer within 90 s"
-            time.sleep(0.5)
-        body = json.dumps({"experiment_ids": [result.experiment_id], "max_results": 100}).encode()
-        request = urllib.request.Request(
-            base + "/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=10) as reply:
-            runs = json.loads(reply.read())["runs"]
-        assert len(runs) == 7
-        assert {r["info"]["run_id"] for r in runs} >= {result.run_id}
-        # bound to this machine only
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True).stdout
-        local = [line.split()[3] for line in listening.splitlines() if line.strip()]
-        assert local and all(addr == f"127.0.0.1:{port}" for addr in local), listening
-        proc.terminate()  # SIGTERM to `autoprune ui` alone stops the MLflow server it started
-        proc.wait(timeout=30)
-        deadline = time.time() + 20
-        while _answers(port) and time.time() < deadline:
-            time.sleep(0.5)
-        assert not _answers(port), "the MLflow server outlived `autoprune ui`"
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-
-def _answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        runs = json.loads(reply.read())["runs"]
+    assert len(runs) == 7
+    assert {r["info"]["run_id"] for r in runs} >= {result.run_id}
+    listening = subprocess.run(["ss", "-ltnH", f"sport = :{ui.port}"], capture_output=True, text=True).stdout
+    local = [line.split()[3] for line in listening.splitlines() if line.strip()]
+    assert local and all(addr == f"127.0.0.1:{ui.port}" for addr in local), listening
 
 
 SPACES = '''

@@ -22,7 +22,7 @@ def runs(viewed, rest):
     found = rest("/api/2.0/mlflow/runs/search", {"experiment_ids": [viewed.result.experiment_id], "max_results": 100})
     parents = [r for r in found["runs"] if _tags(r).get("autoprune.role") == "search"]
     children = [r for r in found["runs"] if _tags(r).get("autoprune.role") == "trial"]
-    assert len(parents) == 1 and len(children) == 4
+    assert len(parents) == 1 and len(children) == 6
     return parents[0], children
 
 
@@ -77,10 +77,10 @@ def test_the_best_trial_is_tagged_and_the_search_run_says_why(viewed, runs):
 def test_child_runs_are_named_by_what_they_are(runs):
     _, children = runs
     names = sorted(c["info"]["run_name"] for c in children)
-    assert all(re.fullmatch(r"(channel|unstructured)/[a-z_0-9]+/(global|local|per_layer) #[1-4]", n) for n in names), (
+    assert all(re.fullmatch(r"(channel|unstructured)/[a-z_0-9]+/(global|local|per_layer) #[1-6]", n) for n in names), (
         names
     )
-    assert sorted(int(n.rsplit("#", 1)[1]) for n in names) == [1, 2, 3, 4]
+    assert sorted(int(n.rsplit("#", 1)[1]) for n in names) == [1, 2, 3, 4, 5, 6]
     for c in children:
         tags = _tags(c)
         assert tags["ray.trial_id"] == tags["autoprune.trial_id"]
