@@ -189,11 +189,11 @@ def test_nsga2_returns_a_mutually_non_dominated_front(tmp_path, engine_cfg, digi
     import autoprune
     from autoprune.contract import objectives
 
-    result = autoprune.run_search(_config(tmp_path, "pareto", engine_cfg, trials=6, searcher="nsga2", concurrency=2))
+    result = autoprune.run_search(_config(tmp_path, "pareto", engine_cfg, trials=4, searcher="nsga2", concurrency=2))
     assert result.summary["scheduler"] == "none"
     done = [r for r in result.trials if r.status == "completed"]
     front = result.pareto
-    assert front and len(done) == 6
+    assert front and len(done) == 4
     assert max(r.metrics["flops_ratio"] for r in done) - min(r.metrics["flops_ratio"] for r in done) > 0.02
 
     def dominates(a, b):
@@ -245,7 +245,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
         "--tracking-uri",
         uri,
         "--trials",
-        "6",
+        "5",
         "--epochs",
         "2",
         "--final-epochs",
@@ -275,7 +275,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
     finally:
         _kill_tree(proc.pid, ray_tmp)
         proc.wait(timeout=30)
-    assert 2 <= finished_before < 6, "the driver was not killed mid-way"
+    assert 2 <= finished_before < 5, "the driver was not killed mid-way"
     from autoprune.rayenv import quiet_environment
 
     quiet_environment()
@@ -307,13 +307,13 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
         _kill_tree(-1, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
     summary = json.loads((tmp_path / "results" / "kill" / "best" / "summary.json").read_text())
-    assert summary["trials"]["total"] == 6 and summary["trials"]["failed"] == 0
+    assert summary["trials"]["total"] == 5 and summary["trials"]["failed"] == 0
     runs = _runs(uri, "kill")
     parents = [r for r in runs if r.data.tags.get("autoprune.role") == "search"]
     children = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [r.data.tags["autoprune.trial_id"] for r in children]
-    assert len(children) == 6 and len(set(ids)) == 6
+    assert len(children) == 5 and len(set(ids)) == 5
     assert all(r.info.status == "FINISHED" for r in children)
     c = _client(uri)
     for r in children:  # no epoch logged twice
