@@ -247,7 +247,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
         "--trials",
         "5",
         "--epochs",
-        "2",
+        "1",
         "--final-epochs",
         "1",
         "--concurrency",
