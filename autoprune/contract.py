@@ -104,9 +104,7 @@ class TrialRecord:
     @property
     def label(self) -> str:
         """What the trial is, for people: ``channel/snip/global #7``."""
-        p = self.policy
-        what = "/".join(str(p[k]) for k in ("structure", "criterion", "scope") if p.get(k))
-        return f"{what or 'trial'} #{self.number + 1}"
+        return trial_label(self.policy, self.number + 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,4 +112,5 @@ class TrialRecord:
 
 def trial_label(policy: dict[str, Any], number: int) -> str:
     """``channel/snip/global #7`` for the ``number``-th trial (counted from 1)."""
-    return TrialRecord(number - 1, "", "", policy, None, {}, {}).label
+    what = "/".join(str(policy[k]) for k in ("structure", "criterion", "scope") if policy.get(k))
+    return f"{what or 'trial'} #{number}"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..contract import PRUNED_METRICS, TrialConfig, TrialRecord, is_final
+from ..tracking.store import NUMBER
 
 
 @dataclass
@@ -68,7 +69,9 @@ def counts(records: list[TrialRecord]) -> dict[str, int]:
 
 def read_records(path: Path, runs: dict[str, Any]) -> list[TrialRecord]:
     """Every trial of the Tune experiment at ``path``, with its MLflow child run (``runs``:
-    trial id -> run), in the order the runs started."""
+    trial id -> run), numbered as their runs are named (``#7``: the order the trials started,
+    continued across a resume; tag ``autoprune.trial_number``) and in that order. Trials
+    without a numbered run come last, in the order their runs started."""
     from ray.tune import ExperimentAnalysis
 
     from ..tracking.callback import trial_error
@@ -76,11 +79,19 @@ def read_records(path: Path, runs: dict[str, Any]) -> list[TrialRecord]:
     records = []
     trials = ExperimentAnalysis(str(path)).trials
 
-    def started(t) -> tuple:  # trial ids are random: order by when their runs started
-        run = runs.get(t.trial_id)
-        return (run.info.start_time if run else float("inf"), t.trial_id)
+    def tagged(t) -> int | None:
+        tag = str(runs[t.trial_id].data.tags.get(NUMBER, "")) if t.trial_id in runs else ""
+        return int(tag) if tag.isdigit() else None
 
-    for number, trial in enumerate(sorted(trials, key=started)):
+    def order(t) -> tuple:  # trial ids are random: by run number, then by when the runs started
+        run = runs.get(t.trial_id)
+        n = tagged(t)
+        return (n is None, n or 0, run.info.start_time if run else float("inf"), t.trial_id)
+
+    last = 0
+    for trial in sorted(trials, key=order):
+        last = tagged(trial) or last + 1
+        number = last - 1
         last = trial.last_result or {}
         if trial.status == "ERROR":
             status = "failed"

@@ -16,10 +16,8 @@ import json
 import math
 import sys
 import time
-from typing import Any
 
 from ..config import SearchConfig
-from ..contract import TrialRecord
 from ..rayenv import quiet_environment
 from .final import Finish, finish, short_metrics
 from .plan import COMPLETED, STATE_FILE, Plan, prepare
@@ -175,7 +173,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             raise
 
         runs = store.trial_runs(plan.tracking_uri, experiment_id, run_id)
-        records = numbered(read_records(plan.path, runs), runs)
+        records = read_records(plan.path, runs)
         if owned:
             ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
         return finish(Finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0, system_metrics))
@@ -199,23 +197,3 @@ def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:
     runs = store.trial_runs(plan.tracking_uri, experiment_id, run_id)
     kept = load_finals(str(plan.path / COMPLETED))
     return {t: report for t, report in kept.items() if t in runs and runs[t].info.status == "FINISHED"}
-
-
-def numbered(records: list[TrialRecord], runs: dict[str, Any]) -> list[TrialRecord]:
-    """The records numbered as their child runs are named (``#7``: the order the trials
-    started, continued across a resume), in that order; trials without a numbered run come
-    last."""
-    from ..tracking.store import NUMBER
-
-    def number(r: TrialRecord) -> int | None:
-        tag = runs[r.trial_id].data.tags.get(NUMBER, "") if r.trial_id in runs else ""
-        return int(tag) if str(tag).isdigit() else None
-
-    known = {r.trial_id: number(r) for r in records}
-    last = max((n for n in known.values() if n is not None), default=0)
-    for r in sorted(records, key=lambda r: (known[r.trial_id] is None, known[r.trial_id] or 0, r.number)):
-        if known[r.trial_id] is None:
-            last += 1
-            known[r.trial_id] = last
-        r.number = known[r.trial_id] - 1
-    return sorted(records, key=lambda r: r.number)
