@@ -31,7 +31,9 @@ from .schema import (
 
 STRUCTURES = ("channel", "unstructured")
 SCOPES = ("global", "local", "per_layer")
-BUDGET_KINDS = ("flops", "params")
+BUDGET_KINDS = ("flops", "params", "latency")
+SEARCH_STRUCTURES = (*STRUCTURES, "any")  # what `search --structure` accepts
+METRICS = ("val_acc", "val_loss")  # what a search optimises (--metric)
 REDUCTIONS = ("sum", "mean", "max")
 WARMUP_MODES = ("scoring", "train")
 KEEP_TYPES = ("conv", "conv1d", "conv2d", "conv3d", "linear")
@@ -41,9 +43,10 @@ KEEP_TYPES = ("conv", "conv1d", "conv2d", "conv3d", "linear")
 class Budget:
     """The fraction of the dense model's cost to keep (``flops 0.5``: at most half the FLOPs)."""
 
-    kind: str = checked(choice(BUDGET_KINDS), "flops")  # "flops" (fvcore; effective FLOPs for masks) or "params"
+    kind: str = checked(choice(BUDGET_KINDS), "flops")  # "flops" (fvcore; effective FLOPs for masks), "params"
+    # or "latency" (predicted by the hardware's latency table at MeasureConfig.latency_batch; channels only)
     fraction: float = checked(
-        unit_interval(flag="--budget-flops/--budget-params"), 0.5
+        unit_interval(flag="--budget-flops/--budget-params/--budget-latency"), 0.5
     )  # in (0, 1]; the solver lands within `tolerance` below it
     tolerance: float = checked(number(0.0, 1.0, high_open=True), 0.01)  # accepted undershoot, a fraction of dense
 
@@ -149,6 +152,8 @@ class MeasureConfig:
     repeats: int = checked(integer(1), 20)  # timed forward passes; the median is reported
     threads: int = checked(integer(1, flag="--threads"), 1)  # torch intra-op threads during CPU timing (fixed,
     # so runs compare)
+    latency_batch: int = checked(integer(1, flag="--latency-batch"), 1)  # the batch size --budget-latency, the
+    # latency table and the reported speed-up refer to
 
     def __post_init__(self) -> None:
         validate(self, "measure")
@@ -230,8 +235,11 @@ class SearchConfig:
     # grid: the grid's size)
     epochs: int = checked(integer(1, flag="--epochs"), 3)  # training epochs per trial (fine-tuning; from scratch
     # for method init)
-    structure: str | None = checked(choice(STRUCTURES, optional=True, flag="--structure"), None)  # pin the
-    # structure in spaces that sample it (default: both)
+    structure: str | None = checked(choice(SEARCH_STRUCTURES, optional=True, flag="--structure"), None)  # what
+    # spaces that sample the structure may choose: channel (the default: a really faster model), unstructured or
+    # any (both); weight masks need sparse kernels or hardware to run faster
+    metric: str = checked(choice(METRICS, flag="--metric"), "val_acc")  # what the searchers optimise: validation
+    # accuracy (up) or validation loss (down, for tasks where accuracy saturates); ties: lower predicted latency
     final_epochs: int = checked(integer(0, flag="--final-epochs"), 10)  # the best policy is re-run from the dense
     # model with this many epochs
     concurrency: int | None = checked(integer(1, optional=True, flag="--concurrency"), None)  # trials at once

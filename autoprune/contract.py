@@ -7,10 +7,14 @@ A searcher (a ``ray.tune.search.Searcher``) answers ``suggest(trial_id)`` with a
 config dict whose keys are :class:`TrialConfig`'s fields. The trial turns it into a
 ``Policy`` and runs the engine, reporting through ``ray.tune.report``:
 
-* every fine-tuning epoch but the last: ``epoch``, ``val_acc``, ``loss``, ``node_id``;
+* every fine-tuning epoch but the last: ``epoch``, ``val_acc``, ``val_loss``, ``loss``
+  (training), ``node_id``;
 * once the model has its final structure (before fine-tuning, except for gradual pruning),
   every later report also carries the pruned model's cost (:data:`COST_KEYS`, and
-  ``ratios``: the realised pruned fraction per group or layer);
+  ``ratios``: the realised pruned fraction per group or layer). Its latency there is the
+  hardware latency table's prediction (``latency_ms``, ``latency_ratio`` of the dense
+  model's predicted latency): trials share the machine, so a timing would measure what runs
+  beside them, not the model;
 * the last report (with the last epoch) adds :data:`FINAL_KEYS` and ``final: True``.
 
 A trial that ends without a final report was stopped by the scheduler; the searcher's
@@ -25,14 +29,15 @@ from typing import Any
 from .errors import AutopruneError
 
 # per epoch
-EPOCH_KEYS = ("epoch", "val_acc", "loss", "node_id")
-# the pruned model's cost: known once pruning is done, reported from then on
-COST_KEYS = ("flops", "params", "flops_ratio", "params_ratio")
-# only in the final report
-FINAL_KEYS = ("latency_ms", "speedup", "engine_s", "report_s")
+EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "loss", "node_id")
+# the pruned model's cost: known once pruning is done, reported from then on (latency predicted)
+COST_KEYS = ("flops", "params", "flops_ratio", "params_ratio", "latency_ms", "latency_ratio")
+# only in the final report: the predicted speed-up, and the trial's own timing of its model
+# (taken while other trials run beside it: for information, never for decisions)
+FINAL_KEYS = ("predicted_speedup", "latency_measured_ms", "engine_s", "report_s")
 FINAL = "final"  # the final report's marker
-# what a trial reports of its pruned model and the summary keeps of the best
-PRUNED_METRICS = ("val_acc", *COST_KEYS, "latency_ms", "speedup")
+# what a trial reports of its pruned model
+PRUNED_METRICS = ("val_acc", "val_loss", *COST_KEYS, "predicted_speedup", "latency_measured_ms")
 # a final report as kept for replay on --resume (tracking.resume.save_final)
 REPORTED = (*EPOCH_KEYS, *COST_KEYS, *FINAL_KEYS, "ratios", FINAL)
 
@@ -42,9 +47,14 @@ def is_final(report: dict[str, Any] | None) -> bool:
     return bool(report) and report.get(FINAL) is True
 
 
-def objectives(kind: str) -> tuple[tuple[str, str], ...]:
-    """The multi-objective searchers' goals: validation accuracy up, the budget's cost and latency down."""
-    return (("val_acc", "max"), (f"{kind}_ratio", "min"), ("latency_ms", "min"))
+METRIC_MODES = {"val_acc": "max", "val_loss": "min"}  # what a search may optimise (--metric), and which way
+
+
+def objectives(kind: str, metric: str = "val_acc") -> tuple[tuple[str, str], ...]:
+    """The multi-objective searchers' goals: the metric, the budget's cost fraction and the
+    predicted latency (for a latency budget: the FLOPs fraction instead)."""
+    third = "flops_ratio" if kind == "latency" else "latency_ms"
+    return ((metric, METRIC_MODES[metric]), (f"{kind}_ratio", "min"), (third, "min"))
 
 
 @dataclass(frozen=True)

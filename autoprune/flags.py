@@ -9,7 +9,19 @@ import json
 import sys
 from typing import Any
 
-from .config import KEEP_TYPES, SCOPES, STRUCTURES, WARMUP_MODES, Budget, EngineConfig, Policy, SearchConfig, TaskConfig
+from .config import (
+    KEEP_TYPES,
+    METRICS,
+    SCOPES,
+    SEARCH_STRUCTURES,
+    STRUCTURES,
+    WARMUP_MODES,
+    Budget,
+    EngineConfig,
+    Policy,
+    SearchConfig,
+    TaskConfig,
+)
 from .errors import AutopruneError
 
 
@@ -120,6 +132,19 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
         "--budget-flops", type=float, default=None, help="keep at most this fraction of the FLOPs (default 0.5)"
     )
     x.add_argument("--budget-params", type=float, default=None, help="keep at most this fraction of the parameters")
+    x.add_argument(
+        "--budget-latency",
+        type=float,
+        default=None,
+        help="keep at most this fraction of the dense latency on this hardware at --latency-batch, as the "
+        "latency table predicts it (channel pruning only)",
+    )
+    b.add_argument(
+        "--latency-batch",
+        type=int,
+        default=None,
+        help="batch size of the latency budget, the latency table and the reported speed-up (default 1)",
+    )
 
 
 def _add_search_flags(p: argparse.ArgumentParser) -> None:
@@ -139,10 +164,17 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--trials", type=int, default=None, help="trials to run (default 20; grid: the grid's size)")
     g.add_argument(
         "--structure",
-        choices=STRUCTURES,
+        choices=SEARCH_STRUCTURES,
         default=None,
-        help="search only channel pruning (a really faster model) or only weight masks, in spaces that "
-        "sample the structure (default: both)",
+        help="channel (default: channels removed, a really faster model), unstructured (weight masks: they "
+        "need sparse kernels or hardware to run faster) or any (both), in spaces that sample the structure",
+    )
+    g.add_argument(
+        "--metric",
+        choices=METRICS,
+        default=None,
+        help="what the searchers optimise: val_acc (default) or val_loss (when accuracy saturates); "
+        "ties go to the lower predicted latency",
     )
     g.add_argument("--epochs", type=int, default=None, help=f"training epochs per trial (default {d.epochs})")
     g.add_argument(
@@ -308,6 +340,8 @@ def budget_from_args(args: argparse.Namespace, base: Budget | None = None) -> Bu
         return Budget("params", args.budget_params)
     if args.budget_flops is not None:
         return Budget("flops", args.budget_flops)
+    if args.budget_latency is not None:
+        return Budget("latency", args.budget_latency)
     return base or Budget()
 
 
@@ -317,7 +351,9 @@ def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) ->
     return dataclasses.replace(
         base,
         task=task_config(args, base.task),
-        measure=dataclasses.replace(base.measure, **_drop_none({"threads": args.threads})),
+        measure=dataclasses.replace(
+            base.measure, **_drop_none({"threads": args.threads, "latency_batch": args.latency_batch})
+        ),
         progress=not args.no_progress and sys.stderr.isatty(),
         **_drop_none(
             {
@@ -348,6 +384,7 @@ def search_config(args: argparse.Namespace, base: SearchConfig | None = None) ->
                 "space": args.space,
                 "trials": args.trials,
                 "structure": args.structure,
+                "metric": args.metric,
                 "epochs": args.epochs,
                 "final_epochs": args.final_epochs,
                 "concurrency": args.concurrency,

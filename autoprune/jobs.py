@@ -32,6 +32,7 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
             f"model {task.model_name!r} cannot run on the task's input of shape {tuple(example.shape)}: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from None
+    engine.check_budget(policy, budget)
     scores = engine.score(model, Policy(criterion="magnitude", structure=policy.structure), None, 0)
     if policy.structure != "channel":  # the solver also checks per_layer names against the maskable layers
         engine.solve_unstructured(model, task, policy, budget, scores, measure(model, task.input_shape, None, False))
@@ -39,6 +40,8 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
     graph = PrunableGraph(model, example)
     graph.dry_run()
     names, sizes, channel, costs = engine.channel_problem(model, example, policy, scores, graph)
+    if budget.kind == "latency":
+        return  # reachable or not is known once the latency table is built (on the trained model's device)
     solve_channels(names, sizes, channel, policy, budget, costs.cost, (costs.total_flops, costs.total_params))
 
 
@@ -48,7 +51,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     from .engine.checkpoint import architecture_key, reload_flags, save_model
     from .engine.tasks import check_task_config, get_task
     from .paths import check_output_dir
-    from .report import comparison
+    from .report import comparison, latency_note
 
     engine.check_policy(policy)
     check_task_config(cfg.task)
@@ -61,13 +64,18 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     t0 = time.perf_counter()
     dense = engine.dense_model(task, cfg)
     dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True)
+    latency = None
+    if budget.kind == "latency":
+        latency = engine.latency_table(
+            dense, task.input_shape, cfg.measure.latency_batch, cfg.measure.threads, engine.cache_dir(cfg), print
+        )
     print(
         f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "
         f"budget {budget.kind} {budget.fraction:g}"
     )
-    result = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True)
+    result = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True, latency=latency)
     landed = result.pruned[f"{budget.kind}_ratio"]
-    if landed < budget.fraction - budget.tolerance:
+    if landed < budget.fraction - budget.tolerance and len(result.latency_checks) < 2:
         print(
             f"note: landed at {budget.kind} fraction {landed:.4f}, more than {budget.tolerance:g} below the "
             "budget: the channels this policy may remove are too coarse to get closer"
@@ -80,6 +88,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
         "ratios": result.ratios,
         "collapse": result.collapse,
         "prune_events": result.events,
+        "latency_checks": result.latency_checks,
         "dense": result.dense,
         "pruned": result.pruned,
         "finetune_history": result.epochs,
@@ -102,6 +111,9 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print()
     print(comparison(result.dense, result.pruned))
+    note = latency_note(result.latency_checks, budget)
+    if note:
+        print(f"\n{note}")
     if result.collapse["empty"] or result.collapse["at_floor"]:
         print(
             f"\nlayer collapse: {len(result.collapse['empty'])} emptied, {len(result.collapse['at_floor'])} "
@@ -124,7 +136,12 @@ def evaluate_job(
     dev = engine.resolve_device(device)
     model, task_, record = load_model(model_path, task)
     model.to(dev)
-    metrics = engine.measure_model(model, task_, cfg, test=True)
+    metrics = engine.measure_model(model, task_, cfg, test=True, latency=False)
+    # the speed-up against the dense architecture (its weights do not change its speed), side by side
+    dense = task_.model_factory().to(dev).eval()
+    timed = engine.compare_latency(dense, model, task_.input_shape, cfg)
+    metrics["dense_latency_ms_by_batch"] = timed.pop("dense_latency_ms_by_batch")
+    metrics.update(timed)
     metrics["task"] = task_.name
     metrics["model"] = task_.model_name
     metrics["structure"] = record.structure

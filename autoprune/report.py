@@ -51,14 +51,29 @@ def comparison(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
             rows.append([label, pct(dense.get(key)), pct(pruned.get(key)), diff])
     rows.append(["FLOPs", fmt_count(dense.get("flops")), fmt_count(pruned.get("flops")), ratio("flops")])
     rows.append(["params", fmt_count(dense.get("params")), fmt_count(pruned.get("params")), ratio("params")])
-    d_lat = dense.get("latency_ms_by_batch", {})
-    p_lat = pruned.get("latency_ms_by_batch", {})
-    for b in d_lat:
-        speed = f"speed-up {d_lat[b] / p_lat[b]:.2f}x" if b in p_lat and p_lat[b] else ""
-        rows.append([f"latency (batch {b})", _ms(d_lat[b]), _ms(p_lat.get(b)), speed])
+    rows += _latency_rows(dense.get("latency_ms_by_batch", {}), pruned)
+    if pruned.get("latency_predicted_ms") is not None:
+        rows.append(["predicted latency (table)", "", _ms(pruned["latency_predicted_ms"]), _speed(pruned, "predicted")])
     if pruned.get("ideal_speedup"):
         rows.append(["ideal speed-up (1/FLOPs ratio)", "", f"{pruned['ideal_speedup']:.2f}x", ""])
     return table(rows)
+
+
+def _speed(pruned: dict[str, Any], batch: str) -> str:
+    if batch == "predicted":
+        return f"speed-up {pruned['predicted_speedup']:.2f}x" if pruned.get("predicted_speedup") else ""
+    x = pruned.get("speedup_by_batch", {}).get(batch)
+    if x is None:
+        return ""
+    spread = pruned.get("speedup_spread") if batch == str(pruned.get("latency_batch", 1)) else None
+    return f"speed-up {x:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
+
+
+def _latency_rows(dense_by_batch: dict[str, float], pruned: dict[str, Any]) -> list[list[str]]:
+    """Latency per batch size and the speed-up, both timed side by side (spread: the
+    quartiles of the per-round ratios)."""
+    p_lat = pruned.get("latency_ms_by_batch", {})
+    return [[f"latency (batch {b})", _ms(t), _ms(p_lat.get(b)), _speed(pruned, b)] for b, t in dense_by_batch.items()]
 
 
 def single(metrics: dict[str, Any]) -> str:
@@ -68,6 +83,10 @@ def single(metrics: dict[str, Any]) -> str:
             rows.append([label, pct(metrics[key])])
     rows.append(["FLOPs", fmt_count(metrics.get("flops"))])
     rows.append(["params", fmt_count(metrics.get("params"))])
+    if "dense_latency_ms_by_batch" in metrics:  # timed side by side with the dense architecture
+        lat = [["latency, side by side", "dense architecture", "this model", "speed-up"]]
+        lat += _latency_rows(metrics["dense_latency_ms_by_batch"], metrics)
+        return table(rows) + "\n\n" + table(lat)
     for b, t in metrics.get("latency_ms_by_batch", {}).items():
         rows.append([f"latency (batch {b})", _ms(t)])
     return table(rows)
@@ -76,18 +95,17 @@ def single(metrics: dict[str, Any]) -> str:
 def trials_table(records: list[TrialRecord], kind: str, top: int = 5) -> str:
     """The best completed trials of a search, and how many completed, stopped or failed."""
     done = sorted((r for r in records if r.status == "completed"), key=lambda r: -r.metrics["val_acc"])
-    rows = [["trial", "policy", "val accuracy", f"{kind} ratio", "latency (batch 1)", "speed-up"]]
+    rows = [["trial", "policy", "val accuracy", f"{kind} ratio", "predicted latency", "predicted speed-up"]]
     for r in done[:top]:
         p, m = r.policy, r.metrics
-        what = "/".join(str(p.get(k, "-")) for k in ("structure", "criterion", "scope"))
         rows.append(
             [
-                r.trial_id,
-                what,
+                f"#{r.number + 1} {r.trial_id}",
+                "/".join(str(p.get(k, "-")) for k in ("structure", "criterion", "scope")),
                 pct(m["val_acc"]),
                 f"{m[f'{kind}_ratio']:.3f}",
                 _ms(m.get("latency_ms")),
-                f"{m['speedup']:.2f}x" if m.get("speedup") else "-",
+                f"{m['predicted_speedup']:.2f}x" if m.get("predicted_speedup") else "-",
             ]
         )
     counts = {s: sum(r.status == s for r in records) for s in ("completed", "stopped", "failed")}
@@ -96,3 +114,21 @@ def trials_table(records: list[TrialRecord], kind: str, top: int = 5) -> str:
         f"scheduler, {counts['failed']} failed"
     )
     return (table(rows) + "\n" if len(rows) > 1 else "") + footer
+
+
+def latency_note(checks: list[dict[str, Any]], budget: Any) -> str | None:
+    """One line on how a latency budget fared against the timing, or None."""
+    if not checks:
+        return None
+    kept = next((c for c in checks if c.get("kept")), checks[-1])
+    what = (
+        f"latency budget {budget.fraction:g}: measured {kept['measured']:.3f} of dense side by side (noise "
+        f"{kept['noise']:.3f}), predicted {kept['predicted']:.3f}"
+    )
+    if len(checks) > 1:
+        what += f"; solved {len(checks)} times, the timing having missed the budget by more than its noise"
+    if kept["missed"]:
+        what += "; it still misses it (is the machine busy?)"
+    if checks[-1].get("unreachable"):
+        what += "; a corrected target was out of this policy's reach"
+    return what

@@ -6,27 +6,42 @@ fine-tune -> evaluate (validation for decisions, test only for the final report)
 
 Modules, from the bottom up: ``tasks`` and ``models`` (data and networks), ``graph`` (channel
 groups, the cost model and the search's layer table), ``criteria``, ``solver`` (budget ->
-what each group or layer loses), ``prune``, ``measure``, ``checkpoint`` (save, load, export),
-``train``, ``stages`` (one pruning step), ``methods`` (when pruning happens) and ``run``
+what each group or layer loses), ``prune``, ``measure``, ``latency`` (the hardware's latency
+table), ``checkpoint`` (save, load, export), ``train``, ``stages`` (one pruning step), ``methods``
+(when pruning happens) and ``run``
 (one whole run). The names below are the entry points the jobs, the search and the tests use.
 """
 
+from .latency import LatencyTable, latency_table
 from .methods import METHODS, MethodContext, check_policy
-from .run import RunResult, measure_model, run
-from .stages import Pruned, channel_problem, prune_to_budget, score, scoring_batches, solve_unstructured, warmup_on
+from .run import RunResult, compare_latency, measure_model, run
+from .stages import (
+    Pruned,
+    channel_problem,
+    check_budget,
+    prune_to_budget,
+    score,
+    scoring_batches,
+    solve_unstructured,
+    warmup_on,
+)
 from .train import TrainingDiverged, cache_dir, dense_model, evaluate, resolve_device, seed_everything, train
 
 __all__ = [
     "METHODS",
+    "LatencyTable",
     "MethodContext",
     "Pruned",
     "RunResult",
     "TrainingDiverged",
     "cache_dir",
     "channel_problem",
+    "check_budget",
     "check_policy",
+    "compare_latency",
     "dense_model",
     "evaluate",
+    "latency_table",
     "measure_model",
     "prune_to_budget",
     "resolve_device",

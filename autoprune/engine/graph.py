@@ -270,9 +270,9 @@ class CostModel:
             [(it.module, it.dim, it.root_idxs) for it in g.items if it.module in self.modules] for g in graph.groups
         ]
 
-    def cost(self, removed: list[np.ndarray]) -> tuple[float, float]:
-        """(flops, params) after removing the channels flagged True in ``removed[g]``."""
-        cut = {}
+    def _cut(self, removed: list[np.ndarray]) -> dict[str, dict[str, int]]:
+        """Per modelled module touched by ``removed``: channels cut from its "in" and "out"."""
+        cut: dict[str, dict[str, int]] = {}
         for effects, mask in zip(self.effects, removed):
             if not mask.any():
                 continue
@@ -281,6 +281,22 @@ class CostModel:
                 if n:
                     c = cut.setdefault(module, {"in": 0, "out": 0})
                     c[dim] += n
+        return cut
+
+    def widths(self, removed: list[np.ndarray]) -> dict[str, tuple[int, int]]:
+        """(input, output) channels left to each module whose channels ``removed`` cuts."""
+        out = {}
+        for module, c in self._cut(removed).items():
+            info = self.modules[module]
+            cin, cout = info["cin"] - c["in"], info["cout"] - c["out"]
+            if info["kind"] in ("norm", "depthwise"):
+                cin = cout = min(cin, cout)
+            out[module] = (cin, cout)
+        return out
+
+    def cost(self, removed: list[np.ndarray]) -> tuple[float, float]:
+        """(flops, params) after removing the channels flagged True in ``removed[g]``."""
+        cut = self._cut(removed)
         flops, params = self.total_flops, self.total_params
         for module, c in cut.items():
             info = self.modules[module]

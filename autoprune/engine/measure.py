@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import platform
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
@@ -86,36 +90,113 @@ def model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+def device_name(device: torch.device | str) -> str:
+    """The hardware a latency belongs to: the GPU's name, or the CPU's model name."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine() or "cpu"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def timing_threads(device: torch.device, threads: int):
+    """Torch's intra-op threads fixed to ``threads`` while timing on the CPU."""
+    saved = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def time_interleaved(
+    calls: list[Callable[[], Any]], device: torch.device, warmup: int, rounds: int
+) -> list[list[float]]:
+    """Milliseconds of each of ``calls``, ``rounds`` samples each, taken side by side: every
+    call is warmed up (``warmup`` untimed calls), then each round times every call once, in
+    an order that reverses from round to round, so drift and load from other processes hit
+    all calls alike. On CUDA the device is synchronised around every sample."""
+    with torch.inference_mode():
+        for call in calls:
+            for _ in range(warmup):
+                call()
+        _sync(device)
+        samples: list[list[float]] = [[] for _ in calls]
+        for r in range(rounds):
+            order = range(len(calls)) if r % 2 == 0 else range(len(calls) - 1, -1, -1)
+            for i in order:
+                t0 = time.perf_counter()
+                calls[i]()
+                _sync(device)
+                samples[i].append(1000.0 * (time.perf_counter() - t0))
+    return samples
+
+
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, config: MeasureConfig) -> float:
     """Median wall time (ms) of one forward pass of a ``batch``, after ``config.warmup``
     untimed passes, with torch's intra-op threads set to ``config.threads`` on CPU."""
-    device = model_device(model)
+    return side_by_side([model], input_shape, batch, config)[0].median_ms
+
+
+@dataclass
+class Timed:
+    """One model's latency from :func:`side_by_side`."""
+
+    median_ms: float
+    samples: list[float]
+
+
+def side_by_side(
+    models: list[nn.Module], input_shape: tuple[int, ...], batch: int, config: MeasureConfig
+) -> list[Timed]:
+    """The latency of each of ``models`` (all on one device) on one random ``batch``, timed
+    interleaved in one run (:func:`time_interleaved`, ``config.repeats`` rounds after
+    ``config.warmup`` untimed passes), torch's threads fixed to ``config.threads`` on CPU."""
+    device = model_device(models[0])
     x = torch.randn(batch, *input_shape, device=device)
-    was_training = model.training
-    model.eval()
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(config.threads)
-    times = []
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
-        with torch.inference_mode():
-            for _ in range(config.warmup):
-                model(x)
-            _sync(device)
-            for _ in range(config.repeats):
-                t0 = time.perf_counter()
-                model(x)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
+        with timing_threads(device, config.threads):
+            samples = time_interleaved([partial(m, x) for m in models], device, config.warmup, config.repeats)
     finally:
-        torch.set_num_threads(threads)
-        model.train(was_training)
-    return 1000.0 * statistics.median(times)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    return [Timed(statistics.median(s), s) for s in samples]
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0])
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return (q[0], q[2])
+
+
+def speedup(
+    dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...], batch: int, config: MeasureConfig
+) -> dict[str, Any]:
+    """Dense against pruned, timed side by side: both latencies (median ms) and the speed-up,
+    the median over rounds of dense time / pruned time in the same round, with its spread
+    (the quartiles of those ratios)."""
+    d, p = side_by_side([dense, pruned], input_shape, batch, config)
+    ratios = [a / b for a, b in zip(d.samples, p.samples)]
+    return {
+        "dense_ms": d.median_ms,
+        "pruned_ms": p.median_ms,
+        "speedup": statistics.median(ratios),
+        "spread": list(quartiles(ratios)),
+    }
 
 
 @dataclass

@@ -21,7 +21,8 @@ from ..errors import AutopruneError
 from ..registry import Registry
 from .criteria import CRITERIA, make_criterion
 from .graph import PrunableGraph, clone
-from .measure import Cost, measure
+from .latency import LatencyTable
+from .measure import Cost, measure, speedup
 from .prune import mask_weights, prune_channels
 from .solver import max_pruned
 from .stages import (
@@ -41,6 +42,8 @@ from .train import EpochCallback, seed_everything, train
 METHODS: Registry[Callable[[MethodContext], Pruned]] = Registry("method")
 
 DEFAULT_ITERATIONS = {"iterative": 3, "gradual": 10}
+LATENCY_CHECKS = 4  # timings of a latency-budget model (and re-solves in between) before one is taken
+LATENCY_UNDER = 0.05  # a measured latency this share of the budget below it (beyond the noise) is re-solved too
 GRADUAL_END = 0.75  # gradual pruning reaches the budget after this share of fine-tuning steps
 
 
@@ -78,8 +81,11 @@ class MethodContext:
     device: torch.device
     on_epoch: EpochCallback | None = None
     on_pruned: PrunedCallback | None = None
+    latency: LatencyTable | None = None  # the hardware's latency table: predicts latency (budget, reports)
+    verify_latency: bool = True  # a latency budget is checked by timing the pruned model against the dense one
     events: list[dict] = field(default_factory=list)
     data: list | None = None
+    latency_checks: list[dict] = field(default_factory=list)  # each timing check of a latency budget
 
     def __post_init__(self) -> None:
         needs = make_criterion(self.policy.criterion, self.policy.criterion_options).needs_data
@@ -101,7 +107,10 @@ class MethodContext:
         return score(model, self.policy, self.data, self.cfg.seed, example=example, density=density)
 
     def reached(self, model) -> float:
-        """The model's cost as a fraction of the dense cost (effective FLOPs for masks)."""
+        """The model's cost as a fraction of the dense cost (effective FLOPs for masks;
+        predicted latency)."""
+        if self.budget.kind == "latency":
+            return self.latency.predict_model(model) / self.latency.predict()
         cost = measure(model, self.task.input_shape, None, latency=False)
         if self.budget.kind == "flops":
             return cost.flops / self.dense_cost.flops
@@ -129,7 +138,57 @@ class MethodContext:
 
     def prune(self, model, budget: Budget, floors=None) -> Pruned:
         scores = self.score(model, budget.fraction)
-        return prune_to_budget(model, self.task, self.policy, budget, scores, self.dense_cost, floors=floors)
+
+        def solve(target=None) -> Pruned:
+            return prune_to_budget(
+                model, self.task, self.policy, budget, scores, self.dense_cost, None, floors, self.latency, target
+            )
+
+        pruned = solve()
+        if budget.kind == "latency" and self.verify_latency and budget == self.budget:
+            pruned = self._check_latency(pruned, budget, solve)
+        return pruned
+
+    def _check_latency(self, pruned: Pruned, budget: Budget, solve) -> Pruned:
+        """Time the pruned model against the dense one, side by side. While the measured
+        latency fraction misses the budget by more than its noise (half the interquartile
+        range of the per-round ratios) above, or by more than that and 5% of the budget
+        below, solve again for a corrected target: by the secant through the last two
+        timings (predicted against measured), or scaled by budget / measured after one timing
+        or when the secant's slope is implausible. Keeps the model closest to
+        the budget without exceeding it (or the last one if none)."""
+        target, kept, points = budget.fraction, None, []
+        for attempt in range(1, LATENCY_CHECKS + 1):
+            batch = self.cfg.measure.latency_batch
+            timed = speedup(self.dense, pruned.model, self.task.input_shape, batch, self.cfg.measure)
+            measured = 1.0 / timed["speedup"]
+            noise = (1.0 / timed["spread"][0] - 1.0 / timed["spread"][1]) / 2
+            over = measured > budget.fraction + noise
+            under = measured < budget.fraction - max(noise, LATENCY_UNDER * budget.fraction)
+            predicted = self.reached(pruned.model)
+            check = {"attempt": attempt, "target": target, "predicted": predicted, "measured": measured}
+            self.latency_checks.append({**check, "noise": noise, "missed": over, "under": under, "kept": False})
+            if not over and (kept is None or measured > kept[1]):
+                kept = (pruned, measured, len(self.latency_checks) - 1)
+            points.append((predicted, measured))
+            if not (over or under) or attempt == LATENCY_CHECKS:
+                break
+            (p0, m0), (p1, m1) = ([(0.0, 0.0)] + points)[-2:]
+            slope = (m1 - m0) / (p1 - p0) if p1 != p0 else 0.0
+            if not 0.5 <= slope <= 2.0:  # two timings too close to tell a slope: proportional
+                p0 = m0 = 0.0
+            target = p1 + (budget.fraction - m1) * (p1 - p0) / (m1 - m0)
+            try:
+                pruned = solve(min(max(target, 1e-3), 1.0))
+            except AutopruneError as exc:  # the corrected target is out of this policy's reach
+                self.latency_checks[-1]["unreachable"] = str(exc)
+                break
+        if kept is not None:
+            pruned = kept[0]
+            self.latency_checks[kept[2]]["kept"] = True
+        else:
+            self.latency_checks[-1]["kept"] = True
+        return pruned
 
     def pruned(self, pruned: Pruned) -> None:
         """The model has its final structure: tell ``on_pruned``."""

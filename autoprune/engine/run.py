@@ -4,16 +4,18 @@ tests all call :func:`run`; nothing here knows of Ray or MLflow."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from ..config import Budget, EngineConfig, MeasureConfig, Policy
-from .measure import Cost, measure
+from .latency import LatencyTable, latency_table
+from .measure import Cost, measure, speedup
 from .methods import METHODS, MethodContext, PrunedCallback, check_policy
 from .prune import fold_masks
-from .stages import collapse_report
+from .stages import check_budget, collapse_report
 from .tasks import Task
 from .train import EpochCallback, evaluate, seed_everything
 
@@ -32,16 +34,46 @@ class RunResult:
     epochs: list[dict[str, float]] = field(default_factory=list)  # fine-tuning, per epoch
     collapse: dict[str, Any] = field(default_factory=dict)  # see collapse_report
     events: list[dict[str, Any]] = field(default_factory=list)  # the method's pruning steps
+    latency_checks: list[dict[str, Any]] = field(default_factory=list)  # a latency budget's timing checks
 
 
-def measure_model(model: nn.Module, task: Task, config: MeasureConfig, test: bool = False) -> dict[str, Any]:
-    """Cost (FLOPs, params, latency) and validation accuracy of a model; test accuracy only
-    when ``test`` (the final report)."""
-    cost = measure(model, task.input_shape, config)
+def measure_model(
+    model: nn.Module, task: Task, config: MeasureConfig, test: bool = False, latency: bool = True
+) -> dict[str, Any]:
+    """Cost (FLOPs, params and, with ``latency``, latency at each of ``config.batch_sizes``)
+    and validation accuracy of a model; test accuracy only when ``test`` (the final report)."""
+    cost = measure(model, task.input_shape, _with_latency_batch(config), latency=latency)
     out = {**cost.to_dict(), "val_acc": evaluate(model, task.loader("val"))}
+    if latency:
+        out["latency_ms"] = cost.latency_ms[config.latency_batch]
     if test:
         out["test_acc"] = evaluate(model, task.loader("test"))
     return out
+
+
+def _with_latency_batch(config: MeasureConfig) -> MeasureConfig:
+    if config.latency_batch in config.batch_sizes:
+        return config
+    return dataclasses.replace(config, batch_sizes=(*config.batch_sizes, config.latency_batch))
+
+
+def compare_latency(dense: nn.Module, pruned: nn.Module, input_shape, config: MeasureConfig) -> dict[str, Any]:
+    """Dense against pruned, timed side by side at every batch size (see
+    :func:`autoprune.engine.measure.speedup`): the keys ``latency_ms`` (at the latency batch),
+    ``latency_ms_by_batch``, ``dense_latency_ms_by_batch``, ``speedup`` (at the latency
+    batch), ``speedup_spread`` (its quartiles over the rounds) and ``speedup_by_batch``."""
+    config = _with_latency_batch(config)
+    timed = {str(b): speedup(dense, pruned, input_shape, b, config) for b in config.batch_sizes}
+    main = timed[str(config.latency_batch)]
+    return {
+        "latency_ms": main["pruned_ms"],
+        "latency_batch": config.latency_batch,
+        "latency_ms_by_batch": {b: t["pruned_ms"] for b, t in timed.items()},
+        "dense_latency_ms_by_batch": {b: t["dense_ms"] for b, t in timed.items()},
+        "speedup": main["speedup"],
+        "speedup_spread": main["spread"],
+        "speedup_by_batch": {b: t["speedup"] for b, t in timed.items()},
+    }
 
 
 def run(
@@ -54,25 +86,44 @@ def run(
     test: bool = False,
     on_epoch: EpochCallback | None = None,
     on_pruned: PrunedCallback | None = None,
+    latency: LatencyTable | None = None,
+    measure_latency: bool = True,
 ) -> RunResult:
     """Prune a copy of ``dense`` by ``policy`` to ``budget``, fine-tune and measure it.
-    ``on_epoch`` and ``on_pruned`` are the method's callbacks (see :class:`MethodContext`)."""
+    ``on_epoch`` and ``on_pruned`` are the method's callbacks (see :class:`MethodContext`).
+    ``latency``: the hardware's latency table, needed by a latency budget; with it the pruned
+    model's predicted latency is reported (``latency_predicted_ms``, ``predicted_speedup``).
+    ``measure_latency``: time the pruned model against the dense one, side by side (a search's
+    trials do not: they share the machine, and decide on the prediction); a latency budget is
+    then also checked against that timing."""
     check_policy(policy)
+    check_budget(policy, budget)
     device = next(dense.parameters()).device
     seed_everything(cfg.seed)
-    dense_metrics = dense_metrics or measure_model(dense, task, cfg.measure, test=test)
+    if budget.kind == "latency" and latency is None:
+        latency = latency_table(dense, task.input_shape, cfg.measure.latency_batch, cfg.measure.threads)
+    dense_metrics = dict(dense_metrics or measure_model(dense, task, cfg.measure, test=test))
     dense_cost = Cost(dense_metrics["flops"], dense_metrics["params"], {})
     method = METHODS.get(policy.method)
-    pruned = method(MethodContext(task, dense, policy, budget, cfg, dense_cost, device, on_epoch, on_pruned))
+    ctx = MethodContext(
+        task, dense, policy, budget, cfg, dense_cost, device, on_epoch, on_pruned, latency, measure_latency
+    )
+    pruned = method(ctx)
     model = pruned.model
     fold_masks(model)
-    out = measure_model(model, task, cfg.measure, test=test)
+    out = measure_model(model, task, cfg.measure, test=test, latency=False)
     out["flops_ratio"] = out["flops"] / dense_metrics["flops"]
     out["params_ratio"] = out["params"] / dense_metrics["params"]
     out["ideal_speedup"] = 1.0 / out["flops_ratio"]
-    by_batch = dense_metrics.get("latency_ms_by_batch", {})
-    out["speedup_by_batch"] = {b: by_batch[b] / t for b, t in out["latency_ms_by_batch"].items() if b in by_batch}
-    out["speedup"] = out["speedup_by_batch"].get("1", next(iter(out["speedup_by_batch"].values()), None))
+    if latency is not None:
+        out["latency_predicted_ms"] = latency.predict_model(model)
+        out["latency_ratio"] = out["latency_predicted_ms"] / latency.predict()
+        out["predicted_speedup"] = 1.0 / out["latency_ratio"]
+    if measure_latency:
+        out.update(compare_latency(dense, model, task.input_shape, cfg.measure))
+        dense_metrics["latency_ms_by_batch"] = out.pop("dense_latency_ms_by_batch")
+        dense_metrics["latency_ms"] = dense_metrics["latency_ms_by_batch"][str(cfg.measure.latency_batch)]
+        out["latency_measured_ratio"] = 1.0 / out["speedup"]
     out["solver_attempts"] = pruned.attempts
     return RunResult(
         model,
@@ -85,4 +136,5 @@ def run(
         pruned.epochs,
         collapse_report(pruned, policy),
         pruned.events,
+        ctx.latency_checks,
     )

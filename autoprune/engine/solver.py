@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import Budget, Policy
+from ..config import BUDGET_KINDS, Budget, Policy
 from ..errors import AutopruneError
 
-# removed-channel masks (one bool array per group) -> estimated (flops, params)
-CostFn = Callable[[list[np.ndarray]], tuple[float, float]]
+# removed-channel masks (one bool array per group) -> estimated (flops, params[, latency ms]),
+# indexed by the budget kind's place in BUDGET_KINDS
+CostFn = Callable[[list[np.ndarray]], tuple[float, ...]]
 
 
 @dataclass
@@ -67,7 +68,7 @@ def solve_channels(
     policy: Policy,
     budget: Budget,
     cost_fn: CostFn,
-    dense: tuple[float, float],
+    dense: tuple[float, ...],
     target: float | None = None,
     floors: dict[str, int] | None = None,
 ) -> ChannelPlan:
@@ -76,7 +77,7 @@ def solve_channels(
     groups a minimum number of channels to keep beyond ``max_ratio`` (iterative methods keep
     ``max_ratio`` relative to the dense widths this way)."""
     target = budget.fraction if target is None else target
-    which = 0 if budget.kind == "flops" else 1
+    which = BUDGET_KINDS.index(budget.kind)
     floors = floors or {}
     caps = [max(0, min(max_pruned(n, policy.max_ratio), n - floors.get(g, 1))) for g, n in zip(names, sizes)]
     orders = [np.argsort(scores[g], kind="stable") for g in names]

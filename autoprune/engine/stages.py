@@ -3,6 +3,7 @@ layers a policy keeps, criterion scores, the budget solve and the prune itself."
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,10 +11,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Budget, Policy
+from ..config import BUDGET_KINDS, Budget, Policy
 from ..errors import AutopruneError
 from . import criteria as crit
 from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph, clone
+from .latency import LatencyTable, module_widths
 from .measure import Cost, flops_by_module, measure
 from .prune import fold_masks, mask_weights, prune_channels
 from .solver import LayerInfo, max_masked, max_pruned, solve_channels, solve_masks
@@ -197,14 +199,19 @@ def prune_to_budget(
     dense_cost: Cost,
     graph: PrunableGraph | None = None,
     floors: dict[str, int] | None = None,
+    latency: LatencyTable | None = None,
+    target: float | None = None,
 ) -> Pruned:
     """Solve the budget for ``scores`` and prune a copy of ``model`` to it. Channel plans are
-    checked against fvcore on the really pruned model and re-solved if they miss. The
-    budget is a fraction of ``dense_cost``, which may be larger than ``model``'s own cost
-    (iterative methods prune an already pruned model further)."""
+    checked against fvcore (FLOPs, params) or the latency table (latency, which ``latency``
+    must then be) on the really pruned model and re-solved if they miss. The budget is a
+    fraction of ``dense_cost``, which may be larger than ``model``'s own cost (iterative
+    methods prune an already pruned model further). ``target``: aim below the budget (the
+    engine does when a measured latency missed it)."""
+    check_budget(policy, budget)
+    if budget.kind == "latency" and latency is None:
+        raise AutopruneError("a latency budget needs the model's latency table (autoprune.engine.latency_table)")
     example = task.example_input().to(next(model.parameters()).device)
-    dense = (dense_cost.flops, float(dense_cost.params))
-    which = 0 if budget.kind == "flops" else 1
     if policy.structure == "unstructured":
         counts, estimate = solve_unstructured(model, task, policy, budget, scores, dense_cost)
         pruned = clone(model)
@@ -215,14 +222,34 @@ def prune_to_budget(
         return Pruned(pruned, "unstructured", [], ratios, estimate, counts=counts, sizes=sizes)
 
     names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph)
-    target = budget.fraction
+    if budget.kind == "latency":
+        base = module_widths(model)  # the model may be pruned already (iterative, gradual)
+        dense = (dense_cost.flops, float(dense_cost.params), latency.predict())
+
+        def cost_fn(removed):
+            return (math.nan, math.nan, latency.predict({**base, **costs.widths(removed)}))
+
+        def real(pruned) -> float:
+            return latency.predict_model(pruned) / dense[2]
+    else:
+        which = BUDGET_KINDS.index(budget.kind)
+        dense = (dense_cost.flops, float(dense_cost.params))
+        cost_fn = costs.cost
+
+        def real(pruned) -> float:
+            cost = measure(pruned, task.input_shape, None, latency=False)
+            return (cost.flops, cost.params)[which] / dense[which]
+
+    ceiling = budget.fraction
+    if target is not None:  # a latency budget's corrected target may lie above it (the table was pessimistic)
+        ceiling = target if budget.kind == "latency" else min(target, budget.fraction)
+    target = ceiling
     best = None
     for attempt in range(1, 6):
-        plan = solve_channels(names, sizes, channel, policy, budget, costs.cost, dense, target, floors)
+        plan = solve_channels(names, sizes, channel, policy, budget, cost_fn, dense, target, floors)
         pruned, history = prune_channels(model, example, plan.indices())
-        real = measure(pruned, task.input_shape, None, latency=False)
-        real_fraction = (real.flops, real.params)[which] / dense[which]
-        if real_fraction <= budget.fraction:
+        real_fraction = real(pruned)
+        if real_fraction <= ceiling:
             best = Pruned(
                 pruned,
                 "channel",
@@ -233,12 +260,12 @@ def prune_to_budget(
                 plan=plan.indices(),
                 sizes=dict(zip(names, sizes)),
             )
-            if real_fraction >= budget.fraction - budget.tolerance:
-                break
-            target += (budget.fraction - budget.tolerance / 2) - real_fraction
+            if real_fraction >= ceiling - budget.tolerance or budget.kind == "latency":
+                break  # (the table predicts a pruned model exactly as the solver estimated it)
+            target += (ceiling - budget.tolerance / 2) - real_fraction
         else:
-            target -= real_fraction - budget.fraction + 1e-4
-        target = min(target, budget.fraction)
+            target -= real_fraction - ceiling + 1e-4
+        target = min(target, ceiling)
     if best is None:
         raise AutopruneError(
             f"could not meet --budget-{budget.kind} {budget.fraction:g}: the pruned model "
@@ -246,6 +273,18 @@ def prune_to_budget(
             "estimate"
         )
     return best
+
+
+def check_budget(policy: Policy, budget: Budget) -> None:
+    """A latency budget needs channel pruning."""
+    if budget.kind != "latency":
+        return
+    if policy.structure != "channel":
+        raise AutopruneError(
+            f"--budget-latency needs --structure channel, not {policy.structure!r}: weight masks leave every "
+            "tensor its dense shape, so dense kernels run them at the dense model's speed; use --budget-flops "
+            "or --budget-params for masks"
+        )
 
 
 def below_zeros(model: nn.Module, scores: crit.Scores) -> crit.Scores:

@@ -49,17 +49,24 @@ def seed_everything(seed: int) -> None:
 
 def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> float:
     """Top-1 accuracy (a fraction in 0..1) of ``model`` on ``loader``."""
+    return accuracy_and_loss(model, loader, device)[0]
+
+
+def accuracy_and_loss(model: nn.Module, loader, device: torch.device | None = None) -> tuple[float, float]:
+    """Top-1 accuracy (a fraction in 0..1) and mean cross-entropy of ``model`` on ``loader``."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     correct = total = 0
+    loss = 0.0
     with torch.inference_mode():
         for x, y in loader:
             out = model(x.to(device))
+            loss += float(nn.functional.cross_entropy(out.float().cpu(), y, reduction="sum"))
             correct += int((out.argmax(1).cpu() == y).sum())
             total += len(y)
     model.train(was_training)
-    return correct / max(total, 1)
+    return correct / max(total, 1), loss / max(total, 1)
 
 
 def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
@@ -123,7 +130,8 @@ def train(
                 seen += len(y)
                 step += 1
                 bar.update(1)
-            metrics = {"loss": running / max(seen, 1), "val_acc": evaluate(model, val_loader, device)}
+            val_acc, val_loss = accuracy_and_loss(model, val_loader, device)
+            metrics = {"loss": running / max(seen, 1), "val_acc": val_acc, "val_loss": val_loss}
             bar.set_postfix(
                 epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{metrics['loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}"
             )

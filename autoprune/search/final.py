@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Budget, Policy
-from ..contract import PRUNED_METRICS, TrialRecord, objectives
+from ..contract import TrialRecord, objectives
 from ..errors import AutopruneError
-from .plan import Plan
+from .plan import MASKS_NOTE, Plan
 from .results import SearchResult, best_within, counts, pareto_front
 from .searchers import SEARCHERS
 
@@ -41,6 +41,34 @@ class Finish:
     say: Callable[[str], None]
     t0: float  # when the search started (time.time())
     system_metrics: Any = None  # the search run's tracking.store.SystemMetrics, stopped before the run ends
+    latency: Any = None  # the hardware's engine.LatencyTable the trials predicted latency with
+
+
+# the final run's figures summary.json keeps of the best model (latency: the table's prediction
+# and the side-by-side timing against the dense model on the idle machine)
+BEST_KEYS = (
+    "val_acc",
+    "test_acc",
+    "flops",
+    "params",
+    "flops_ratio",
+    "params_ratio",
+    "latency_predicted_ms",
+    "latency_ratio",
+    "predicted_speedup",
+    "latency_measured_ms",
+    "latency_measured_ratio",
+    "speedup",
+    "speedup_spread",
+    "speedup_by_batch",
+    "latency_batch",
+)
+
+
+def best_metrics(pruned: dict[str, Any]) -> dict[str, Any]:
+    """:data:`BEST_KEYS` of an engine run's ``pruned`` figures (``latency_ms`` there is measured)."""
+    out = {**pruned, "latency_measured_ms": pruned.get("latency_ms")}
+    return {k: out[k] for k in BEST_KEYS if out.get(k) is not None}
 
 
 def finish(f: Finish) -> SearchResult:
@@ -48,7 +76,7 @@ def finish(f: Finish) -> SearchResult:
     search run's plots, summary and model."""
     from .. import engine
     from ..engine.checkpoint import architecture_key, reload_flags, save_model
-    from ..report import comparison, trials_table
+    from ..report import comparison, latency_note, trials_table
     from ..tracking import charts, store
     from ..tracking.note import search_note
 
@@ -57,7 +85,7 @@ def finish(f: Finish) -> SearchResult:
     config = plan.config
     kind = config.budget.kind
     mlflow = store.client(plan.tracking_uri)
-    goals = objectives(kind)
+    goals = objectives(kind, config.metric)
     front = pareto_front(records, goals if SEARCHERS.get(config.searcher).multi_objective else goals[:2])
     tally = counts(records)
     summary: dict[str, Any] = {
@@ -65,6 +93,8 @@ def finish(f: Finish) -> SearchResult:
         "budget": {"kind": kind, "fraction": config.budget.fraction},
         "searcher": config.searcher,
         "space": config.space,
+        "structures": list(plan.structures),
+        "metric": config.metric,
         "scheduler": plan.scheduler,
         "task": task.name,
         "model": task.model_name,
@@ -74,9 +104,16 @@ def finish(f: Finish) -> SearchResult:
         "pareto": [{"trial_id": r.trial_id, **r.metrics, "policy": r.policy} for r in front],
         "mlflow": {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
     }
+    if f.latency is not None:
+        summary["latency_table"] = {
+            **{k: f.latency.key[k] for k in ("device", "batch", "threads", "torch")},
+            "dense_ms": f.latency.dense_ms,
+            "cached": f.latency.cached,
+            "build_s": f.latency.build_s,
+        }
     plan.out.mkdir(parents=True, exist_ok=True)
     model_path = final = None
-    best = best_within(records, kind, config.budget.fraction)
+    best = best_within(records, kind, config.budget.fraction, config.metric)
     if best is not None:
         fields = dict(best.policy)
         fields["finetune"] = {**fields.get("finetune", {}), "epochs": config.final_epochs}
@@ -87,7 +124,7 @@ def finish(f: Finish) -> SearchResult:
             f"best trial {best.trial_id} (val {100 * best.metrics['val_acc']:.2f}%): re-running it for "
             f"{config.final_epochs} epoch(s) and testing it"
         )
-        final = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True)
+        final = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True, latency=f.latency)
         p = final.pruned
         model_path = plan.out / "model.pt"
         save_model(
@@ -105,15 +142,18 @@ def finish(f: Finish) -> SearchResult:
             "trial_id": best.trial_id,
             "policy": policy.to_dict(),
             "search_val_acc": best.metrics["val_acc"],
-            **{k: p[k] for k in ("test_acc", *PRUNED_METRICS)},
+            **best_metrics(p),
+            "latency_checks": final.latency_checks,
             "ratios": final.ratios,
             "model_path": str(model_path),
         }
+        summary["dense"] = short_metrics(final.dense)  # its latency as timed beside the best model
         tags = {store.BEST_TRIAL_ID: best.trial_id}
         if best.run_id:
             tags[store.BEST_RUN_ID] = best.run_id
             mlflow.set_tag(best.run_id, store.BEST, "true")
-        store.log(mlflow, run_id, once={f"best_{k}": p[k] for k in ("test_acc", *PRUNED_METRICS)}, tags=tags)
+        numbers = {k: v for k, v in best_metrics(p).items() if isinstance(v, (int, float))}
+        store.log(mlflow, run_id, once={f"best_{k}": v for k, v in numbers.items()}, tags=tags)
         mlflow.log_artifact(run_id, str(model_path), "best_model")
         mlflow.log_artifact(run_id, str(plan.out / "policy.json"), "best_model")
         log_best_model(
@@ -127,7 +167,13 @@ def finish(f: Finish) -> SearchResult:
         for r in records
     )
     note = search_note(
-        summary, dense_metrics, best, final.pruned if final else None, config.final_epochs, experiment_id, within
+        summary,
+        final.dense if final else dense_metrics,
+        best,
+        final.pruned if final else None,
+        config.final_epochs,
+        experiment_id,
+        within,
     )
     store.log(mlflow, run_id, tags={store.NOTE: note})
     charts.ratio_charts(mlflow, records)
@@ -160,8 +206,13 @@ def finish(f: Finish) -> SearchResult:
         raise AutopruneError(
             f"no trial completed ({tally['failed']} failed; first error: {first}); see {plan.out / 'summary.json'}"
         )
-    say(f"\ndense against the best policy, re-run for {config.final_epochs} epoch(s):")
-    say(comparison(dense_metrics, final.pruned))
+    say(f"\ndense against the best policy, re-run for {config.final_epochs} epoch(s), timed side by side:")
+    say(comparison(final.dense, final.pruned))
+    checked = latency_note(final.latency_checks, config.budget)
+    if checked:
+        say(checked)
+    if "unstructured" in plan.structures:
+        say(MASKS_NOTE)
     say(f"\nbest model: {model_path}  (autoprune evaluate {model_path}{reload_flags(config.engine.task)})")
     say(f"summary:    {plan.out / 'summary.json'}")
     if plan.tracking_uri.startswith(("http://", "https://")):

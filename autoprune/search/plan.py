@@ -128,11 +128,17 @@ def prepare(config: SearchConfig) -> Plan:
             f"searcher {config.searcher!r} needs a space with a grid (such as 'criteria'); {config.space!r} has none"
         )
     fixed = getattr(space, "structure", None)
-    if config.structure and fixed and config.structure != fixed:
+    if config.structure not in (None, "any") and fixed and config.structure != fixed:
         raise AutopruneError(
             f"--structure {config.structure} does not fit space {config.space!r}, which prunes {fixed} only"
         )
-    structure = config.structure or fixed
+    structures = search_structures(config.structure, fixed)
+    if config.budget.kind == "latency" and "unstructured" in structures:
+        raise AutopruneError(
+            "--budget-latency needs channel pruning: weight masks leave every tensor its dense shape, so dense "
+            f"kernels run them at the dense model's speed; {_which(config, fixed)} would search masks. "
+            "Use --budget-flops or --budget-params for masks"
+        )
     scheduler = config.scheduler or spec.scheduler
     if scheduler == "asha" and spec.multi_objective:
         raise AutopruneError(
@@ -164,11 +170,31 @@ def prepare(config: SearchConfig) -> Plan:
         trials,
         scheduler,
         out.resolve(),
-        (structure,) if structure else STRUCTURES,
+        structures,
         None,
         local_cpus,
         local_gpus,
     )
+
+
+def search_structures(asked: str | None, fixed: str | None) -> tuple[str, ...]:
+    """What a search's space may sample: ``--structure`` (``any``: both), else the space's
+    own, else channel (a really faster model)."""
+    if fixed:
+        return (fixed,)
+    if asked == "any":
+        return STRUCTURES
+    return (asked or "channel",)
+
+
+MASKS_NOTE = (
+    "note: weight masks (unstructured) run no faster on dense kernels: they need sparse kernels or hardware to "
+    "turn their FLOPs into speed"
+)
+
+
+def _which(config: SearchConfig, fixed: str | None) -> str:
+    return f"--structure {config.structure}" if config.structure else f"space {config.space!r}"
 
 
 def gpu_count() -> int:

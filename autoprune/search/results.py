@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import PRUNED_METRICS, TrialConfig, TrialRecord, is_final
+from ..contract import METRIC_MODES, PRUNED_METRICS, TrialConfig, TrialRecord, is_final
 from ..tracking.store import NUMBER
 
 
@@ -47,15 +47,29 @@ def pareto_front(records: list[TrialRecord], goals: tuple[tuple[str, str], ...])
     return front
 
 
-def best_within(records: list[TrialRecord], kind: str, fraction: float) -> TrialRecord | None:
-    """The completed trial within budget with the highest validation accuracy (ties: the
-    lower cost, then the earlier trial)."""
+def best_within(records: list[TrialRecord], kind: str, fraction: float, metric: str = "val_acc") -> TrialRecord | None:
+    """The completed trial within budget with the best ``metric`` (highest validation
+    accuracy, or lowest validation loss); ties go to the lower predicted latency, then the
+    lower cost, then the earlier trial."""
     done = [
-        r for r in records if r.status == "completed" and r.metrics.get(f"{kind}_ratio", math.inf) <= fraction + 1e-9
+        r
+        for r in records
+        if r.status == "completed"
+        and r.metrics.get(f"{kind}_ratio", math.inf) <= fraction + 1e-9
+        and r.metrics.get(metric) is not None
     ]
     if not done:
         return None
-    return max(done, key=lambda r: (r.metrics["val_acc"], -r.metrics[f"{kind}_ratio"], -r.number))
+    sign = 1.0 if METRIC_MODES[metric] == "max" else -1.0
+    return max(
+        done,
+        key=lambda r: (
+            sign * r.metrics[metric],
+            -r.metrics.get("latency_ms", math.inf),
+            -r.metrics[f"{kind}_ratio"],
+            -r.number,
+        ),
+    )
 
 
 def counts(records: list[TrialRecord]) -> dict[str, int]:

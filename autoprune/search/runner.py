@@ -18,6 +18,7 @@ import sys
 import time
 
 from ..config import SearchConfig
+from ..contract import METRIC_MODES
 from ..rayenv import quiet_environment
 from .final import Finish, finish, short_metrics
 from .plan import COMPLETED, STATE_FILE, Plan, prepare
@@ -69,6 +70,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     workers = concurrency(plan)
     dense = engine.dense_model(task, config.engine, log=say)
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
+    latency = trial_latency_table(dense, task, config, say)
     saved = dataclasses.asdict(config)
     saved.update(
         name=plan.name,
@@ -111,6 +113,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             config.engine,
             config.cpus_per_trial,
             config.gpus_per_trial,
+            latency,
             _replays(plan, experiment_id, run_id) if config.resume else {},
         )
         setup_ref = ray.put(setup)
@@ -131,7 +134,9 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                     str(plan.path), trainable=trainable, resume_unfinished=True, resume_errored=False
                 )
             else:
-                ctx = SearcherContext(table, config.budget, config.engine.seed, plan.trials, config.space, plan.grid)
+                ctx = SearcherContext(
+                    table, config.budget, config.engine.seed, plan.trials, config.space, plan.grid, config.metric
+                )
                 scheduler = None
                 if plan.scheduler == "asha":
                     from ray.tune.schedulers import ASHAScheduler
@@ -144,8 +149,8 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                     tune_config=tune.TuneConfig(
                         search_alg=spec.make(ctx),
                         scheduler=scheduler,
-                        metric=None if spec.multi_objective else "val_acc",
-                        mode=None if spec.multi_objective else "max",
+                        metric=None if spec.multi_objective else config.metric,
+                        mode=None if spec.multi_objective else METRIC_MODES[config.metric],
                         num_samples=plan.trials,
                         max_concurrent_trials=workers,
                         reuse_actors=True,
@@ -176,7 +181,9 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
         records = read_records(plan.path, runs)
         if owned:
             ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
-        return finish(Finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0, system_metrics))
+        return finish(
+            Finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0, system_metrics, latency)
+        )
     except BaseException as exc:
         with contextlib.suppress(Exception):
             close_writers()  # what the trials reported before the interruption
@@ -185,6 +192,23 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             if mlflow.get_run(run_id).info.status == "RUNNING":
                 mlflow.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
+
+
+def trial_latency_table(dense, task, config: SearchConfig, say):
+    """The latency table of the dense model on the trials' hardware (a GPU when trials get
+    one), from the cache beside the dense model or built now, before any trial starts."""
+    import copy
+
+    import torch
+
+    from .. import engine
+
+    device = "cuda" if config.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    model = dense if str(next(dense.parameters()).device).startswith(device) else copy.deepcopy(dense).to(device)
+    measure = config.engine.measure
+    return engine.latency_table(
+        model, task.input_shape, measure.latency_batch, measure.threads, engine.cache_dir(config.engine), say
+    )
 
 
 def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:

@@ -14,7 +14,7 @@ from functools import partial
 from typing import Any
 
 from ..config import Budget
-from ..contract import TRIAL_CONFIG_KEYS, TrialConfig, is_final, objectives
+from ..contract import METRIC_MODES, TRIAL_CONFIG_KEYS, TrialConfig, is_final, objectives
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
 from ..registry import Registry
@@ -30,9 +30,9 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 @dataclass
 class SearcherContext:
     """What a searcher factory gets: the layer table of the model (its channel groups and
-    layers with their FLOPs shares), the budget, the seed and the trial count; Optuna
-    searchers also use the define-by-run space (a ``search_spaces`` name or ``pkg.mod:fn``)
-    and, for ``grid``, the grid."""
+    layers with their FLOPs shares), the budget, the seed, the trial count and the metric to
+    optimise; Optuna searchers also use the define-by-run space (a ``search_spaces`` name or
+    ``pkg.mod:fn``) and, for ``grid``, the grid."""
 
     table: Any  # autoprune.engine.graph.LayerTable
     budget: Budget
@@ -40,6 +40,7 @@ class SearcherContext:
     trials: int
     space: str = "default"
     grid: dict[str, list] | None = None
+    metric: str = "val_acc"  # what to optimise: contract.METRIC_MODES
 
 
 @dataclass(frozen=True)
@@ -112,10 +113,10 @@ class PolicyOptunaSearch(OptunaSearch):
 def _optuna(ctx: SearcherContext, sampler, multi_objective: bool = False) -> Any:
     budget = ctx.budget if multi_objective else None
     if multi_objective:
-        goals = objectives(ctx.budget.kind)
+        goals = objectives(ctx.budget.kind, ctx.metric)
         metric, mode = [m for m, _ in goals], [d for _, d in goals]
     else:
-        metric, mode = "val_acc", "max"
+        metric, mode = ctx.metric, METRIC_MODES[ctx.metric]
     space = partial(define_by_run, ctx.space, ctx.table, budget)
     return PolicyOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Budget, EngineConfig, Policy
-from ..contract import FINAL, PRUNED_METRICS, TrialConfig
+from ..contract import FINAL, TrialConfig
 from ..errors import AutopruneError
 
 _ACTOR_CACHE: dict[str, tuple] = {}  # one entry: the setup and dense model of the current search
@@ -27,6 +27,7 @@ class TrialSetup:
     engine: EngineConfig
     cpus_per_trial: float
     gpus_per_trial: float
+    latency: Any = None  # the hardware's engine.LatencyTable for the dense model (predictions)
     replay: dict[str, dict] = field(default_factory=dict)  # resume: final reports of trials that ended
     # after Tune's last snapshot; they are reported again instead of re-run
 
@@ -45,19 +46,23 @@ def _setup(ref) -> tuple[TrialSetup, Any]:
     return _ACTOR_CACHE[key]
 
 
-def pruned_cost(model, task, dense_metrics: dict[str, Any], ratios: dict[str, float]) -> dict[str, Any]:
+def pruned_cost(model, task, dense_metrics: dict[str, Any], ratios: dict[str, float], latency=None) -> dict[str, Any]:
     """The cost keys of the contract for a model that has its final structure (weight masks
-    count as removed), against the dense model's."""
+    count as removed), against the dense model's; latency as ``latency`` (the table) predicts it."""
     from ..engine.measure import measure
 
     cost = measure(model, task.input_shape, None, latency=False)
-    return {
+    out = {
         "flops": cost.flops,
         "params": cost.params,
         "flops_ratio": cost.flops / dense_metrics["flops"],
         "params_ratio": cost.params / dense_metrics["params"],
         "ratios": {k: float(v) for k, v in ratios.items()},
     }
+    if latency is not None:
+        out["latency_ms"] = latency.predict_model(model)
+        out["latency_ratio"] = out["latency_ms"] / latency.predict()
+    return out
 
 
 def run_trial(config: dict, setup_ref: list) -> None:
@@ -69,6 +74,7 @@ def run_trial(config: dict, setup_ref: list) -> None:
     from ray import tune
 
     from .. import engine
+    from ..engine.measure import latency_ms
 
     setup, dense = _setup(setup_ref[0])
     replay = setup.replay.get(tune.get_context().get_trial_id())
@@ -93,10 +99,17 @@ def run_trial(config: dict, setup_ref: list) -> None:
     reporting = [0.0]  # seconds spent in tune.report, which waits for the driver: not engine time
 
     def on_pruned(model, ratios) -> None:
-        cost.update(pruned_cost(model, setup.task, setup.dense_metrics, ratios))
+        cost.update(pruned_cost(model, setup.task, setup.dense_metrics, ratios, setup.latency))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-        row = {"epoch": epoch + 1, "val_acc": metrics["val_acc"], "loss": metrics["loss"], "node_id": node, **cost}
+        row = {
+            "epoch": epoch + 1,
+            "val_acc": metrics["val_acc"],
+            "val_loss": metrics["val_loss"],
+            "loss": metrics["loss"],
+            "node_id": node,
+            **cost,
+        }
         if epoch + 1 < setup.epochs:
             t = time.perf_counter()
             tune.report(row)
@@ -106,11 +119,30 @@ def run_trial(config: dict, setup_ref: list) -> None:
 
     t0 = time.perf_counter()
     result = engine.run(
-        setup.task, dense, policy, budget, cfg, setup.dense_metrics, on_epoch=on_epoch, on_pruned=on_pruned
+        setup.task,
+        dense,
+        policy,
+        budget,
+        cfg,
+        setup.dense_metrics,
+        on_epoch=on_epoch,
+        on_pruned=on_pruned,
+        latency=setup.latency,
+        measure_latency=False,
     )
-    engine_s = time.perf_counter() - t0 - reporting[0]
     p = result.pruned
-    final = {k: p[k] for k in PRUNED_METRICS}
+    # the trial's own timing, for information only: other trials run beside it
+    measured = latency_ms(result.model, setup.task.input_shape, cfg.measure.latency_batch, cfg.measure)
+    engine_s = time.perf_counter() - t0 - reporting[0]
+    final = {
+        **{k: p[k] for k in ("flops", "params", "flops_ratio", "params_ratio")},
+        "latency_ms": p.get("latency_predicted_ms"),
+        "latency_ratio": p.get("latency_ratio"),
+        "val_acc": p["val_acc"],
+        "val_loss": last.get("val_loss"),
+        "predicted_speedup": p.get("predicted_speedup"),
+        "latency_measured_ms": measured,
+    }
     tune.report(
         {
             **last,

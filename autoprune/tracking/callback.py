@@ -21,7 +21,7 @@ from .store import MAX_PARAM, NODE_ID, NUMBER, PARENT, ROLE, TRIAL_ID, client, f
 quiet_environment()
 from ray.tune import Callback  # noqa: E402
 
-EPOCH_METRICS = ("val_acc", "loss")  # a series over the epochs (step: the epoch)
+EPOCH_METRICS = ("val_acc", "val_loss", "loss")  # a series over the epochs (step: the epoch)
 REALISED = "realised_pruned_fraction"  # metric prefix: the pruned fraction a trial reached per group or layer
 POLICY = "policy"  # param prefix: the policy fields the searcher chose (``policy.ratios.<group>``: requested)
 

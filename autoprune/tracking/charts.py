@@ -101,10 +101,10 @@ def accuracy_vs_cost(
     kind: str = "flops",
     flops_panel: bool = False,
 ):
-    """Validation accuracy against measured latency and against parameters (two panels; with
+    """Validation accuracy against predicted latency and against parameters (two panels; with
     ``flops_panel``, for the multi-objective searchers, a third against FLOPs). Trials are
-    labelled with their number; stopped trials are hollow (they were pruned, so they have
-    parameters and FLOPs, but no latency); dense is a labelled square; ``front``: trial ids of
+    labelled with their number; stopped trials are hollow (pruned, so their cost is known,
+    but not fine-tuned to the end); dense is a labelled square; ``front``: trial ids of
     the Pareto front, ringed. A budget of kind ``kind`` is drawn where its axis is."""
     fig = _figure(14 if flops_panel else 11, 4.5)
     axes = list(fig.subplots(1, 3 if flops_panel else 2, sharey=True))
@@ -116,14 +116,14 @@ def accuracy_vs_cost(
     _panel(
         axes[0],
         records,
-        lambda r: r.metrics.get("latency_ms"),
-        dense.get("latency_ms"),
+        lambda r: r.metrics.get("latency_ratio"),
+        1.0,
         dense.get("val_acc"),
         front,
-        False,
+        True,
     )
-    axes[0].set_xlabel("measured latency (ms, batch 1)")
-    axes[0].set_title("accuracy against latency\n(completed trials: stopped ones were not timed)", fontsize=9)
+    axes[0].set_xlabel("latency kept (fraction of dense, as the latency table predicts it)")
+    axes[0].set_title("accuracy against latency on this hardware", fontsize=9)
     panels = [("params", "parameters")] + ([("flops", "FLOPs")] if flops_panel else [])
     for ax, (key, name) in zip(axes[1:], panels):
         _panel(ax, records, share(key), 1.0, dense.get("val_acc"), front, True)

@@ -85,7 +85,7 @@ def search_note(
                 _ratio(dense.get("params"), pruned.get("params")),
             ),
             (
-                "latency (batch 1)",
+                "latency, timed side by side",
                 "-" if d_lat is None else f"{d_lat:.3f} ms",
                 "-" if p_lat is None else f"{p_lat:.3f} ms",
                 _ratio(d_lat, p_lat),

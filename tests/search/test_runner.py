@@ -75,16 +75,19 @@ def test_search_logs_one_parent_and_a_child_per_trial(searched):
     for child in children:
         assert child.info.status == "FINISHED"
         assert child.data.params["policy.criterion"]
-        assert child.data.params["policy.structure"] in ("channel", "unstructured")
+        assert child.data.params["policy.structure"] == "channel"  # the default: really faster models
         assert child.data.tags["autoprune.node_id"]
         steps = [m.step for m in c.get_metric_history(child.info.run_id, "val_acc")]
         if child.data.tags["autoprune.stopped_early"] == "true":  # by ASHA after epoch 1: no final report
             stopped += 1
-            assert steps == [1] and "latency_ms" not in child.data.metrics
-            assert "flops_ratio" in child.data.metrics  # pruned before it was stopped: its cost is logged
+            assert steps == [1] and "predicted_speedup" not in child.data.metrics
+            # pruned before it was stopped: its cost is logged, with the latency the table predicts
+            assert "flops_ratio" in child.data.metrics and "latency_ms" in child.data.metrics
             continue
         assert child.data.tags["autoprune.stopped_early"] == "false"
-        for key in ("val_acc", "flops_ratio", "params_ratio", "latency_ms", "speedup"):
+        for key in ("val_acc", "val_loss", "flops_ratio", "params_ratio", "latency_ms", "latency_ratio"):
+            assert key in child.data.metrics, key
+        for key in ("predicted_speedup", "latency_measured_ms"):
             assert key in child.data.metrics, key
         assert child.data.metrics["flops_ratio"] <= 0.5 + 1e-9
         assert any(k.startswith("realised_pruned_fraction.") for k in child.data.metrics)
@@ -108,9 +111,15 @@ def test_search_summary_and_best_model_reproduce(searched, engine_cfg):
     assert summary["trials"]["total"] == 6 and summary["trials"]["failed"] == 0
     assert summary["trials"]["completed"] + summary["trials"]["stopped_early"] == 6
     best = summary["best"]
-    for key in ("policy", "val_acc", "test_acc", "flops_ratio", "latency_ms", "speedup", "model_path"):
+    for key in ("policy", "val_acc", "test_acc", "flops_ratio", "latency_predicted_ms", "latency_measured_ms"):
         assert best[key] is not None, key
     assert best["flops_ratio"] <= 0.5
+    # the default search prunes channels, and its best model is faster, timed beside the dense one
+    assert best["policy"]["structure"] == "channel" and summary["structures"] == ["channel"]
+    assert best["speedup"] > 1, best
+    lo, hi = best["speedup_spread"]
+    assert lo <= best["speedup"] <= hi
+    assert summary["latency_table"]["batch"] == 1 and summary["latency_table"]["dense_ms"] > 0
     assert summary["mlflow"]["experiment_id"] == result.experiment_id
     completed = [r for r in result.trials if r.status == "completed"]
     assert best["search_val_acc"] == max(r.metrics["val_acc"] for r in completed)

@@ -132,3 +132,39 @@ def test_pareto_front_keeps_exactly_the_non_dominated():
     ]
     assert [r.trial_id for r in pareto_front(records, objectives("flops"))] == ["1", "2", "4"]
     assert [r.trial_id for r in pareto_front(records, objectives("flops")[:2])] == ["1", "2", "3", "4"]
+
+
+def test_best_within_breaks_accuracy_ties_by_predicted_latency_and_can_minimise_loss():
+    from autoprune.contract import TrialRecord
+    from autoprune.search.results import best_within
+
+    def rec(i, acc, loss, flops, lat, status="completed"):
+        metrics = {"val_acc": acc, "val_loss": loss, "flops_ratio": flops, "latency_ms": lat}
+        return TrialRecord(i, str(i), status, {}, None, metrics, {})
+
+    records = [
+        rec(0, 1.0, 0.05, 0.50, 0.40),
+        rec(1, 1.0, 0.02, 0.49, 0.35),  # same accuracy, faster: picked
+        rec(2, 1.0, 0.01, 0.51, 0.20),  # over budget
+        rec(3, 0.9, 0.30, 0.40, 0.10),
+        rec(4, 1.0, 0.001, 0.3, 0.1, status="stopped"),  # not completed
+    ]
+    assert best_within(records, "flops", 0.5).trial_id == "1"
+    assert best_within(records, "flops", 0.5, "val_loss").trial_id == "1"
+    records[0].metrics["val_loss"] = 0.001
+    assert best_within(records, "flops", 0.5, "val_loss").trial_id == "0"  # lowest loss first
+    assert best_within(records, "flops", 0.2) is None
+
+
+def test_the_searchers_optimise_the_metric_asked_for():
+    from autoprune.config import Budget
+    from autoprune.contract import objectives
+    from autoprune.search.searchers import SEARCHERS, SearcherContext
+
+    table = None  # the Optuna factories read the table only when they suggest
+    tpe = SEARCHERS.get("tpe").make(SearcherContext(table, Budget(), 0, 10, metric="val_loss"))
+    assert (tpe.metric, tpe.mode) == ("val_loss", "min")
+    nsga2 = SEARCHERS.get("nsga2").make(SearcherContext(table, Budget("latency", 0.5), 0, 10))
+    assert list(zip(nsga2.metric, nsga2.mode)) == list(objectives("latency"))
+    assert objectives("latency")[1:] == (("latency_ratio", "min"), ("flops_ratio", "min"))
+    assert objectives("flops", "val_loss")[0] == ("val_loss", "min") and objectives("flops")[2][0] == "latency_ms"

@@ -27,7 +27,15 @@ class _Trial:
         self.last_result = last_result
 
 
-COST = {"flops": 1000.0, "params": 200.0, "flops_ratio": 0.5, "params_ratio": 0.4, "ratios": {"g": 0.5, "h": 0.25}}
+COST = {
+    "flops": 1000.0,
+    "params": 200.0,
+    "flops_ratio": 0.5,
+    "params_ratio": 0.4,
+    "latency_ms": 1.5,
+    "latency_ratio": 0.6,
+    "ratios": {"g": 0.5, "h": 0.25},
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +61,8 @@ def test_trial_logger_writes_off_tunes_loop_and_the_snapshot_waits_for_it(uri, t
         "val_acc": 0.9,
         "loss": 0.3,
         **COST,
-        "latency_ms": 1.5,
-        "speedup": 1.8,
+        "predicted_speedup": 1.8,
+        "latency_measured_ms": 1.6,
         "engine_s": 3.0,
         "report_s": 0.1,
         "final": True,
@@ -74,7 +82,7 @@ def test_trial_logger_writes_off_tunes_loop_and_the_snapshot_waits_for_it(uri, t
     # single values, at step 0, once (the cost came with epoch 1 and again unchanged with the final report)
     for key in ("flops", "params", "flops_ratio", "params_ratio", "realised_pruned_fraction.h"):
         assert len(_history(uri, run.info.run_id, key)) == 1 and _history(uri, run.info.run_id, key)[0][0] == 0, key
-    for key in ("latency_ms", "speedup", "engine_s", "report_s", "trial_wall_s"):
+    for key in ("latency_ms", "predicted_speedup", "latency_measured_ms", "engine_s", "report_s", "trial_wall_s"):
         [(step, _)] = _history(uri, run.info.run_id, key)
         assert step == 0, key
     assert run.data.tags["autoprune.stopped_early"] == "false"
@@ -107,7 +115,7 @@ def test_a_stopped_trial_gets_its_cost_once_and_no_final_metrics(uri, tmp_path):
     for key in ("flops", "params", "flops_ratio", "params_ratio", "realised_pruned_fraction.g"):
         assert _history(uri, run.info.run_id, key) == [(0, pytest.approx(last.get(key, 0.5)))], key
     assert _history(uri, run.info.run_id, "val_acc") == [(1, 0.7)]
-    assert "latency_ms" not in run.data.metrics and "speedup" not in run.data.metrics
+    assert "predicted_speedup" not in run.data.metrics and "latency_measured_ms" not in run.data.metrics
     assert [s for s, _ in _history(uri, run.info.run_id, "trial_wall_s")] == [0]
     # its last report is kept too: a resume replays it instead of running the trial again
     from autoprune.tracking.resume import load_finals

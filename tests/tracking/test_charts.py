@@ -7,13 +7,17 @@ from autoprune.contract import TrialRecord
 from autoprune.tracking import charts
 from autoprune.tracking.note import run_link, search_note
 
+LATENCY_LABEL = "latency kept (fraction of dense, as the latency table predicts it)"
 DENSE = {"val_acc": 0.98, "test_acc": 0.97, "flops": 2.0e6, "params": 1.0e5, "latency_ms": 1.0}
 
 
 def _record(number, status, criterion, val_acc, latency=None, params_ratio=0.6, run_id=None, **policy):
     metrics = {"val_acc": val_acc, "flops_ratio": 0.5, "params_ratio": params_ratio, "flops": 1e6, "params": 6e4}
+    if status in ("completed", "stopped"):  # pruned: the latency table predicts its latency
+        latency = latency or 0.4 + params_ratio / 2
+        metrics.update(latency_ms=latency, latency_ratio=latency / DENSE["latency_ms"])
     if status == "completed":
-        metrics.update(latency_ms=latency, speedup=1.0 / latency)
+        metrics.update(predicted_speedup=DENSE["latency_ms"] / latency)
     if status == "failed":
         metrics = {}
     policy = {"structure": "channel", "criterion": criterion, "scope": "global", **policy}
@@ -40,11 +44,11 @@ def _texts(ax) -> list[str]:
 def test_accuracy_vs_cost_shows_latency_and_params_when_every_trial_is_on_the_budget():
     fig = charts.accuracy_vs_cost(_records(), DENSE, front=["t2"], budget=0.5, kind="flops")
     latency, params = fig.axes
-    assert latency.get_xlabel() == "measured latency (ms, batch 1)"
+    assert latency.get_xlabel() == LATENCY_LABEL
     assert params.get_xlabel() == "parameters kept (fraction of dense)"
     assert latency.get_ylabel() == "validation accuracy (%)"
-    # completed trials and dense on the latency panel (stopped trials were not timed)
-    assert {"#1", "#3", "#5", "dense"} == set(_texts(latency))
+    # completed trials, stopped ones (hollow: their cost is known) and dense on the latency panel
+    assert {"#1", "#2", "#3", "#5", "#6", "dense"} == set(_texts(latency))
     xs = sorted(x for c in latency.collections for x, _ in c.get_offsets())
     assert min(xs) < max(xs)  # not degenerate: the latencies differ
     # on the params panel the stopped trials too, hollow
@@ -59,7 +63,7 @@ def test_accuracy_vs_cost_shows_latency_and_params_when_every_trial_is_on_the_bu
 def test_accuracy_vs_cost_keeps_the_flops_axis_for_the_multi_objective_searchers():
     fig = charts.accuracy_vs_cost(_records(), DENSE, budget=0.5, kind="flops", flops_panel=True)
     assert [ax.get_xlabel() for ax in fig.axes] == [
-        "measured latency (ms, batch 1)",
+        LATENCY_LABEL,
         "parameters kept (fraction of dense)",
         "FLOPs kept (fraction of dense)",
     ]
@@ -126,7 +130,7 @@ def test_the_search_note_says_which_trial_won_and_why():
     assert "FLOPs at most 0.5 of dense" in note and "tpe on space `default`" in note
     assert "| validation accuracy | 98.00% | 97.50% | -0.50 pts |" in note
     assert "| FLOPs | 2.00M | 1.00M | 0.500x |" in note
-    assert "| latency (batch 1) | 1.000 ms | 0.500 ms | 0.500x |" in note
+    assert "| latency, timed side by side | 1.000 ms | 0.500 ms | 0.500x |" in note
     assert "| speed-up | 1.00x | 2.00x |  |" in note
     none = search_note({**summary, "trials": {**summary["trials"], "completed": 0}}, DENSE, None, None, 10, "4", 0)
     assert "no trial completed" in none and "|" not in none

@@ -1,0 +1,159 @@
+"""The hardware latency table: its predictions against side-by-side timings, its cache, and the
+latency budget it drives (engine and `autoprune prune`)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from autoprune import engine
+from autoprune.config import Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
+from autoprune.engine.graph import PrunableGraph
+from autoprune.engine.latency import latency_table
+from autoprune.engine.measure import speedup
+from autoprune.engine.prune import prune_channels
+from autoprune.errors import AutopruneError
+
+TIMING = MeasureConfig(batch_sizes=(1,), warmup=3, repeats=15)
+# The error measured on the development machine (2 cores), over random allocations at 32-64
+# px: median 4-7%, worst 10-15% (bench/latency_budget.py gives the 224 px figures). The
+# tests allow about twice that: CI machines time more noisily.
+MEDIAN_ERROR, WORST_ERROR = 0.15, 0.30
+BUDGET_TOLERANCE = 0.1  # a latency budget's measured fraction lands within this of the budget
+
+
+@pytest.fixture(scope="module")
+def imagefolder(tmp_path_factory, write_image_folder):
+    return write_image_folder(tmp_path_factory.mktemp("img"), classes=3, per_class=6, size=(32, 32))
+
+
+def _task(imagefolder, model: str):
+    from autoprune.engine.tasks import get_task
+
+    return get_task(TaskConfig("imagefolder", model, str(imagefolder), image_size=32))
+
+
+def _random_allocation(model, example, rng) -> dict[str, np.ndarray]:
+    plan = {}
+    for g in PrunableGraph(model, example).groups:
+        keep = max(1, int(round(rng.uniform(0.1, 1.0) * g.size)))
+        plan[g.name] = rng.choice(g.size, g.size - keep, replace=False)
+    return plan
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_the_table_predicts_random_allocations_and_is_reused_from_the_cache(name, imagefolder, tmp_path):
+    task = _task(imagefolder, name)
+    torch.manual_seed(0)
+    dense = task.model_factory().eval()
+    example = task.example_input()
+    table = latency_table(dense, task.input_shape, 1, 1, tmp_path)
+    assert not table.cached and table.build_s > 0 and table.dense_ms > 0
+    errors = []
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        pruned, _ = prune_channels(dense, example, _random_allocation(dense, example, rng))
+        predicted = table.predict_model(pruned) / table.predict()
+        measured = 1.0 / speedup(dense, pruned.eval(), task.input_shape, 1, TIMING)["speedup"]
+        errors.append(abs(predicted - measured) / measured)
+    assert statistics.median(errors) <= MEDIAN_ERROR, errors
+    assert max(errors) <= WORST_ERROR, errors
+    # the second time it is read from disk (same key), not timed again
+    again = latency_table(dense, task.input_shape, 1, 1, tmp_path)
+    assert again.cached and again.to_dict() == table.to_dict()
+    assert len(list(tmp_path.glob("latency-*.json"))) == 1
+    other = latency_table(dense, task.input_shape, 2, 1, tmp_path)  # another batch: another table
+    assert not other.cached and other.key["batch"] == 2 and len(list(tmp_path.glob("latency-*.json"))) == 2
+
+
+def test_an_unreadable_cached_table_is_built_again(digits_task, digits_dense, tmp_path):
+    table = latency_table(digits_dense, digits_task.input_shape, 1, 1, tmp_path)
+    [path] = tmp_path.glob("latency-*.json")
+    path.write_text("{not json")
+    again = latency_table(digits_dense, digits_task.input_shape, 1, 1, tmp_path)
+    assert not again.cached and json.loads(path.read_text())["key"] == table.key
+
+
+def test_prediction_follows_the_kept_channels(digits_task, digits_dense):
+    table = latency_table(digits_dense, digits_task.input_shape, 1, 1)
+    example = digits_task.example_input()
+    graph = PrunableGraph(digits_dense, example)
+    half = {g.name: np.arange(g.size // 2) for g in graph.groups}
+    most = {g.name: np.arange(g.size - 2) for g in graph.groups}
+    p_half = table.predict_model(prune_channels(digits_dense, example, half)[0])
+    p_most = table.predict_model(prune_channels(digits_dense, example, most)[0])
+    assert p_most < p_half < table.predict()
+    assert table.predict() == pytest.approx(table.dense_ms, rel=0.25)  # the rest is fitted around the dense model
+
+
+def _latency_run(task, dense, fraction, cfg, tmp_path, finetune=0):
+    table = latency_table(dense, task.input_shape, 1, cfg.measure.threads, tmp_path)
+    policy = Policy(criterion="magnitude", scope="global", finetune={"epochs": finetune})
+    return engine.run(task, dense, policy, Budget("latency", fraction), cfg, latency=table)
+
+
+@pytest.mark.slow
+def test_a_latency_budget_is_met_as_measured_on_the_default_task(digits_task, digits_dense, engine_cfg, tmp_path):
+    cfg = EngineConfig(task=engine_cfg.task, cache_dir=engine_cfg.cache_dir, progress=False, measure=TIMING)
+    result = _latency_run(digits_task, digits_dense, 0.6, cfg, tmp_path)
+    p = result.pruned
+    assert p["latency_ratio"] <= 0.6 + 1e-9  # the solver meets it on the prediction
+    assert abs(p["latency_measured_ratio"] - 0.6) <= BUDGET_TOLERANCE, (p, result.latency_checks)
+    assert result.latency_checks and result.latency_checks[0]["predicted"] <= 0.6 + 1e-9
+    assert p["speedup"] > 1 and p["speedup_spread"][0] <= p["speedup"] <= p["speedup_spread"][1]
+
+
+@pytest.mark.slow
+def test_a_latency_budget_is_met_as_measured_on_resnet18(imagefolder, tmp_path):
+    task = _task(imagefolder, "resnet18")
+    torch.manual_seed(0)
+    dense = task.model_factory().eval()
+    cfg = EngineConfig(task=TaskConfig("imagefolder", "resnet18", str(imagefolder), 32), progress=False, measure=TIMING)
+    result = _latency_run(task, dense, 0.6, cfg, tmp_path)
+    assert abs(result.pruned["latency_measured_ratio"] - 0.6) <= BUDGET_TOLERANCE, result.latency_checks
+    assert result.pruned["flops_ratio"] < 1
+
+
+def test_a_latency_budget_needs_channels(digits_task, digits_dense, engine_cfg):
+    policy = Policy(structure="unstructured")
+    with pytest.raises(AutopruneError, match="--budget-latency needs --structure channel"):
+        engine.run(digits_task, digits_dense, policy, Budget("latency", 0.6), engine_cfg)
+
+
+@pytest.mark.slow
+def test_prune_with_a_latency_budget_prints_how_it_was_met(cli, tmp_path):
+    proc = cli("prune", "--budget-latency", "0.6", "--finetune-epochs", "1", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["budget"] == {"kind": "latency", "fraction": 0.6}
+    measured = summary["pruned"]["latency_measured_ratio"]
+    assert abs(measured - 0.6) <= BUDGET_TOLERANCE
+    assert summary["latency_checks"] and "latency budget 0.6: measured" in proc.stdout
+    assert "predicted latency (table)" in proc.stdout
+    # the table was built once, beside the dense model, and a second prune reads it
+    again = cli("prune", "--budget-latency", "0.6", "--finetune-epochs", "0", "--out", str(tmp_path / "p"))
+    assert again.returncode == 0, again.stderr
+    assert "latency table: cached" in again.stdout
+
+
+def test_evaluate_times_the_model_beside_the_dense_architecture(tmp_path, digits_task, digits_dense, engine_cfg):
+    from autoprune.engine.checkpoint import architecture_key, save_model
+    from autoprune.jobs import evaluate_job
+    from autoprune.report import single
+
+    example = digits_task.example_input()
+    graph = PrunableGraph(digits_dense, example)
+    pruned, history = prune_channels(digits_dense, example, {g.name: np.arange(g.size // 2) for g in graph.groups})
+    path = tmp_path / "model.pt"
+    save_model(path, pruned, TaskConfig(), "channel", history, Policy().to_dict(), {}, architecture_key(digits_dense))
+    metrics = evaluate_job(str(path), None, "cpu", None)
+    assert set(metrics["dense_latency_ms_by_batch"]) == set(metrics["latency_ms_by_batch"]) == {"1", "32"}
+    assert metrics["speedup"] == metrics["speedup_by_batch"]["1"]
+    lo, hi = metrics["speedup_spread"]
+    assert lo <= metrics["speedup"] <= hi
+    assert "dense architecture" in single(metrics) and "speed-up" in single(metrics)
