@@ -92,9 +92,14 @@ def single(metrics: dict[str, Any]) -> str:
     return table(rows)
 
 
-def trials_table(records: list[TrialRecord], kind: str, top: int = 5) -> str:
-    """The best completed trials of a search, and how many completed, stopped or failed."""
-    done = sorted((r for r in records if r.status == "completed"), key=lambda r: -r.metrics["val_acc"])
+def trials_table(records: list[TrialRecord], kind: str, metric: str = "val_acc", top: int = 5) -> str:
+    """The best completed trials of a search by ``metric`` (accuracy down the table, or loss
+    up), and how many completed, stopped or failed."""
+    sign = -1.0 if metric == "val_acc" else 1.0
+    done = sorted(
+        (r for r in records if r.status == "completed" and r.metrics.get(metric) is not None),
+        key=lambda r: sign * r.metrics[metric],
+    )
     rows = [["trial", "policy", "val accuracy", f"{kind} ratio", "predicted latency", "predicted speed-up"]]
     for r in done[:top]:
         p, m = r.policy, r.metrics
@@ -122,7 +127,7 @@ def latency_note(checks: list[dict[str, Any]], budget: Any) -> str | None:
         return None
     kept = next((c for c in checks if c.get("kept")), checks[-1])
     what = (
-        f"latency budget {budget.fraction:g}: measured {kept['measured']:.3f} of dense side by side (noise "
+        f"latency budget {budget.fraction:.4g}: measured {kept['measured']:.3f} of dense side by side (noise "
         f"{kept['noise']:.3f}), predicted {kept['predicted']:.3f}"
     )
     if len(checks) > 1:

@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -154,6 +155,19 @@ def module_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
+def smallest_fraction(table: LatencyTable, model: nn.Module, example: torch.Tensor, max_ratio: float) -> float:
+    """The smallest latency fraction channel pruning can reach on ``model`` as the table
+    predicts it: every group at ``max_ratio`` (keeping one channel). 1.0 without groups."""
+    from .solver import max_pruned
+
+    graph = _graph(model, example)
+    if graph is None:
+        return 1.0
+    costs = CostModel(graph, {}, 0.0)
+    removed = [np.arange(g.size) < max_pruned(g.size, max_ratio) for g in graph.groups]
+    return table.predict({**module_widths(model), **costs.widths(removed)}) / table.predict()
+
+
 def table_key(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch: int, threads: int) -> dict:
     from .checkpoint import architecture_key
 
@@ -201,7 +215,7 @@ def latency_table(
     table = build_table(model, input_shape, batch, threads, key)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # builders side by side each write their own
         tmp.write_text(json.dumps(table.to_dict()) + "\n")
         tmp.replace(path)
     return table

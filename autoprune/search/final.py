@@ -195,7 +195,7 @@ def finish(f: Finish) -> SearchResult:
     mlflow.set_terminated(run_id, status="FINISHED" if model_path else "FAILED")
 
     say("")
-    say(trials_table(records, kind))
+    say(trials_table(records, kind, config.metric))
     if model_path is None:
         if tally["completed"]:
             raise AutopruneError(
@@ -208,7 +208,7 @@ def finish(f: Finish) -> SearchResult:
         )
     say(f"\ndense against the best policy, re-run for {config.final_epochs} epoch(s), timed side by side:")
     say(comparison(final.dense, final.pruned))
-    checked = latency_note(final.latency_checks, config.budget)
+    checked = latency_note(final.latency_checks, final.budget)
     if checked:
         say(checked)
     if "unstructured" in plan.structures:

@@ -102,10 +102,10 @@ def read_records(path: Path, runs: dict[str, Any]) -> list[TrialRecord]:
         n = tagged(t)
         return (n is None, n or 0, run.info.start_time if run else float("inf"), t.trial_id)
 
-    last = 0
+    counted = 0
     for trial in sorted(trials, key=order):
-        last = tagged(trial) or last + 1
-        number = last - 1
+        counted = tagged(trial) or counted + 1
+        number = counted - 1
         last = trial.last_result or {}
         if trial.status == "ERROR":
             status = "failed"

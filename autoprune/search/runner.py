@@ -70,7 +70,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     workers = concurrency(plan)
     dense = engine.dense_model(task, config.engine, log=say)
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
-    latency = trial_latency_table(dense, task, config, say)
+    latency, trial_device, floor = trial_latency_table(dense, task, config, say)
     saved = dataclasses.asdict(config)
     saved.update(
         name=plan.name,
@@ -135,7 +135,14 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                 )
             else:
                 ctx = SearcherContext(
-                    table, config.budget, config.engine.seed, plan.trials, config.space, plan.grid, config.metric
+                    table,
+                    config.budget,
+                    config.engine.seed,
+                    plan.trials,
+                    config.space,
+                    plan.grid,
+                    config.metric,
+                    min(floor * 1.01, config.budget.fraction),
                 )
                 scheduler = None
                 if plan.scheduler == "asha":
@@ -181,6 +188,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
         records = read_records(plan.path, runs)
         if owned:
             ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
+        dense = dense.to(trial_device)  # the final run times the model on the hardware the trials ran on
         return finish(
             Finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0, system_metrics, latency)
         )
@@ -196,19 +204,42 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
 
 def trial_latency_table(dense, task, config: SearchConfig, say):
     """The latency table of the dense model on the trials' hardware (a GPU when trials get
-    one), from the cache beside the dense model or built now, before any trial starts."""
+    one and the driver has one), from the cache beside the dense model or built now, before
+    any trial starts; the device it was built on; and, for a latency budget, the smallest
+    latency fraction the policies can reach (a budget below it is refused here). A table
+    that cannot be built only costs a FLOPs or params search its latency predictions."""
     import copy
 
     import torch
 
     from .. import engine
+    from ..config import Policy
+    from ..engine.latency import smallest_fraction
+    from ..errors import AutopruneError
 
-    device = "cuda" if config.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-    model = dense if str(next(dense.parameters()).device).startswith(device) else copy.deepcopy(dense).to(device)
-    measure = config.engine.measure
-    return engine.latency_table(
-        model, task.input_shape, measure.latency_batch, measure.threads, engine.cache_dir(config.engine), say
-    )
+    device = torch.device("cuda" if config.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    model = dense if next(dense.parameters()).device == device else copy.deepcopy(dense).to(device)
+    measure, kind = config.engine.measure, config.budget.kind
+    try:
+        table = engine.latency_table(
+            model, task.input_shape, measure.latency_batch, measure.threads, engine.cache_dir(config.engine), say
+        )
+    except Exception as exc:  # noqa: BLE001 - a FLOPs or params search goes on without predictions
+        if kind == "latency":
+            raise
+        print(f"warning: no latency table ({type(exc).__name__}: {exc}); trials report no latency", file=sys.stderr)
+        return None, device, 0.0
+    floor = 0.0
+    if kind == "latency":
+        max_ratio = Policy().max_ratio
+        floor = smallest_fraction(table, model, task.example_input().to(device), max_ratio)
+        if config.budget.fraction < floor:
+            raise AutopruneError(
+                f"--budget-latency {config.budget.fraction:g} is unreachable on this hardware: with every channel "
+                f"group at max_ratio {max_ratio:g} the latency table predicts {floor:.3f} of the dense latency; "
+                f"ask for at least {math.ceil(floor * 1000) / 1000:g}"
+            )
+    return table, device, floor
 
 
 def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:

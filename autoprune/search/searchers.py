@@ -41,6 +41,7 @@ class SearcherContext:
     space: str = "default"
     grid: dict[str, list] | None = None
     metric: str = "val_acc"  # what to optimise: contract.METRIC_MODES
+    fraction_floor: float = 0.0  # the smallest budget fraction the policies can reach (a latency budget's)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class SearcherSpec:
 SEARCHERS: Registry[SearcherSpec] = Registry("searcher")
 
 
-def define_by_run(space_spec: str, table, budget: Budget | None, trial) -> dict:
+def define_by_run(space_spec: str, table, budget: Budget | None, trial, floor: float = 0.0) -> dict:
     """The function OptunaSearch calls per trial: a :class:`TrialConfig` as a dict, with the
     space's policy fields (and, for the multi-objective searchers, a budget fraction up to the
     budget). A space that raises does not stop the search: the error travels to the trial,
@@ -65,7 +66,8 @@ def define_by_run(space_spec: str, table, budget: Budget | None, trial) -> dict:
     fraction = None
     try:
         if budget is not None:
-            fraction = trial.suggest_float("budget_fraction", budget.fraction / 4, budget.fraction)
+            low = min(max(budget.fraction / 4, floor), budget.fraction)
+            fraction = trial.suggest_float("budget_fraction", low, budget.fraction)
         policy = get_space(space_spec)(trial, table)
         if not isinstance(policy, dict):
             raise AutopruneError(f"search space {space_spec!r} returned {type(policy).__name__}, not a dict")
@@ -117,7 +119,7 @@ def _optuna(ctx: SearcherContext, sampler, multi_objective: bool = False) -> Any
         metric, mode = [m for m, _ in goals], [d for _, d in goals]
     else:
         metric, mode = ctx.metric, METRIC_MODES[ctx.metric]
-    space = partial(define_by_run, ctx.space, ctx.table, budget)
+    space = partial(define_by_run, ctx.space, ctx.table, budget, floor=ctx.fraction_floor)
     return PolicyOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
 
 

@@ -108,9 +108,10 @@ def test_a_latency_budget_is_met_as_measured_on_the_default_task(digits_task, di
     cfg = EngineConfig(task=engine_cfg.task, cache_dir=engine_cfg.cache_dir, progress=False, measure=TIMING)
     result = _latency_run(digits_task, digits_dense, 0.6, cfg, tmp_path)
     p = result.pruned
-    assert p["latency_ratio"] <= 0.6 + 1e-9  # the solver meets it on the prediction
+    first, kept = result.latency_checks[0], next(c for c in result.latency_checks if c["kept"])
+    assert first["predicted"] <= 0.6 + 1e-9 and first["target"] == 0.6  # the solver meets it on the prediction
+    assert not kept["missed"] and kept["measured"] <= 0.6 + kept["noise"]  # the kept model, as timed
     assert abs(p["latency_measured_ratio"] - 0.6) <= BUDGET_TOLERANCE, (p, result.latency_checks)
-    assert result.latency_checks and result.latency_checks[0]["predicted"] <= 0.6 + 1e-9
     assert p["speedup"] > 1 and p["speedup_spread"][0] <= p["speedup"] <= p["speedup_spread"][1]
 
 
@@ -160,7 +161,26 @@ def test_evaluate_times_the_model_beside_the_dense_architecture(tmp_path, digits
     save_model(path, pruned, TaskConfig(), "channel", history, Policy().to_dict(), {}, architecture_key(digits_dense))
     metrics = evaluate_job(str(path), None, "cpu", None)
     assert set(metrics["dense_latency_ms_by_batch"]) == set(metrics["latency_ms_by_batch"]) == {"1", "32"}
-    assert metrics["speedup"] == metrics["speedup_by_batch"]["1"]
     lo, hi = metrics["speedup_spread"]
     assert lo <= metrics["speedup"] <= hi
     assert "dense architecture" in single(metrics) and "speed-up" in single(metrics)
+
+
+def test_the_smallest_reachable_latency_fraction_is_what_the_solver_reaches(digits_task, digits_dense, engine_cfg):
+    from autoprune.engine.latency import smallest_fraction
+    from autoprune.engine.measure import measure
+
+    table = latency_table(digits_dense, digits_task.input_shape, 1, 1)
+    floor = smallest_fraction(table, digits_dense, digits_task.example_input(), 0.9)
+    assert 0 < floor < 1
+    dense_cost = measure(digits_dense, digits_task.input_shape, None, latency=False)
+    policy = Policy(criterion="magnitude", scope="global")
+    scores = engine.score(digits_dense, policy, None, 0)
+    with pytest.raises(AutopruneError, match="unreachable"):
+        engine.prune_to_budget(
+            digits_dense, digits_task, policy, Budget("latency", floor - 0.01), scores, dense_cost, latency=table
+        )
+    pruned = engine.prune_to_budget(
+        digits_dense, digits_task, policy, Budget("latency", floor + 0.01), scores, dense_cost, latency=table
+    )
+    assert table.predict_model(pruned.model) / table.predict() <= floor + 0.01 + 1e-9

@@ -143,8 +143,8 @@ def test_best_within_breaks_accuracy_ties_by_predicted_latency_and_can_minimise_
         return TrialRecord(i, str(i), status, {}, None, metrics, {})
 
     records = [
-        rec(0, 1.0, 0.05, 0.50, 0.40),
-        rec(1, 1.0, 0.02, 0.49, 0.35),  # same accuracy, faster: picked
+        rec(0, 1.0, 0.05, 0.49, 0.40),  # cheaper in FLOPs, slower
+        rec(1, 1.0, 0.02, 0.50, 0.35),  # same accuracy, more FLOPs than 0 but predicted faster: picked
         rec(2, 1.0, 0.01, 0.51, 0.20),  # over budget
         rec(3, 0.9, 0.30, 0.40, 0.10),
         rec(4, 1.0, 0.001, 0.3, 0.1, status="stopped"),  # not completed
@@ -168,3 +168,12 @@ def test_the_searchers_optimise_the_metric_asked_for():
     assert list(zip(nsga2.metric, nsga2.mode)) == list(objectives("latency"))
     assert objectives("latency")[1:] == (("latency_ratio", "min"), ("flops_ratio", "min"))
     assert objectives("flops", "val_loss")[0] == ("val_loss", "min") and objectives("flops")[2][0] == "latency_ms"
+
+
+def test_multi_objective_budgets_stay_above_what_the_policies_can_reach(table):
+    from autoprune.search.searchers import define_by_run
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    budget = Budget("latency", 0.8)
+    fractions = [define_by_run("default", table, budget, study.ask(), floor=0.6)["budget_fraction"] for _ in range(20)]
+    assert all(0.6 <= f <= 0.8 for f in fractions) and min(fractions) < 0.65
