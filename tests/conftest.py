@@ -26,6 +26,13 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 from autoprune.config import Budget, EngineConfig, MeasureConfig, SearchConfig, TaskConfig  # noqa: E402
 
 
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """The session's private cache (dense models, latency tables) goes with the session."""
+    import shutil
+
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def engine_cfg() -> EngineConfig:
     return EngineConfig(
