@@ -155,19 +155,6 @@ def module_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
     return out
 
 
-def smallest_fraction(table: LatencyTable, model: nn.Module, example: torch.Tensor, max_ratio: float) -> float:
-    """The smallest latency fraction channel pruning can reach on ``model`` as the table
-    predicts it: every group at ``max_ratio`` (keeping one channel). 1.0 without groups."""
-    from .solver import max_pruned
-
-    graph = _graph(model, example)
-    if graph is None:
-        return 1.0
-    costs = CostModel(graph, {}, 0.0)
-    removed = [np.arange(g.size) < max_pruned(g.size, max_ratio) for g in graph.groups]
-    return table.predict({**module_widths(model), **costs.widths(removed)}) / table.predict()
-
-
 def table_key(model: nn.Module, input_shape: tuple[int, ...], device: torch.device, batch: int, threads: int) -> dict:
     from .checkpoint import architecture_key
 

@@ -287,6 +287,18 @@ def check_budget(policy: Policy, budget: Budget) -> None:
         )
 
 
+def smallest_fraction(table: LatencyTable, model: nn.Module, example: torch.Tensor, max_ratio: float) -> float:
+    """The smallest latency fraction channel pruning can reach on ``model`` as the table
+    predicts it: every group at ``max_ratio`` (keeping one channel). 1.0 without groups."""
+    try:
+        graph = PrunableGraph(model, example)
+    except AutopruneError:
+        return 1.0  # no channel group
+    costs = CostModel(graph, {}, 0.0)
+    removed = [np.arange(g.size) < max_pruned(g.size, max_ratio) for g in graph.groups]
+    return table.predict({**module_widths(model), **costs.widths(removed)}) / table.predict()
+
+
 def below_zeros(model: nn.Module, scores: crit.Scores) -> crit.Scores:
     """Scores with already-zero weights set to -inf, so masks only ever grow."""
     out = dict(scores)

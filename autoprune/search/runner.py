@@ -214,7 +214,7 @@ def trial_latency_table(dense, task, config: SearchConfig, say):
 
     from .. import engine
     from ..config import Policy
-    from ..engine.latency import smallest_fraction
+    from ..engine.stages import smallest_fraction
     from ..errors import AutopruneError
 
     device = torch.device("cuda" if config.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")

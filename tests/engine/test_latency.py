@@ -167,8 +167,8 @@ def test_evaluate_times_the_model_beside_the_dense_architecture(tmp_path, digits
 
 
 def test_the_smallest_reachable_latency_fraction_is_what_the_solver_reaches(digits_task, digits_dense, engine_cfg):
-    from autoprune.engine.latency import smallest_fraction
     from autoprune.engine.measure import measure
+    from autoprune.engine.stages import smallest_fraction
 
     table = latency_table(digits_dense, digits_task.input_shape, 1, 1)
     floor = smallest_fraction(table, digits_dense, digits_task.example_input(), 0.9)
