@@ -53,15 +53,14 @@ def comparison(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
     rows.append(["params", fmt_count(dense.get("params")), fmt_count(pruned.get("params")), ratio("params")])
     rows += _latency_rows(dense.get("latency_ms_by_batch", {}), pruned)
     if pruned.get("latency_predicted_ms") is not None:
-        rows.append(["predicted latency (table)", "", _ms(pruned["latency_predicted_ms"]), _speed(pruned, "predicted")])
+        speed = f"speed-up {pruned['predicted_speedup']:.2f}x"
+        rows.append(["predicted latency (table)", "", _ms(pruned["latency_predicted_ms"]), speed])
     if pruned.get("ideal_speedup"):
         rows.append(["ideal speed-up (1/FLOPs ratio)", "", f"{pruned['ideal_speedup']:.2f}x", ""])
     return table(rows)
 
 
 def _speed(pruned: dict[str, Any], batch: str) -> str:
-    if batch == "predicted":
-        return f"speed-up {pruned['predicted_speedup']:.2f}x" if pruned.get("predicted_speedup") else ""
     x = pruned.get("speedup_by_batch", {}).get(batch)
     if x is None:
         return ""
@@ -95,7 +94,9 @@ def single(metrics: dict[str, Any]) -> str:
 def trials_table(records: list[TrialRecord], kind: str, metric: str = "val_acc", top: int = 5) -> str:
     """The best completed trials of a search by ``metric`` (accuracy down the table, or loss
     up), and how many completed, stopped or failed."""
-    sign = -1.0 if metric == "val_acc" else 1.0
+    from .contract import METRIC_MODES
+
+    sign = -1.0 if METRIC_MODES[metric] == "max" else 1.0
     done = sorted(
         (r for r in records if r.status == "completed" and r.metrics.get(metric) is not None),
         key=lambda r: sign * r.metrics[metric],

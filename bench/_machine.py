@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import platform
+from autoprune.engine.measure import device_name
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
+    return device_name("cpu")

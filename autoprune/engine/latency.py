@@ -100,12 +100,6 @@ class LatencyTable:
     build_s: float = 0.0  # how long building the table took
     cached: bool = field(default=False, compare=False)  # loaded from disk rather than built
 
-    @property
-    def noise(self) -> float:
-        """The dense measurement's relative spread: half its interquartile range over its median."""
-        lo, hi = self.dense_spread
-        return (hi - lo) / 2 / self.dense_ms
-
     def predict(self, widths: dict[str, tuple[int, int]] | None = None) -> float:
         """Latency (ms) of the model with the layers in ``widths`` at those (input, output)
         channels and every other layer dense."""

@@ -102,7 +102,8 @@ def run(
     seed_everything(cfg.seed)
     if budget.kind == "latency" and latency is None:
         latency = latency_table(dense, task.input_shape, cfg.measure.latency_batch, cfg.measure.threads)
-    dense_metrics = dict(dense_metrics or measure_model(dense, task, cfg.measure, test=test))
+    # the dense latency is timed beside the pruned model below when measure_latency is on
+    dense_metrics = dict(dense_metrics or measure_model(dense, task, cfg.measure, test, latency=not measure_latency))
     dense_cost = Cost(dense_metrics["flops"], dense_metrics["params"], {})
     method = METHODS.get(policy.method)
     ctx = MethodContext(
