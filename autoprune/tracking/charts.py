@@ -138,7 +138,10 @@ def accuracy_vs_cost(
             handles.setdefault(label, handle)
     if handles:
         axes[-1].legend(list(handles.values()), list(handles), fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    fig.suptitle("validation accuracy against measured cost (trial numbers as in the run names)", fontsize=10)
+    fig.suptitle(
+        "validation accuracy against cost: latency predicted, parameters counted (trial numbers as in the run names)",
+        fontsize=10,
+    )
     return fig
 
 
