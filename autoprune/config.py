@@ -69,6 +69,8 @@ class FinetuneConfig:
     momentum: float = checked(number(0.0, 1.0, high_open=True), 0.9)
     weight_decay: float = checked(number(0.0), 5e-4)
     schedule: str = checked(choice(("cosine", "constant")), "cosine")
+    bn_recalibrate: int = checked(integer(0), 0)  # after pruning, before fine-tuning: recompute BN statistics
+    # on this many training batches (EagleEye, Li et al. 2020; the AMC agent's episodes use it); 0: off
 
     def __post_init__(self) -> None:
         validate(self, "policy.finetune", flags_first=False)
@@ -86,7 +88,9 @@ class Policy:
     scope: str = checked(choice(SCOPES, flag="--scope"), "local")  # "global", "local" or "per_layer"
     ratios: dict[str, float] | None = checked(
         mapping(number(0.0, 1.0, high_open=True), optional=True), None
-    )  # per_layer: group (or layer) name -> pruned fraction (scaled to the budget)
+    )  # per_layer: group (or layer) name -> pruned fraction (scaled to the budget, unless `exact`)
+    exact: bool = checked(boolean(), False)  # per_layer channel ratios are pruned as given (channels rounded
+    # down), not scaled to the budget; the budget is then only checked (the AMC agent's allocations)
     method: str = checked(text(flag="--method"), "oneshot")  # a name from the method registry
     iterations: int | None = checked(integer(1, optional=True, flag="--iterations"), None)  # iterative:
     # prune/fine-tune rounds (default 3); gradual: pruning steps along the cubic schedule (default 10)
@@ -112,6 +116,8 @@ class Policy:
         validate(self, "policy", flags_first=False)
         if self.scope == "per_layer" and not self.ratios:
             raise AutopruneError("scope 'per_layer' needs 'ratios': a pruned fraction per group name")
+        if self.exact and (self.scope != "per_layer" or self.structure != "channel"):
+            raise AutopruneError("policy 'exact' needs scope 'per_layer' and structure 'channel'")
         # The registry names (criterion, method) are checked by engine.check_policy, which
         # every path that runs a policy calls: building plain data imports no torch.
 
@@ -220,6 +226,31 @@ def _whole_above_one(value: float) -> str | None:
     return "above 1 must be a whole number" if value > 1 and value != int(value) else None
 
 
+REWARDS = ("acc", "acc_flops", "acc_latency")
+
+
+@dataclass
+class AgentConfig:
+    """The AMC agent (``--searcher amc``): its episodes' reward and criterion, and its DDPG
+    settings (``autoprune.agents.ddpg.DDPGConfig``, AMC's values by default)."""
+
+    reward: str = checked(choice(REWARDS, flag="--reward"), "acc")  # acc: accuracy under the hard budget;
+    # acc_flops: AMC's -error * log(FLOPs); acc_latency: acc * (latency / target) ** weight (MnasNet)
+    reward_weight: float = checked(number(flag="--reward-weight"), -0.07)  # acc_latency's exponent w
+    reward_target: float | None = checked(
+        unit_interval(optional=True, flag="--reward-target"), None
+    )  # acc_latency's target, a fraction of the dense predicted latency (default: the budget's fraction)
+    criterion: str = checked(text(flag="--agent-criterion"), "magnitude")  # which channels go within a group
+    warmup_episodes: int | None = checked(integer(0, optional=True, flag="--warmup-episodes"), None)  # random
+    # episodes first (default: a quarter of the episodes, AMC's 100 of 400)
+    recalibrate_batches: int = checked(integer(1, flag="--recalibrate-batches"), 8)  # training batches that
+    # recompute BN statistics before an episode's accuracy is taken
+    options: dict[str, Any] = checked(mapping(flag="--agent-option"), factory=dict)  # DDPGConfig fields by name
+
+    def __post_init__(self) -> None:
+        validate(self, "agent")
+
+
 @dataclass
 class SearchConfig:
     """One policy search: what to search, how many trials, where they run and are recorded."""
@@ -233,8 +264,9 @@ class SearchConfig:
     space: str = checked(text(flag="--space"), "default")  # a registered space or package.module:function
     trials: int | None = checked(integer(1, optional=True, flag="--trials"), None)  # trials to run (default 20;
     # grid: the grid's size)
-    epochs: int = checked(integer(1, flag="--epochs"), 3)  # training epochs per trial (fine-tuning; from scratch
-    # for method init)
+    epochs: int | None = checked(integer(0, optional=True, flag="--epochs"), None)  # training epochs per trial
+    # (fine-tuning; from scratch for method init); default 3, amc 0 (AMC's protocol: episodes are not fine-tuned);
+    # 0 runs no scheduler
     structure: str | None = checked(choice(SEARCH_STRUCTURES, optional=True, flag="--structure"), None)  # what
     # spaces that sample the structure may choose: channel (the default: a really faster model), unstructured or
     # any (both); weight masks need sparse kernels or hardware to run faster
@@ -259,6 +291,7 @@ class SearchConfig:
     out: str | None = checked(text(optional=True, flag="--out"), None)  # summary.json and the best model (default
     # <storage>/<name>/best)
     engine: EngineConfig = checked(nested(EngineConfig), factory=EngineConfig)
+    agent: AgentConfig = checked(nested(AgentConfig), factory=AgentConfig)  # --searcher amc only
     progress: bool = checked(boolean(), True)  # the live progress line
 
     def __post_init__(self) -> None:

@@ -265,6 +265,7 @@ class CostModel:
                     flops=float(module_flops.get(name, 0.0)),
                     params=float(sum(p.numel() for p in m.parameters(recurse=False))),
                 )
+        self.sizes = [g.size for g in graph.groups]  # channels per group
         # per group: (module name, dim, root index of each idx) for the modules we model
         self.effects = [
             [(it.module, it.dim, it.root_idxs) for it in g.items if it.module in self.modules] for g in graph.groups

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from ..config import STRUCTURES
+from .allocation import group_flops as group_shares
 from .criteria import scored_modules
 from .graph import CostModel, PrunableGraph
 from .measure import flops_by_module
@@ -40,11 +39,9 @@ def layer_table(task, structures: tuple[str, ...] = STRUCTURES) -> LayerTable:
         graph = PrunableGraph(model, example)
         graph.dry_run()  # rejects layers the graph cannot handle, naming them
         costs = CostModel(graph, by_module, total)
-        for i, g in enumerate(graph.groups):
-            removed = [np.zeros(h.size, bool) for h in graph.groups]
-            removed[i][:] = True
+        for g, share in zip(graph.groups, group_shares(costs, len(graph.groups))):
             groups[g.name] = g.size
-            group_flops[g.name] = 1.0 - costs.cost(removed)[0] / total
+            group_flops[g.name] = share
     layers = {n: m.weight.numel() for n, m in scored_modules(model).items()}
     return LayerTable(
         groups=groups,

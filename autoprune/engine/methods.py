@@ -9,6 +9,7 @@ fraction), so schedules can be checked.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -191,7 +192,12 @@ class MethodContext:
         return pruned
 
     def pruned(self, pruned: Pruned) -> None:
-        """The model has its final structure: tell ``on_pruned``."""
+        """The model has its final structure: recalibrate its BN statistics if the policy asks
+        (``finetune.bn_recalibrate`` training batches), then tell ``on_pruned``."""
+        batches = self.policy.finetune.bn_recalibrate
+        if batches:
+            train = self.task.loader("train", shuffle=True, seed=self.cfg.seed)
+            bn_warmup(pruned.model, itertools.islice(train, batches), self.device)
         if self.on_pruned is not None:
             self.on_pruned(pruned.model, pruned.ratios)
 

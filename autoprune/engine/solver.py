@@ -93,6 +93,18 @@ def solve_channels(
             out.append(m)
         return out
 
+    if policy.exact:  # the ratios as given (whole channels, within the caps), checked against the budget
+        given = [float((policy.ratios or {}).get(g, 0.0)) for g in names]
+        removed = removed_from_counts(
+            [min(cap, int(math.floor(r * n + 1e-9))) for r, n, cap in zip(given, sizes, caps)]
+        )
+        reached = fraction(removed)
+        if reached > target + 1e-9:
+            raise AutopruneError(
+                f"the exact per-layer ratios keep {reached:.4f} of the dense {budget.kind}, above the budget "
+                f"{target:g}: raise the ratios, or drop 'exact' to have them scaled to the budget"
+            )
+        return ChannelPlan(dict(zip(names, removed)), reached)
     counts_fn, knobs = _knob(names, sizes, caps, scores, policy)
     smallest = fraction(removed_from_counts(caps))
     if policy.scope == "per_layer":

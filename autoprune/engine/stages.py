@@ -260,8 +260,8 @@ def prune_to_budget(
                 plan=plan.indices(),
                 sizes=dict(zip(names, sizes)),
             )
-            if real_fraction >= ceiling - budget.tolerance or budget.kind == "latency":
-                break  # (the table predicts a pruned model exactly as the solver estimated it)
+            if real_fraction >= ceiling - budget.tolerance or budget.kind == "latency" or policy.exact:
+                break  # (the table predicts a pruned model exactly as the solver estimated it; exact: as given)
             target += (ceiling - budget.tolerance / 2) - real_fraction
         else:
             target -= real_fraction - ceiling + 1e-4
