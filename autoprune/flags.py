@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from typing import Any
 
+from .agent_flags import add_agent_flags, agent_config, key_values
 from .config import (
     KEEP_TYPES,
     METRICS,
@@ -22,7 +22,6 @@ from .config import (
     SearchConfig,
     TaskConfig,
 )
-from .errors import AutopruneError
 
 
 def _add_task_flags(p: argparse.ArgumentParser) -> None:
@@ -158,10 +157,16 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--searcher",
         default=None,
-        help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, latency), random or grid",
+        help="tpe (default), nsga2 (Pareto front of accuracy, FLOPs, latency), random, grid or amc (a DDPG agent)",
     )
     g.add_argument("--space", default=None, help="default, criteria, pai or package.module:function")
-    g.add_argument("--trials", type=int, default=None, help="trials to run (default 20; grid: the grid's size)")
+    g.add_argument(
+        "--trials",
+        "--episodes",
+        type=int,
+        default=None,
+        help="trials (amc: episodes) to run (default 20; amc 40; grid: its size)",
+    )
     g.add_argument(
         "--structure",
         choices=SEARCH_STRUCTURES,
@@ -176,7 +181,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         help="what the searchers optimise: val_acc (default) or val_loss (when accuracy saturates); "
         "ties go to the lower predicted latency",
     )
-    g.add_argument("--epochs", type=int, default=None, help=f"training epochs per trial (default {d.epochs})")
+    g.add_argument("--epochs", type=int, default=None, help="training epochs per trial (default 3; amc 0)")
     g.add_argument(
         "--final-epochs",
         type=int,
@@ -189,6 +194,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="asha stops weak trials early (default; none for nsga2 and grid)",
     )
+    add_agent_flags(p)
     r = p.add_argument_group("resources and storage")
     r.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
     r.add_argument(
@@ -316,23 +322,12 @@ def policy_from_args(args: argparse.Namespace) -> Policy:
             }
         )
     )
-    data["criterion_options"] = {**data["criterion_options"], **_options(args.criterion_option or [])}
+    data["criterion_options"] = {
+        **data["criterion_options"],
+        **key_values(args.criterion_option or [], "--criterion-option"),
+    }
     data["finetune"] = {**data["finetune"], **_drop_none({"epochs": args.finetune_epochs, "lr": args.lr})}
     return Policy.from_dict(data)
-
-
-def _options(items: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings -> a dict; values are read as JSON (numbers, true/false) or kept as text."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise AutopruneError(f"--criterion-option {item!r} must look like KEY=VALUE, e.g. probes=20")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def budget_from_args(args: argparse.Namespace, base: Budget | None = None) -> Budget:
@@ -375,6 +370,7 @@ def search_config(args: argparse.Namespace, base: SearchConfig | None = None) ->
         base,
         budget=budget_from_args(args, base.budget),
         engine=engine_config(args, base.engine),
+        agent=agent_config(args, base.agent),
         resume=args.resume,
         progress=not args.no_progress,
         **_drop_none(

@@ -104,6 +104,8 @@ def finish(f: Finish) -> SearchResult:
         "pareto": [{"trial_id": r.trial_id, **r.metrics, "policy": r.policy} for r in front],
         "mlflow": {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
     }
+    if SEARCHERS.get(config.searcher).agent:
+        summary["agent"] = dataclasses.asdict(config.agent)
     if f.latency is not None:
         summary["latency_table"] = {
             **{k: f.latency.key[k] for k in ("device", "batch", "threads", "torch")},

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ..config import STRUCTURES, SearchConfig
+from ..config import STRUCTURES, AgentConfig, SearchConfig
 from ..errors import AutopruneError
 
 DEFAULT_TRIALS = 20
+EPOCHS = 3  # the default --epochs
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
 COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
 
@@ -36,6 +37,7 @@ class Plan:
     grid: dict[str, list] | None = None
     local_cpus: int = 0
     local_gpus: int = 0
+    epochs: int = 3  # training epochs per trial (--epochs, or the searcher's default)
 
 
 RESUME_MAY_CHANGE = ("name", "storage", "resume", "out", "address", "progress", "engine.progress")
@@ -139,7 +141,19 @@ def prepare(config: SearchConfig) -> Plan:
             f"kernels run them at the dense model's speed; {_which(config, fixed)} would search masks. "
             "Use --budget-flops or --budget-params for masks"
         )
+    if spec.agent:
+        _check_agent(config, structures, spec)
+    elif config.agent != AgentConfig():
+        raise AutopruneError(
+            "--reward, --reward-weight, --reward-target, --agent-criterion, --warmup-episodes, --recalibrate-batches "
+            f"and --agent-option set the AMC agent: use them with --searcher amc, not {config.searcher!r}"
+        )
+    epochs = config.epochs if config.epochs is not None else (spec.epochs if spec.epochs is not None else EPOCHS)
     scheduler = config.scheduler or spec.scheduler
+    if epochs == 0:
+        if config.scheduler == "asha":
+            raise AutopruneError("--scheduler asha stops trials between epochs; with --epochs 0 use --scheduler none")
+        scheduler = "none"
     if scheduler == "asha" and spec.multi_objective:
         raise AutopruneError(
             f"--scheduler asha stops trials on one metric; searcher {config.searcher!r} optimises several: "
@@ -160,7 +174,11 @@ def prepare(config: SearchConfig) -> Plan:
         local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local_gpus = gpu_count()
         check_fits(config, local_cpus, local_gpus, "this machine")
-    trials = config.trials or DEFAULT_TRIALS
+    trials = config.trials or spec.trials or DEFAULT_TRIALS
+    if spec.agent:
+        from autoprune.agents.searcher import ddpg_config
+
+        ddpg_config(config.agent, trials)  # checks --agent-option
     return Plan(
         config,
         name,
@@ -174,7 +192,22 @@ def prepare(config: SearchConfig) -> Plan:
         None,
         local_cpus,
         local_gpus,
+        epochs,
     )
+
+
+def _check_agent(config: SearchConfig, structures: tuple[str, ...], spec) -> None:
+    """What an agent searcher (amc) needs: channel pruning, no space, a known criterion."""
+    from .. import engine
+    from ..config import Policy
+
+    if structures != ("channel",):
+        raise AutopruneError(f"searcher {config.searcher!r} allocates channels: it needs --structure channel")
+    if config.space != "default":
+        raise AutopruneError(
+            f"searcher {config.searcher!r} proposes its own per-group allocations; --space is for the Optuna searchers"
+        )
+    engine.check_policy(Policy(criterion=config.agent.criterion))
 
 
 def search_structures(asked: str | None, fixed: str | None) -> tuple[str, ...]:

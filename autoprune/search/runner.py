@@ -104,17 +104,19 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
 
             known = {t.trial_id for t in ExperimentAnalysis(str(plan.path)).trials} if restore else set()
             store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
+        spec = SEARCHERS.get(config.searcher)
         setup = TrialSetup(
             task,
             cpu_state(dense),
             {k: v for k, v in dense_metrics.items() if k != "test_acc"},
             config.budget,
-            config.epochs,
+            plan.epochs,
             config.engine,
             config.cpus_per_trial,
             config.gpus_per_trial,
             latency,
             _replays(plan, experiment_id, run_id) if config.resume else {},
+            agent_reward(config, latency) if spec.agent else None,
         )
         setup_ref = ray.put(setup)
 
@@ -122,10 +124,10 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             tune.with_parameters(run_trial, setup_ref=[setup_ref]),
             {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
         )
-        spec = SEARCHERS.get(config.searcher)
+        what = f", reward {config.agent.reward}" if spec.agent else f" on space {config.space!r}"
         say(
-            f"search {plan.name!r}: {plan.trials} trials ({config.searcher} on space {config.space!r}, "
-            f"{config.epochs} epoch(s) each, {workers} at a time, scheduler {plan.scheduler}), "
+            f"search {plan.name!r}: {plan.trials} trials ({config.searcher}{what}, "
+            f"{plan.epochs} epoch(s) each, {workers} at a time, scheduler {plan.scheduler}), "
             f"budget {config.budget.kind} {config.budget.fraction:g}"
         )
         try:
@@ -143,13 +145,15 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                     plan.grid,
                     config.metric,
                     min(floor * 1.01, config.budget.fraction),
+                    allocation_for(spec, dense, task, latency, trial_device),
+                    config.agent,
                 )
                 scheduler = None
                 if plan.scheduler == "asha":
                     from ray.tune.schedulers import ASHAScheduler
 
                     scheduler = ASHAScheduler(
-                        time_attr="training_iteration", max_t=config.epochs, grace_period=1, reduction_factor=2
+                        time_attr="training_iteration", max_t=plan.epochs, grace_period=1, reduction_factor=2
                     )
                 tuner = tune.Tuner(
                     trainable,
@@ -207,7 +211,8 @@ def trial_latency_table(dense, task, config: SearchConfig, say):
     one and the driver has one), from the cache beside the dense model or built now, before
     any trial starts; the device it was built on; and, for a latency budget, the smallest
     latency fraction the policies can reach (a budget below it is refused here). A table
-    that cannot be built only costs a FLOPs or params search its latency predictions."""
+    that cannot be built only costs a FLOPs or params search its latency predictions (unless
+    the AMC agent's reward is acc_latency)."""
     import copy
 
     import torch
@@ -225,8 +230,8 @@ def trial_latency_table(dense, task, config: SearchConfig, say):
             model, task.input_shape, measure.latency_batch, measure.threads, engine.cache_dir(config.engine), say
         )
     except Exception as exc:  # noqa: BLE001 - a FLOPs or params search goes on without predictions
-        if kind == "latency":
-            raise
+        if kind == "latency" or (config.agent.reward == "acc_latency" and SEARCHERS.get(config.searcher).agent):
+            raise  # the budget or the AMC agent's reward needs it
         print(f"warning: no latency table ({type(exc).__name__}: {exc}); trials report no latency", file=sys.stderr)
         return None, device, 0.0
     floor = 0.0
@@ -240,6 +245,25 @@ def trial_latency_table(dense, task, config: SearchConfig, say):
                 f"ask for at least {math.ceil(floor * 1000) / 1000:g}"
             )
     return table, device, floor
+
+
+def allocation_for(spec, dense, task, latency, device):
+    """An agent's view of the dense model (its AllocationSpace), or None for other searchers."""
+    if not spec.agent:
+        return None
+    from ..config import Policy
+    from ..engine.allocation import allocation_space
+
+    return allocation_space(dense, task.example_input().to(device), Policy().max_ratio, latency)
+
+
+def agent_reward(config: SearchConfig, latency) -> dict:
+    """What an agent's trials need to compute their reward: its AgentConfig fields and, for
+    acc_latency, the target in ms (a fraction of the dense model's predicted latency)."""
+    agent = dataclasses.asdict(config.agent)
+    if latency is not None:
+        agent["target_ms"] = (config.agent.reward_target or config.budget.fraction) * latency.predict()
+    return agent
 
 
 def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """The searcher registry: every search strategy is a :class:`SearcherSpec` whose factory
 returns a ``ray.tune.search.Searcher``. Optuna's samplers (tpe, nsga2, random, grid) register
-here; the AMC agent registers from ``autoprune.agents``. What a searcher hands a trial and
+here; the AMC agent's factory lives in ``autoprune.agents.searcher`` (imported when used). What a searcher hands a trial and
 reads back is :mod:`autoprune.contract`; ``tests/search/test_searcher_conformance.py`` checks
 every registered searcher against it, without Ray running.
 """
@@ -42,6 +42,8 @@ class SearcherContext:
     grid: dict[str, list] | None = None
     metric: str = "val_acc"  # what to optimise: contract.METRIC_MODES
     fraction_floor: float = 0.0  # the smallest budget fraction the policies can reach (a latency budget's)
+    allocation: Any = None  # agents: the model's engine.allocation.AllocationSpace
+    agent: Any = None  # agents: the search's config.AgentConfig
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,9 @@ class SearcherSpec:
     scheduler: str = "asha"  # the default --scheduler
     needs_grid: bool = False
     summary: str = ""  # one line for `autoprune list`
+    agent: bool = False  # an agent: needs the allocation space, and its trials report AGENT_KEYS
+    trials: int | None = None  # the default --trials (None: plan.DEFAULT_TRIALS)
+    epochs: int | None = None  # the default --epochs (None: 3)
 
 
 SEARCHERS: Registry[SearcherSpec] = Registry("searcher")
@@ -150,4 +155,22 @@ SEARCHERS.register("nsga2")(
 SEARCHERS.register("random")(SearcherSpec(_random, summary="Optuna random sampling"))
 SEARCHERS.register("grid")(
     SearcherSpec(_grid, scheduler="none", needs_grid=True, summary="Optuna grid over a space's grid")
+)
+
+
+def _amc(ctx: SearcherContext):
+    from autoprune.agents.searcher import make_amc
+
+    return make_amc(ctx)
+
+
+SEARCHERS.register("amc")(
+    SearcherSpec(
+        _amc,
+        scheduler="none",
+        agent=True,
+        trials=40,
+        epochs=0,
+        summary="AMC: a DDPG agent allocates channels per group",
+    )
 )

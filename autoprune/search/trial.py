@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Budget, EngineConfig, Policy
-from ..contract import FINAL, TrialConfig
+from ..contract import AGENT_KEYS, FINAL, TrialConfig
 from ..errors import AutopruneError
 
 _ACTOR_CACHE: dict[str, tuple] = {}  # one entry: the setup and dense model of the current search
@@ -30,6 +30,7 @@ class TrialSetup:
     latency: Any = None  # the hardware's engine.LatencyTable for the dense model (predictions)
     replay: dict[str, dict] = field(default_factory=dict)  # resume: final reports of trials that ended
     # after Tune's last snapshot; they are reported again instead of re-run
+    agent: dict[str, Any] | None = None  # an agent's search: AgentConfig fields (+ target_ms), for the reward
 
 
 def _setup(ref) -> tuple[TrialSetup, Any]:
@@ -63,6 +64,21 @@ def pruned_cost(model, task, dense_metrics: dict[str, Any], ratios: dict[str, fl
         out["latency_ms"] = latency.predict_model(model)
         out["latency_ratio"] = out["latency_ms"] / latency.predict()
     return out
+
+
+def episode_reward(model, setup: TrialSetup, cost: dict[str, Any], device) -> dict[str, float]:
+    """An AMC episode's ``recal_acc`` (validation accuracy of the pruned model, its BN
+    statistics recalibrated by the engine, before any fine-tuning) and ``reward``."""
+    from autoprune.agents.episode import reward
+
+    from ..engine.train import evaluate
+
+    agent = setup.agent
+    acc = evaluate(model, setup.task.loader("val"), device)
+    value = reward(
+        agent["reward"], acc, cost["flops"], cost.get("latency_ms"), agent.get("target_ms"), agent["reward_weight"]
+    )
+    return {"recal_acc": acc, "reward": value}
 
 
 def run_trial(config: dict, setup_ref: list) -> None:
@@ -100,6 +116,8 @@ def run_trial(config: dict, setup_ref: list) -> None:
 
     def on_pruned(model, ratios) -> None:
         cost.update(pruned_cost(model, setup.task, setup.dense_metrics, ratios, setup.latency))
+        if setup.agent is not None:  # an AMC episode: its reward, from the recalibrated, untrained model
+            cost.update(episode_reward(model, setup, cost, device))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         row = {
@@ -152,6 +170,7 @@ def run_trial(config: dict, setup_ref: list) -> None:
             "engine_s": engine_s,
             "report_s": reporting[0],
             "ratios": {k: float(v) for k, v in result.ratios.items()},
+            **{k: cost[k] for k in AGENT_KEYS if k in cost},
             FINAL: True,
         }
     )

@@ -11,14 +11,13 @@ from autoprune.rayenv import quiet_environment
 
 quiet_environment()
 
-from autoprune.search_spaces import get_space  # noqa: E402
-
 from autoprune import engine  # noqa: E402
 from autoprune.config import Budget, Policy, TaskConfig  # noqa: E402
 from autoprune.contract import FINAL, TrialConfig, is_final, objectives  # noqa: E402
 from autoprune.engine.layers import layer_table  # noqa: E402
 from autoprune.engine.tasks import get_task  # noqa: E402
 from autoprune.search.searchers import SEARCHERS, SearcherContext  # noqa: E402
+from autoprune.search_spaces import get_space  # noqa: E402
 
 BUDGET = Budget("flops", 0.5)
 
@@ -32,7 +31,13 @@ def _context(name: str, table) -> SearcherContext:
     spec = SEARCHERS.get(name)
     space = "criteria" if spec.needs_grid else "default"
     grid = get_space(space).grid(table) if spec.needs_grid else None
-    return SearcherContext(table, BUDGET, seed=7, trials=6, space=space, grid=grid)
+    allocation = None
+    if spec.agent:  # an agent walks the model's allocation space (the runner builds it from the dense model)
+        from autoprune.engine.allocation import allocation_space
+
+        task = get_task(TaskConfig())
+        allocation = allocation_space(task.model_factory(), task.example_input(), Policy().max_ratio)
+    return SearcherContext(table, BUDGET, seed=7, trials=6, space=space, grid=grid, allocation=allocation)
 
 
 def _suggest(searcher, trial_id: str) -> TrialConfig:
@@ -55,7 +60,7 @@ def _check(trial: TrialConfig, table) -> Policy:
 
 def _report(epoch: int, final: bool, acc: float) -> dict:
     row = {"epoch": epoch, "val_acc": acc, "loss": 1.0 - acc, "node_id": "n", "training_iteration": epoch}
-    row.update(flops=5e5, params=1e4, flops_ratio=0.49, params_ratio=0.5, ratios={})
+    row.update(flops=5e5, params=1e4, flops_ratio=0.49, params_ratio=0.5, ratios={}, recal_acc=acc, reward=acc)
     if final:
         row.update(predicted_speedup=1.3, latency_measured_ms=1.1, engine_s=1.0, report_s=0.0, **{FINAL: True})
     return row

@@ -8,10 +8,10 @@ from functools import partial
 
 import optuna
 import pytest
-from autoprune.search_spaces import SPACES, criteria_for, get_space
 
 from autoprune.config import Budget, Policy
 from autoprune.errors import AutopruneError
+from autoprune.search_spaces import SPACES, criteria_for, get_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -1,0 +1,132 @@
+"""The AMC agent as a Ray Tune searcher (``autoprune search --searcher amc``).
+
+The driver builds each episode's actions: the DDPG actor (uniform random during the warm-up,
+then the actor's output with truncated-normal noise) walks the channel groups of the
+:class:`~autoprune.engine.allocation.AllocationSpace`, each action clipped to the legal range,
+and the finished allocation becomes the trial's policy (``per_layer`` ratios, ``exact``, BN
+recalibration, no fine-tuning unless ``--epochs``). The trial prunes it, recalibrates BN,
+takes the validation accuracy and reports the episode's ``reward`` (``autoprune.contract.AGENT_KEYS``).
+When a trial completes, the agent stores that episode's transitions with the reward and learns.
+Episodes run ``--concurrency`` at a time, so an episode may start before earlier ones have
+taught the agent anything; episodes that fail teach it nothing. Its state (networks,
+optimisers, replay buffer, noise schedule, baseline, episodes in flight) is saved with Tune's
+searcher state, so ``--resume`` goes on learning where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+from ray.tune.search import Searcher
+
+from autoprune.config import AgentConfig, Budget
+from autoprune.contract import TrialConfig
+from autoprune.errors import AutopruneError
+
+from .ddpg import DDPG, DDPGConfig
+from .episode import FEATURES, Walk, episode_policy
+
+
+def ddpg_config(agent: AgentConfig, episodes: int) -> DDPGConfig:
+    """The DDPG settings of ``agent`` (its options by field name, checked), with the warm-up
+    defaulting to a quarter of the episodes (AMC: 100 of 400)."""
+    fields = {f.name: f for f in dataclasses.fields(DDPGConfig)}
+    unknown = sorted(set(agent.options) - set(fields))
+    if unknown:
+        raise AutopruneError(f"unknown --agent-option {', '.join(unknown)}; choose from {', '.join(fields)}")
+    options = {}
+    for name, value in agent.options.items():
+        kind = type(fields[name].default)
+        try:
+            options[name] = kind(value)
+        except (TypeError, ValueError):
+            raise AutopruneError(f"--agent-option {name}={value!r} must be a {kind.__name__}") from None
+        if options[name] < 0 or (name not in ("discount", "baseline_alpha") and options[name] == 0):
+            raise AutopruneError(f"--agent-option {name}={value!r} must be above 0")
+    warmup = agent.warmup_episodes if agent.warmup_episodes is not None else max(1, episodes // 4)
+    return DDPGConfig(**{**options, "warmup_episodes": warmup})
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """The agent's networks are tiny: on a machine busy with trials, torch's thread pool only
+    slows them down (20-50x measured), so the driver acts and learns on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class AMCSearch(Searcher):
+    """AMC's DDPG agent behind Ray Tune's ``Searcher`` interface (see the module docstring)."""
+
+    def __init__(self, space, budget: Budget, episodes: int, seed: int, agent: AgentConfig) -> None:
+        super().__init__(metric="reward", mode="max")
+        self.walk = Walk(space, budget.kind, budget.fraction)
+        self.agent = agent
+        self.episodes = episodes
+        self.ddpg = DDPG(len(FEATURES), ddpg_config(agent, episodes), seed)
+        self.started = 0  # episodes suggested so far (their order sets the noise schedule)
+        self.pending: dict[str, list] = {}  # trial id -> its episode's transitions, until the trial completes
+        self.history: list[dict[str, float]] = []  # per learned episode: reward and the agent's stats
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the agent always learns from the trials' "reward"; Tune's metric picks nothing here
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | None:
+        if self.started >= self.episodes:
+            return Searcher.FINISHED
+        episode, self.started = self.started, self.started + 1
+        obs, transitions = self.walk.reset(), []
+        with _one_thread():
+            while not self.walk.done:
+                action = self.ddpg.act(obs, episode)
+                nxt, applied = self.walk.step(action)
+                transitions.append((obs, applied, nxt, self.walk.done))
+                obs = nxt
+        self.pending[trial_id] = transitions
+        agent, walk = self.agent, self.walk
+        policy = episode_policy(walk.ratios(), agent.criterion, agent.recalibrate_batches, walk.space.max_ratio)
+        return TrialConfig(policy).to_config()
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        transitions = self.pending.pop(trial_id, None)
+        if error or transitions is None or not result or result.get("reward") is None:
+            return
+        with _one_thread():
+            stats = self.ddpg.learn(transitions, float(result["reward"]))
+        self.history.append({"reward": float(result["reward"]), **stats})
+
+    # ---- Tune's searcher state (``--resume``): plain data, loaded with weights_only=True
+
+    def save(self, checkpoint_path: str) -> None:
+        pending = {
+            t: [[np.asarray(o).tolist(), float(a), np.asarray(n).tolist(), bool(d)] for o, a, n, d in steps]
+            for t, steps in self.pending.items()
+        }
+        state = {"ddpg": self.ddpg.state_dict(), "started": self.started, "pending": pending, "history": self.history}
+        torch.save(state, checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        state = torch.load(checkpoint_path, weights_only=True)
+        self.ddpg.load_state_dict(state["ddpg"])
+        self.started = int(state["started"])
+        self.pending = {
+            t: [(np.asarray(o, np.float32), a, np.asarray(n, np.float32), d) for o, a, n, d in steps]
+            for t, steps in state["pending"].items()
+        }
+        self.history = list(state["history"])
+
+
+def make_amc(ctx) -> AMCSearch:
+    """The ``amc`` entry of the searcher registry: ``ctx`` is a ``SearcherContext`` whose
+    ``allocation`` (the model's AllocationSpace) and ``agent`` (an AgentConfig) the runner set."""
+    if ctx.allocation is None:
+        raise AutopruneError("searcher 'amc' needs the model's allocation space (SearcherContext.allocation)")
+    return AMCSearch(ctx.allocation, ctx.budget, ctx.trials, ctx.seed, ctx.agent or AgentConfig())

@@ -1,0 +1,190 @@
+"""AMC against simpler allocations on the default task (digits), at several FLOPs budgets.
+
+What is compared, per FLOPs budget (``--budgets``: 0.5, 0.3, 0.2, 0.1) and seed (``--seeds``:
+0, 1, 2), all with the magnitude criterion choosing which channels go inside a group, and every
+candidate scored the same way (AMC's protocol: the pruned network, its BN statistics
+recalibrated on 8 training batches, validation accuracy, no fine-tuning):
+
+* ``amc``: the AMC searcher (:class:`autoprune.agents.searcher.AMCSearch`: DDPG with AMC's
+  settings, the legal-action clip, reward ``acc``), ``--episodes`` episodes (60), a quarter
+  of them warm-up;
+* ``uniform``: one run of the ``local`` scope (every group loses the same share, scaled to the
+  budget), no search;
+* ``random``: the same searcher with every episode a warm-up episode: uniform random actions
+  through the same clip, the same number of episodes;
+* ``tpe``: Optuna TPE over the ``default`` space restricted to channels (criterion, scope,
+  per-group ratios, ... as ``autoprune search`` samples them), the same number of trials, each
+  candidate pruned to the budget by the solver and scored as above (``bn_recalibrate`` set,
+  0 fine-tuning epochs).
+
+The searchers run in this process through Ray Tune's ``Searcher`` interface
+(``suggest`` / ``on_trial_complete``), one candidate at a time, without Ray: the comparison is
+of the algorithms, not of the cluster. Each method's best candidate (highest recalibrated
+validation accuracy) is then reported as
+
+* ``no-ft``: test accuracy after BN recalibration, without fine-tuning;
+* ``ft``: test accuracy after ``--finetune-epochs`` (5) of fine-tuning from the dense model
+  (SGD, lr 0.01, cosine: the policy's defaults), the same for every method;
+
+mean ± std over the seeds, and the search's wall time (mean). Finally, over the episodes of one
+AMC run (the first budget and seed given to ``--spearman``, default 0.3 / 0), every episode's
+allocation is also fine-tuned for ``--finetune-epochs`` and the Spearman rank correlation
+between the recalibrated accuracy and the fine-tuned validation accuracy is printed (EagleEye's
+claim that the first predicts the second).
+
+Run: ``python bench/amc.py`` (about 20 minutes on 2 CPU cores); ``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from autoprune import engine
+from autoprune.config import AgentConfig, Budget, EngineConfig, Policy
+from autoprune.engine.allocation import allocation_space
+from autoprune.engine.layers import layer_table
+from autoprune.engine.tasks import get_task
+from autoprune.rayenv import quiet_environment
+from autoprune.search.searchers import SEARCHERS, SearcherContext
+
+RECALIBRATE = AgentConfig().recalibrate_batches
+
+
+def _score(task, dense, dense_metrics, cfg, fields: dict, budget: Budget, test: bool = False) -> dict:
+    """One candidate as every method's trials score it: pruned, BN recalibrated, not fine-tuned."""
+    fields = {**fields, "finetune": {**fields.get("finetune", {}), "epochs": 0, "bn_recalibrate": RECALIBRATE}}
+    result = engine.run(task, dense, Policy.from_dict(fields), budget, cfg, dense_metrics, test, measure_latency=False)
+    return result.pruned
+
+
+def _finetuned(task, dense, dense_metrics, cfg, fields: dict, budget: Budget, epochs: int) -> dict:
+    fields = {**fields, "finetune": {**fields.get("finetune", {}), "epochs": epochs, "bn_recalibrate": RECALIBRATE}}
+    return engine.run(
+        task, dense, Policy.from_dict(fields), budget, cfg, dense_metrics, True, measure_latency=False
+    ).pruned
+
+
+def _search(method: str, ctx: SearcherContext, evaluate, episodes: int) -> list[tuple[dict, dict]]:
+    """Run ``method``'s searcher for ``episodes`` candidates; (policy fields, scores) of each."""
+    agent = ctx.agent
+    if method == "random":
+        ctx.agent = AgentConfig(warmup_episodes=episodes)
+    searcher = SEARCHERS.get("amc" if method in ("amc", "random") else "tpe").make(ctx)
+    ctx.agent = agent
+    out = []
+    for i in range(episodes):
+        config = searcher.suggest(f"t{i}")
+        fields = dict(config["policy"])
+        if method == "tpe":
+            fields["structure"] = "channel"
+        try:
+            scores = evaluate(fields, config.get("budget_fraction"))
+        except Exception as exc:  # noqa: BLE001 - a candidate the engine refuses counts as failed
+            print(f"    {method} candidate {i} failed: {exc}")
+            searcher.on_trial_complete(f"t{i}", None, error=True)
+            continue
+        report = {"val_acc": scores["val_acc"], "reward": scores["val_acc"], "recal_acc": scores["val_acc"]}
+        searcher.on_trial_complete(f"t{i}", {**report, "final": True, "epoch": 0})
+        out.append((fields, scores))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.3, 0.2, 0.1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--episodes", type=int, default=60)
+    parser.add_argument("--finetune-epochs", type=int, default=5)
+    parser.add_argument("--spearman", type=float, nargs=2, default=[0.3, 0], metavar=("BUDGET", "SEED"))
+    parser.add_argument("--quick", action="store_true", help="one budget, one seed, 8 episodes, 1 epoch")
+    args = parser.parse_args()
+    if args.quick:
+        args.budgets, args.seeds, args.episodes, args.finetune_epochs = [0.3], [0], 8, 1
+        args.spearman = [0.3, 0]
+    quiet_environment()
+    torch.set_num_threads(1)
+    cfg = EngineConfig(progress=False)
+    task = get_task(cfg.task)
+    dense = engine.dense_model(task, cfg, log=lambda s: None)
+    dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True)
+    table = layer_table(task, ("channel",))
+    space = allocation_space(dense, task.example_input(), Policy().max_ratio)
+    print(
+        f"task digits ({task.model_name}), dense val {100 * dense_metrics['val_acc']:.2f}%, "
+        f"test {100 * dense_metrics['test_acc']:.2f}%; {len(space.groups)} channel groups; torch threads 1"
+    )
+    print(f"{args.episodes} episodes/trials per search, fine-tuning {args.finetune_epochs} epochs, seeds {args.seeds}")
+    methods = ("amc", "uniform", "random", "tpe")
+    rows = []
+    spearman_run = None
+    for fraction in args.budgets:
+        budget = Budget("flops", fraction)
+        results: dict[str, list] = {m: [] for m in methods}
+        for seed in args.seeds:
+            seeded = EngineConfig(progress=False, seed=seed)
+            for method in methods:
+                t0 = time.perf_counter()
+                if method == "uniform":
+                    best_fields = {"structure": "channel", "criterion": "magnitude", "scope": "local"}
+                    history = [(best_fields, _score(task, dense, dense_metrics, seeded, best_fields, budget))]
+                else:
+
+                    def evaluate(fields, sub_fraction, _budget=budget, _cfg=seeded):
+                        b = Budget("flops", sub_fraction) if sub_fraction else _budget
+                        return _score(task, dense, dense_metrics, _cfg, fields, b)
+
+                    ctx = SearcherContext(table, budget, seed, args.episodes, allocation=space, agent=AgentConfig())
+                    history = _search(method, ctx, evaluate, args.episodes)
+                    best_fields = max(history, key=lambda h: h[1]["val_acc"])[0]
+                wall = time.perf_counter() - t0
+                no_ft = _score(task, dense, dense_metrics, seeded, best_fields, budget, test=True)
+                ft = _finetuned(task, dense, dense_metrics, seeded, best_fields, budget, args.finetune_epochs)
+                results[method].append((no_ft["test_acc"], ft["test_acc"], wall, no_ft["flops_ratio"]))
+                print(
+                    f"  budget {fraction:g} seed {seed} {method:8s} flops {no_ft['flops_ratio']:.3f} "
+                    f"no-ft {100 * no_ft['test_acc']:.2f}% ft {100 * ft['test_acc']:.2f}% search {wall:.1f}s",
+                    flush=True,
+                )
+                if method == "amc" and [fraction, seed] == args.spearman:
+                    spearman_run = (budget, seeded, history)
+        for method in methods:
+            no_ft, ft, wall, flops = zip(*results[method])
+            rows.append((fraction, method, no_ft, ft, wall, flops))
+    print("\nbudget  method     FLOPs   no-ft test acc      ft test acc         search s")
+    for fraction, method, no_ft, ft, wall, flops in rows:
+        print(
+            f"{fraction:<7g} {method:9s} {max(flops):.3f}  {_pm(no_ft):18s} {_pm(ft):18s} {statistics.mean(wall):7.1f}"
+        )
+    if spearman_run is not None:
+        from scipy.stats import spearmanr
+
+        budget, seeded, history = spearman_run
+        recal, tuned = [], []
+        for fields, scores in history:
+            recal.append(scores["val_acc"])
+            tuned.append(
+                _finetuned(task, dense, dense_metrics, seeded, fields, budget, args.finetune_epochs)["val_acc"]
+            )
+        rho, p = spearmanr(recal, tuned)
+        print(
+            f"\nSpearman (recalibrated val acc, no fine-tuning) vs (val acc after {args.finetune_epochs} epochs) over "
+            f"the {len(history)} episodes of AMC at {budget.fraction:g} FLOPs, seed {seeded.seed}: rho {rho:.3f} "
+            f"(p {p:.2g}); recalibrated {100 * min(recal):.1f}-{100 * max(recal):.1f}%, "
+            f"fine-tuned {100 * min(tuned):.1f}-{100 * max(tuned):.1f}%"
+        )
+
+
+def _pm(values) -> str:
+    values = [100 * v for v in values]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):6.2f} ± {spread:4.2f}%"
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
