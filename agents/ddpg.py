@@ -97,7 +97,7 @@ class DDPG:
         self.buf_done = torch.zeros(c.buffer, 1)
         self.buf_pos = 0  # next slot to write
         self.buf_count = 0  # filled slots, at most c.buffer
-        self.baseline = 0.0  # moving average of episode rewards; starts at 0, so episode 0's advantage is its reward
+        self.baseline = 0.0  # moving average of episode rewards; set to the first episode's reward when it arrives
         self.episodes_learned = 0  # learn() calls so far
         self.updates = 0  # gradient updates so far
 
@@ -173,13 +173,13 @@ class DDPG:
         """Learn from one finished episode: its steps as (obs, action taken, next obs, done) and its
         final reward. Episodes may arrive in any order (several evaluated in parallel).
 
-        Every step is stored with the advantage ``reward - baseline``; the baseline (which starts at
-        0) then moves towards ``reward``. Once more than ``warmup_episodes`` episodes have been
+        Every step is stored with the advantage ``reward - baseline``; the baseline (the first
+        episode's reward at first, as in AMC's code) then moves towards ``reward``. Once more than ``warmup_episodes`` episodes have been
         learned and the buffer holds a minibatch, ``len(transitions) * updates_per_step`` DDPG
         updates run. Returns ``baseline`` (the one subtracted), ``advantage``, and the mean
         ``critic_loss`` and ``actor_q`` (Q(s, mu(s))) of the updates, nan when none ran."""
         c = self.config
-        baseline = self.baseline
+        baseline = float(reward) if self.episodes_learned == 0 else self.baseline  # starts at the first reward
         advantage = float(reward) - baseline
         for obs, action, next_obs, done in transitions:
             self._store(obs, action, advantage, next_obs, done)

@@ -37,7 +37,14 @@ from autoprune.errors import AutopruneError
 from .episode import FEATURES, REWARDS, Walk, episode_policy
 from .episode import reward as episode_reward
 
-_AGENT_KEYWORDS = ("reward", "reward_weight", "reward_target", "criterion", "recalibrate_batches")
+_AGENT_KEYWORDS = (
+    "reward",
+    "reward_weight",
+    "reward_weight_below",
+    "reward_target",
+    "criterion",
+    "recalibrate_batches",
+)
 
 
 @contextlib.contextmanager
@@ -119,6 +126,7 @@ class PruningEnv(gymnasium.Env):
         max_ratio: float | None = None,
         recalibrate_batches: int | None = None,
         reward_weight: float | None = None,
+        reward_weight_below: float | None = None,
         reward_target: float | None = None,
         threads: int | None = None,
         seed: int | None = None,
@@ -129,7 +137,8 @@ class PruningEnv(gymnasium.Env):
             raise AutopruneError(f"PruningEnv renders nothing: render_mode must be None, got {render_mode!r}")
         if reward is not None and reward not in REWARDS:
             raise AutopruneError(f"PruningEnv reward must be one of: {', '.join(REWARDS)}; got {reward!r}")
-        given = dict(zip(_AGENT_KEYWORDS, (reward, reward_weight, reward_target, criterion, recalibrate_batches)))
+        values = (reward, reward_weight, reward_weight_below, reward_target, criterion, recalibrate_batches)
+        given = dict(zip(_AGENT_KEYWORDS, values))
         self.agent = AgentConfig(**{k: v for k, v in given.items() if v is not None})
         cfg = engine if engine is not None else EngineConfig(progress=False)
         if not isinstance(cfg, EngineConfig):
@@ -152,11 +161,14 @@ class PruningEnv(gymnasium.Env):
             self.dense = engine_mod.dense_model(self.task, cfg, log=lambda _: None)
             self.dense_metrics = engine_mod.measure_model(self.dense, self.task, cfg.measure, latency=False)
             self.latency = None
-            if self.agent.reward == "acc_latency" or self.budget.kind == "latency":
-                measure = cfg.measure
+            measure = cfg.measure
+            try:  # cached beside the dense model: the info dict's predicted latency
                 self.latency = engine_mod.latency_table(
                     self.dense, self.task.input_shape, measure.latency_batch, measure.threads, engine_mod.cache_dir(cfg)
                 )
+            except Exception:
+                if self.agent.reward == "acc_latency" or self.budget.kind == "latency":
+                    raise  # the reward or the budget needs it
             example = self.task.example_input().to(self.device)
             self.space: AllocationSpace = allocation_space(self.dense, example, self.max_ratio, self.latency)
         self.walk = Walk(self.space, self.budget.kind, self.budget.fraction)  # raises when out of reach
@@ -224,4 +236,5 @@ class PruningEnv(gymnasium.Env):
             latency_ms=metrics.get("latency_ms"),
             target_ms=self.target_ms,
             weight=self.agent.reward_weight,
+            weight_below=self.agent.reward_weight_below,
         )

@@ -105,6 +105,11 @@ class Walk:
         lo, hi = self.space.legal(self.kind, self.target, self.counts)
         action = float(np.clip(action, 0.0, 1.0))
         k = int(min(max(round(action * size), lo), hi))
+        # the range assumes the cost falls as channels go; a latency table's interpolated
+        # timings may not, everywhere: check the choice and prune further until it fits
+        rest = self.space.caps[len(self.counts) + 1 :]
+        while k < hi and self.space.fraction(self.kind, [*self.counts, k, *rest]) > self.target:
+            k += 1
         self.counts.append(k)
         self.actions.append(action)
         return self.observation(), k / size
@@ -141,13 +146,16 @@ def reward(
     latency_ms: float | None = None,
     target_ms: float | None = None,
     weight: float = -0.07,
+    weight_below: float | None = None,
 ) -> float:
     """An episode's reward from the pruned network's accuracy (a share in [0, 1]):
 
     * ``acc``: the accuracy; the hard budget is kept by the action clip;
     * ``acc_flops``: AMC's ``-error * log(FLOPs)``, with the pruned model's FLOPs count (fvcore);
-    * ``acc_latency``: ``acc * (latency / target) ** weight`` (MnasNet's soft constraint; a
-      negative ``weight`` rewards being faster than the target).
+    * ``acc_latency``: ``acc * (latency / target) ** w`` (MnasNet), ``w = weight`` above the
+      target and ``weight_below`` (default: ``weight``) at or below it. With one exponent (the
+      soft constraint, -0.07) the target only scales every reward by the same factor; MnasNet's
+      hard constraint is ``weight`` -1, ``weight_below`` 0.
     """
     if form == "acc":
         return float(acc)
@@ -158,5 +166,6 @@ def reward(
     if form == "acc_latency":
         if not latency_ms or not target_ms:
             raise AutopruneError("reward 'acc_latency' needs the latency and its target (a latency table)")
-        return float(acc * (latency_ms / target_ms) ** weight)
+        w = weight if latency_ms > target_ms or weight_below is None else weight_below
+        return float(acc * (latency_ms / target_ms) ** w)
     raise AutopruneError(f"unknown reward {form!r}; choose one of {', '.join(REWARDS)}")

@@ -31,24 +31,33 @@ from .ddpg import DDPG, DDPGConfig
 from .episode import FEATURES, Walk, episode_policy
 
 
-def ddpg_config(agent: AgentConfig, episodes: int) -> DDPGConfig:
+def ddpg_config(agent: AgentConfig, episodes: int, groups: int | None = None) -> DDPGConfig:
     """The DDPG settings of ``agent`` (its options by field name, checked), with the warm-up
-    defaulting to a quarter of the episodes (AMC: 100 of 400)."""
-    fields = {f.name: f for f in dataclasses.fields(DDPGConfig)}
+    defaulting to a quarter of the episodes and the replay buffer to 100 transitions per
+    group (AMC's code) when the number of ``groups`` is known."""
+    fields = {f.name: f for f in dataclasses.fields(DDPGConfig) if f.name != "warmup_episodes"}
     unknown = sorted(set(agent.options) - set(fields))
     if unknown:
-        raise AutopruneError(f"unknown --agent-option {', '.join(unknown)}; choose from {', '.join(fields)}")
+        raise AutopruneError(
+            f"unknown --agent-option {', '.join(unknown)}; choose from {', '.join(fields)} "
+            "(the warm-up is --warmup-episodes)"
+        )
     options = {}
     for name, value in agent.options.items():
         kind = type(fields[name].default)
-        try:
-            options[name] = kind(value)
-        except (TypeError, ValueError):
-            raise AutopruneError(f"--agent-option {name}={value!r} must be a {kind.__name__}") from None
-        if options[name] < 0 or (name not in ("discount", "baseline_alpha") and options[name] == 0):
-            raise AutopruneError(f"--agent-option {name}={value!r} must be above 0")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or (kind is int and value != int(value)):
+            raise AutopruneError(
+                f"--agent-option {name}={value!r} must be {'a whole number' if kind is int else 'a number'}"
+            )
+        options[name] = kind(value)
+    if groups and "buffer" not in options:
+        options["buffer"] = 100 * groups
     warmup = agent.warmup_episodes if agent.warmup_episodes is not None else max(1, episodes // 4)
-    return DDPGConfig(**{**options, "warmup_episodes": warmup})
+    try:
+        return DDPGConfig(**{**options, "warmup_episodes": warmup})
+    except ValueError as exc:
+        raise AutopruneError(f"--agent-option: {exc}") from None
 
 
 @contextlib.contextmanager
@@ -71,7 +80,7 @@ class AMCSearch(Searcher):
         self.walk = Walk(space, budget.kind, budget.fraction)
         self.agent = agent
         self.episodes = episodes
-        self.ddpg = DDPG(len(FEATURES), ddpg_config(agent, episodes), seed)
+        self.ddpg = DDPG(len(FEATURES), ddpg_config(agent, episodes, len(space.groups)), seed)
         self.started = 0  # episodes suggested so far (their order sets the noise schedule)
         self.pending: dict[str, list] = {}  # trial id -> its episode's transitions, until the trial completes
         self.history: list[dict[str, float]] = []  # per learned episode: reward and the agent's stats

@@ -37,7 +37,15 @@ def add_agent_flags(p: argparse.ArgumentParser) -> None:
         help="acc (default: accuracy under the hard budget), acc_flops (-error*log(FLOPs)) or acc_latency "
         "(acc*(latency/target)^w)",
     )
-    g.add_argument("--reward-weight", type=float, default=None, help=f"acc_latency's w (default {d.reward_weight:g})")
+    g.add_argument(
+        "--reward-weight",
+        type=float,
+        default=None,
+        help=f"acc_latency's w above the target (default {d.reward_weight:g})",
+    )
+    g.add_argument(
+        "--reward-weight-below", type=float, default=None, help="acc_latency's w at or below the target (default: w)"
+    )
     g.add_argument(
         "--reward-target",
         type=float,
@@ -69,6 +77,7 @@ def agent_config(args: argparse.Namespace, base: AgentConfig) -> AgentConfig:
     given = {
         "reward": args.reward,
         "reward_weight": args.reward_weight,
+        "reward_weight_below": args.reward_weight_below,
         "reward_target": args.reward_target,
         "criterion": args.agent_criterion,
         "warmup_episodes": args.warmup_episodes,

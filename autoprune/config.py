@@ -118,6 +118,11 @@ class Policy:
             raise AutopruneError("scope 'per_layer' needs 'ratios': a pruned fraction per group name")
         if self.exact and (self.scope != "per_layer" or self.structure != "channel"):
             raise AutopruneError("policy 'exact' needs scope 'per_layer' and structure 'channel'")
+        if self.exact and self.method in ("iterative", "gradual"):
+            raise AutopruneError(
+                f"policy 'exact' prunes its ratios once; method {self.method!r} prunes in steps: "
+                "use oneshot, rewind or init"
+            )
         # The registry names (criterion, method) are checked by engine.check_policy, which
         # every path that runs a policy calls: building plain data imports no torch.
 
@@ -236,13 +241,16 @@ class AgentConfig:
 
     reward: str = checked(choice(REWARDS, flag="--reward"), "acc")  # acc: accuracy under the hard budget;
     # acc_flops: AMC's -error * log(FLOPs); acc_latency: acc * (latency / target) ** weight (MnasNet)
-    reward_weight: float = checked(number(flag="--reward-weight"), -0.07)  # acc_latency's exponent w
+    reward_weight: float = checked(number(flag="--reward-weight"), -0.07)  # acc_latency's exponent w above
+    # the target (MnasNet's soft constraint: -0.07; hard: -1)
+    reward_weight_below: float | None = checked(number(optional=True, flag="--reward-weight-below"), None)  # w at
+    # or below the target (default: --reward-weight; MnasNet's hard constraint: 0)
     reward_target: float | None = checked(
         unit_interval(optional=True, flag="--reward-target"), None
     )  # acc_latency's target, a fraction of the dense predicted latency (default: the budget's fraction)
     criterion: str = checked(text(flag="--agent-criterion"), "magnitude")  # which channels go within a group
     warmup_episodes: int | None = checked(integer(0, optional=True, flag="--warmup-episodes"), None)  # random
-    # episodes first (default: a quarter of the episodes, AMC's 100 of 400)
+    # episodes first (default: a quarter of the episodes)
     recalibrate_batches: int = checked(integer(1, flag="--recalibrate-batches"), 8)  # training batches that
     # recompute BN statistics before an episode's accuracy is taken
     options: dict[str, Any] = checked(mapping(flag="--agent-option"), factory=dict)  # DDPGConfig fields by name

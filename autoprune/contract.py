@@ -51,7 +51,8 @@ def is_final(report: dict[str, Any] | None) -> bool:
     return bool(report) and report.get(FINAL) is True
 
 
-METRIC_MODES = {"val_acc": "max", "val_loss": "min"}  # what a search may optimise (--metric), and which way
+# what a search may optimise (--metric; an agent's search: its reward), and which way
+METRIC_MODES = {"val_acc": "max", "val_loss": "min", "reward": "max"}
 
 
 def objectives(kind: str, metric: str = "val_acc") -> tuple[tuple[str, str], ...]:

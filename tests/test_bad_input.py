@@ -409,7 +409,12 @@ ROWS = [
     ("amc-space", [*SEARCH, "--searcher", "amc", "--space", "criteria"], ["--space is for the Optuna"], None),
     ("amc-criterion", [*SEARCH, "--searcher", "amc", "--agent-criterion", "l7"], ["'l7'", "magnitude"], None),
     ("amc-option-name", [*SEARCH, "--searcher", "amc", "--agent-option", "sigmaa=1"], ["sigmaa", "sigma_decay"], None),
-    ("amc-option-value", [*SEARCH, "--searcher", "amc", "--agent-option", "tau=fast"], ["tau='fast'", "float"], None),
+    (
+        "amc-option-value",
+        [*SEARCH, "--searcher", "amc", "--agent-option", "tau=fast"],
+        ["tau='fast'", "a number"],
+        None,
+    ),
     (
         "amc-option-form",
         [*SEARCH, "--searcher", "amc", "--agent-option", "tau"],
@@ -417,6 +422,14 @@ ROWS = [
         None,
     ),
     ("amc-reward-target", [*SEARCH, "--searcher", "amc", "--reward-target", "0"], ["--reward-target", "(0, 1]"], None),
+    ("amc-metric", [*SEARCH, "--searcher", "amc", "--metric", "val_loss"], ["by its reward", "--metric"], None),
+    (
+        "amc-option-warmup",
+        [*SEARCH, "--searcher", "amc", "--agent-option", "warmup_episodes=3"],
+        ["--warmup-episodes"],
+        None,
+    ),
+    ("amc-option-range", [*SEARCH, "--searcher", "amc", "--agent-option", "tau=2"], ["--agent-option", "tau"], None),
     ("amc-warmup", [*SEARCH, "--searcher", "amc", "--warmup-episodes", "-1"], ["--warmup-episodes", ">= 0"], None),
     ("search-resume-absent", [*SEARCH, "--name", "absent", "--resume"], ["no search named 'absent'"], None),
     ("search-resume-unnamed", [*SEARCH, "--resume"], ["--resume needs --name"], None),

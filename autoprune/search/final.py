@@ -85,7 +85,7 @@ def finish(f: Finish) -> SearchResult:
     config = plan.config
     kind = config.budget.kind
     mlflow = store.client(plan.tracking_uri)
-    goals = objectives(kind, config.metric)
+    goals = objectives(kind, plan.metric)
     front = pareto_front(records, goals if SEARCHERS.get(config.searcher).multi_objective else goals[:2])
     tally = counts(records)
     summary: dict[str, Any] = {
@@ -94,7 +94,7 @@ def finish(f: Finish) -> SearchResult:
         "searcher": config.searcher,
         "space": config.space,
         "structures": list(plan.structures),
-        "metric": config.metric,
+        "metric": plan.metric,
         "scheduler": plan.scheduler,
         "task": task.name,
         "model": task.model_name,
@@ -115,7 +115,7 @@ def finish(f: Finish) -> SearchResult:
         }
     plan.out.mkdir(parents=True, exist_ok=True)
     model_path = final = None
-    best = best_within(records, kind, config.budget.fraction, config.metric)
+    best = best_within(records, kind, config.budget.fraction, plan.metric)
     if best is not None:
         fields = dict(best.policy)
         fields["finetune"] = {**fields.get("finetune", {}), "epochs": config.final_epochs}
@@ -197,7 +197,7 @@ def finish(f: Finish) -> SearchResult:
     mlflow.set_terminated(run_id, status="FINISHED" if model_path else "FAILED")
 
     say("")
-    say(trials_table(records, kind, config.metric))
+    say(trials_table(records, kind, plan.metric))
     if model_path is None:
         if tally["completed"]:
             raise AutopruneError(

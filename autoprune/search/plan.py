@@ -38,6 +38,7 @@ class Plan:
     local_cpus: int = 0
     local_gpus: int = 0
     epochs: int = 3  # training epochs per trial (--epochs, or the searcher's default)
+    metric: str = "val_acc"  # what picks the best trial: --metric, or an agent's reward
 
 
 RESUME_MAY_CHANGE = ("name", "storage", "resume", "out", "address", "progress", "engine.progress")
@@ -145,7 +146,8 @@ def prepare(config: SearchConfig) -> Plan:
         _check_agent(config, structures, spec)
     elif config.agent != AgentConfig():
         raise AutopruneError(
-            "--reward, --reward-weight, --reward-target, --agent-criterion, --warmup-episodes, --recalibrate-batches "
+            "--reward, --reward-weight(-below), --reward-target, --agent-criterion, --warmup-episodes, "
+            "--recalibrate-batches "
             f"and --agent-option set the AMC agent: use them with --searcher amc, not {config.searcher!r}"
         )
     epochs = config.epochs if config.epochs is not None else (spec.epochs if spec.epochs is not None else EPOCHS)
@@ -193,6 +195,7 @@ def prepare(config: SearchConfig) -> Plan:
         local_cpus,
         local_gpus,
         epochs,
+        "reward" if spec.agent else config.metric,
     )
 
 
@@ -208,6 +211,10 @@ def _check_agent(config: SearchConfig, structures: tuple[str, ...], spec) -> Non
             f"searcher {config.searcher!r} proposes its own per-group allocations; --space is for the Optuna searchers"
         )
     engine.check_policy(Policy(criterion=config.agent.criterion))
+    if config.metric != "val_acc":
+        raise AutopruneError(
+            f"searcher {config.searcher!r} picks its best episode by its reward (--reward); --metric is for the others"
+        )
 
 
 def search_structures(asked: str | None, fixed: str | None) -> tuple[str, ...]:

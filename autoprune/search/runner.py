@@ -145,7 +145,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                     plan.grid,
                     config.metric,
                     min(floor * 1.01, config.budget.fraction),
-                    allocation_for(spec, dense, task, latency, trial_device),
+                    allocation_for(spec, dense, task, latency),
                     config.agent,
                 )
                 scheduler = None
@@ -160,8 +160,8 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                     tune_config=tune.TuneConfig(
                         search_alg=spec.make(ctx),
                         scheduler=scheduler,
-                        metric=None if spec.multi_objective else config.metric,
-                        mode=None if spec.multi_objective else METRIC_MODES[config.metric],
+                        metric=None if spec.multi_objective else plan.metric,
+                        mode=None if spec.multi_objective else METRIC_MODES[plan.metric],
                         num_samples=plan.trials,
                         max_concurrent_trials=workers,
                         reuse_actors=True,
@@ -247,14 +247,15 @@ def trial_latency_table(dense, task, config: SearchConfig, say):
     return table, device, floor
 
 
-def allocation_for(spec, dense, task, latency, device):
+def allocation_for(spec, dense, task, latency):
     """An agent's view of the dense model (its AllocationSpace), or None for other searchers."""
     if not spec.agent:
         return None
     from ..config import Policy
     from ..engine.allocation import allocation_space
 
-    return allocation_space(dense, task.example_input().to(device), Policy().max_ratio, latency)
+    example = task.example_input().to(next(dense.parameters()).device)  # traced where the dense model is
+    return allocation_space(dense, example, Policy().max_ratio, latency)
 
 
 def agent_reward(config: SearchConfig, latency) -> dict:

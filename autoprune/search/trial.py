@@ -76,7 +76,13 @@ def episode_reward(model, setup: TrialSetup, cost: dict[str, Any], device) -> di
     agent = setup.agent
     acc = evaluate(model, setup.task.loader("val"), device)
     value = reward(
-        agent["reward"], acc, cost["flops"], cost.get("latency_ms"), agent.get("target_ms"), agent["reward_weight"]
+        agent["reward"],
+        acc,
+        cost["flops"],
+        cost.get("latency_ms"),
+        agent.get("target_ms"),
+        agent["reward_weight"],
+        agent["reward_weight_below"],
     )
     return {"recal_acc": acc, "reward": value}
 

@@ -92,10 +92,11 @@ def test_baseline_and_advantage():
     agent = DDPG(OBS_DIM, QUICK_CFG, seed=0)
     transitions, _, _ = _episode(agent, 0)
     first = agent.learn(transitions, 0.8)
-    assert (first["baseline"], first["advantage"]) == (0.0, 0.8)  # the baseline starts at 0
+    assert (first["baseline"], first["advantage"]) == (0.8, 0.0)  # the baseline starts at the first reward
     second = agent.learn(transitions, 0.2)
-    assert second["baseline"] == pytest.approx(0.4) and second["advantage"] == pytest.approx(-0.2)
-    assert agent.buf_reward[N : 2 * N].flatten().tolist() == pytest.approx([-0.2] * N)  # every step, same value
+    assert second["baseline"] == pytest.approx(0.8) and second["advantage"] == pytest.approx(-0.6)
+    assert agent.baseline == pytest.approx(0.5)  # b += 0.5 (R - b)
+    assert agent.buf_reward[N : 2 * N].flatten().tolist() == pytest.approx([-0.6] * N)  # every step, same value
 
 
 def test_state_dict_round_trip(tmp_path):

@@ -102,7 +102,7 @@ def test_spaces_and_defaults(env):
     assert inner.budget == Budget()
     assert inner.agent == AgentConfig()
     assert inner.max_ratio == Policy().max_ratio
-    assert inner.latency is None  # built only for acc_latency or a latency budget
+    assert inner.latency is not None  # cached beside the dense model: the info dict predicts latency
     assert len(inner.groups) >= 2
 
 
@@ -191,6 +191,7 @@ def test_episodes_end_to_end_meet_the_flops_budget(make, budget):
         assert info["actions"] == pytest.approx(actions)
         assert list(info["ratios"]) == env.unwrapped.groups
         assert max(info["ratios"].values()) <= Policy().max_ratio
+        assert 0 < info["latency_ratio"] < 1 and info["latency_ms"] > 0  # predicted by the table
 
 
 @pytest.mark.slow
@@ -223,6 +224,10 @@ def test_reward_forms_match_their_formulas():
     assert reward("acc_latency", 0.8, latency_ms=2.0, target_ms=4.0, weight=-0.07) == pytest.approx(0.8 * 0.5**-0.07)
     assert reward("acc_latency", 0.8, latency_ms=4.0, target_ms=4.0) == pytest.approx(0.8)  # on target: the accuracy
     assert reward("acc_latency", 0.8, latency_ms=8.0, target_ms=4.0) < 0.8  # slower than the target costs
+    # MnasNet's hard constraint: no bonus below the target, a steep cost above it
+    hard = {"target_ms": 4.0, "weight": -1.0, "weight_below": 0.0}
+    assert reward("acc_latency", 0.8, latency_ms=2.0, **hard) == pytest.approx(0.8)
+    assert reward("acc_latency", 0.8, latency_ms=8.0, **hard) == pytest.approx(0.4)
     assert reward("acc_flops", 0.9, flops=1e6) > reward("acc_flops", 0.8, flops=1e6)
     assert reward("acc_flops", 0.8, flops=1e5) > reward("acc_flops", 0.8, flops=1e6)
     with pytest.raises(AutopruneError, match="acc, acc_flops, acc_latency"):

@@ -97,6 +97,8 @@ def test_an_exact_policy_prunes_the_ratios_as_given(digits_task, digits_dense, s
         engine.run(digits_task, digits_dense, policy, Budget("flops", 0.1), cfg, measure_latency=False)
     with pytest.raises(AutopruneError, match="'exact' needs scope 'per_layer' and structure 'channel'"):
         Policy(scope="global", exact=True)
+    with pytest.raises(AutopruneError, match="method 'iterative' prunes in steps: use oneshot, rewind or init"):
+        Policy(scope="per_layer", ratios=ratios, exact=True, method="iterative")
 
 
 def test_bn_recalibration_recomputes_the_statistics_after_pruning(digits_task, digits_dense, space):
