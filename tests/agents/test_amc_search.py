@@ -70,3 +70,16 @@ def test_the_best_episode_is_fine_tuned_and_saved_within_budget(amc_search):
     assert summary["best"]["policy"]["exact"] is True
     assert (tmp / "results" / "amc" / "best" / "model.pt").is_file()
     assert f"{EPISODES} trials: {EPISODES} completed" in proc.stdout
+
+
+def test_prune_replays_the_best_episode_exactly(amc_search, cli):
+    tmp, _ = amc_search
+    best = tmp / "results" / "amc" / "best"
+    summary = json.loads((best / "summary.json").read_text())
+    out = tmp / "replay"
+    args = ("--policy", str(best / "policy.json"), "--budget-flops", str(BUDGET), "--finetune-epochs", "0")
+    proc = cli("prune", *args, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    replayed = json.loads((out / "summary.json").read_text())
+    assert replayed["ratios"] == pytest.approx(summary["best"]["ratios"])  # exact: the same channels per group
+    assert replayed["pruned"]["flops_ratio"] == pytest.approx(summary["best"]["flops_ratio"])
