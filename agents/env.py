@@ -29,13 +29,12 @@ import torch
 from gymnasium import spaces
 
 from autoprune import engine as engine_mod
-from autoprune.config import AgentConfig, Budget, EngineConfig, Policy, TaskConfig
+from autoprune.config import REWARDS, AgentConfig, Budget, EngineConfig, Policy, TaskConfig
 from autoprune.engine.allocation import AllocationSpace, allocation_space
 from autoprune.engine.tasks import check_task_config, get_task
 from autoprune.errors import AutopruneError
 
-from .episode import FEATURES, REWARDS, Walk, episode_policy
-from .episode import reward as episode_reward
+from .episode import FEATURES, RewardSpec, Walk, episode_policy
 
 _AGENT_KEYWORDS = (
     "reward",
@@ -172,9 +171,7 @@ class PruningEnv(gymnasium.Env):
             example = self.task.example_input().to(self.device)
             self.space: AllocationSpace = allocation_space(self.dense, example, self.max_ratio, self.latency)
         self.walk = Walk(self.space, self.budget.kind, self.budget.fraction)  # raises when out of reach
-        self.target_ms = None
-        if self.latency is not None:
-            self.target_ms = (self.agent.reward_target or self.budget.fraction) * self.latency.predict()
+        self.reward_spec = RewardSpec.of(self.agent, self.budget.fraction, self.latency)
         self.observation_space = spaces.Box(0.0, 1.0, (len(FEATURES),), np.float32)
         self.action_space = spaces.Box(0.0, 1.0, (1,), np.float32)
 
@@ -193,9 +190,8 @@ class PruningEnv(gymnasium.Env):
         value = np.asarray(action, dtype=np.float64).reshape(-1)
         if value.size != 1 or not np.isfinite(value[0]):
             raise AutopruneError(f"PruningEnv takes one finite pruned fraction per step, got {action!r}")
-        legal = self.walk.legal()
         obs, applied = self.walk.step(float(value[0]))
-        info: dict[str, Any] = {"ratio": applied, "legal": legal}
+        info: dict[str, Any] = {"ratio": applied, "legal": self.walk.ranges[-1]}
         if not self.walk.done:
             return obs, 0.0, False, False, info
         info.update(self.evaluate())
@@ -229,12 +225,9 @@ class PruningEnv(gymnasium.Env):
 
     def reward_of(self, metrics: dict[str, Any]) -> float:
         """The episode's reward from its final metrics (``val_acc``, ``flops``, ``latency_ms``)."""
-        return episode_reward(
-            self.agent.reward,
-            metrics["val_acc"],
-            flops=metrics.get("flops"),
-            latency_ms=metrics.get("latency_ms"),
-            target_ms=self.target_ms,
-            weight=self.agent.reward_weight,
-            weight_below=self.agent.reward_weight_below,
-        )
+        return self.reward_spec(metrics["val_acc"], metrics.get("flops"), metrics.get("latency_ms"))
+
+    @property
+    def target_ms(self) -> float | None:
+        """``acc_latency``'s target latency (ms), or None without a latency table."""
+        return self.reward_spec.target_ms

@@ -9,10 +9,12 @@ walk is done (by :class:`~autoprune.agents.env.PruningEnv`, or by a Ray Tune tri
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from autoprune.config import REWARDS, AgentConfig
 from autoprune.engine.allocation import AllocationSpace
 from autoprune.errors import AutopruneError
 
@@ -30,7 +32,6 @@ FEATURES = (
     "previous_action",
 )
 DYNAMIC = (FEATURES.index("flops_removed"), FEATURES.index("previous_action"))
-REWARDS = ("acc", "acc_flops", "acc_latency")
 
 
 def _minmax(column: np.ndarray) -> np.ndarray:
@@ -78,6 +79,7 @@ class Walk:
     def reset(self) -> np.ndarray:
         self.counts: list[int] = []
         self.actions: list[float] = []  # as proposed, before the clip
+        self.ranges: list[tuple[float, float]] = []  # each step's legal range of pruned fractions
         return self.observation()
 
     def observation(self) -> np.ndarray:
@@ -88,17 +90,10 @@ class Walk:
         obs[DYNAMIC[1]] = self.counts[-1] / self.space.groups[len(self.counts) - 1].size if self.counts else 0.0
         return np.clip(obs, 0.0, 1.0).astype(np.float32)
 
-    def legal(self) -> tuple[float, float]:
-        """The current group's legal range of pruned fractions."""
-        if self.done:
-            raise AutopruneError("the episode is over: no group left to prune; reset() first")
-        lo, hi = self.space.legal(self.kind, self.target, self.counts)
-        size = self.space.groups[len(self.counts)].size
-        return lo / size, hi / size
-
     def step(self, action: float) -> tuple[np.ndarray, float]:
         """Apply ``action`` (the fraction of the current group's channels to prune), clipped to
-        the legal range and rounded to whole channels; the next observation and the fraction applied."""
+        the legal range (recorded in ``ranges``) and rounded to whole channels; the next
+        observation and the fraction applied."""
         if self.done:
             raise AutopruneError("the episode is over: reset() first")
         size = self.space.groups[len(self.counts)].size
@@ -112,6 +107,7 @@ class Walk:
             k += 1
         self.counts.append(k)
         self.actions.append(action)
+        self.ranges.append((lo / size, hi / size))
         return self.observation(), k / size
 
     def ratios(self) -> dict[str, float]:
@@ -169,3 +165,24 @@ def reward(
         w = weight if latency_ms > target_ms or weight_below is None else weight_below
         return float(acc * (latency_ms / target_ms) ** w)
     raise AutopruneError(f"unknown reward {form!r}; choose one of {', '.join(REWARDS)}")
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """An episode's reward form with its settings, for the pruned networks of one dense model:
+    what the environment and a search's trials both score episodes with."""
+
+    form: str
+    weight: float
+    weight_below: float | None
+    target_ms: float | None  # acc_latency's target (None without a latency table)
+
+    @classmethod
+    def of(cls, agent: AgentConfig, budget_fraction: float, latency=None) -> RewardSpec:
+        """``agent``'s reward; the latency target is ``agent.reward_target`` (default the
+        budget's fraction) of the dense model's latency as ``latency`` (the table) predicts it."""
+        target = None if latency is None else (agent.reward_target or budget_fraction) * latency.predict()
+        return cls(agent.reward, agent.reward_weight, agent.reward_weight_below, target)
+
+    def __call__(self, acc: float, flops: float | None = None, latency_ms: float | None = None) -> float:
+        return reward(self.form, acc, flops, latency_ms, self.target_ms, self.weight, self.weight_below)

@@ -55,18 +55,12 @@ from autoprune.search.searchers import SEARCHERS, SearcherContext
 RECALIBRATE = AgentConfig().recalibrate_batches
 
 
-def _score(task, dense, dense_metrics, cfg, fields: dict, budget: Budget, test: bool = False) -> dict:
-    """One candidate as every method's trials score it: pruned, BN recalibrated, not fine-tuned."""
-    fields = {**fields, "finetune": {**fields.get("finetune", {}), "epochs": 0, "bn_recalibrate": RECALIBRATE}}
+def _score(task, dense, dense_metrics, cfg, fields: dict, budget: Budget, test: bool = False, epochs: int = 0) -> dict:
+    """One candidate pruned, BN recalibrated and, for ``epochs``, fine-tuned: as every method's
+    trials score it with ``epochs`` 0."""
+    fields = {**fields, "finetune": {**fields.get("finetune", {}), "epochs": epochs, "bn_recalibrate": RECALIBRATE}}
     result = engine.run(task, dense, Policy.from_dict(fields), budget, cfg, dense_metrics, test, measure_latency=False)
     return result.pruned
-
-
-def _finetuned(task, dense, dense_metrics, cfg, fields: dict, budget: Budget, epochs: int) -> dict:
-    fields = {**fields, "finetune": {**fields.get("finetune", {}), "epochs": epochs, "bn_recalibrate": RECALIBRATE}}
-    return engine.run(
-        task, dense, Policy.from_dict(fields), budget, cfg, dense_metrics, True, measure_latency=False
-    ).pruned
 
 
 def _search(method: str, ctx: SearcherContext, evaluate, episodes: int) -> list[tuple[dict, dict]]:
@@ -143,7 +137,7 @@ def main() -> None:
                     best_fields = max(history, key=lambda h: h[1]["val_acc"])[0]
                 wall = time.perf_counter() - t0
                 no_ft = _score(task, dense, dense_metrics, seeded, best_fields, budget, test=True)
-                ft = _finetuned(task, dense, dense_metrics, seeded, best_fields, budget, args.finetune_epochs)
+                ft = _score(task, dense, dense_metrics, seeded, best_fields, budget, True, args.finetune_epochs)
                 results[method].append((no_ft["test_acc"], ft["test_acc"], wall, no_ft["flops_ratio"]))
                 print(
                     f"  budget {fraction:g} seed {seed} {method:8s} flops {no_ft['flops_ratio']:.3f} "
@@ -168,7 +162,7 @@ def main() -> None:
         for fields, scores in history:
             recal.append(scores["val_acc"])
             tuned.append(
-                _finetuned(task, dense, dense_metrics, seeded, fields, budget, args.finetune_epochs)["val_acc"]
+                _score(task, dense, dense_metrics, seeded, fields, budget, True, args.finetune_epochs)["val_acc"]
             )
         rho, p = spearmanr(recal, tuned)
         print(

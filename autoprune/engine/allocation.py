@@ -37,10 +37,10 @@ class GroupInfo:
     flops: float  # the share of the dense FLOPs its channels touch
 
 
-def group_flops(costs: CostModel, n_groups: int) -> list[float]:
+def group_flops(costs: CostModel) -> list[float]:
     """Each group's share of the dense FLOPs: what removing all its channels would save."""
     out = []
-    for i in range(n_groups):
+    for i in range(len(costs.sizes)):
         removed = [np.zeros(s, bool) for s in costs.sizes]
         removed[i][:] = True
         out.append(1.0 - costs.cost(removed)[0] / costs.total_flops)
@@ -119,7 +119,7 @@ def allocation_space(
     modules = dict(model.named_modules())
     rank = {name: i for i, name in enumerate(modules)}
     order = sorted(range(len(graph.groups)), key=lambda j: rank.get(graph.groups[j].name, len(rank)))
-    shares = group_flops(costs, len(graph.groups))
+    shares = group_flops(costs)
     groups = [
         GroupInfo(graph.groups[j].name, graph.groups[j].size, *_root_features(modules[graph.groups[j].name]), shares[j])
         for j in order

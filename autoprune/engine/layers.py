@@ -39,7 +39,7 @@ def layer_table(task, structures: tuple[str, ...] = STRUCTURES) -> LayerTable:
         graph = PrunableGraph(model, example)
         graph.dry_run()  # rejects layers the graph cannot handle, naming them
         costs = CostModel(graph, by_module, total)
-        for g, share in zip(graph.groups, group_shares(costs, len(graph.groups))):
+        for g, share in zip(graph.groups, group_shares(costs)):
             groups[g.name] = g.size
             group_flops[g.name] = share
     layers = {n: m.weight.numel() for n, m in scored_modules(model).items()}

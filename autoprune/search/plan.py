@@ -37,7 +37,7 @@ class Plan:
     grid: dict[str, list] | None = None
     local_cpus: int = 0
     local_gpus: int = 0
-    epochs: int = 3  # training epochs per trial (--epochs, or the searcher's default)
+    epochs: int = EPOCHS  # training epochs per trial (--epochs, or the searcher's default)
     metric: str = "val_acc"  # what picks the best trial: --metric, or an agent's reward
 
 

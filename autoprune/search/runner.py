@@ -116,7 +116,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             config.gpus_per_trial,
             latency,
             _replays(plan, experiment_id, run_id) if config.resume else {},
-            agent_reward(config, latency) if spec.agent else None,
+            episode_reward(config, latency) if spec.agent else None,
         )
         setup_ref = ray.put(setup)
 
@@ -258,13 +258,11 @@ def allocation_for(spec, dense, task, latency):
     return allocation_space(dense, example, Policy().max_ratio, latency)
 
 
-def agent_reward(config: SearchConfig, latency) -> dict:
-    """What an agent's trials need to compute their reward: its AgentConfig fields and, for
-    acc_latency, the target in ms (a fraction of the dense model's predicted latency)."""
-    agent = dataclasses.asdict(config.agent)
-    if latency is not None:
-        agent["target_ms"] = (config.agent.reward_target or config.budget.fraction) * latency.predict()
-    return agent
+def episode_reward(config: SearchConfig, latency):
+    """The reward an agent's trials score their episodes with (agents.episode.RewardSpec)."""
+    from autoprune.agents.episode import RewardSpec
+
+    return RewardSpec.of(config.agent, config.budget.fraction, latency)
 
 
 def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:

@@ -30,7 +30,7 @@ class TrialSetup:
     latency: Any = None  # the hardware's engine.LatencyTable for the dense model (predictions)
     replay: dict[str, dict] = field(default_factory=dict)  # resume: final reports of trials that ended
     # after Tune's last snapshot; they are reported again instead of re-run
-    agent: dict[str, Any] | None = None  # an agent's search: AgentConfig fields (+ target_ms), for the reward
+    reward: Any = None  # an agent's search: its episodes' agents.episode.RewardSpec
 
 
 def _setup(ref) -> tuple[TrialSetup, Any]:
@@ -69,22 +69,10 @@ def pruned_cost(model, task, dense_metrics: dict[str, Any], ratios: dict[str, fl
 def episode_reward(model, setup: TrialSetup, cost: dict[str, Any], device) -> dict[str, float]:
     """An AMC episode's ``recal_acc`` (validation accuracy of the pruned model, its BN
     statistics recalibrated by the engine, before any fine-tuning) and ``reward``."""
-    from autoprune.agents.episode import reward
-
     from ..engine.train import evaluate
 
-    agent = setup.agent
     acc = evaluate(model, setup.task.loader("val"), device)
-    value = reward(
-        agent["reward"],
-        acc,
-        cost["flops"],
-        cost.get("latency_ms"),
-        agent.get("target_ms"),
-        agent["reward_weight"],
-        agent["reward_weight_below"],
-    )
-    return {"recal_acc": acc, "reward": value}
+    return {"recal_acc": acc, "reward": setup.reward(acc, cost["flops"], cost.get("latency_ms"))}
 
 
 def run_trial(config: dict, setup_ref: list) -> None:
@@ -122,7 +110,7 @@ def run_trial(config: dict, setup_ref: list) -> None:
 
     def on_pruned(model, ratios) -> None:
         cost.update(pruned_cost(model, setup.task, setup.dense_metrics, ratios, setup.latency))
-        if setup.agent is not None:  # an AMC episode: its reward, from the recalibrated, untrained model
+        if setup.reward is not None:  # an AMC episode: its reward, from the recalibrated, untrained model
             cost.update(episode_reward(model, setup, cost, device))
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
