@@ -1,0 +1,111 @@
+"""A real multi-node Ray cluster on loopback, started by ``cluster/local.sh``: a head with no
+CPUs and two single-CPU worker raylets; a search spreads its trials over the workers, and
+``down`` leaves no process the script started."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = Path(__file__).resolve().parents[2] / "cluster" / "local.sh"
+
+
+def _free_port() -> int:
+    """A free GCS port below Ray's worker range (10002-19999), with its two neighbours free too
+    (the dashboard and the Ray client server take them)."""
+    for port in range(7300, 9900, 37):
+        try:
+            for p in (port, port + 1, port + 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def _script(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "AUTOPRUNE_CLUSTER_DIR": str(state), "RAY": str(Path(sys.executable).with_name("ray"))}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
+        env.pop(key, None)
+    proc = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def _client_env(state: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for line in _script(state, "env").stdout.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    return env
+
+
+def _alive(pids) -> list[int]:
+    """The pids still running (a zombie has exited; this container's pid 1 may never reap it)."""
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster")
+    port = _free_port()
+    _script(state, "up", "--workers", "2", "--worker-cpus", "1", "--port", str(port))
+    recorded = [int(p) for p in (state / "pids").read_text().split()]
+    yield state, port, recorded
+    _script(state, "down", check=False)
+
+
+def test_a_search_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path, engine_cfg):
+    from mlflow.tracking import MlflowClient
+
+    state, port, _ = cluster
+    env = _client_env(state)
+    assert env["RAY_ADDRESS"] == f"127.0.0.1:{port}" and env["RAY_AUTH_MODE"] == "token"
+    assert Path(env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o077 == 0  # the token is private
+    exe = Path(sys.executable).with_name("autoprune")
+    args = [str(exe), "search", "--trials", "8", "--epochs", "1", "--final-epochs", "0", "--name", "c"]
+    args += ["--storage", str(tmp_path / "st"), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    args += ["--no-progress", "--cache-dir", engine_cfg.cache_dir, "--scheduler", "none"]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("c").experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
+    assert len(trials) == 8 and all(r.info.status == "FINISHED" for r in trials)
+    nodes = {r.data.tags["autoprune.node_id"] for r in trials}
+    assert len(nodes) >= 2, nodes  # the head has no CPUs: trials ran on both workers
+
+
+def test_status_names_the_nodes_and_down_leaves_nothing_it_started(tmp_path_factory):
+    state = tmp_path_factory.mktemp("cluster2")
+    port = _free_port()
+    _script(state, "up", "--workers", "1", "--port", str(port))
+    status = _script(state, "status").stdout
+    assert "local cluster: up" in status and "head: pid" in status and "worker1: pid" in status
+    recorded = [int(p) for p in (state / "pids").read_text().split()]
+    tree = subprocess.run(["pgrep", "-f", f"/tmp/apray-{port}"], capture_output=True, text=True).stdout.split()
+    started = set(recorded) | {int(p) for p in tree}
+    assert len(started) > len(recorded)  # raylets, GCS, agents and workers beyond the recorded ones
+    again = _script(state, "up", "--port", str(port), check=False)
+    assert again.returncode == 2 and "already up" in again.stderr
+    _script(state, "down")
+    assert _alive(started) == []
+    assert _script(state, "status", check=False).returncode == 3
+    assert (state / "auth_token").is_file()  # kept: the next `up` reuses it
