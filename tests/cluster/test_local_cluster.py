@@ -93,6 +93,26 @@ def test_a_search_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path, en
     assert len(nodes) >= 2, nodes  # the head has no CPUs: trials ran on both workers
 
 
+def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, tmp_path, engine_cfg):
+    """The entrypoint by absolute path, without --working-dir (GOTCHAS: several raylets on one
+    host can delete the working directory under the driver)."""
+    from mlflow.tracking import MlflowClient
+
+    state, port, _ = cluster
+    env = _client_env(state)
+    bin_dir = Path(sys.executable).parent
+    search = [str(bin_dir / "autoprune"), "search", "--trials", "3", "--epochs", "1", "--final-epochs", "0"]
+    search += ["--name", "job", "--storage", str(tmp_path / "st"), "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"]
+    search += ["--no-progress", "--cache-dir", engine_cfg.cache_dir]
+    submit = [str(bin_dir / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{port + 1}", "--", *search]
+    proc = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and "succeeded" in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("job").experiment_id])
+    assert sum(r.data.tags.get("autoprune.role") == "trial" for r in runs) == 3
+    assert (tmp_path / "st" / "job" / "best" / "summary.json").is_file()
+
+
 def test_status_names_the_nodes_and_down_leaves_nothing_it_started(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster2")
     port = _free_port()
