@@ -288,6 +288,8 @@ class SearchConfig:
     # torch threads
     gpus_per_trial: float = checked(number(0, flag="--gpus-per-trial", extra=_whole_above_one), 0.0)  # fractions
     # allowed (trials then share a GPU)
+    max_failures: int = checked(integer(0, flag="--max-failures"), 2)  # a failed trial (its node died, say) is
+    # run again from the start, on any node, up to this many times; then it is recorded FAILED
     scheduler: str | None = checked(choice(SCHEDULERS, optional=True, flag="--scheduler"), None)  # asha or none
     # (default: asha, none for nsga2 and grid)
     storage: str = checked(text(flag="--storage"), DEFAULT_STORAGE)  # Ray Tune results: <storage>/<name>

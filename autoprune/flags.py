@@ -198,6 +198,9 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("resources and storage")
     r.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
     r.add_argument(
+        "--max-failures", type=int, default=None, help="times a failed trial (a lost node) is run again (default 2)"
+    )
+    r.add_argument(
         "--cpus-per-trial",
         type=float,
         default=None,
@@ -384,6 +387,7 @@ def search_config(args: argparse.Namespace, base: SearchConfig | None = None) ->
                 "epochs": args.epochs,
                 "final_epochs": args.final_epochs,
                 "concurrency": args.concurrency,
+                "max_failures": args.max_failures,
                 "cpus_per_trial": args.cpus_per_trial,
                 "gpus_per_trial": args.gpus_per_trial,
                 "scheduler": args.scheduler,

@@ -98,6 +98,14 @@ up() {
       --min-worker-port 0 --max-worker-port 0
   done
   wait_for 90 "$WORKERS worker(s)" nodes_ready
+  local name pid raylet
+  for name in head $(seq -f 'worker%g' 1 "$WORKERS"); do # each node's raylet and Ray node id
+    pid=$(sed -n "s/^$name=//p" "$INFO")
+    raylet=$(pgrep -P "$pid" -f 'raylet/raylet' | head -1 || true)
+    [ -n "$raylet" ] || continue
+    echo "${name}_raylet=$raylet" >>"$INFO"
+    echo "${name}_node=$(tr '\0' '\n' <"/proc/$raylet/cmdline" | sed -n 's/^--node_id=//p')" >>"$INFO"
+  done
   echo "local cluster up: head 127.0.0.1:$PORT ($HEAD_CPUS CPUs) + $WORKERS worker(s) x $WORKER_CPUS CPU"
   echo "dashboard (and job submission): http://127.0.0.1:$((PORT + 1)); clients: eval \"\$(cluster/local.sh env)\""
 }

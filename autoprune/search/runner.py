@@ -170,7 +170,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                         name=plan.name,
                         storage_path=str(plan.path.parent),
                         verbose=0,
-                        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                        failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                         callbacks=[
                             TrialLogger(plan.tracking_uri, experiment_id, run_id, str(plan.path / COMPLETED)),

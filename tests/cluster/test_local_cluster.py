@@ -113,6 +113,57 @@ def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, tmp_path, engine_c
     assert (tmp_path / "st" / "job" / "best" / "summary.json").is_file()
 
 
+def _info(state: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in (state / "cluster").read_text().splitlines() if "=" in line)
+
+
+def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
+    """worker1's raylet is killed (SIGKILL, by its recorded pid) while a trial runs on it: the
+    trial runs again on the surviving worker, every trial finishes, and MLflow holds each once."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    state = tmp_path_factory.mktemp("cluster3")
+    tmp = tmp_path_factory.mktemp("lossy")
+    port = _free_port()
+    _script(state, "up", "--workers", "2", "--port", str(port))
+    try:
+        info = _info(state)
+        victim, victim_node = int(info["worker1_raylet"]), info["worker1_node"]
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        args = [str(Path(sys.executable).with_name("autoprune")), "search", "--trials", "4", "--epochs", "6"]
+        args += ["--final-epochs", "0", "--scheduler", "none", "--name", "lossy", "--storage", str(tmp / "st")]
+        args += ["--tracking-uri", uri, "--no-progress", "--cache-dir", engine_cfg.cache_dir, "--max-failures", "2"]
+        search = subprocess.Popen(
+            args, env=_client_env(state), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.time() + 300
+        while time.time() < deadline and search.poll() is None:
+            exp = client.get_experiment_by_name("lossy")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if any(r.info.status == "RUNNING" and r.data.tags.get("autoprune.node_id") == victim_node for r in runs):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial ran on worker1 before the search ended")
+        os.kill(victim, 9)
+        out, err = search.communicate(timeout=900)
+        assert search.returncode == 0, err[-3000:]
+        runs = client.search_runs([client.get_experiment_by_name("lossy").experiment_id])
+        trials = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
+        assert sorted(r.data.tags["autoprune.trial_id"] for r in trials) == sorted(
+            {r.data.tags["autoprune.trial_id"] for r in trials}
+        )
+        assert len(trials) == 4 and all(r.info.status == "FINISHED" for r in trials), [
+            (r.info.status, r.data.tags.get("autoprune.node_id")) for r in trials
+        ]
+        assert "4 trials: 4 completed" in out
+    finally:
+        _script(state, "down", check=False)
+
+
 def test_status_names_the_nodes_and_down_leaves_nothing_it_started(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster2")
     port = _free_port()
