@@ -1,0 +1,89 @@
+"""Trials per minute on a real multi-node Ray cluster on this machine, with 1, 2 and 3
+single-CPU worker nodes (``cluster/local.sh``; the head has no CPUs, so every trial runs on a
+worker).
+
+For each worker count (``--workers``: 1 2 3) the cluster is brought up, one
+``autoprune search`` runs on it (``--trials`` 12 trials of ``--epochs`` 2 on the default task,
+scheduler none, no final re-run, the dense model and latency table from the cache), and the
+cluster is torn down. Trials per minute = trials / (last trial's end - first trial's start),
+from the trials' MLflow runs, so Ray's start-up and the driver's own work are left out.
+Printed: trials per minute per worker count, the speed-up over one worker, and its share of
+linear scaling (speed-up / workers). On a 2-core machine, 3 workers share 2 cores: scaling past
+2 cannot be linear.
+
+Run: ``python bench/cluster_scaling.py`` (about 5 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "cluster" / "local.sh"
+
+
+def _script(state: Path, *args: str) -> str:
+    env = {**os.environ, "AUTOPRUNE_CLUSTER_DIR": str(state), "RAY": str(Path(sys.executable).with_name("ray"))}
+    proc = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise SystemExit(f"cluster/local.sh {' '.join(args)} failed: {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+def _search(state: Path, tmp: Path, trials: int, epochs: int) -> float:
+    """Trials per minute of one search on the running cluster."""
+    from mlflow.tracking import MlflowClient
+
+    env = dict(os.environ)
+    for line in _script(state, "env").splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        env[key] = value
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    args = [str(Path(sys.executable).with_name("autoprune")), "search", "--trials", str(trials)]
+    args += ["--epochs", str(epochs), "--final-epochs", "0", "--scheduler", "none", "--name", "scaling"]
+    args += ["--storage", str(tmp / "st"), "--tracking-uri", uri, "--no-progress"]
+    proc = subprocess.run(args, env=env, cwd=tmp, capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise SystemExit(f"the search failed: {proc.stderr[-2000:]}")
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id], max_results=1000)
+    trials_runs = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
+    span = (max(r.info.end_time for r in trials_runs) - min(r.info.start_time for r in trials_runs)) / 1000
+    nodes = {r.data.tags.get("autoprune.node_id") for r in trials_runs}
+    print(f"    {len(trials_runs)} trials on {len(nodes)} node(s) in {span:.1f} s", flush=True)
+    return len(trials_runs) / (span / 60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--port", type=int, default=7700)
+    args = parser.parse_args()
+    print(f"{os.cpu_count()} CPU cores; {args.trials} trials x {args.epochs} epoch(s) of the default task per search")
+    rates = {}
+    for n in args.workers:
+        with tempfile.TemporaryDirectory() as d:
+            state, tmp = Path(d) / "cluster", Path(d) / "search"
+            tmp.mkdir()
+            _script(state, "up", "--workers", str(n), "--worker-cpus", "1", "--port", str(args.port))
+            try:
+                print(f"  {n} worker(s):", flush=True)
+                rates[n] = _search(state, tmp, args.trials, args.epochs)
+            finally:
+                _script(state, "down")
+    base = rates[min(rates)]
+    print("\nworkers  trials/min  speed-up  share of linear")
+    for n, rate in rates.items():
+        speedup = rate / base
+        print(f"{n:7d}  {rate:10.1f}  {speedup:7.2f}x  {speedup / (n / min(rates)):14.0%}")
+
+
+if __name__ == "__main__":
+    main()
