@@ -290,6 +290,8 @@ class SearchConfig:
     # allowed (trials then share a GPU)
     max_failures: int = checked(integer(0, flag="--max-failures"), 2)  # a failed trial (its node died, say) is
     # run again from the start, on any node, up to this many times; then it is recorded FAILED
+    node_wait: float = checked(number(0, flag="--node-wait"), 300.0)  # seconds the search waits with no node
+    # able to run a trial (every worker lost) before it stops with an error, keeping what was recorded
     scheduler: str | None = checked(choice(SCHEDULERS, optional=True, flag="--scheduler"), None)  # asha or none
     # (default: asha, none for nsga2 and grid)
     storage: str = checked(text(flag="--storage"), DEFAULT_STORAGE)  # Ray Tune results: <storage>/<name>

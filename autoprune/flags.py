@@ -197,9 +197,8 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     add_agent_flags(p)
     r = p.add_argument_group("resources and storage")
     r.add_argument("--concurrency", type=int, default=None, help="trials at once (default: what the resources allow)")
-    r.add_argument(
-        "--max-failures", type=int, default=None, help="times a failed trial (a lost node) is run again (default 2)"
-    )
+    r.add_argument("--max-failures", type=int, default=None, help="reruns of a failed trial, e.g. a lost node (2)")
+    r.add_argument("--node-wait", type=float, default=None, help="seconds to wait for a lost cluster's nodes (300)")
     r.add_argument(
         "--cpus-per-trial",
         type=float,
@@ -388,6 +387,7 @@ def search_config(args: argparse.Namespace, base: SearchConfig | None = None) ->
                 "final_epochs": args.final_epochs,
                 "concurrency": args.concurrency,
                 "max_failures": args.max_failures,
+                "node_wait": args.node_wait,
                 "cpus_per_trial": args.cpus_per_trial,
                 "gpus_per_trial": args.gpus_per_trial,
                 "scheduler": args.scheduler,

@@ -75,3 +75,38 @@ class ProgressLine(Callback):
     def on_experiment_end(self, trials, **info) -> None:
         if self.enabled and sys.stderr.isatty():
             sys.stderr.write("\r\033[K" + self.line(trials) + "\n")
+
+
+class ClusterWatch(Callback):
+    """Stops a search whose cluster has no node left that could run a trial (every worker
+    lost), instead of letting Tune wait for one forever: after ``wait_s`` seconds without such
+    a node it raises, the search run is ended FAILED and what was recorded stays."""
+
+    def __init__(self, cpus: float, gpus: float, wait_s: float) -> None:
+        self.cpus, self.gpus, self.wait_s = cpus, gpus, wait_s
+        self.setup()
+
+    def setup(self, **info) -> None:
+        self.since: float | None = None
+        self.checked = 0.0
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        import ray
+
+        from ..errors import AutopruneError
+
+        now = time.monotonic()
+        if now - self.checked < 2.0:
+            return
+        self.checked = now
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        if any(n.get("CPU", 0) >= self.cpus and n.get("GPU", 0) >= self.gpus for n in nodes):
+            self.since = None
+            return
+        self.since = self.since or now
+        if now - self.since > self.wait_s:
+            raise AutopruneError(
+                f"the cluster has had no node that can run a trial ({self.cpus:g} CPU, {self.gpus:g} GPU) for "
+                f"{self.wait_s:g} s (--node-wait): its workers are gone. The trials recorded so far are kept; "
+                "bring nodes back and continue with --resume"
+            )

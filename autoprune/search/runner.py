@@ -58,7 +58,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     from ..engine.tasks import get_task
     from ..tracking import store
     from ..tracking.callback import TrialLogger, close_writers
-    from .progress import ProgressLine
+    from .progress import ClusterWatch, ProgressLine
 
     config = plan.config
     task = get_task(config.engine.task)
@@ -175,6 +175,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                         callbacks=[
                             TrialLogger(plan.tracking_uri, experiment_id, run_id, str(plan.path / COMPLETED)),
                             ProgressLine(plan.trials, config.progress),
+                            ClusterWatch(config.cpus_per_trial, config.gpus_per_trial, config.node_wait),
                         ],
                     ),
                 )

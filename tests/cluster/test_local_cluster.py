@@ -164,6 +164,47 @@ def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
         _script(state, "down", check=False)
 
 
+def test_a_search_that_loses_every_worker_stops_with_a_clear_error(tmp_path_factory, engine_cfg):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    state = tmp_path_factory.mktemp("cluster4")
+    tmp = tmp_path_factory.mktemp("orphan")
+    port = _free_port()
+    _script(state, "up", "--workers", "2", "--port", str(port))
+    try:
+        info = _info(state)
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        args = [str(Path(sys.executable).with_name("autoprune")), "search", "--trials", "4", "--epochs", "40"]
+        args += ["--scheduler", "none", "--name", "orphan", "--storage", str(tmp / "st"), "--tracking-uri", uri]
+        args += ["--no-progress", "--cache-dir", engine_cfg.cache_dir, "--node-wait", "5", "--max-failures", "0"]
+        search = subprocess.Popen(
+            args, env=_client_env(state), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        client = MlflowClient(tracking_uri=uri)
+        deadline = time.time() + 300
+        while time.time() < deadline and search.poll() is None:
+            exp = client.get_experiment_by_name("orphan")
+            runs = client.search_runs([exp.experiment_id]) if exp else []
+            if sum(r.data.tags.get("autoprune.role") == "trial" for r in runs) >= 2:
+                break
+            time.sleep(0.5)
+        for name in ("worker1", "worker2"):
+            os.kill(int(info[f"{name}_raylet"]), 9)
+        lost = time.time()
+        out, err = search.communicate(timeout=300)
+        assert search.returncode != 0
+        assert "no node that can run a trial" in err and "--resume" in err, err[-2000:]
+        assert time.time() - lost < 120  # the health check notices the dead nodes, then 5 s of --node-wait
+        runs = client.search_runs([client.get_experiment_by_name("orphan").experiment_id])
+        parent = [r for r in runs if r.data.tags.get("autoprune.role") == "search"]
+        assert parent and parent[0].info.status == "FAILED"  # ended, not left RUNNING
+        assert any(r.data.tags.get("autoprune.role") == "trial" for r in runs)  # what was recorded is kept
+    finally:
+        _script(state, "down", check=False)
+
+
 def test_status_names_the_nodes_and_down_leaves_nothing_it_started(tmp_path_factory):
     state = tmp_path_factory.mktemp("cluster2")
     port = _free_port()
