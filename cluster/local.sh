@@ -92,12 +92,13 @@ up() {
     --min-worker-port 0 --max-worker-port 0
   wait_for 60 "the head" head_ready
   for i in $(seq 1 "$WORKERS"); do
-    # several raylets on one host: each its own agent port, worker ports picked at random
+    # one at a time: raylets registering all at once on a small machine can miss the GCS's
+    # deadline. Several raylets on one host: each its own agent port, worker ports at random
     start_node "worker$i" --address "127.0.0.1:$PORT" --node-ip-address 127.0.0.1 --num-cpus "$WORKER_CPUS" \
       --num-gpus 0 --temp-dir "$tmp" --disable-usage-stats --dashboard-agent-listen-port $((PORT + 10 + i)) \
       --min-worker-port 0 --max-worker-port 0
+    NEED=$((i + 1)) wait_for 90 "worker $i" nodes_ready
   done
-  wait_for 90 "$WORKERS worker(s)" nodes_ready
   local name pid raylet
   for name in head $(seq -f 'worker%g' 1 "$WORKERS"); do # each node's raylet and Ray node id
     pid=$(sed -n "s/^$name=//p" "$INFO")
@@ -122,7 +123,7 @@ print("alive", sum(1 for n in ray.nodes() if n["Alive"]))
 EOF
   ) || return 1
   alive=$(echo "$alive" | sed -n 's/^alive //p' | tail -1)
-  [ "${alive:-0}" -ge $((WORKERS + 1)) ]
+  [ "${alive:-0}" -ge "${NEED:-$((WORKERS + 1))}" ]
 }
 
 wait_for() { # seconds, what, check
