@@ -48,12 +48,16 @@ client_env() {
   echo "export RAY_AUTH_TOKEN_PATH=$TOKEN"
 }
 
-ours() { # pids of live processes this cluster started: recorded, or running under its temp folder
+ours() { # pids of live processes this cluster started: recorded, running under its temp folder, or
+  # holding files in it (Ray's agents rename themselves, ray::DashboardAgent, and outlive a killed raylet)
   local tmp
   tmp=$(sed -n 's/^tmp=//p' "$INFO" 2>/dev/null || true)
   {
     [ -f "$PIDS" ] && cat "$PIDS"
-    [ -n "$tmp" ] && pgrep -f -- "$tmp" || true
+    if [ -n "$tmp" ]; then
+      pgrep -f -- "$tmp" || true
+      find /proc/[0-9]*/fd -maxdepth 1 -lname "$tmp/*" 2>/dev/null | cut -d/ -f3
+    fi
   } | sort -un | while read -r pid; do
     # (a zombie has exited: it only waits to be reaped, which a container's pid 1 may never do)
     [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [[ $(ps -o stat= -p "$pid" 2>/dev/null) != Z* ]] && echo "$pid"

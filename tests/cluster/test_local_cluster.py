@@ -113,6 +113,18 @@ def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, tmp_path, engine_c
     assert (tmp_path / "st" / "job" / "best" / "summary.json").is_file()
 
 
+def _holding(prefix: str) -> list[int]:
+    """Running processes with a file open under ``prefix`` (Ray's agents rename themselves)."""
+    pids = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd).startswith(prefix) for fd in fd_dir.iterdir()):
+                pids.add(int(fd_dir.parent.name))
+        except OSError:
+            continue
+    return _alive(sorted(pids))
+
+
 def _info(state: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in (state / "cluster").read_text().splitlines() if "=" in line)
 
@@ -162,6 +174,7 @@ def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
         assert "4 trials: 4 completed" in out
     finally:
         _script(state, "down", check=False)
+    assert _holding(f"/tmp/apray-{port}/") == []  # the killed raylet's agents too
 
 
 def test_a_search_that_loses_every_worker_stops_with_a_clear_error(tmp_path_factory, engine_cfg):
@@ -203,6 +216,7 @@ def test_a_search_that_loses_every_worker_stops_with_a_clear_error(tmp_path_fact
         assert any(r.data.tags.get("autoprune.role") == "trial" for r in runs)  # what was recorded is kept
     finally:
         _script(state, "down", check=False)
+    assert _holding(f"/tmp/apray-{port}/") == []
 
 
 def test_status_names_the_nodes_and_down_leaves_nothing_it_started(tmp_path_factory):
@@ -219,5 +233,6 @@ def test_status_names_the_nodes_and_down_leaves_nothing_it_started(tmp_path_fact
     assert again.returncode == 2 and "already up" in again.stderr
     _script(state, "down")
     assert _alive(started) == []
+    assert _holding(f"/tmp/apray-{port}/") == []  # nor any process with files in its temp folder
     assert _script(state, "status", check=False).returncode == 3
     assert (state / "auth_token").is_file()  # kept: the next `up` reuses it
