@@ -55,3 +55,123 @@ def _probe(folder: Path, target: Path, flag: str) -> None:
         raise AutopruneError(
             f"{flag} {str(target)!r} is not writable: cannot write in {str(folder)!r} ({exc.strerror})"
         ) from None
+
+
+# --- Locations: a local folder or a bucket URI (s3://, gs://, abfs://, file://) --------------
+# Search state lives at a location so that it outlives the node that wrote it. Bucket URIs go
+# through pyarrow's filesystems, as Ray Tune's own storage does, so one URI (query parameters
+# such as ``?endpoint_override=...`` included) means the same place to both.
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def join(location: str, *names: str) -> str:
+    """``location/names...``: an absolute local path, or the URI with the names inserted
+    before its query."""
+    if not is_uri(location):
+        return str(Path(location).expanduser().resolve().joinpath(*names))
+    base, q, query = location.partition("?")
+    return "/".join([base.rstrip("/"), *names]) + q + query
+
+
+def _fs(location: str, flag: str = ""):
+    import pyarrow.fs
+
+    try:
+        return pyarrow.fs.FileSystem.from_uri(location)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError, OSError) as exc:
+        raise AutopruneError(
+            f"{flag + ' ' if flag else ''}{location!r} is not a storage location pyarrow can open "
+            f"({str(exc).splitlines()[0]}); give a folder or a URI such as "
+            "s3://bucket/path, gs://bucket/path or abfs://container@account/path"
+        ) from None
+
+
+def read_text(location: str) -> str | None:
+    """The text of the file at ``location``; None if there is none."""
+    if not is_uri(location):
+        p = Path(location)
+        return p.read_text() if p.is_file() else None
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_text(location: str, text: str) -> None:
+    """Write ``text`` to ``location`` whole: a reader never sees half of it (a local file is
+    replaced; an object is only visible once written)."""
+    if not is_uri(location):
+        p = Path(location)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(p)
+        return
+    fs, path = _fs(location)
+    fs.create_dir(path.rpartition("/")[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def texts(location: str, suffix: str) -> dict[str, str]:
+    """The files directly in the folder ``location`` whose names end with ``suffix``: name
+    without the suffix -> text."""
+    if not is_uri(location):
+        return {p.name[: -len(suffix)]: p.read_text() for p in Path(location).glob(f"*{suffix}")}
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    found = fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True))
+    out = {}
+    for info in found:
+        if info.type == pyarrow.fs.FileType.File and info.base_name.endswith(suffix):
+            with fs.open_input_stream(info.path) as f:
+                out[info.base_name[: -len(suffix)]] = f.read().decode()
+    return out
+
+
+def has_files(location: str) -> bool:
+    """Whether the folder ``location`` exists and holds anything."""
+    if not is_uri(location):
+        p = Path(location)
+        return p.is_dir() and any(p.iterdir())
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+
+
+def check_location(location: str, flag: str) -> str:
+    """A folder (see :func:`check_output_dir`) or a bucket URI that can be written: a probe
+    object is written and deleted, so a wrong endpoint, bucket or credential fails here, before
+    any work. Returns the location, a local one absolute."""
+    if not is_uri(location):
+        return str(check_output_dir(location, flag).resolve())
+    fs, path = _fs(location, flag)
+    probe = path.rstrip("/") + "/.autoprune-probe"
+    try:
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"")
+        fs.delete_file(probe)
+    except OSError as exc:
+        raise AutopruneError(
+            f"{flag} {location!r} cannot be written ({str(exc).splitlines()[0]}); check the bucket, the endpoint "
+            "and the credentials (for s3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance role)"
+        ) from None
+    return location
+
+
+def upload_dir(folder: Path, location: str) -> None:
+    """Copy the local ``folder`` to ``location`` (a URI)."""
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(str(folder), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)

@@ -223,3 +223,37 @@ def rest(ui):
             return json.loads(reply.read() or b"{}")
 
     return call
+
+
+@dataclass
+class Bucket:
+    endpoint: str  # http://127.0.0.1:<port>
+    env: dict[str, str]  # the credentials a client of the server needs
+
+    def uri(self, bucket: str, path: str = "") -> str:
+        """``s3://bucket/path`` on this server, in the form Ray Tune and pyarrow both read."""
+        return f"s3://{bucket}/{path}?endpoint_override={self.endpoint}&allow_bucket_creation=true"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-protocol server on 127.0.0.1 (moto's standalone server: object storage over
+    HTTP, spoken to by pyarrow's S3 client as a cloud bucket would be). Its credentials are in
+    this process's environment while it runs, so Ray workers started from here inherit them."""
+    from moto.server import ThreadedMotoServer
+
+    env = {"AWS_ACCESS_KEY_ID": "autoprune", "AWS_SECRET_ACCESS_KEY": "autoprune", "AWS_DEFAULT_REGION": "us-east-1"}
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield Bucket(f"http://{host}:{port}", env)
+    finally:
+        server.stop()
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

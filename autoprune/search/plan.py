@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ..config import STRUCTURES, AgentConfig, SearchConfig
+from ..config import DEFAULT_STORAGE, STRUCTURES, AgentConfig, SearchConfig
 from ..errors import AutopruneError
 
 DEFAULT_TRIALS = 20
@@ -27,7 +27,7 @@ class Plan:
 
     config: SearchConfig
     name: str
-    path: Path  # <storage>/<name>
+    path: str  # <storage>/<name>: an absolute folder, or a bucket URI (paths.is_uri)
     tracking_uri: str
     address: str | None
     trials: int
@@ -39,6 +39,7 @@ class Plan:
     local_gpus: int = 0
     epochs: int = EPOCHS  # training epochs per trial (--epochs, or the searcher's default)
     metric: str = "val_acc"  # what picks the best trial: --metric, or an agent's reward
+    storage: str = ""  # --storage, checked: an absolute folder or a bucket URI
 
 
 RESUME_MAY_CHANGE = ("name", "storage", "resume", "out", "address", "progress", "engine.progress")
@@ -46,13 +47,15 @@ RESUME_MAY_CHANGE = ("name", "storage", "resume", "out", "address", "progress", 
 
 def saved_config(name: str, storage: str) -> SearchConfig | None:
     """The checked settings of the search ``<storage>/<name>``, or None if there is none."""
+    from ..paths import join, read_text
     from ..schema import from_dict
 
-    state = Path(storage).expanduser().resolve() / name / STATE_FILE
-    if not state.is_file():
+    state = join(storage, name, STATE_FILE)
+    text = read_text(state)
+    if text is None:
         return None
     try:
-        data = json.loads(state.read_text())["config"]
+        data = json.loads(text)["config"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise AutopruneError(f"{str(state)!r} is not a readable search state ({exc}); it cannot be resumed") from None
     try:
@@ -93,21 +96,19 @@ def prepare(config: SearchConfig) -> Plan:
 
     from .. import engine
     from ..engine.tasks import check_task_config
-    from ..paths import check_output_dir
+    from ..paths import check_location, check_output_dir, has_files, is_uri, join
     from ..tracking import store
     from .searchers import SEARCHERS
 
     if config.resume and not config.name:
         raise AutopruneError("--resume needs --name: the name of the search to continue")
     name = config.name or datetime.now().strftime("search-%Y%m%d-%H%M%S")
-    check_output_dir(Path(config.storage), "--storage")
-    path = Path(config.storage).expanduser().resolve() / name
+    storage = check_location(config.storage, "--storage")
+    path = join(storage, name)
     if config.resume:
         saved = saved_config(name, config.storage)
         if saved is None:
-            raise AutopruneError(
-                f"no search named {name!r} to resume under {str(path.parent)!r} ({STATE_FILE} missing)"
-            )
+            raise AutopruneError(f"no search named {name!r} to resume under {storage!r} ({STATE_FILE} missing)")
         conflicts = resume_conflicts(config, saved)
         if conflicts:
             raise AutopruneError(
@@ -117,9 +118,9 @@ def prepare(config: SearchConfig) -> Plan:
         config = dataclasses.replace(
             saved, resume=True, out=config.out or saved.out, address=config.address, progress=config.progress
         )
-    elif path.exists() and any(path.iterdir()):
+    elif has_files(path):
         raise AutopruneError(
-            f"a search named {name!r} already exists in {str(path.parent)!r}; pass --resume to continue it, "
+            f"a search named {name!r} already exists in {storage!r}; pass --resume to continue it, "
             "or choose another --name"
         )
     spec = SEARCHERS.get(config.searcher)
@@ -161,7 +162,9 @@ def prepare(config: SearchConfig) -> Plan:
             f"--scheduler asha stops trials on one metric; searcher {config.searcher!r} optimises several: "
             "use --scheduler none"
         )
-    out = check_output_dir(Path(config.out).resolve() if config.out else path / "best", "--out")
+    # the best model is written locally; with a bucket --storage it is also copied to <path>/best
+    local = Path(DEFAULT_STORAGE).expanduser() / name if is_uri(path) else Path(path)
+    out = check_output_dir(Path(config.out).resolve() if config.out else local / "best", "--out")
     if not config.engine.checkpoint:
         check_output_dir(
             engine.cache_dir(config.engine), "--cache-dir" if config.engine.cache_dir else "the dense-model cache"
@@ -196,6 +199,7 @@ def prepare(config: SearchConfig) -> Plan:
         local_gpus,
         epochs,
         "reward" if spec.agent else config.metric,
+        storage,
     )
 
 

@@ -81,7 +81,7 @@ def counts(records: list[TrialRecord]) -> dict[str, int]:
     }
 
 
-def read_records(path: Path, runs: dict[str, Any]) -> list[TrialRecord]:
+def read_records(path: str, runs: dict[str, Any]) -> list[TrialRecord]:
     """Every trial of the Tune experiment at ``path``, with its MLflow child run (``runs``:
     trial id -> run), numbered as their runs are named (``#7``: the order the trials started,
     continued across a resume; tag ``autoprune.trial_number``) and in that order. Trials
@@ -91,7 +91,7 @@ def read_records(path: Path, runs: dict[str, Any]) -> list[TrialRecord]:
     from ..tracking.callback import trial_error
 
     records = []
-    trials = ExperimentAnalysis(str(path)).trials
+    trials = ExperimentAnalysis(path).trials
 
     def tagged(t) -> int | None:
         tag = str(runs[t.trial_id].data.tags.get(NUMBER, "")) if t.trial_id in runs else ""

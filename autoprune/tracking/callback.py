@@ -15,7 +15,7 @@ from pathlib import Path
 from ..contract import AGENT_KEYS, COST_KEYS, FINAL_KEYS, is_final, trial_label
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
-from .resume import save_final
+from .resume import has_final, save_final
 from .store import MAX_PARAM, NODE_ID, NUMBER, PARENT, ROLE, TRIAL_ID, client, flat_params, log, param_value, trial_runs
 
 quiet_environment()
@@ -212,7 +212,7 @@ class TrialLogger(Callback):
     def _start(self, trial_id: str, config: dict) -> None:
         old = self._find(trial_id)
         if old is not None:
-            if old.info.status == "FINISHED" and (Path(self.completed_dir) / f"{trial_id}.json").is_file():
+            if old.info.status == "FINISHED" and has_final(self.completed_dir, trial_id):
                 # ended (completed or stopped) just before an interruption, after Tune's last
                 # snapshot: the trial replays its recorded last report (see search.trial.run_trial); log nothing
                 self._runs[trial_id] = old.info.run_id

@@ -1,24 +1,24 @@
 """What ``--resume`` needs beyond Tune's own snapshot: the last reports of trials that ended
 (completed, or stopped by the scheduler) after the last snapshot, kept beside the experiment
-and replayed instead of re-run."""
+(a folder or a bucket URI) and replayed instead of re-run."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from ..contract import REPORTED
+from ..paths import join, read_text, texts, write_text
 
 
 def save_final(folder: str, trial_id: str, result: dict) -> None:
     """An ended trial's last report (final, or partial for a stopped trial), kept so that a
     resumed search can replay it."""
-    path = Path(folder) / f"{trial_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({k: result[k] for k in REPORTED if k in result}))
-    tmp.replace(path)
+    write_text(join(folder, f"{trial_id}.json"), json.dumps({k: result[k] for k in REPORTED if k in result}))
+
+
+def has_final(folder: str, trial_id: str) -> bool:
+    return read_text(join(folder, f"{trial_id}.json")) is not None
 
 
 def load_finals(folder: str) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in Path(folder).glob("*.json")}
+    return {name: json.loads(text) for name, text in texts(folder, ".json").items()}

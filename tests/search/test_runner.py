@@ -120,6 +120,14 @@ def test_search_summary_and_best_model_reproduce(searched, engine_cfg):
     lo, hi = best["speedup_spread"]
     assert lo <= best["speedup"] <= hi
     assert summary["latency_table"]["batch"] == 1 and summary["latency_table"]["dense_ms"] > 0
+    # one machine: one kind of hardware, its table built here (no node id)
+    assert summary["latency_tables"] == {
+        summary["latency_table"]["device"]: {
+            "node_id": None,
+            "dense_ms": summary["latency_table"]["dense_ms"],
+            "cached": summary["latency_table"]["cached"],
+        }
+    }
     assert summary["mlflow"]["experiment_id"] == result.experiment_id
     completed = [r for r in result.trials if r.status == "completed"]
     assert best["search_val_acc"] == max(r.metrics["val_acc"] for r in completed)
@@ -240,17 +248,29 @@ def _kill_tree(pid: int, ray_tmp: str) -> None:
             pass
 
 
-def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engine_cfg, digits_dense):
+@pytest.mark.parametrize("where", ["folder", "bucket"])
+def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_path, engine_cfg, digits_dense, request):
+    """Killed mid-way, resumed from its --storage: a folder, or an S3 bucket, in which case the
+    resume runs with another HOME and working folder, so all it has is the bucket (and the
+    MLflow store, which on a cluster is the server on the head)."""
+    from autoprune.paths import join, read_text
+
     exe = Path(sys.executable).with_name("autoprune")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    storage = str(tmp_path / "results")
+    if where == "bucket":
+        bucket = request.getfixturevalue("s3")
+        storage = bucket.uri("kill", "results")
+        env.update(bucket.env, HOME=str(tmp_path))
     args = [
         str(exe),
         "search",
         "--name",
         "kill",
         "--storage",
-        str(tmp_path / "results"),
+        storage,
         "--tracking-uri",
         uri,
         "--trials",
@@ -267,7 +287,6 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
         "0.5",
         "--no-progress",
     ]
-    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     finished_before = 0
     try:
@@ -293,7 +312,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
     # Tune's last snapshot decides what a resume keeps: a run that finished after it belongs
     # to a trial the resumed search does not know, so it is deleted and its place taken by a
     # new trial (README, Resume). Everything the snapshot knew as finished must be kept as is.
-    known = {t.trial_id for t in ExperimentAnalysis(str(tmp_path / "results" / "kill")).trials}
+    known = {t.trial_id for t in ExperimentAnalysis(join(storage, "kill")).trials}
     before = {
         r.data.tags["autoprune.trial_id"]: r
         for r in _runs(uri, "kill")
@@ -303,9 +322,14 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
     }
     assert before, "the snapshot knew no finished trial"
 
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if where == "bucket":
+        env["HOME"] = str(elsewhere)
     resumed = subprocess.run(
-        [str(exe), "search", "--name", "kill", "--storage", str(tmp_path / "results"), "--resume", "--no-progress"],
+        [str(exe), "search", "--name", "kill", "--storage", storage, "--resume", "--no-progress"],
         env=env,
+        cwd=elsewhere,
         capture_output=True,
         text=True,
         timeout=400,
@@ -315,7 +339,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(tmp_path, engi
     finally:
         _kill_tree(-1, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    summary = json.loads((tmp_path / "results" / "kill" / "best" / "summary.json").read_text())
+    summary = json.loads(read_text(join(storage, "kill", "best", "summary.json")))
     assert summary["trials"]["total"] == 5 and summary["trials"]["failed"] == 0
     runs = _runs(uri, "kill")
     parents = [r for r in runs if r.data.tags.get("autoprune.role") == "search"]

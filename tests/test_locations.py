@@ -1,0 +1,55 @@
+"""autoprune.paths' locations: a search's state in a local folder or an S3 bucket (a real
+S3-protocol server on loopback, tests/conftest.py), read and written the same way."""
+
+from __future__ import annotations
+
+import pytest
+
+from autoprune.errors import AutopruneError
+from autoprune.paths import check_location, has_files, join, read_text, texts, upload_dir, write_text
+
+
+@pytest.fixture(params=["folder", "bucket"])
+def root(request, tmp_path):
+    if request.param == "folder":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3").uri(f"loc-{tmp_path.name.lower().replace('_', '-')[:40]}", "store")
+
+
+def test_join_puts_names_before_a_uris_query(tmp_path):
+    assert (
+        join("s3://b/p?endpoint_override=http://h:1", "x", "y.json") == "s3://b/p/x/y.json?endpoint_override=http://h:1"
+    )
+    assert join("gs://b/p/", "x") == "gs://b/p/x"
+    assert join(str(tmp_path / "a" / ".." / "b"), "x") == str(tmp_path / "b" / "x")
+
+
+def test_text_round_trips_and_lists_by_suffix(root):
+    assert check_location(root, "--storage")
+    assert read_text(join(root, "s", "a.json")) is None
+    assert not has_files(join(root, "s"))
+    write_text(join(root, "s", "a.json"), '{"a": 1}')
+    write_text(join(root, "s", "b.json"), '{"b": 2}')
+    write_text(join(root, "s", "a.json"), '{"a": 3}')  # replaced whole
+    write_text(join(root, "s", "notes.txt"), "x")
+    assert read_text(join(root, "s", "a.json")) == '{"a": 3}'
+    assert has_files(join(root, "s"))
+    assert texts(join(root, "s"), ".json") == {"a": '{"a": 3}', "b": '{"b": 2}'}
+    assert texts(join(root, "nothing"), ".json") == {}
+
+
+def test_a_folder_uploads_to_a_bucket(s3, tmp_path):
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "summary.json").write_text("{}")
+    (tmp_path / "best" / "model.pt").write_bytes(b"\0" * 1000)
+    root = s3.uri("upload", "x")
+    upload_dir(tmp_path / "best", join(root, "best"))
+    assert read_text(join(root, "best", "summary.json")) == "{}"
+    assert set(texts(join(root, "best"), ".pt")) == {"model"}
+
+
+def test_an_unusable_storage_is_refused_with_what_is_wrong(s3):
+    with pytest.raises(AutopruneError, match=r"--storage 's3://no-such-bucket/x.*' cannot be written.*credentials"):
+        check_location(f"s3://no-such-bucket/x?endpoint_override={s3.endpoint}", "--storage")
+    with pytest.raises(AutopruneError, match=r"--storage 'bogus://x' is not a storage location.*s3://bucket/path"):
+        check_location("bogus://x", "--storage")
