@@ -196,7 +196,7 @@ class MethodContext:
         (``finetune.bn_recalibrate`` training batches), then tell ``on_pruned``."""
         batches = self.policy.finetune.bn_recalibrate
         if batches:
-            train = self.task.loader("train", shuffle=True, seed=self.cfg.seed)
+            train = self.task.loader("train", shuffle=True, seed=self.cfg.seed, device=self.device)
             bn_warmup(pruned.model, itertools.islice(train, batches), self.device)
         if self.on_pruned is not None:
             self.on_pruned(pruned.model, pruned.ratios)

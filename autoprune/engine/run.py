@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import Budget, EngineConfig, MeasureConfig, Policy
 from .latency import LatencyTable, latency_table
-from .measure import Cost, measure, speedup
+from .measure import Cost, measure, model_device, speedup
 from .methods import METHODS, MethodContext, PrunedCallback, check_policy
 from .prune import fold_masks
 from .stages import check_budget, collapse_report
@@ -43,11 +43,12 @@ def measure_model(
     """Cost (FLOPs, params and, with ``latency``, latency at each of ``config.batch_sizes``)
     and validation accuracy of a model; test accuracy only when ``test`` (the final report)."""
     cost = measure(model, task.input_shape, _with_latency_batch(config), latency=latency)
-    out = {**cost.to_dict(), "val_acc": evaluate(model, task.loader("val"))}
+    device = model_device(model)
+    out = {**cost.to_dict(), "val_acc": evaluate(model, task.loader("val", device=device))}
     if latency:
         out["latency_ms"] = cost.latency_ms[config.latency_batch]
     if test:
-        out["test_acc"] = evaluate(model, task.loader("test"))
+        out["test_acc"] = evaluate(model, task.loader("test", device=device))
     return out
 
 

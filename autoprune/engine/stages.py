@@ -69,7 +69,7 @@ def bn_warmup_train(model: nn.Module, task: Task, max_batches: int | None, seed:
     was_training = model.training
     model.train()
     with torch.no_grad():
-        for i, (x, _) in enumerate(task.loader("train", shuffle=True, seed=seed)):
+        for i, (x, _) in enumerate(task.loader("train", shuffle=True, seed=seed, device=device)):
             if max_batches is not None and i >= max_batches:
                 break
             model(x.to(device))

@@ -61,12 +61,13 @@ def accuracy_and_loss(model: nn.Module, loader, device: torch.device | None = No
     loss = 0.0
     with torch.inference_mode():
         for x, y in loader:
-            out = model(x.to(device))
-            loss += float(nn.functional.cross_entropy(out.float().cpu(), y, reduction="sum"))
-            correct += int((out.argmax(1).cpu() == y).sum())
+            out = model(x.to(device)).float()
+            y = y.to(out.device)
+            loss += nn.functional.cross_entropy(out, y, reduction="sum").double()
+            correct += (out.argmax(1) == y).sum()
             total += len(y)
     model.train(was_training)
-    return correct / max(total, 1), loss / max(total, 1)
+    return int(correct) / max(total, 1), float(loss) / max(total, 1)
 
 
 def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
@@ -99,8 +100,8 @@ def train(
     ``step_hook(step, total)`` runs before each optimiser step (gradual pruning uses it)."""
     if cfg.epochs == 0:
         return []  # nothing to train: the training split is not even opened
-    loader = task.loader("train", shuffle=True, seed=seed)
-    val_loader = task.loader("val")
+    loader = task.loader("train", shuffle=True, seed=seed, device=device)
+    val_loader = task.loader("val", device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss()

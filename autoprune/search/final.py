@@ -18,6 +18,7 @@ from typing import Any
 from ..config import Budget, Policy
 from ..contract import TrialRecord, objectives
 from ..errors import AutopruneError
+from ..paths import is_uri, join, upload_dir
 from .plan import MASKS_NOTE, Plan
 from .results import SearchResult, best_within, counts, pareto_front
 from .searchers import SEARCHERS
@@ -41,7 +42,8 @@ class Finish:
     say: Callable[[str], None]
     t0: float  # when the search started (time.time())
     system_metrics: Any = None  # the search run's tracking.store.SystemMetrics, stopped before the run ends
-    latency: Any = None  # the hardware's engine.LatencyTable the trials predicted latency with
+    latency: Any = None  # this machine's engine.LatencyTable for the trials' device (the final run's)
+    tables: dict[str, dict] | None = None  # hardware -> {"table", "node_id"}: what the trials predicted with
 
 
 # the final run's figures summary.json keeps of the best model (latency: the table's prediction
@@ -113,6 +115,10 @@ def finish(f: Finish) -> SearchResult:
             "cached": f.latency.cached,
             "build_s": f.latency.build_s,
         }
+        summary["latency_tables"] = {
+            name: {"node_id": t["node_id"], "dense_ms": t["table"].dense_ms, "cached": t["table"].cached}
+            for name, t in (f.tables or {}).items()
+        }
     plan.out.mkdir(parents=True, exist_ok=True)
     model_path = final = None
     best = best_within(records, kind, config.budget.fraction, plan.metric)
@@ -164,6 +170,8 @@ def finish(f: Finish) -> SearchResult:
     summary["wall_time_s"] = time.time() - f.t0
     (plan.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     mlflow.log_artifact(run_id, str(plan.out / "summary.json"))
+    if is_uri(plan.path):  # the best model outlives this machine too
+        upload_dir(plan.out, join(plan.path, "best"))
     within = sum(
         r.status == "completed" and r.metrics.get(f"{kind}_ratio", 2.0) <= config.budget.fraction + 1e-9
         for r in records
@@ -217,6 +225,8 @@ def finish(f: Finish) -> SearchResult:
         say(MASKS_NOTE)
     say(f"\nbest model: {model_path}  (autoprune evaluate {model_path}{reload_flags(config.engine.task)})")
     say(f"summary:    {plan.out / 'summary.json'}")
+    if is_uri(plan.path):
+        say(f"copied to:  {join(plan.path, 'best')}")
     if plan.tracking_uri.startswith(("http://", "https://")):
         say(f"browse the trials: {store.runs_link(experiment_id, server=plan.tracking_uri)}")
     else:

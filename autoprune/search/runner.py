@@ -19,8 +19,10 @@ import time
 
 from ..config import SearchConfig
 from ..contract import METRIC_MODES
+from ..paths import is_uri, join, write_text
 from ..rayenv import quiet_environment
 from .final import Finish, finish, short_metrics
+from .hardware import node_tables, reachable, trial_latency_table
 from .plan import COMPLETED, STATE_FILE, Plan, prepare
 from .ray_connection import concurrency, connect
 from .results import SearchResult, read_records
@@ -55,6 +57,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     from .. import engine
     from ..engine.checkpoint import cpu_state
     from ..engine.layers import layer_table
+    from ..engine.measure import device_name
     from ..engine.tasks import get_task
     from ..tracking import store
     from ..tracking.callback import TrialLogger, close_writers
@@ -71,15 +74,22 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     dense = engine.dense_model(task, config.engine, log=say)
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
     latency, trial_device, floor = trial_latency_table(dense, task, config, say)
+    tables = {}  # hardware -> its table and the node it was built on (None: this machine)
+    if latency is not None:
+        tables[device_name(trial_device)] = {"table": latency, "node_id": None}
+        if plan.address:
+            tables.update(node_tables(dense, task, config, say))
+            floor = max(reachable(t["table"], dense, task, config, name) for name, t in tables.items())
     saved = dataclasses.asdict(config)
     saved.update(
         name=plan.name,
         trials=plan.trials,
-        out=str(plan.out),
+        # a bucket search keeps no local path: a resume elsewhere writes under its own default
+        out=str(plan.out) if config.out or not is_uri(plan.path) else None,
         scheduler=plan.scheduler,
         concurrency=workers,
         tracking_uri=plan.tracking_uri,
-        storage=str(plan.path.parent),
+        storage=plan.storage,
     )
     experiment_id, run_id = store.open_search_run(
         plan.tracking_uri, plan.name, store.flat_params("", saved, skip=store.SEARCH_NOISE), config.resume
@@ -90,19 +100,19 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     # KILLED on an interruption and FAILED on an error, never left RUNNING.
     try:
         store.log(mlflow, run_id, once={f"dense_{k}": v for k, v in short_metrics(dense_metrics).items()})
-        plan.path.mkdir(parents=True, exist_ok=True)
-        (plan.path / STATE_FILE).write_text(
+        write_text(
+            join(plan.path, STATE_FILE),
             json.dumps(
                 {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
                 indent=2,
             )
-            + "\n"
+            + "\n",
         )
-        restore = config.resume and tune.Tuner.can_restore(str(plan.path))
+        restore = config.resume and tune.Tuner.can_restore(plan.path)
         if config.resume:
             from ray.tune import ExperimentAnalysis
 
-            known = {t.trial_id for t in ExperimentAnalysis(str(plan.path)).trials} if restore else set()
+            known = {t.trial_id for t in ExperimentAnalysis(plan.path).trials} if restore else set()
             store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
         spec = SEARCHERS.get(config.searcher)
         setup = TrialSetup(
@@ -117,6 +127,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             latency,
             _replays(plan, experiment_id, run_id) if config.resume else {},
             episode_reward(config, latency) if spec.agent else None,
+            {name: t["table"] for name, t in tables.items()},
         )
         setup_ref = ray.put(setup)
 
@@ -132,9 +143,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
         )
         try:
             if restore:
-                tuner = tune.Tuner.restore(
-                    str(plan.path), trainable=trainable, resume_unfinished=True, resume_errored=False
-                )
+                tuner = tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, resume_errored=False)
             else:
                 ctx = SearcherContext(
                     table,
@@ -168,12 +177,12 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                     ),
                     run_config=tune.RunConfig(
                         name=plan.name,
-                        storage_path=str(plan.path.parent),
+                        storage_path=plan.storage,
                         verbose=0,
                         failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
                         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                         callbacks=[
-                            TrialLogger(plan.tracking_uri, experiment_id, run_id, str(plan.path / COMPLETED)),
+                            TrialLogger(plan.tracking_uri, experiment_id, run_id, join(plan.path, COMPLETED)),
                             ProgressLine(plan.trials, config.progress),
                             ClusterWatch(config.cpus_per_trial, config.gpus_per_trial, config.node_wait),
                         ],
@@ -184,7 +193,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
         except BaseException:
             print(
                 f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
-                f"--storage {plan.path.parent} --resume",
+                f"--storage '{plan.storage}' --resume",
                 file=sys.stderr,
             )
             raise
@@ -195,7 +204,20 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
         dense = dense.to(trial_device)  # the final run times the model on the hardware the trials ran on
         return finish(
-            Finish(plan, task, dense, dense_metrics, records, experiment_id, run_id, say, t0, system_metrics, latency)
+            Finish(
+                plan,
+                task,
+                dense,
+                dense_metrics,
+                records,
+                experiment_id,
+                run_id,
+                say,
+                t0,
+                system_metrics,
+                latency,
+                tables,
+            )
         )
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -205,47 +227,6 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             if mlflow.get_run(run_id).info.status == "RUNNING":
                 mlflow.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-
-
-def trial_latency_table(dense, task, config: SearchConfig, say):
-    """The latency table of the dense model on the trials' hardware (a GPU when trials get
-    one and the driver has one), from the cache beside the dense model or built now, before
-    any trial starts; the device it was built on; and, for a latency budget, the smallest
-    latency fraction the policies can reach (a budget below it is refused here). A table
-    that cannot be built only costs a FLOPs or params search its latency predictions (unless
-    the AMC agent's reward is acc_latency)."""
-    import copy
-
-    import torch
-
-    from .. import engine
-    from ..config import Policy
-    from ..engine.stages import smallest_fraction
-    from ..errors import AutopruneError
-
-    device = torch.device("cuda" if config.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
-    model = dense if next(dense.parameters()).device == device else copy.deepcopy(dense).to(device)
-    measure, kind = config.engine.measure, config.budget.kind
-    try:
-        table = engine.latency_table(
-            model, task.input_shape, measure.latency_batch, measure.threads, engine.cache_dir(config.engine), say
-        )
-    except Exception as exc:  # noqa: BLE001 - a FLOPs or params search goes on without predictions
-        if kind == "latency" or (config.agent.reward == "acc_latency" and SEARCHERS.get(config.searcher).agent):
-            raise  # the budget or the AMC agent's reward needs it
-        print(f"warning: no latency table ({type(exc).__name__}: {exc}); trials report no latency", file=sys.stderr)
-        return None, device, 0.0
-    floor = 0.0
-    if kind == "latency":
-        max_ratio = Policy().max_ratio
-        floor = smallest_fraction(table, model, task.example_input().to(device), max_ratio)
-        if config.budget.fraction < floor:
-            raise AutopruneError(
-                f"--budget-latency {config.budget.fraction:g} is unreachable on this hardware: with every channel "
-                f"group at max_ratio {max_ratio:g} the latency table predicts {floor:.3f} of the dense latency; "
-                f"ask for at least {math.ceil(floor * 1000) / 1000:g}"
-            )
-    return table, device, floor
 
 
 def allocation_for(spec, dense, task, latency):
@@ -274,5 +255,5 @@ def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:
     from ..tracking.resume import load_finals
 
     runs = store.trial_runs(plan.tracking_uri, experiment_id, run_id)
-    kept = load_finals(str(plan.path / COMPLETED))
+    kept = load_finals(join(plan.path, COMPLETED))
     return {t: report for t, report in kept.items() if t in runs and runs[t].info.status == "FINISHED"}

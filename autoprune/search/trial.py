@@ -31,6 +31,26 @@ class TrialSetup:
     replay: dict[str, dict] = field(default_factory=dict)  # resume: final reports of trials that ended
     # after Tune's last snapshot; they are reported again instead of re-run
     reward: Any = None  # an agent's search: its episodes' agents.episode.RewardSpec
+    tables: dict[str, Any] = field(default_factory=dict)  # hardware (engine.measure.device_name) -> its
+    # LatencyTable, each built on a node of that kind (search.hardware); trials predict with their own
+
+
+def latency_here(setup: TrialSetup, dense, device):
+    """The latency table of the hardware this trial runs on. A kind of hardware the search
+    did not see at its start (a node that joined since) gets its table built here, once per
+    worker process (the setup is cached per worker), from that node's cache when it has one."""
+    from .. import engine
+    from ..engine.measure import device_name
+
+    if setup.latency is None:
+        return None  # the search runs without latency predictions
+    name = device_name(device)
+    if name not in setup.tables:
+        m = setup.engine.measure
+        setup.tables[name] = engine.latency_table(
+            dense, setup.task.input_shape, m.latency_batch, m.threads, engine.cache_dir(setup.engine)
+        )
+    return setup.tables[name]
 
 
 def _setup(ref) -> tuple[TrialSetup, Any]:
@@ -71,8 +91,25 @@ def episode_reward(model, setup: TrialSetup, cost: dict[str, Any], device) -> di
     statistics recalibrated by the engine, before any fine-tuning) and ``reward``."""
     from ..engine.train import evaluate
 
-    acc = evaluate(model, setup.task.loader("val"), device)
+    acc = evaluate(model, setup.task.loader("val", device=device), device)
     return {"recal_acc": acc, "reward": setup.reward(acc, cost["flops"], cost.get("latency_ms"))}
+
+
+def trial_device(gpus_per_trial: float) -> str:
+    """The torch device of a trial: the GPU Ray assigned it, or the CPU. Ray makes only the
+    assigned GPU visible (CUDA_VISIBLE_DEVICES), so it is cuda:0 there; where Ray was told to
+    leave CUDA_VISIBLE_DEVICES alone, it is the assigned GPU's own index."""
+    import os
+
+    import ray
+    import torch
+
+    if gpus_per_trial <= 0 or not torch.cuda.is_available():
+        return "cpu"
+    ids = ray.get_gpu_ids()
+    index = 0 if not ids or os.environ.get("CUDA_VISIBLE_DEVICES") else int(ids[0])
+    torch.cuda.set_device(index)
+    return f"cuda:{index}"
 
 
 def run_trial(config: dict, setup_ref: list) -> None:
@@ -95,8 +132,9 @@ def run_trial(config: dict, setup_ref: list) -> None:
     if trial.space_error is not None:
         raise AutopruneError(f"the search space failed: {trial.space_error}")
     torch.set_num_threads(max(1, int(setup.cpus_per_trial)))
-    device = "cuda" if setup.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
+    device = trial_device(setup.gpus_per_trial)
     dense.to(device)
+    table = latency_here(setup, dense, device)
     fields = dict(trial.policy)
     fields["finetune"] = {**fields.get("finetune", {}), "epochs": setup.epochs}
     policy = Policy.from_dict(fields)
@@ -109,7 +147,7 @@ def run_trial(config: dict, setup_ref: list) -> None:
     reporting = [0.0]  # seconds spent in tune.report, which waits for the driver: not engine time
 
     def on_pruned(model, ratios) -> None:
-        cost.update(pruned_cost(model, setup.task, setup.dense_metrics, ratios, setup.latency))
+        cost.update(pruned_cost(model, setup.task, setup.dense_metrics, ratios, table))
         if setup.reward is not None:  # an AMC episode: its reward, from the recalibrated, untrained model
             cost.update(episode_reward(model, setup, cost, device))
 
@@ -139,7 +177,7 @@ def run_trial(config: dict, setup_ref: list) -> None:
         setup.dense_metrics,
         on_epoch=on_epoch,
         on_pruned=on_pruned,
-        latency=setup.latency,
+        latency=table,
         measure_latency=False,
     )
     p = result.pruned

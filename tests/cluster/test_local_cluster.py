@@ -4,6 +4,7 @@ CPUs and two single-CPU worker raylets; a search spreads its trials over the wor
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -91,6 +92,12 @@ def test_a_search_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path, en
     assert len(trials) == 8 and all(r.info.status == "FINISHED" for r in trials)
     nodes = {r.data.tags["autoprune.node_id"] for r in trials}
     assert len(nodes) >= 2, nodes  # the head has no CPUs: trials ran on both workers
+    # the trials' hardware (one CPU model here) got its latency table from a node a trial runs on
+    summary = json.loads((tmp_path / "st" / "c" / "best" / "summary.json").read_text())
+    [(hardware, table)] = summary["latency_tables"].items()
+    assert hardware == summary["latency_table"]["device"] and table["dense_ms"] > 0
+    info = _info(state)
+    assert table["node_id"] in {info["worker1_node"], info["worker2_node"]}, (table, info)
 
 
 def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, tmp_path, engine_cfg):

@@ -517,3 +517,54 @@ def test_user_task_missing_module(tmp_path, monkeypatch):
 def test_user_task_malformed_spec(spec):
     with pytest.raises(AutopruneError, match="package.module:function"):
         get_task(TaskConfig(name=spec))
+
+
+# ------------------------------------------------------------------ batches held on a device
+
+
+def _batches(loader, epochs: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.clone(), y.clone()) for _ in range(epochs) for x, y in loader]
+
+
+def test_an_in_memory_split_is_batched_in_place_in_a_dataloaders_order():
+    from torch.utils.data import DataLoader
+
+    from autoprune.engine.tasks.base import TensorBatches
+
+    task = get_task(TaskConfig(batch_size=50))
+    for split, shuffle in (("train", True), ("val", False)):
+        held = task.loader(split, shuffle=shuffle, seed=3, device=torch.device("cpu"))
+        plain = task.loader(split, shuffle=shuffle, seed=3)
+        assert isinstance(held, TensorBatches) and isinstance(plain, DataLoader)
+        assert len(held) == len(plain) and len(held) > 2
+        a, b = _batches(held), _batches(plain)  # two epochs: each reshuffles, from one generator
+        assert len(a) == len(b)
+        for (xa, ya), (xb, yb) in zip(a, b):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    epochs = _batches(task.loader("train", shuffle=True, seed=3, device="cpu"), 2)
+    half = len(epochs) // 2
+    assert not torch.equal(epochs[0][1], epochs[half][1]), "the second epoch was not reshuffled"
+
+
+def test_a_split_is_copied_to_its_device_once_per_process():
+    a = get_task(TaskConfig()).loader("train", device="cpu")
+    b = get_task(TaskConfig()).loader("train", shuffle=True, seed=1, device="cpu")  # a new trial's task
+    assert a.x.data_ptr() == b.x.data_ptr() and a.y.data_ptr() == b.y.data_ptr()
+    import dataclasses
+
+    another = dataclasses.replace(get_task(TaskConfig()), options={"another": True})  # another task's data
+    other = another.loader("train", device="cpu")
+    assert other.x.data_ptr() != a.x.data_ptr()
+
+
+def test_cifar10_as_tensors_equals_its_samples(cifar_dir):
+    from autoprune.engine.tasks.base import _as_tensors
+
+    root, _ = cifar_dir
+    task = get_task(TaskConfig(name="cifar10", data_dir=str(root)))
+    assert task.loader("val", device="cpu").__class__.__name__ == "DataLoader"  # no float copy on the CPU
+    x, y = _as_tensors(task.val, large=True)  # what a GPU would hold
+    assert x.shape == (10, 3, 32, 32) and x.dtype == torch.float32
+    for i in range(len(task.val)):
+        sample, label = task.val[i]
+        assert torch.equal(x[i], sample) and int(y[i]) == label

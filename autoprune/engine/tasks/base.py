@@ -37,9 +37,17 @@ class Task:
     batch_size: int = 64
     options: dict = field(default_factory=dict)  # what rebuilds this task (saved with models)
 
-    def loader(self, split: str, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    def loader(self, split: str, shuffle: bool = False, seed: int = 0, device: torch.device | None = None):
+        """Batches of ``split``, shuffled by ``seed``. An in-memory dataset (the built-in
+        ones) on ``device`` is batched where it lies: it is copied there once per process and
+        indexed in place, in the order a DataLoader with the same seed gives. Other datasets
+        (image folders), and CIFAR-10 on the CPU, go through a DataLoader."""
         dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
         generator = torch.Generator().manual_seed(seed) if shuffle else None
+        if device is not None:
+            held = on_device(self, split, dataset, torch.device(device))
+            if held is not None:
+                return TensorBatches(*held, self.batch_size, generator)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
@@ -53,6 +61,64 @@ class Task:
             default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class TensorBatches:
+    """A split's samples and labels as two tensors on one device, batched by indexing."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, generator: torch.Generator | None) -> None:
+        self.x, self.y, self.batch_size, self.generator = x, y, batch_size, generator
+
+    def __len__(self) -> int:
+        return -(-len(self.y) // self.batch_size)
+
+    def __iter__(self):
+        n, b = len(self.y), self.batch_size
+        if self.generator is None:
+            for i in range(0, n, b):
+                yield self.x[i : i + b], self.y[i : i + b]
+            return
+        # the draws a DataLoader makes from its generator, so a seed gives the same batches: its
+        # iterator's base seed, the order, and (at the epoch's end) its sampler's unused remainder
+        torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+        order = torch.randperm(n, generator=self.generator).to(self.x.device)
+        for i in range(0, n, b):
+            idx = order[i : i + b]
+            yield self.x[idx], self.y[idx]
+        torch.randperm(n, generator=self.generator)
+
+
+_HELD: dict[tuple[str, str, str], tuple[torch.Tensor, torch.Tensor]] = {}  # (task key, split, device) -> tensors
+
+
+def on_device(task: Task, split: str, dataset: Dataset, device: torch.device):
+    """``dataset`` as (samples, labels) on ``device``, copied there once per process (one task
+    at a time is held); None if it is not held in memory (or is large and ``device`` is the
+    CPU, where batching it in place would only add a float copy)."""
+    key = (task.key({}), split, str(device))
+    if key in _HELD:
+        return _HELD[key]
+    tensors = _as_tensors(dataset, device.type != "cpu")
+    if tensors is None:
+        return None
+    if any(k[0] != key[0] for k in _HELD):
+        _HELD.clear()
+    _HELD[key] = tuple(t.to(device) for t in tensors)
+    return _HELD[key]
+
+
+def _as_tensors(dataset: Dataset, large: bool):
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return dataset.tensors
+    if isinstance(dataset, Subset):
+        inner = _as_tensors(dataset.dataset, large)
+        if inner is None:
+            return None
+        idx = torch.as_tensor(dataset.indices, dtype=torch.long)
+        return inner[0][idx], inner[1][idx]
+    if large and hasattr(dataset, "as_tensors"):
+        return dataset.as_tensors()
+    return None
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:

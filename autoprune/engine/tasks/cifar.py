@@ -7,6 +7,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset, Subset
 
 from ...config import TaskConfig
@@ -131,32 +132,40 @@ def _read_cifar_meta(path: Path) -> list[str]:
 class CIFAR10Data(Dataset):
     """CIFAR-10 images read from local python-format batch files (what torchvision's CIFAR10
     holds, without its unrestricted unpickling): ``data`` (N, 32, 32, 3) uint8, ``targets``,
-    ``classes``; a sample is the transformed PIL image and its label."""
+    ``classes``; a sample is the image as a normalised (3, 32, 32) tensor and its label."""
 
-    def __init__(self, data: np.ndarray, targets: list[int], classes: list[str], transform=None) -> None:
+    def __init__(self, data: np.ndarray, targets: list[int], classes: list[str]) -> None:
         self.data = data
         self.targets = targets
         self.classes = classes
         self.class_to_idx = {c: i for i, c in enumerate(classes)}
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple:
-        from PIL import Image
+        return _normalised(self.data[index : index + 1])[0], self.targets[index]
 
-        img = Image.fromarray(self.data[index])
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, self.targets[index]
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sample at once, as ``__getitem__`` gives them (for batching on a GPU)."""
+        return _normalised(self.data), torch.as_tensor(self.targets, dtype=torch.long)
 
 
-def _read_cifar(folder: Path, names: tuple[str, ...], classes: list[str], transform) -> CIFAR10Data:
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)
+
+
+def _normalised(images: np.ndarray) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 -> (N, 3, 32, 32) float, scaled to [0, 1] then normalised per
+    channel (torchvision's ToTensor and Normalize, in the same operations)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().float().div(255)
+    return x.sub_(torch.tensor(MEAN).view(1, 3, 1, 1)).div_(torch.tensor(STD).view(1, 3, 1, 1))
+
+
+def _read_cifar(folder: Path, names: tuple[str, ...], classes: list[str]) -> CIFAR10Data:
     batches = [_read_cifar_batch(folder / name) for name in names]
     data = np.ascontiguousarray(np.concatenate([d for d, _ in batches]))
     targets = [t for _, labels in batches for t in labels]
-    return CIFAR10Data(data, targets, classes, transform)
+    return CIFAR10Data(data, targets, classes)
 
 
 @task("cifar10", ("resnet20", "resnet56", "plain20"), "resnet20", data_dir=True)
@@ -165,8 +174,6 @@ def cifar10_task(config: TaskConfig) -> Task:
     10% of train is validation. Nothing is downloaded and any local copy in the python format is
     accepted; its batch files are read with a restricted unpickler (numpy arrays and plain
     data only), so a batch file that asks to load anything else is refused."""
-    import torchvision.transforms as T
-
     model = model_name(config)
     root = data_dir(config)
     if not (root / CIFAR_FOLDER).is_dir() and (root.name == CIFAR_FOLDER):
@@ -179,10 +186,9 @@ def cifar10_task(config: TaskConfig) -> Task:
             "data_batch_1..5, test_batch and batches.meta"
             + (f" (missing: {', '.join(missing)})" if folder.is_dir() else "")
         )
-    normalize = T.Compose([T.ToTensor(), T.Normalize((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))])
     classes = _read_cifar_meta(folder / "batches.meta")
-    full = _read_cifar(folder, CIFAR_TRAIN_FILES, classes, normalize)
-    test = _read_cifar(folder, ("test_batch",), classes, normalize)
+    full = _read_cifar(folder, CIFAR_TRAIN_FILES, classes)
+    test = _read_cifar(folder, ("test_batch",), classes)
     train_idx, val_idx = stratified_split(np.asarray(full.targets), 0.1, seed=0)
     return Task(
         name="cifar10",
