@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _machine import trial_rate
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "local.sh"
 
@@ -37,8 +39,6 @@ def _script(state: Path, *args: str) -> str:
 
 def _search(state: Path, tmp: Path, trials: int, epochs: int) -> float:
     """Trials per minute of one search on the running cluster."""
-    from mlflow.tracking import MlflowClient
-
     env = dict(os.environ)
     for line in _script(state, "env").splitlines():
         key, _, value = line.removeprefix("export ").partition("=")
@@ -50,13 +50,9 @@ def _search(state: Path, tmp: Path, trials: int, epochs: int) -> float:
     proc = subprocess.run(args, env=env, cwd=tmp, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         raise SystemExit(f"the search failed: {proc.stderr[-2000:]}")
-    client = MlflowClient(tracking_uri=uri)
-    runs = client.search_runs([client.get_experiment_by_name("scaling").experiment_id], max_results=1000)
-    trials_runs = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
-    span = (max(r.info.end_time for r in trials_runs) - min(r.info.start_time for r in trials_runs)) / 1000
-    nodes = {r.data.tags.get("autoprune.node_id") for r in trials_runs}
-    print(f"    {len(trials_runs)} trials on {len(nodes)} node(s) in {span:.1f} s", flush=True)
-    return len(trials_runs) / (span / 60)
+    rate, nodes, span = trial_rate(uri, "scaling")
+    print(f"    {trials} trials on {nodes} node(s) in {span:.1f} s", flush=True)
+    return rate
 
 
 def main() -> None:
