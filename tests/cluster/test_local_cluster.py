@@ -120,6 +120,28 @@ def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, tmp_path, engine_c
     assert (tmp_path / "st" / "job" / "best" / "summary.json").is_file()
 
 
+def test_a_search_runs_through_ray_client(cluster, tmp_path, engine_cfg):
+    """--address ray://HOST:PORT: Ray Client to the head's client server (port + 2), with the
+    cluster's token; Tune's loop then runs on the head, where the trials' node ids come from."""
+    from mlflow.tracking import MlflowClient
+
+    state, port, _ = cluster
+    env = _client_env(state)
+    env.pop("RAY_ADDRESS")
+    exe = Path(sys.executable).with_name("autoprune")
+    args = [str(exe), "search", "--address", f"ray://127.0.0.1:{port + 2}", "--trials", "3", "--epochs", "1"]
+    args += ["--final-epochs", "0", "--name", "rc", "--storage", str(tmp_path / "st"), "--no-progress"]
+    args += ["--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--cache-dir", engine_cfg.cache_dir]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("rc").experiment_id])
+    trials = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
+    info = _info(state)
+    assert len(trials) == 3 and all(r.info.status == "FINISHED" for r in trials)
+    assert {r.data.tags["autoprune.node_id"] for r in trials} <= {info["worker1_node"], info["worker2_node"]}
+
+
 def _holding(prefix: str) -> list[int]:
     """Running processes with a file open under ``prefix`` (Ray's agents rename themselves)."""
     pids = set()
