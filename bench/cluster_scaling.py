@@ -11,13 +11,16 @@ Printed: trials per minute per worker count, the speed-up over one worker, and i
 linear scaling (speed-up / workers). On a 2-core machine, 3 workers share 2 cores: scaling past
 2 cannot be linear.
 
-Run: ``python bench/cluster_scaling.py`` (about 5 minutes).
+Sizes are interleaved over ``--rounds`` rounds (default 3); the median and range are printed.
+
+Run: ``python bench/cluster_scaling.py`` (about 10 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,25 +63,31 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="each round runs every size once, in turn")
     parser.add_argument("--port", type=int, default=7700)
     args = parser.parse_args()
     print(f"{os.cpu_count()} CPU cores; {args.trials} trials x {args.epochs} epoch(s) of the default task per search")
-    rates = {}
-    for n in args.workers:
-        with tempfile.TemporaryDirectory() as d:
-            state, tmp = Path(d) / "cluster", Path(d) / "search"
-            tmp.mkdir()
-            _script(state, "up", "--workers", str(n), "--worker-cpus", "1", "--port", str(args.port))
-            try:
-                print(f"  {n} worker(s):", flush=True)
-                rates[n] = _search(state, tmp, args.trials, args.epochs)
-            finally:
-                _script(state, "down")
-    base = rates[min(rates)]
-    print("\nworkers  trials/min  speed-up  share of linear")
-    for n, rate in rates.items():
-        speedup = rate / base
-        print(f"{n:7d}  {rate:10.1f}  {speedup:7.2f}x  {speedup / (n / min(rates)):14.0%}")
+    rates: dict[int, list[float]] = {n: [] for n in args.workers}
+    for r in range(args.rounds):
+        for n in args.workers:
+            with tempfile.TemporaryDirectory() as d:
+                state, tmp = Path(d) / "cluster", Path(d) / "search"
+                tmp.mkdir()
+                _script(state, "up", "--workers", str(n), "--worker-cpus", "1", "--port", str(args.port))
+                try:
+                    print(f"  round {r + 1}, {n} worker(s):", flush=True)
+                    rates[n].append(_search(state, tmp, args.trials, args.epochs))
+                finally:
+                    _script(state, "down")
+    base = statistics.median(rates[min(rates)])
+    print(f"\nmedian of {args.rounds} round(s), range in brackets")
+    print("workers  trials/min            speed-up  share of linear")
+    for n, got in rates.items():
+        speedup = statistics.median(got) / base
+        spread = f"({min(got):.1f}-{max(got):.1f})"
+        print(
+            f"{n:7d}  {statistics.median(got):10.1f} {spread:11s}  {speedup:6.2f}x  {speedup / (n / min(rates)):14.0%}"
+        )
 
 
 if __name__ == "__main__":

@@ -107,6 +107,6 @@ class ClusterWatch(Callback):
         if now - self.since > self.wait_s:
             raise AutopruneError(
                 f"the cluster has had no node that can run a trial ({self.cpus:g} CPU, {self.gpus:g} GPU) for "
-                f"{self.wait_s:g} s (--node-wait): its workers are gone. The trials recorded so far are kept; "
-                "bring nodes back and continue with --resume"
+                f"{self.wait_s:g} s (--node-wait): its workers are gone, or none was ever added. The trials "
+                "recorded so far are kept; bring nodes up and continue with --resume"
             )

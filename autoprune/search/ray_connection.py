@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
-from .plan import Plan, check_fits
+from .plan import Plan
 
 
 def connect(plan: Plan) -> None:
@@ -19,15 +21,25 @@ def connect(plan: Plan) -> None:
             ray.init(address=plan.address, **common)
         except (ConnectionError, RuntimeError) as exc:
             raise AutopruneError(f"cannot join the Ray cluster at {plan.address!r}: {exc}") from None
+        # No node able to run a trial is not an error yet: an autoscaler adds nodes for pending
+        # trials (the cloud configs scale workers from zero). --node-wait bounds the wait.
+        cpus, gpus = plan.config.cpus_per_trial, plan.config.gpus_per_trial
         nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        check_fits(
-            plan.config,
-            max((n.get("CPU", 0) for n in nodes), default=0),
-            max((n.get("GPU", 0) for n in nodes), default=0),
-            "any node of the cluster",
-        )
+        if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+            print(
+                f"note: no node of the cluster can run a trial yet (one needs {cpus:g} CPU and {gpus:g} GPU; the "
+                f"nodes have {_largest(nodes)}); the search waits up to --node-wait {plan.config.node_wait:g} s "
+                "for one (an autoscaler adds nodes for pending trials)",
+                file=sys.stderr,
+            )
         return
     ray.init(address="local", num_cpus=plan.local_cpus, num_gpus=plan.local_gpus, include_dashboard=False, **common)
+
+
+def _largest(nodes: list[dict]) -> str:
+    if not nodes:
+        return "none alive"
+    return ", ".join(sorted({f"{n.get('CPU', 0):g} CPU / {n.get('GPU', 0):g} GPU" for n in nodes}))
 
 
 def concurrency(plan: Plan) -> int:
@@ -39,4 +51,6 @@ def concurrency(plan: Plan) -> int:
     n = int(res.get("CPU", 1) // plan.config.cpus_per_trial)
     if plan.config.gpus_per_trial:
         n = min(n, int(res.get("GPU", 0) // plan.config.gpus_per_trial))
+    if n == 0 and plan.address:
+        return plan.trials  # nothing fits yet (a cluster scaling from zero): pending trials ask for nodes
     return max(1, min(n, plan.trials))

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,28 @@ def test_a_search_runs_through_ray_client(cluster, tmp_path, engine_cfg):
     assert {r.data.tags["autoprune.node_id"] for r in trials} <= {info["worker1_node"], info["worker2_node"]}
 
 
+def test_a_trial_no_node_can_hold_waits_then_stops_with_a_clear_error(cluster, tmp_path, engine_cfg):
+    """GPU trials on this CPU-only cluster: an autoscaler could still add a GPU node, so the
+    search says at once that none fits and waits --node-wait seconds, then stops, its run
+    FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    state, _, _ = cluster
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    args = [str(Path(sys.executable).with_name("autoprune")), "search", "--gpus-per-trial", "0.25", "--trials", "2"]
+    args += ["--name", "nogpu", "--storage", str(tmp_path / "st"), "--tracking-uri", uri, "--no-progress"]
+    args += ["--cache-dir", engine_cfg.cache_dir, "--node-wait", "3"]
+    t0 = time.time()
+    proc = subprocess.run(args, env=_client_env(state), capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "no node of the cluster can run a trial yet (one needs 1 CPU and 0.25 GPU" in proc.stderr
+    assert "1 CPU / 0 GPU" in proc.stderr and "no node that can run a trial" in proc.stderr, proc.stderr[-2000:]
+    assert time.time() - t0 < 180
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("nogpu").experiment_id])
+    assert [r.info.status for r in runs if r.data.tags.get("autoprune.role") == "search"] == ["FAILED"]
+
+
 def _holding(prefix: str) -> list[int]:
     """Running processes with a file open under ``prefix`` (Ray's agents rename themselves)."""
     pids = set()
@@ -161,7 +184,6 @@ def _info(state: Path) -> dict[str, str]:
 def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
     """worker1's raylet is killed (SIGKILL, by its recorded pid) while a trial runs on it: the
     trial runs again on the surviving worker, every trial finishes, and MLflow holds each once."""
-    import time
 
     from mlflow.tracking import MlflowClient
 
@@ -207,7 +229,6 @@ def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
 
 
 def test_a_search_that_loses_every_worker_stops_with_a_clear_error(tmp_path_factory, engine_cfg):
-    import time
 
     from mlflow.tracking import MlflowClient
 
