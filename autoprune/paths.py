@@ -147,24 +147,45 @@ def has_files(location: str) -> bool:
     return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
 
 
-def check_location(location: str, flag: str) -> str:
+def check_location(location: str, flag: str, timeout_s: float = 60.0) -> str:
     """A folder (see :func:`check_output_dir`) or a bucket URI that can be written: a probe
     object is written and deleted, so a wrong endpoint, bucket or credential fails here, before
-    any work. Returns the location, a local one absolute."""
+    any work, as does a store that does not answer within ``timeout_s`` (a cloud client looking
+    for credentials without a network can wait for minutes). Returns the location, a local one
+    absolute."""
+    import threading
+
     if not is_uri(location):
         return str(check_output_dir(location, flag).resolve())
-    fs, path = _fs(location, flag)
-    probe = path.rstrip("/") + "/.autoprune-probe"
-    try:
-        fs.create_dir(path, recursive=True)
-        with fs.open_output_stream(probe) as f:
-            f.write(b"")
-        fs.delete_file(probe)
-    except OSError as exc:
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            fs, path = _fs(location, flag)
+            name = path.rstrip("/") + "/.autoprune-probe"
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(name) as f:
+                f.write(b"")
+            fs.delete_file(name)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            outcome.append(exc)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
         raise AutopruneError(
-            f"{flag} {location!r} cannot be written ({str(exc).splitlines()[0]}); check the bucket, the endpoint "
-            "and the credentials (for s3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance role)"
+            f"{flag} {location!r} did not answer within {timeout_s:g} s; check the network, the endpoint and "
+            "the credentials"
+        )
+    if isinstance(outcome[0], OSError):
+        raise AutopruneError(
+            f"{flag} {location!r} cannot be written ({str(outcome[0]).splitlines()[0]}); check the bucket, the "
+            "endpoint and the credentials (for s3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance role)"
         ) from None
+    if outcome[0] is not None:
+        raise outcome[0]
     return location
 
 

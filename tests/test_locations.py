@@ -53,3 +53,18 @@ def test_an_unusable_storage_is_refused_with_what_is_wrong(s3):
         check_location(f"s3://no-such-bucket/x?endpoint_override={s3.endpoint}", "--storage")
     with pytest.raises(AutopruneError, match=r"--storage 'bogus://x' is not a storage location.*s3://bucket/path"):
         check_location("bogus://x", "--storage")
+
+
+def test_a_storage_that_does_not_answer_is_refused_after_the_timeout():
+    """A server that accepts connections and never replies (a listening socket nobody serves)."""
+    import socket
+    import time
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        with pytest.raises(AutopruneError, match=r"--storage 's3://b/x.*' did not answer within 2 s"):
+            check_location(f"s3://b/x?endpoint_override=http://127.0.0.1:{port}", "--storage", timeout_s=2)
+        assert time.monotonic() - t0 < 10
