@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import AutopruneError
-from .models import classifier_layer, first_tensor
+from .models import classifier_layer, first_tensor, in_mode, output_layers, train_batch
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -58,18 +58,24 @@ def _quiet_tp():
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor):
-    """torch-pruning's DependencyGraph of ``model``, with a clear error when tracing fails."""
+    """torch-pruning's DependencyGraph of ``model``, with a clear error when tracing fails.
+    Traced in train mode (BN statistics restored after): fine-tuning runs what was traced,
+    auxiliary classifiers that only run in training included."""
     tp = _quiet_tp()
-    was_training = model.training
-    model.eval()
     try:
-        with torch.enable_grad():
-            dg = tp.DependencyGraph().build_dependency(model, example_input, verbose=False)
+        with in_mode(model, train=True), torch.enable_grad():
+            # torch-pruning sets eval mode before its pass; the forward function sets train back
+            dg = tp.DependencyGraph().build_dependency(
+                model, train_batch(example_input), forward_fn=_train_forward, verbose=False
+            )
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the model's, reported plainly
         raise AutopruneError(f"the dependency graph cannot trace this model ({type(model).__name__}): {exc}") from None
-    finally:
-        model.train(was_training)
     return dg
+
+
+def _train_forward(model: nn.Module, x: torch.Tensor):
+    model.train()
+    return model(x)
 
 
 class PrunableGraph:
@@ -80,9 +86,10 @@ class PrunableGraph:
         self.example_input = example_input
         self.dg = build_dependency_graph(model, example_input)
         names = {m: n for n, m in model.named_modules()}
+        heads = output_layers(model, example_input, train=True)  # auxiliary classifiers' too
         self.output_layer = names[classifier_layer(model, example_input)]
         self.output_shape = output_shape(model, example_input)
-        self.groups: list[Group] = _groups_of(self.dg, names, model.get_submodule(self.output_layer))
+        self.groups: list[Group] = _groups_of(self.dg, names, [model.get_submodule(self.output_layer), *heads])
         if not self.groups:
             raise AutopruneError("the model has no prunable channel group besides its classifier")
         self.by_name = {g.name: g for g in self.groups}
@@ -133,6 +140,8 @@ class PrunableGraph:
             trial.groups = groups
             try:
                 trial._remove({g.name: np.array([0]) for g in groups})
+                with in_mode(trial.model, train=True), torch.no_grad():
+                    trial.model(train_batch(self.example_input))  # what fine-tuning runs (auxiliary heads too)
                 return output_shape(trial.model, self.example_input), None
             except Exception as exc:  # noqa: BLE001 - reported to the user below
                 return None, (str(exc).splitlines() or [type(exc).__name__])[0]
@@ -200,11 +209,11 @@ def output_shape(model: nn.Module, example_input: torch.Tensor) -> tuple | None:
     return None if out is None else tuple(out.shape)
 
 
-def _groups_of(dg, names: dict, output_layer: nn.Module) -> list[Group]:
+def _groups_of(dg, names: dict, output_layers: list[nn.Module]) -> list[Group]:
     """The prunable groups of a dependency graph: every group but those that would prune
-    ``output_layer``'s output channels (names: module -> qualified name)."""
+    an output layer's output channels (names: module -> qualified name)."""
     groups = []
-    for tp_group in dg.get_all_groups(ignored_layers=[output_layer], root_module_types=PRUNABLE_TYPES):
+    for tp_group in dg.get_all_groups(ignored_layers=output_layers, root_module_types=PRUNABLE_TYPES):
         root = tp_group[0].dep.target.module
         group = Group(name=names[root], size=len(tp_group[0].idxs))
         for item in tp_group:

@@ -7,6 +7,7 @@ zero-padding shortcut of option A has no weights for a dependency graph to follo
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -119,6 +120,12 @@ def torchvision_model(name: str, num_classes: int) -> nn.Module:
 
 
 def classifier_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module:
+    """The layer that produces the model's output (its output channels are never pruned);
+    see :func:`output_layers`."""
+    return output_layers(model, example_input, train=False)[0]
+
+
+def output_layers(model: nn.Module, example_input: torch.Tensor, train: bool = False) -> list[nn.Module]:
     """The layer that produces the model's output (its output channels are never pruned).
 
     Runs ``model`` once on ``example_input`` (in eval mode, with gradients) while hooks on
@@ -129,6 +136,11 @@ def classifier_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module
     block's Linear layers) is not mistaken for it. Of a tuple, list or dict output the first
     tensor counts. When the graph names no layer (an output without autograd history), the
     last registered Linear is taken, else the last conv.
+
+    With ``train``, the model runs in train mode (its BN statistics restored after), and the
+    layer of every tensor it outputs is found, main output first: auxiliary classifiers that
+    only run in training (googlenet's ``aux1``/``aux2``, inception's ``AuxLogits``) have
+    output layers too.
     """
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
     if not layers:
@@ -142,17 +154,27 @@ def classifier_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module
             producer[output.grad_fn] = module
 
     hooks = [m.register_forward_hook(record) for m in layers]
-    was_training = model.training
     try:
-        model.eval()
-        x = example_input.detach().requires_grad_() if example_input.is_floating_point() else example_input
-        with torch.enable_grad():
-            out = first_tensor(model(x))
+        x = train_batch(example_input) if train else example_input
+        x = x.detach().requires_grad_() if x.is_floating_point() else x
+        with in_mode(model, train), torch.enable_grad():
+            outs = all_tensors(model(x))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
-    start = getattr(out, "grad_fn", None)
+    found = []
+    for out in outs[: None if train else 1]:
+        layer = _nearest(producer, getattr(out, "grad_fn", None))
+        if layer is not None and layer not in found:
+            found.append(layer)
+    if not found:
+        linears = [m for m in layers if isinstance(m, nn.Linear)]
+        found.append((linears or layers)[-1])
+    return found
+
+
+def _nearest(producer: dict, start) -> nn.Module | None:
+    """The recorded layer nearest ``start`` in the autograd graph (breadth first)."""
     queue, seen = deque([start] if start is not None else []), {start}
     while queue:
         node = queue.popleft()
@@ -162,8 +184,39 @@ def classifier_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module
             if parent is not None and parent not in seen:
                 seen.add(parent)
                 queue.append(parent)
-    linears = [m for m in layers if isinstance(m, nn.Linear)]
-    return (linears or layers)[-1]
+    return None
+
+
+@contextlib.contextmanager
+def in_mode(model: nn.Module, train: bool):
+    """``model`` in train (or eval) mode for a traced pass, its mode and buffers (BN running
+    statistics) as they were afterwards: tracing in train mode changes nothing it keeps."""
+    was_training = model.training
+    saved = {k: b.detach().clone() for k, b in model.named_buffers()} if train else {}
+    model.train(train)
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                if k in saved:
+                    b.copy_(saved[k])
+
+
+def train_batch(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a batch a train-mode pass accepts: BN in training needs more than one value
+    per channel, which one sample at a 1x1 spatial size does not give."""
+    return torch.cat([x, x]) if x.shape[0] == 1 else x
+
+
+def all_tensors(output) -> list[torch.Tensor]:
+    """Every tensor in ``output`` (a tensor, or a tuple, list, named tuple or dict of them),
+    depth first: the main output first for torchvision's models with auxiliary heads."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
+    return [t for item in items for t in all_tensors(item)]
 
 
 def first_tensor(output) -> torch.Tensor | None:

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import EngineConfig, FinetuneConfig
 from ..errors import AutopruneError
 from .checkpoint import architecture_key, atomic_save, cpu_state, load_state, load_tensors
+from .models import all_tensors
 from .tasks import Task
 
 EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, {"val_acc": ..., "loss": ...})
@@ -70,6 +71,20 @@ def accuracy_and_loss(model: nn.Module, loader, device: torch.device | None = No
     return int(correct) / max(total, 1), float(loss) / max(total, 1)
 
 
+AUX_WEIGHT = 0.3  # GoogLeNet's weight for its auxiliary classifiers' losses
+
+
+def training_loss(loss_fn, output, y: torch.Tensor) -> torch.Tensor:
+    """The loss of a train-mode output: the main output's, plus ``AUX_WEIGHT`` times each
+    auxiliary classifier's (googlenet, inception_v3 return them beside the logits in training)."""
+    outs = all_tensors(output)
+    loss = loss_fn(outs[0], y)
+    for aux in outs[1:]:
+        if aux.shape == outs[0].shape:
+            loss = loss + AUX_WEIGHT * loss_fn(aux, y)
+    return loss
+
+
 def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
     """Learning rate at ``step`` of ``total``: cosine decay from ``peak`` to 0, or constant."""
     if schedule == "constant" or total <= 0:
@@ -119,7 +134,7 @@ def train(
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total, cfg.lr, cfg.schedule)
                 x, y = x.to(device), y.to(device)
-                loss = loss_fn(model(x), y)
+                loss = training_loss(loss_fn, model(x), y)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate"

@@ -117,7 +117,7 @@ def _with_head_prunable(model: nn.Module) -> PrunableGraph:
     Linear, as registration order used to pick it): the head conv becomes a group."""
     graph = PrunableGraph(model, EXAMPLE)
     names = {m: n for n, m in model.named_modules()}
-    graph.groups = _groups_of(graph.dg, names, model.se_expand)
+    graph.groups = _groups_of(graph.dg, names, [model.se_expand])
     assert "head" in [g.name for g in graph.groups]
     return graph
 

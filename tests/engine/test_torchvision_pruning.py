@@ -264,3 +264,35 @@ def test_history_replays_on_fresh_dense_model(pruned_cases, tasks, images, model
     assert {k: v.shape for k, v in fresh.state_dict().items()} == shapes
     expected = outputs(pruned.model, images)
     torch.testing.assert_close(outputs(fresh, images), expected, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ train-mode branches
+
+
+@pytest.mark.slow
+def test_googlenet_prunes_its_auxiliary_classifiers_inputs_and_fine_tunes(image_root):
+    """googlenet's aux1/aux2 run in training only: the graph is traced in train mode, so the
+    channels they read are pruned with the blocks that feed them, their output layers keep
+    their classes, and fine-tuning (which runs them, their losses weighted 0.3) works."""
+    from autoprune.config import EngineConfig, FinetuneConfig
+
+    cfg = EngineConfig(
+        task=TaskConfig(name="imagefolder", model="googlenet", data_dir=str(image_root), image_size=64, batch_size=8),
+        train_epochs=0,
+    )
+    task = get_task(cfg.task)
+    dense = task.model_factory()
+    policy = Policy(criterion="magnitude", scope="global", finetune=FinetuneConfig(epochs=1))
+    result = engine.run(task, dense, policy, Budget("flops", 0.5), cfg, measure_latency=False)
+    model = result.model
+    assert result.pruned["flops_ratio"] <= 0.5 + 1e-6
+    assert model.aux1.conv.conv.in_channels < dense.aux1.conv.conv.in_channels  # pruned with inception4a
+    assert model.aux1.fc2.out_features == model.aux2.fc2.out_features == 3
+    model.train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert [tuple(t.shape) for t in out] == [(2, 3)] * 3  # logits, aux2, aux1
+    # the history replays onto a fresh dense model, auxiliary heads included
+    fresh = replay_history(task.model_factory(), task.example_input(), result.history)
+    assert {k: tuple(v.shape) for k, v in fresh.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in model.state_dict().items()
+    }
