@@ -69,8 +69,24 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor):
                 model, train_batch(example_input), forward_fn=_train_forward, verbose=False
             )
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the model's, reported plainly
-        raise AutopruneError(f"the dependency graph cannot trace this model ({type(model).__name__}): {exc}") from None
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        if _evaluates(model, example_input):
+            raise AutopruneError(
+                f"{type(model).__name__}'s training pass fails on input {tuple(example_input.shape[1:])} ({first}), "
+                "though evaluation runs (an auxiliary head may need larger images); try a larger --image-size"
+            ) from None
+        raise AutopruneError(
+            f"the dependency graph cannot trace this model ({type(model).__name__}): {first}"
+        ) from None
     return dg
+
+
+def _evaluates(model: nn.Module, example_input: torch.Tensor) -> bool:
+    try:
+        output_shape(model, example_input)
+        return True
+    except Exception:  # noqa: BLE001 - only whether it runs matters
+        return False
 
 
 def _train_forward(model: nn.Module, x: torch.Tensor):

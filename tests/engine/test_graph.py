@@ -104,3 +104,31 @@ def test_cost_model_matches_fvcore_after_pruning(digits_task, digits_dense):
     # FLOPs, 0.02% of the total), which the engine's fvcore check on the pruned model covers
     assert est_flops == pytest.approx(flops_by_module(model, example)[0], rel=5e-4)
     assert est_params == pytest.approx(count_params(model), rel=1e-9)
+
+
+class _AuxNeedsRoom(nn.Module):
+    """A main path that runs at any size and an auxiliary head, run in training only, that
+    pools by 8 (so it fails on small inputs), as inception_v3's AuxLogits does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 3)
+        self.aux = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x))
+        out = self.fc(h.mean((2, 3)))
+        if self.training:
+            return out, self.aux(nn.functional.max_pool2d(h, 8).mean((2, 3)))
+        return out
+
+
+def test_a_training_pass_that_fails_at_this_size_is_named_with_a_hint():
+    from autoprune.errors import AutopruneError
+
+    with pytest.raises(AutopruneError, match=r"_AuxNeedsRoom's training pass fails on input \(3, 4, 4\).*--image-size"):
+        PrunableGraph(_AuxNeedsRoom(), torch.randn(1, 3, 4, 4))
+    graph = PrunableGraph(_AuxNeedsRoom(), torch.randn(1, 3, 16, 16))  # room enough: the aux head is an output
+    assert graph.group_names() == ["conv"]
+    assert all(it.module != "aux" or it.dim == "in" for it in graph.by_name["conv"].items)
