@@ -160,11 +160,8 @@ class PruningEnv(gymnasium.Env):
             self.dense = engine_mod.dense_model(self.task, cfg, log=lambda _: None)
             self.dense_metrics = engine_mod.measure_model(self.dense, self.task, cfg.measure, latency=False)
             self.latency = None
-            measure = cfg.measure
             try:  # cached beside the dense model: the info dict's predicted latency
-                self.latency = engine_mod.latency_table(
-                    self.dense, self.task.input_shape, measure.latency_batch, measure.threads, engine_mod.cache_dir(cfg)
-                )
+                self.latency = engine_mod.task_latency_table(self.dense, self.task, cfg)
             except Exception:
                 if self.agent.reward == "acc_latency" or self.budget.kind == "latency":
                     raise  # the reward or the budget needs it

@@ -66,9 +66,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True, latency=False)  # timed by run
     latency = None
     if budget.kind == "latency":
-        latency = engine.latency_table(
-            dense, task.input_shape, cfg.measure.latency_batch, cfg.measure.threads, engine.cache_dir(cfg), print
-        )
+        latency = engine.task_latency_table(dense, task, cfg, print)
     print(
         f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "
         f"budget {budget.kind} {budget.fraction:g}"

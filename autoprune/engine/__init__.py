@@ -14,7 +14,7 @@ table), ``checkpoint`` (save, load, export), ``train``, ``stages`` (one pruning 
 
 from .latency import LatencyTable, latency_table
 from .methods import METHODS, MethodContext, check_policy
-from .run import RunResult, compare_latency, measure_model, run
+from .run import RunResult, compare_latency, measure_model, run, task_latency_table
 from .stages import (
     Pruned,
     channel_problem,
@@ -48,6 +48,7 @@ __all__ = [
     "run",
     "score",
     "scoring_batches",
+    "task_latency_table",
     "seed_everything",
     "solve_unstructured",
     "train",

@@ -221,10 +221,5 @@ def all_tensors(output) -> list[torch.Tensor]:
 
 def first_tensor(output) -> torch.Tensor | None:
     """``output`` if it is a tensor, else the first tensor in a tuple, list or dict (depth first)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    items = output.values() if isinstance(output, dict) else output if isinstance(output, (tuple, list)) else ()
-    for item in items:
-        if (found := first_tensor(item)) is not None:
-            return found
-    return None
+    tensors = all_tensors(output)
+    return tensors[0] if tensors else None

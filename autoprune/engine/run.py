@@ -17,7 +17,7 @@ from .methods import METHODS, MethodContext, PrunedCallback, check_policy
 from .prune import fold_masks
 from .stages import check_budget, collapse_report
 from .tasks import Task
-from .train import EpochCallback, evaluate, seed_everything
+from .train import EpochCallback, cache_dir, evaluate, seed_everything
 
 
 @dataclass
@@ -35,6 +35,13 @@ class RunResult:
     collapse: dict[str, Any] = field(default_factory=dict)  # see collapse_report
     events: list[dict[str, Any]] = field(default_factory=list)  # the method's pruning steps
     latency_checks: list[dict[str, Any]] = field(default_factory=list)  # a latency budget's timing checks
+
+
+def task_latency_table(model: nn.Module, task: Task, cfg: EngineConfig, log=None) -> LatencyTable:
+    """The latency table of ``model`` (dense) on its device, for ``task``'s input at the
+    measurement's latency batch and threads, cached beside the dense model (``cache_dir``)."""
+    m = cfg.measure
+    return latency_table(model, task.input_shape, m.latency_batch, m.threads, cache_dir(cfg), log)
 
 
 def measure_model(

@@ -9,6 +9,7 @@ import math
 import sys
 
 from ..config import SearchConfig
+from .ray_connection import fitting_nodes
 from .searchers import SEARCHERS
 
 
@@ -21,17 +22,13 @@ def trial_latency_table(dense, task, config: SearchConfig, say):
     the AMC agent's reward is acc_latency)."""
     import copy
 
-    import torch
-
     from .. import engine
 
-    device = torch.device("cuda" if config.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
+    device = _device(config.gpus_per_trial)
     model = dense if next(dense.parameters()).device == device else copy.deepcopy(dense).to(device)
-    measure, kind = config.engine.measure, config.budget.kind
+    kind = config.budget.kind
     try:
-        table = engine.latency_table(
-            model, task.input_shape, measure.latency_batch, measure.threads, engine.cache_dir(config.engine), say
-        )
+        table = engine.task_latency_table(model, task, config.engine, say)
     except Exception as exc:  # noqa: BLE001 - a FLOPs or params search goes on without predictions
         if kind == "latency" or (config.agent.reward == "acc_latency" and SEARCHERS.get(config.searcher).agent):
             raise  # the budget or the AMC agent's reward needs it
@@ -72,11 +69,7 @@ def node_tables(dense, task, config: SearchConfig, say) -> dict[str, dict]:
     from ..engine.checkpoint import cpu_state
 
     cpus, gpus = config.cpus_per_trial, config.gpus_per_trial
-    nodes = [
-        n["NodeID"]
-        for n in ray.nodes()
-        if n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus
-    ]
+    nodes = fitting_nodes(cpus, gpus)
 
     def on(node: str):
         return {
@@ -94,7 +87,6 @@ def node_tables(dense, task, config: SearchConfig, say) -> dict[str, dict]:
     built = ray.get([build.options(**on(node)).remote(task, state, config, gpus) for node in first.values()])
     out = {}
     for (name, node), table in zip(first.items(), built):
-        reachable(table, dense, task, config, name)
         say(f"latency table for {name}: {'cached' if table.cached else 'built'} on node {node[:12]}")
         out[name] = {"table": table, "node_id": node}
     return out
@@ -118,7 +110,4 @@ def _build(task, state: dict, config: SearchConfig, gpus: float):
     dense = task.model_factory()
     dense.load_state_dict(state)
     dense.eval().to(_device(gpus))
-    measure = config.engine.measure
-    return engine.latency_table(
-        dense, task.input_shape, measure.latency_batch, measure.threads, engine.cache_dir(config.engine)
-    )
+    return engine.task_latency_table(dense, task, config.engine)

@@ -91,16 +91,14 @@ class ClusterWatch(Callback):
         self.checked = 0.0
 
     def on_step_begin(self, iteration, trials, **info) -> None:
-        import ray
-
         from ..errors import AutopruneError
+        from .ray_connection import fitting_nodes
 
         now = time.monotonic()
         if now - self.checked < 2.0:
             return
         self.checked = now
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        if any(n.get("CPU", 0) >= self.cpus and n.get("GPU", 0) >= self.gpus for n in nodes):
+        if fitting_nodes(self.cpus, self.gpus):
             self.since = None
             return
         self.since = self.since or now

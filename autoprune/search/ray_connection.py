@@ -24,8 +24,8 @@ def connect(plan: Plan) -> None:
         # No node able to run a trial is not an error yet: an autoscaler adds nodes for pending
         # trials (the cloud configs scale workers from zero). --node-wait bounds the wait.
         cpus, gpus = plan.config.cpus_per_trial, plan.config.gpus_per_trial
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        if not fitting_nodes(cpus, gpus):
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             print(
                 f"note: no node of the cluster can run a trial yet (one needs {cpus:g} CPU and {gpus:g} GPU; the "
                 f"nodes have {_largest(nodes)}); the search waits up to --node-wait {plan.config.node_wait:g} s "
@@ -34,6 +34,18 @@ def connect(plan: Plan) -> None:
             )
         return
     ray.init(address="local", num_cpus=plan.local_cpus, num_gpus=plan.local_gpus, include_dashboard=False, **common)
+
+
+def fitting_nodes(cpus: float, gpus: float) -> list[str]:
+    """The ids of the alive nodes of the connected cluster that can hold a trial needing
+    ``cpus`` CPUs and ``gpus`` GPUs."""
+    import ray
+
+    return [
+        n["NodeID"]
+        for n in ray.nodes()
+        if n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus
+    ]
 
 
 def _largest(nodes: list[dict]) -> str:

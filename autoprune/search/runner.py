@@ -77,9 +77,10 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     tables = {}  # hardware -> its table and the node it was built on (None: this machine)
     if latency is not None:
         tables[device_name(trial_device)] = {"table": latency, "node_id": None}
-        if plan.address:
-            tables.update(node_tables(dense, task, config, say))
-            floor = max(reachable(t["table"], dense, task, config, name) for name, t in tables.items())
+        if plan.address:  # each kind of hardware the cluster's nodes have; the budget must fit all
+            found = node_tables(dense, task, config, say)
+            floor = max([floor, *(reachable(t["table"], dense, task, config, name) for name, t in found.items())])
+            tables.update(found)
     saved = dataclasses.asdict(config)
     saved.update(
         name=plan.name,

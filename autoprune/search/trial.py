@@ -46,10 +46,7 @@ def latency_here(setup: TrialSetup, dense, device):
         return None  # the search runs without latency predictions
     name = device_name(device)
     if name not in setup.tables:
-        m = setup.engine.measure
-        setup.tables[name] = engine.latency_table(
-            dense, setup.task.input_shape, m.latency_batch, m.threads, engine.cache_dir(setup.engine)
-        )
+        setup.tables[name] = engine.task_latency_table(dense, setup.task, setup.engine)
     return setup.tables[name]
 
 
