@@ -181,11 +181,36 @@ def _info(state: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in (state / "cluster").read_text().splitlines() if "=" in line)
 
 
+def _started(state: Path, tmp: Path, args: list[str]):
+    """``args`` (an ``autoprune search`` on the cluster, its store sqlite in ``tmp``) started
+    in the background, and an MLflow client of its store."""
+    from mlflow.tracking import MlflowClient
+
+    search = subprocess.Popen(
+        args, env=_client_env(state), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    return search, MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+def _wait_for_runs(client, name: str, search: subprocess.Popen, ready) -> bool:
+    """Polls the runs of experiment ``name`` every 0.5 s, for up to 300 s while ``search``
+    runs, until ``ready(runs)``; whether it came."""
+    deadline = time.time() + 300
+    while time.time() < deadline and search.poll() is None:
+        exp = client.get_experiment_by_name(name)
+        if ready(client.search_runs([exp.experiment_id]) if exp else []):
+            return True
+        time.sleep(0.5)
+    return False
+
+
+def _is_trial(run) -> bool:
+    return run.data.tags.get("autoprune.role") == "trial"
+
+
 def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
     """worker1's raylet is killed (SIGKILL, by its recorded pid) while a trial runs on it: the
     trial runs again on the surviving worker, every trial finishes, and MLflow holds each once."""
-
-    from mlflow.tracking import MlflowClient
 
     state = tmp_path_factory.mktemp("cluster3")
     tmp = tmp_path_factory.mktemp("lossy")
@@ -198,18 +223,12 @@ def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
         args = [str(Path(sys.executable).with_name("autoprune")), "search", "--trials", "4", "--epochs", "6"]
         args += ["--final-epochs", "0", "--scheduler", "none", "--name", "lossy", "--storage", str(tmp / "st")]
         args += ["--tracking-uri", uri, "--no-progress", "--cache-dir", engine_cfg.cache_dir, "--max-failures", "2"]
-        search = subprocess.Popen(
-            args, env=_client_env(state), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        client = MlflowClient(tracking_uri=uri)
-        deadline = time.time() + 300
-        while time.time() < deadline and search.poll() is None:
-            exp = client.get_experiment_by_name("lossy")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            if any(r.info.status == "RUNNING" and r.data.tags.get("autoprune.node_id") == victim_node for r in runs):
-                break
-            time.sleep(0.5)
-        else:
+        search, client = _started(state, tmp, args)
+
+        def on_victim(runs) -> bool:
+            return any(r.info.status == "RUNNING" and r.data.tags.get("autoprune.node_id") == victim_node for r in runs)
+
+        if not _wait_for_runs(client, "lossy", search, on_victim):
             pytest.fail("no trial ran on worker1 before the search ended")
         os.kill(victim, 9)
         out, err = search.communicate(timeout=900)
@@ -229,9 +248,6 @@ def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
 
 
 def test_a_search_that_loses_every_worker_stops_with_a_clear_error(tmp_path_factory, engine_cfg):
-
-    from mlflow.tracking import MlflowClient
-
     state = tmp_path_factory.mktemp("cluster4")
     tmp = tmp_path_factory.mktemp("orphan")
     port = _free_port()
@@ -242,17 +258,8 @@ def test_a_search_that_loses_every_worker_stops_with_a_clear_error(tmp_path_fact
         args = [str(Path(sys.executable).with_name("autoprune")), "search", "--trials", "4", "--epochs", "40"]
         args += ["--scheduler", "none", "--name", "orphan", "--storage", str(tmp / "st"), "--tracking-uri", uri]
         args += ["--no-progress", "--cache-dir", engine_cfg.cache_dir, "--node-wait", "5", "--max-failures", "0"]
-        search = subprocess.Popen(
-            args, env=_client_env(state), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        client = MlflowClient(tracking_uri=uri)
-        deadline = time.time() + 300
-        while time.time() < deadline and search.poll() is None:
-            exp = client.get_experiment_by_name("orphan")
-            runs = client.search_runs([exp.experiment_id]) if exp else []
-            if sum(r.data.tags.get("autoprune.role") == "trial" for r in runs) >= 2:
-                break
-            time.sleep(0.5)
+        search, client = _started(state, tmp, args)
+        _wait_for_runs(client, "orphan", search, lambda runs: sum(_is_trial(r) for r in runs) >= 2)
         for name in ("worker1", "worker2"):
             os.kill(int(info[f"{name}_raylet"]), 9)
         lost = time.time()
