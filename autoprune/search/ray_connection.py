@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
@@ -17,10 +18,7 @@ def connect(plan: Plan) -> None:
 
     common = dict(log_to_driver=False, logging_level="ERROR", configure_logging=True)
     if plan.address:
-        try:
-            ray.init(address=plan.address, **common)
-        except (ConnectionError, RuntimeError) as exc:
-            raise AutopruneError(f"cannot join the Ray cluster at {plan.address!r}: {exc}") from None
+        _join(ray, plan.address, common)
         # No node able to run a trial is not an error yet: an autoscaler adds nodes for pending
         # trials (the cloud configs scale workers from zero). --node-wait bounds the wait.
         cpus, gpus = plan.config.cpus_per_trial, plan.config.gpus_per_trial
@@ -34,6 +32,29 @@ def connect(plan: Plan) -> None:
             )
         return
     ray.init(address="local", num_cpus=plan.local_cpus, num_gpus=plan.local_gpus, include_dashboard=False, **common)
+
+
+CLIENT_ATTEMPTS = 3  # Ray Client connections tried before the search gives up
+
+
+def _join(ray, address: str, common: dict) -> None:
+    """``ray.init(address)``. Through Ray Client, a connection the server failed to set up
+    is tried again: the head's proxier starts a server process per client, and that process
+    sometimes dies as it starts (ray-project/ray#63202), which a second connection survives."""
+    for attempt in range(1, CLIENT_ATTEMPTS + 1):
+        try:
+            ray.init(address=address, **common)
+            return
+        except (ConnectionError, RuntimeError) as exc:
+            setup_failed = isinstance(exc, ConnectionAbortedError) and "Initialization failure" in str(exc)
+            if not (address.startswith("ray://") and setup_failed) or attempt == CLIENT_ATTEMPTS:
+                raise AutopruneError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
+            print(
+                f"note: the Ray Client server failed to start a session ({attempt}/{CLIENT_ATTEMPTS}); again",
+                file=sys.stderr,
+            )
+            ray.shutdown()
+            time.sleep(2.0 * attempt)
 
 
 def fitting_nodes(cpus: float, gpus: float) -> list[str]:

@@ -186,10 +186,16 @@ def _started(state: Path, tmp: Path, args: list[str]):
     in the background, and an MLflow client of its store."""
     from mlflow.tracking import MlflowClient
 
-    search = subprocess.Popen(
-        args, env=_client_env(state), cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    # files, not pipes: nothing reads a pipe while the search runs, and a full one would stall it
+    with (tmp / "search.out").open("w") as out, (tmp / "search.err").open("w") as err:
+        search = subprocess.Popen(args, env=_client_env(state), cwd=tmp, stdout=out, stderr=err, text=True)
     return search, MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+
+
+def _ended(search: subprocess.Popen, tmp: Path, timeout: float) -> tuple[str, str]:
+    """Waits for a search from :func:`_started`; its stdout and stderr."""
+    search.wait(timeout=timeout)
+    return (tmp / "search.out").read_text(), (tmp / "search.err").read_text()
 
 
 def _wait_for_runs(client, name: str, search: subprocess.Popen, ready) -> bool:
@@ -231,7 +237,7 @@ def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
         if not _wait_for_runs(client, "lossy", search, on_victim):
             pytest.fail("no trial ran on worker1 before the search ended")
         os.kill(victim, 9)
-        out, err = search.communicate(timeout=900)
+        out, err = _ended(search, tmp, 900)
         assert search.returncode == 0, err[-3000:]
         runs = client.search_runs([client.get_experiment_by_name("lossy").experiment_id])
         trials = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
@@ -263,7 +269,7 @@ def test_a_search_that_loses_every_worker_stops_with_a_clear_error(tmp_path_fact
         for name in ("worker1", "worker2"):
             os.kill(int(info[f"{name}_raylet"]), 9)
         lost = time.time()
-        out, err = search.communicate(timeout=300)
+        out, err = _ended(search, tmp, 300)
         assert search.returncode != 0
         assert "no node that can run a trial" in err and "--resume" in err, err[-2000:]
         assert time.time() - lost < 120  # the health check notices the dead nodes, then 5 s of --node-wait

@@ -101,9 +101,10 @@ MAX_RATIO = "0.97"
 
 def _digits_budget(task, dense, table) -> float:
     """0.6, or more where this machine's floor (as its own table predicts it) leaves less
-    than 0.08 of room: the budget tests are about meeting a reachable budget."""
+    than 0.12 of room: the budget tests are about meeting a reachable budget (a loaded
+    machine's timings may ask the corrections for a target near the predicted floor)."""
     floor = smallest_fraction(table, dense, task.example_input(), float(MAX_RATIO))
-    return max(0.6, math.ceil((floor + 0.08) * 100) / 100)
+    return max(0.6, math.ceil((floor + 0.12) * 100) / 100)
 
 
 def _latency_run(task, dense, fraction, cfg, table, finetune=0):
@@ -120,7 +121,8 @@ def test_a_latency_budget_is_met_as_measured_on_the_default_task(digits_task, di
     p = result.pruned
     first, kept = result.latency_checks[0], next(c for c in result.latency_checks if c["kept"])
     assert first["predicted"] <= budget + 1e-9 and first["target"] == budget  # the solver meets it on the prediction
-    assert not kept["missed"] and kept["measured"] <= budget + kept["noise"]  # the kept model, as timed
+    checks = result.latency_checks
+    assert not kept["missed"] and kept["measured"] <= budget + kept["noise"], checks  # the kept model, as timed
     assert abs(p["latency_measured_ratio"] - budget) <= BUDGET_TOLERANCE, (p, result.latency_checks)
     assert p["speedup"] > 1 and p["speedup_spread"][0] <= p["speedup"] <= p["speedup_spread"][1]
 
