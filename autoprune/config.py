@@ -160,7 +160,9 @@ class MeasureConfig:
 
     batch_sizes: tuple[int, ...] = checked(sequence(integer(1), extra=_batch_sizes), (1, 32))  # latency per batch size
     warmup: int = checked(integer(0), 5)  # untimed forward passes first
-    repeats: int = checked(integer(1), 20)  # timed forward passes; the median is reported
+    repeats: int = checked(integer(1, flag="--latency-passes"), 20)  # timed forward passes; the median is reported
+    seconds: float = checked(number(0.1, flag="--latency-seconds"), 60.0)  # a timing stops after the round that
+    # passes this (at least 3 rounds), so big models on CPU are not minutes of timing
     threads: int = checked(integer(1, flag="--threads"), 1)  # torch intra-op threads during CPU timing (fixed,
     # so runs compare)
     latency_batch: int = checked(integer(1, flag="--latency-batch"), 1)  # the batch size --budget-latency, the

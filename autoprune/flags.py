@@ -53,9 +53,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="training samples per class that data-dependent criteria score on (default 10)",
     )
-    g.add_argument(
-        "--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no terminal)"
-    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bars (off anyway when stderr is no tty)")
+    g.add_argument("--latency-passes", type=int, default=None, help="timed passes per latency timing (default 20)")
+    g.add_argument("--latency-seconds", type=float, default=None, help="time cap per latency timing (default 60)")
 
 
 def _add_policy_flags(p: argparse.ArgumentParser) -> None:
@@ -345,12 +345,12 @@ def budget_from_args(args: argparse.Namespace, base: Budget | None = None) -> Bu
 def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
     """The engine's settings: ``base`` (the defaults, or a resumed search's) with the flags given."""
     base = base or EngineConfig()
+    measure = {"threads": args.threads, "latency_batch": args.latency_batch, "repeats": args.latency_passes}
+    measure["seconds"] = args.latency_seconds
     return dataclasses.replace(
         base,
         task=task_config(args, base.task),
-        measure=dataclasses.replace(
-            base.measure, **_drop_none({"threads": args.threads, "latency_batch": args.latency_batch})
-        ),
+        measure=dataclasses.replace(base.measure, **_drop_none(measure)),
         progress=not args.no_progress and sys.stderr.isatty(),
         **_drop_none(
             {

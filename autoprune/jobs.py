@@ -29,15 +29,15 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
             model(example)
     except Exception as exc:  # noqa: BLE001 - the model's own error, reported plainly
         raise AutopruneError(
-            f"model {task.model_name!r} cannot run on the task's input of shape {tuple(example.shape)}: "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            f"model {task.model_name!r} cannot run on the task's input of shape {tuple(example.shape)} "
+            f"({(str(exc).splitlines() or [type(exc).__name__])[0][:120]}); it may need another --image-size"
         ) from None
     engine.check_budget(policy, budget)
     scores = engine.score(model, Policy(criterion="magnitude", structure=policy.structure), None, 0)
     if policy.structure != "channel":  # the solver also checks per_layer names against the maskable layers
         engine.solve_unstructured(model, task, policy, budget, scores, measure(model, task.input_shape, None, False))
         return
-    graph = PrunableGraph(model, example)
+    graph = engine.leave_kept(PrunableGraph(model, example), model, policy, example)
     graph.dry_run()
     names, sizes, channel, costs = engine.channel_problem(model, example, policy, scores, graph)
     if budget.kind == "latency":

@@ -4,8 +4,10 @@ No Ray, no MLflow (an import-linter contract in ``pyproject.toml`` holds it to t
 copy dense model -> (BN warm-up) -> score -> solve the budget -> prune -> measure ->
 fine-tune -> evaluate (validation for decisions, test only for the final report).
 
-Modules, from the bottom up: ``tasks`` and ``models`` (data and networks), ``graph`` (channel
-groups, the cost model and the search's layer table), ``criteria``, ``solver`` (budget ->
+Modules, from the bottom up: ``tasks`` and ``models`` (data and networks), ``attention``
+(prunable attention heads), ``probe`` (what a forward pass does that the graph cannot
+follow), ``graph`` (channel groups), ``costs`` (the cost model), ``layers`` (the search's
+layer table), ``criteria``, ``solver`` (budget ->
 what each group or layer loses), ``prune``, ``measure``, ``latency`` (the hardware's latency
 table), ``checkpoint`` (save, load, export), ``train``, ``stages`` (one pruning step), ``methods``
 (when pruning happens) and ``run``
@@ -19,6 +21,7 @@ from .stages import (
     Pruned,
     channel_problem,
     check_budget,
+    leave_kept,
     prune_to_budget,
     score,
     scoring_batches,
@@ -42,6 +45,7 @@ __all__ = [
     "dense_model",
     "evaluate",
     "latency_table",
+    "leave_kept",
     "measure_model",
     "prune_to_budget",
     "resolve_device",

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from .graph import CostModel, PrunableGraph
+from .costs import CostModel
+from .graph import PrunableGraph
 from .latency import LatencyTable
 from .measure import flops_by_module
 from .solver import max_pruned

@@ -145,12 +145,16 @@ def _history(value: Any) -> str | None:
         isinstance(step, list)
         and len(step) == 3
         and isinstance(step[0], str)
-        and isinstance(step[1], bool)
+        and (isinstance(step[1], bool) or step[1] == "heads")
         and isinstance(step[2], list)
         and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in step[2])
         for step in value
     )
-    return None if ok else "must be a list of [layer name, is_out_channel, [channel indices]] steps"
+    return (
+        None
+        if ok
+        else "must be a list of [layer name, is_out_channel, [channel indices]] or [attention, 'heads', [heads]] steps"
+    )
 
 
 def _tensors(value: dict) -> str | None:

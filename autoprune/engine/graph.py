@@ -9,6 +9,7 @@ used for the graph and the physical removal only; scores come from :mod:`autopru
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,9 @@ import torch
 from torch import nn
 
 from ..errors import AutopruneError
+from .attention import ATTENTION_TYPES, HEADS, attention_pruners, head_rows, opaque, prune_heads
 from .models import classifier_layer, first_tensor, in_mode, output_layers, train_batch
+from .probe import bounded, channel_shuffles
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -38,12 +41,24 @@ class Group:
     """A set of coupled channels, named after its root layer (the first conv/linear)."""
 
     name: str
-    size: int  # number of channels
+    size: int  # number of prunable units: channels, or in-group positions (see ``period``)
     items: list[GroupItem] = field(default_factory=list)
+    period: int | None = None  # set where grouped convs tie channel p to p + period, p + 2 period...
+    channels_total: int = 0  # the root layer's channels (``size`` unless folded by ``period``)
+    kind: str = "channels"  # or "heads": an attention module's heads, named after its qkv layer
 
     @property
     def max_prunable(self) -> int:
         return self.size - 1
+
+    def channels(self, units) -> list[int]:
+        """The root layer's channel indices of ``units`` (each unit with its copies in every
+        conv group where the group is folded)."""
+        units = [int(u) for u in units]
+        if self.period is None:
+            return sorted(units)
+        copies = range(0, self.channels_total, self.period)
+        return sorted(u + c for u in units for c in copies)
 
 
 def _quiet_tp():
@@ -63,13 +78,23 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor):
     auxiliary classifiers that only run in training included."""
     tp = _quiet_tp()
     try:
-        with in_mode(model, train=True), torch.enable_grad():
+        with in_mode(model, train=True), torch.enable_grad(), opaque(model):
             # torch-pruning sets eval mode before its pass; the forward function sets train back
             dg = tp.DependencyGraph().build_dependency(
-                model, train_batch(example_input), forward_fn=_train_forward, verbose=False
+                model,
+                train_batch(example_input),
+                forward_fn=_train_forward,
+                customized_pruners=attention_pruners(),
+                verbose=False,
             )
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the model's, reported plainly
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        shuffles = channel_shuffles(model, example_input)
+        if shuffles:
+            raise AutopruneError(
+                f"channel pruning cannot follow {type(model).__name__}'s {shuffles[0] or 'forward'!r}: it shuffles "
+                "channels between groups (a view splitting them, then a transpose); use --structure unstructured"
+            ) from None
         if _evaluates(model, example_input):
             raise AutopruneError(
                 f"{type(model).__name__}'s training pass fails on input {tuple(example_input.shape[1:])} ({first}), "
@@ -100,12 +125,15 @@ class PrunableGraph:
     def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
         self.model = model
         self.example_input = example_input
-        self.dg = build_dependency_graph(model, example_input)
         names = {m: n for n, m in model.named_modules()}
         heads = output_layers(model, example_input, train=True)  # auxiliary classifiers' too
         self.output_layer = names[classifier_layer(model, example_input)]
         self.output_shape = output_shape(model, example_input)
-        self.groups: list[Group] = _groups_of(self.dg, names, [model.get_submodule(self.output_layer), *heads])
+        with bounded(f"tracing {type(model).__name__}'s channel groups"):
+            self.dg = build_dependency_graph(model, example_input)
+            self.groups: list[Group] = _groups_of(self.dg, names, [model.get_submodule(self.output_layer), *heads])
+        self.groups += head_groups(model)
+        self.head_steps: list[list] = []  # [attention module, "heads", [heads]] per head removal
         if not self.groups:
             raise AutopruneError("the model has no prunable channel group besides its classifier")
         self.by_name = {g.name: g for g in self.groups}
@@ -139,9 +167,14 @@ class PrunableGraph:
                 continue
             if len(idxs) >= group.size:
                 raise AutopruneError(f"refusing to empty group {group.name!r}")
+            if group.kind == HEADS:
+                attention = group.name.rsplit(".", 1)[0]
+                prune_heads(self.model.get_submodule(attention), idxs)
+                self.head_steps.append([attention, HEADS, sorted(int(i) for i in idxs)])
+                continue
             module = self.model.get_submodule(group.name)
             pruner = self.dg.get_pruner_of_module(module)
-            tp_group = self.dg.get_pruning_group(module, pruner.prune_out_channels, sorted(int(i) for i in idxs))
+            tp_group = self.dg.get_pruning_group(module, pruner.prune_out_channels, group.channels(idxs))
             tp_group.prune()
 
     def dry_run(self) -> None:
@@ -162,35 +195,41 @@ class PrunableGraph:
             except Exception as exc:  # noqa: BLE001 - reported to the user below
                 return None, (str(exc).splitlines() or [type(exc).__name__])[0]
 
-        shape, error = attempt(self.groups)
-        if error is None and shape == self.output_shape:
-            return
-        results = [(g.name, *attempt([g])) for g in self.groups]
+        with bounded(
+            "the dry run of channel pruning", "leave a group alone with --keep, or use --structure unstructured"
+        ):
+            shape, error = attempt(self.groups)
+            if error is None and shape == self.output_shape:
+                return
+            results = [(g.name, *attempt([g])) for g in self.groups]
         for name, one_shape, one_error in results:
             if one_error is None and one_shape != self.output_shape:
                 raise self._shape_error(f"pruning group {name!r}", one_shape)
         culprits = [(n, e) for n, _, e in results if e is not None]
         if error is None and not culprits:
             raise self._shape_error("pruning all groups together", shape)
-        detail = "; ".join(f"{n}: {e}" for n, e in culprits[:3]) or "the groups together"
+        if not culprits:
+            raise AutopruneError(
+                f"removing a channel of every group together breaks the forward pass ({error[:100]}); "
+                "use --structure unstructured"
+            )
+        name, cause = culprits[0]
+        more = f" (and {len(culprits) - 1} more group(s))" if len(culprits) > 1 else ""
         raise AutopruneError(
-            "channel pruning cannot handle this model: removing a channel of group(s) "
-            f"{', '.join(n for n, _ in culprits) or '(several)'} breaks its forward pass ({detail}). "
-            "The dependency graph follows standard layers (conv incl. depthwise/grouped, linear, "
-            "norms, residual adds, concatenations) but not custom layers with their own weights, "
-            "channel shuffles or channel slicing; use --structure unstructured"
+            f"removing a channel of group {name!r}{more} breaks the forward pass ({cause[:120]}); leave it "
+            f"alone with --keep {name!r}, or use --structure unstructured"
         )
 
     def _shape_error(self, what: str, shape: tuple | None) -> AutopruneError:
         return AutopruneError(
-            f"{what} changes the model's output shape from {self.output_shape} to {shape}: channels that "
-            f"reach the model's output cannot be pruned (the output layer, whose channels are kept, was "
-            f"taken to be {self.output_layer!r}); use --structure unstructured"
+            f"{what} changes the model's output shape from {self.output_shape} to {shape} (the output layer "
+            f"was taken to be {self.output_layer!r}); use --keep on that group, or --structure unstructured"
         )
 
     def history(self) -> list:
         """Replayable pruning history: [root module name, is_out_channel, indices] per step."""
-        return [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self.dg.pruning_history()]
+        steps = [[n, bool(o), [int(i) for i in idx]] for n, o, idx in self.dg.pruning_history()]
+        return steps + self.head_steps
 
     def mask(self, plan: dict[str, np.ndarray]) -> None:
         """Zero the planned channels' outputs instead of removing them: filters, biases and
@@ -229,116 +268,75 @@ def _groups_of(dg, names: dict, output_layers: list[nn.Module]) -> list[Group]:
     """The prunable groups of a dependency graph: every group but those that would prune
     an output layer's output channels (names: module -> qualified name)."""
     groups = []
+    attention = any(isinstance(m, ATTENTION_TYPES) for m in names)
     for tp_group in dg.get_all_groups(ignored_layers=output_layers, root_module_types=PRUNABLE_TYPES):
+        if attention and any(isinstance(it.dep.target.module, (*ATTENTION_TYPES, nn.LayerNorm)) for it in tp_group):
+            continue  # a transformer's embedding width (its reshapes fix it): left alone
         root = tp_group[0].dep.target.module
-        group = Group(name=names[root], size=len(tp_group[0].idxs))
+        size = len(tp_group[0].idxs)
+        group = Group(name=names[root], size=size, channels_total=size)
+        widths = []  # the per-conv-group widths of the grouped convs the group touches
         for item in tp_group:
             module = item.dep.target.module
             if not isinstance(module, nn.Module) or module not in names:
                 continue  # element-wise ops, reshapes: nothing to score or count
             dim = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
             group.items.append(GroupItem(names[module], dim, np.asarray(item.idxs), np.asarray(item.root_idxs)))
+            width = _group_width(module, dim)
+            if width is not None:
+                if not np.array_equal(item.idxs, item.root_idxs):
+                    widths.append(1)  # offsets into a grouped conv (a concatenation before it): left alone
+                widths.append(width)
+        if widths:
+            _fold(group, math.gcd(*widths))
         if group.size > 1:
             groups.append(group)
     return groups
 
 
+def head_groups(model: nn.Module) -> list[Group]:
+    """One group per attention module of :mod:`.attention`: its heads, each the ``qkv`` rows
+    of its queries, keys and values and the ``proj`` columns it feeds, named after ``qkv``."""
+    groups = []
+    for name, m in model.named_modules():
+        if isinstance(m, ATTENTION_TYPES) and m.num_heads > 1:
+            rows, row_heads, cols, col_heads = head_rows(m)
+            heads = np.arange(m.num_heads)
+            group = Group(name=f"{name}.qkv", size=m.num_heads, channels_total=m.num_heads, kind=HEADS)
+            group.items = [
+                GroupItem(f"{name}.qkv", "out", np.asarray(rows), np.asarray(row_heads)),
+                GroupItem(f"{name}.proj", "in", np.asarray(cols), np.asarray(col_heads)),
+                GroupItem(name, "out", heads, heads),  # the attention itself: its cost scales with its heads
+            ]
+            groups.append(group)
+    return groups
+
+
+def _group_width(module: nn.Module, dim: str) -> int | None:
+    """Channels per conv group on ``dim`` of a grouped (not depthwise) conv, else None.
+    torch-pruning keeps the group count of such a conv, so a removal must take the same
+    positions in every conv group (its input pruning keeps the first group's positions)."""
+    groups = getattr(module, "groups", 1)
+    if not isinstance(module, nn.modules.conv._ConvNd) or groups == 1 or groups == module.out_channels:
+        return None  # depthwise convs (one channel per group) are pruned with their channels
+    return (module.in_channels if dim == "in" else module.out_channels) // groups
+
+
+def _fold(group: Group, period: int) -> None:
+    """Make ``group``'s units the ``period`` positions shared by every conv group: unit p is
+    channels p, p + period, ... of the root, and scores and costs add over those copies."""
+    group.period, group.size = period, period
+    for item in group.items:
+        item.root_idxs = item.root_idxs % period
+
+
 def replay_history(model: nn.Module, example_input: torch.Tensor, history: list) -> nn.Module:
     """Re-apply a recorded channel-pruning history to a freshly built dense model."""
     dg = build_dependency_graph(model, example_input)
-    dg.load_pruning_history([[n, bool(o), list(idx)] for n, o, idx in history])
+    dg.load_pruning_history([[n, bool(o), list(idx)] for n, o, idx in history if o != HEADS])
+    for name, _, heads in (step for step in history if step[1] == HEADS):
+        prune_heads(model.get_submodule(name), heads)
     return model
-
-
-class CostModel:
-    """FLOPs and parameters of the model after removing channels, without pruning it.
-
-    Dense per-module FLOPs come from fvcore once; a conv or linear layer's FLOPs and weights
-    scale with its kept input and output channels (a depthwise conv's with its channels), a
-    norm layer's with its channels. Other modules keep their cost. The engine checks the
-    estimate against fvcore on the really pruned model.
-    """
-
-    def __init__(self, graph: PrunableGraph, module_flops: dict[str, float], total_flops: float):
-        model = graph.model
-        self.total_flops = float(total_flops)
-        self.total_params = float(sum(p.numel() for p in model.parameters()))
-        self.modules: dict[str, dict] = {}
-        for name, m in model.named_modules():
-            if isinstance(m, PRUNABLE_TYPES):
-                cin = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-                cout = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-                groups = getattr(m, "groups", 1)
-                depthwise = groups > 1 and groups == cin
-                kernel = int(np.prod(m.weight.shape[2:])) if m.weight.dim() > 2 else 1
-                bias = m.bias is not None
-                self.modules[name] = dict(
-                    kind="depthwise" if depthwise else ("grouped" if groups > 1 else "dense"),
-                    cin=cin,
-                    cout=cout,
-                    groups=groups,
-                    kernel=kernel,
-                    bias=bias,
-                    flops=float(module_flops.get(name, 0.0)),
-                    params=float(sum(p.numel() for p in m.parameters(recurse=False))),
-                )
-            elif isinstance(m, NORM_TYPES):
-                self.modules[name] = dict(
-                    kind="norm",
-                    cin=m.num_features,
-                    cout=m.num_features,
-                    flops=float(module_flops.get(name, 0.0)),
-                    params=float(sum(p.numel() for p in m.parameters(recurse=False))),
-                )
-        self.sizes = [g.size for g in graph.groups]  # channels per group
-        # per group: (module name, dim, root index of each idx) for the modules we model
-        self.effects = [
-            [(it.module, it.dim, it.root_idxs) for it in g.items if it.module in self.modules] for g in graph.groups
-        ]
-
-    def _cut(self, removed: list[np.ndarray]) -> dict[str, dict[str, int]]:
-        """Per modelled module touched by ``removed``: channels cut from its "in" and "out"."""
-        cut: dict[str, dict[str, int]] = {}
-        for effects, mask in zip(self.effects, removed):
-            if not mask.any():
-                continue
-            for module, dim, roots in effects:
-                n = int(mask[roots].sum())
-                if n:
-                    c = cut.setdefault(module, {"in": 0, "out": 0})
-                    c[dim] += n
-        return cut
-
-    def widths(self, removed: list[np.ndarray]) -> dict[str, tuple[int, int]]:
-        """(input, output) channels left to each module whose channels ``removed`` cuts."""
-        out = {}
-        for module, c in self._cut(removed).items():
-            info = self.modules[module]
-            cin, cout = info["cin"] - c["in"], info["cout"] - c["out"]
-            if info["kind"] in ("norm", "depthwise"):
-                cin = cout = min(cin, cout)
-            out[module] = (cin, cout)
-        return out
-
-    def cost(self, removed: list[np.ndarray]) -> tuple[float, float]:
-        """(flops, params) after removing the channels flagged True in ``removed[g]``."""
-        cut = self._cut(removed)
-        flops, params = self.total_flops, self.total_params
-        for module, c in cut.items():
-            info = self.modules[module]
-            fo = (info["cout"] - c["out"]) / info["cout"]
-            fi = (info["cin"] - c["in"]) / info["cin"]
-            if info["kind"] in ("norm", "depthwise"):
-                scale = min(fo, fi) if info["kind"] == "depthwise" else fo
-                flops -= info["flops"] * (1 - scale)
-                params -= info["params"] * (1 - scale)
-                continue
-            flops -= info["flops"] * (1 - fo * fi)
-            weight = info["cin"] * info["cout"] * info["kernel"] / info["groups"]
-            kept_weight = weight * fo * fi
-            kept_bias = info["cout"] * fo if info["bias"] else 0.0
-            params -= (weight - kept_weight) + ((info["cout"] if info["bias"] else 0.0) - kept_bias)
-        return flops, params
 
 
 def clone(model: nn.Module) -> nn.Module:

@@ -35,7 +35,8 @@ import torch
 from torch import nn
 
 from ..errors import AutopruneError
-from .graph import NORM_TYPES, PRUNABLE_TYPES, CostModel, PrunableGraph
+from .costs import CostModel
+from .graph import NORM_TYPES, PRUNABLE_TYPES, PrunableGraph
 from .measure import device_name, model_device, quartiles, time_interleaved, timing_threads
 
 VERSION = 4  # bump when the table's layout or method changes: older cache files are rebuilt

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from ..config import STRUCTURES
 from .allocation import group_flops as group_shares
+from .costs import CostModel
 from .criteria import scored_modules
-from .graph import CostModel, PrunableGraph
+from .graph import PrunableGraph
 from .measure import flops_by_module
 
 

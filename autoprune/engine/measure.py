@@ -49,7 +49,10 @@ def flops_by_module(model: nn.Module, example_input: torch.Tensor) -> tuple[floa
         with _quiet(), torch.no_grad():
             from fvcore.nn import FlopCountAnalysis
 
+            from .attention import attention_flops
+
             analysis = FlopCountAnalysis(model, example_input)
+            analysis.set_op_handle("aten::scaled_dot_product_attention", attention_flops)
             analysis.unsupported_ops_warnings(False)
             analysis.uncalled_modules_warnings(False)
             analysis.tracer_warnings("none")
@@ -119,20 +122,34 @@ def timing_threads(device: torch.device, threads: int):
         torch.set_num_threads(saved)
 
 
+MIN_ROUNDS = 3  # rounds a time cap leaves at least
+
+
 def time_interleaved(
-    calls: list[Callable[[], Any]], device: torch.device, warmup: int, rounds: int
+    calls: list[Callable[[], Any]], device: torch.device, warmup: int, rounds: int, seconds: float | None = None
 ) -> list[list[float]]:
     """Milliseconds of each of ``calls``, ``rounds`` samples each, taken side by side: every
     call is warmed up (``warmup`` untimed calls), then each round times every call once, in
     an order that reverses from round to round, so drift and load from other processes hit
-    all calls alike. On CUDA the device is synchronised around every sample."""
+    all calls alike. On CUDA the device is synchronised around every sample. With
+    ``seconds``, warm-up and rounds stop once that much time has passed (after at least one
+    warm-up call each and ``MIN_ROUNDS`` rounds): a big model on CPU is timed fewer times."""
+    began = time.perf_counter()
+
+    def over() -> bool:
+        return seconds is not None and time.perf_counter() - began > seconds
+
     with torch.inference_mode():
         for call in calls:
-            for _ in range(warmup):
+            for w in range(warmup):
+                if w and over():
+                    break
                 call()
         _sync(device)
         samples: list[list[float]] = [[] for _ in calls]
         for r in range(rounds):
+            if r >= MIN_ROUNDS and over():
+                break
             order = range(len(calls)) if r % 2 == 0 else range(len(calls) - 1, -1, -1)
             for i in order:
                 t0 = time.perf_counter()
@@ -169,7 +186,9 @@ def side_by_side(
         m.eval()
     try:
         with timing_threads(device, config.threads):
-            samples = time_interleaved([partial(m, x) for m in models], device, config.warmup, config.repeats)
+            samples = time_interleaved(
+                [partial(m, x) for m in models], device, config.warmup, config.repeats, config.seconds
+            )
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -109,14 +109,19 @@ def torchvision_model_names() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def torchvision_model(name: str, num_classes: int) -> nn.Module:
-    """An untrained torchvision classification model by name (``resnet18``, ``mobilenet_v2``...)."""
+def torchvision_model(name: str, num_classes: int, image_size: int | None = None) -> nn.Module:
+    """An untrained torchvision classification model by name (``resnet18``, ``mobilenet_v2``...),
+    its attention modules in head-prunable form. Vision transformers, whose position
+    embedding fixes the input size, are built for ``image_size``."""
     import torchvision
+
+    from .attention import prunable_form
 
     names = torchvision_model_names()
     if name not in names:
         raise AutopruneError(f"unknown torchvision classification model {name!r}; choose one of: {', '.join(names)}")
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    sized = {"image_size": image_size} if image_size and name.startswith("vit_") else {}
+    return prunable_form(torchvision.models.get_model(name, weights=None, num_classes=num_classes, **sized))
 
 
 def classifier_layer(model: nn.Module, example_input: torch.Tensor) -> nn.Module:

@@ -14,7 +14,8 @@ from torch import nn
 from ..config import BUDGET_KINDS, Budget, Policy
 from ..errors import AutopruneError
 from . import criteria as crit
-from .graph import PRUNABLE_TYPES, CostModel, PrunableGraph, clone
+from .costs import CostModel
+from .graph import PRUNABLE_TYPES, PrunableGraph, clone
 from .latency import LatencyTable, module_widths
 from .measure import Cost, flops_by_module, measure
 from .prune import fold_masks, mask_weights, prune_channels
@@ -308,6 +309,21 @@ def below_zeros(model: nn.Module, scores: crit.Scores) -> crit.Scores:
     return out
 
 
+def leave_kept(graph: PrunableGraph, model: nn.Module, policy: Policy, example: torch.Tensor) -> PrunableGraph:
+    """``graph`` without the groups that touch a layer ``policy`` keeps (their outputs or
+    their inputs): those are never pruned, nor checked by a dry run."""
+    kept = kept_layers(model, policy, example)
+    if kept:
+        graph.groups = [g for g in graph.groups if not any(it.module in kept for it in g.items)]
+        graph.by_name = {g.name: g for g in graph.groups}
+        if not graph.groups:
+            raise AutopruneError(
+                "every channel group touches a kept layer (--keep, --keep-types, "
+                "--keep-classifier): nothing is left to prune"
+            )
+    return graph
+
+
 def channel_problem(
     model: nn.Module,
     example: torch.Tensor,
@@ -317,16 +333,7 @@ def channel_problem(
 ) -> tuple[list[str], list[int], dict[str, np.ndarray], CostModel]:
     """The channel solver's inputs: group names and sizes, channel scores (normalised per
     group for global scope) and the cost model."""
-    graph = graph or PrunableGraph(clone(model), example)
-    kept = kept_layers(model, policy, example)
-    if kept:  # a group that touches a kept layer (its outputs or its inputs) is never pruned
-        graph.groups = [g for g in graph.groups if not any(it.module in kept for it in g.items)]
-        graph.by_name = {g.name: g for g in graph.groups}
-        if not graph.groups:
-            raise AutopruneError(
-                "every channel group touches a kept layer (--keep, --keep-types, "
-                "--keep-classifier): nothing is left to prune"
-            )
+    graph = leave_kept(graph or PrunableGraph(clone(model), example), model, policy, example)
     if policy.scope == "per_layer":
         graph.check_names(policy.ratios or {})
     criterion = crit.make_criterion(policy.criterion, policy.criterion_options)

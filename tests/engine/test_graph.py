@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from autoprune.engine.graph import CostModel, PrunableGraph, clone, replay_history
+from autoprune.engine.costs import CostModel
+from autoprune.engine.graph import PrunableGraph, clone, replay_history
 from autoprune.engine.measure import count_params, flops_by_module
 from autoprune.engine.prune import prune_channels
 from autoprune.errors import AutopruneError

@@ -130,7 +130,7 @@ def imagefolder_task(config: TaskConfig) -> Task:
     return Task(
         name="imagefolder",
         model_name=model,
-        model_factory=lambda: torchvision_model(model, num_classes),
+        model_factory=lambda: torchvision_model(model, num_classes, size),
         train=train,
         val=val,
         test=test,
