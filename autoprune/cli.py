@@ -117,7 +117,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         task = get_task(cfg)
         graph = PrunableGraph(task.model_factory(), task.example_input())
         for g in graph.groups:
-            print(f"{g.name:40s} {g.size:6d} channels")
+            folded = f"channels in each of {g.channels_total // g.size} conv groups"
+            unit = "heads" if g.kind == "heads" else "channels" if g.period is None else folded
+            print(f"{g.name:40s} {g.size:6d} {unit}")
     return 0
 
 

@@ -109,6 +109,7 @@ class Policy:
         sequence(choice(KEEP_TYPES), allow_empty=True, flag="--keep-types"), factory=list
     )  # layer types never pruned: conv, conv1d, conv2d, conv3d, linear
     keep_classifier: bool = checked(boolean(flag="--keep-classifier"), False)  # the output layer stays dense
+    embedding: bool = checked(boolean(), False)  # a vision transformer's embedding width is one more group
     # (channel pruning never prunes its outputs anyway)
     finetune: FinetuneConfig = checked(nested(FinetuneConfig), factory=FinetuneConfig)
 

@@ -22,9 +22,9 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
     from .engine.measure import measure
     from .engine.solver import solve_channels
 
-    model = task.model_factory().eval()
     example = task.example_input()
-    try:
+    try:  # building it too: a model whose windows or embeddings need another size says so there
+        model = task.model_factory().eval()
         with torch.no_grad():
             model(example)
     except Exception as exc:  # noqa: BLE001 - the model's own error, reported plainly
@@ -37,7 +37,8 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
     if policy.structure != "channel":  # the solver also checks per_layer names against the maskable layers
         engine.solve_unstructured(model, task, policy, budget, scores, measure(model, task.input_shape, None, False))
         return
-    graph = engine.leave_kept(PrunableGraph(model, example), model, policy, example)
+    graph = PrunableGraph(model, example, embedding=policy.embedding)
+    graph = engine.leave_kept(graph, model, policy, example)
     graph.dry_run()
     names, sizes, channel, costs = engine.channel_problem(model, example, policy, scores, graph)
     if budget.kind == "latency":

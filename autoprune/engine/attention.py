@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 HEADS = "heads"  # the kind of a head-removal step in a pruning history
+EMBEDDING = "embedding"  # the kind of a transformer's embedding-width group
 
 
 class _Opaque(torch.autograd.Function):
@@ -44,6 +45,7 @@ class _Opaque(torch.autograd.Function):
 
 class _Leaf:
     _opaque = False
+    qkv_name, proj_name = "qkv", "proj"  # the packed input projection and the output projection
 
     def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
         if not self._opaque:
@@ -201,7 +203,71 @@ def _window_attention_class():
 
 
 _SWIN, _SWIN_V2, WindowAttention, WindowAttentionV2 = _window_attention_class()
-ATTENTION_TYPES = (Attention, WindowAttention, WindowAttentionV2)
+
+
+def _vision_transformer_class():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    class PrunableVisionTransformer(VisionTransformer):
+        """torchvision's VisionTransformer whose ``hidden_dim`` (its input reshape's width)
+        follows the patch embedding, so the embedding width can be pruned."""
+
+        @property
+        def hidden_dim(self) -> int:
+            return self.conv_proj.out_channels
+
+        @hidden_dim.setter
+        def hidden_dim(self, value: int) -> None:  # set by torchvision's __init__ only
+            pass
+
+    return VisionTransformer, PrunableVisionTransformer
+
+
+_VIT, PrunableVisionTransformer = _vision_transformer_class()
+
+
+def _maxvit_attention_class():
+    from torchvision.models.maxvit import RelativePositionalMultiHeadAttention
+
+    class MaxVitAttention(_Leaf, RelativePositionalMultiHeadAttention):
+        """torchvision's MaxViT attention with heads that follow ``to_qkv``. Its scale stays
+        the dense model's (torchvision scales by the embedding width, not the head size)."""
+
+        qkv_name, proj_name = "to_qkv", "merge"
+        qkv = property(lambda self: self.to_qkv)
+        proj = property(lambda self: self.merge)
+
+        @property
+        def n_heads(self) -> int:
+            return self.to_qkv.out_features // (3 * self.head_dim)
+
+        @n_heads.setter
+        def n_heads(self, value: int) -> None:  # set by torchvision's __init__ only
+            pass
+
+        num_heads = n_heads
+
+        @classmethod
+        def convert(cls, m: nn.Module) -> None:
+            m.__dict__.pop("n_heads", None)
+            m.__class__ = cls
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self._run(self._attend, x)
+
+        def _attend(self, x: torch.Tensor) -> torch.Tensor:
+            b, g, p, _ = x.shape
+            h, d = self.n_heads, self.head_dim
+            q, k, v = self.to_qkv(x).reshape(b, g, p, 3, h, d).permute(3, 0, 1, 4, 2, 5).unbind(0)
+            bias = self.get_relative_positional_bias()
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale_factor)
+            return self.merge(o.transpose(2, 3).reshape(b, g, p, h * d))
+
+    return RelativePositionalMultiHeadAttention, MaxVitAttention
+
+
+_MAXVIT, MaxVitAttention = _maxvit_attention_class()
+ATTENTION_TYPES = (Attention, WindowAttention, WindowAttentionV2, MaxVitAttention)
 
 
 def prunable_form(model: nn.Module) -> nn.Module:
@@ -212,7 +278,12 @@ def prunable_form(model: nn.Module) -> nn.Module:
             if isinstance(child, nn.MultiheadAttention) and (new := Attention.of(child)) is not None:
                 setattr(parent, name, new)
     for m in model.modules():
-        if type(m) is _SWIN_V2:
+        if type(m) is _VIT:
+            m.__dict__.pop("hidden_dim", None)
+            m.__class__ = PrunableVisionTransformer
+        elif type(m) is _MAXVIT:
+            MaxVitAttention.convert(m)
+        elif type(m) is _SWIN_V2:
             WindowAttentionV2.convert(m)
         elif type(m) is _SWIN:
             WindowAttention.convert(m)
@@ -269,7 +340,7 @@ def prune_heads(module: nn.Module, heads: Sequence[int]) -> None:
     if isinstance(module, WindowAttentionV2):
         module.logit_scale = nn.Parameter(module.logit_scale.data[keep].clone())
         tp.prune_linear_out_channels(module.cpb_mlp[2], heads)
-    elif isinstance(module, WindowAttention):
+    elif isinstance(module, (WindowAttention, MaxVitAttention)):
         table = module.relative_position_bias_table
         module.relative_position_bias_table = nn.Parameter(table.data[:, keep].clone())
 

@@ -43,7 +43,7 @@ class CostModel:
                     params=float(sum(p.numel() for p in m.parameters(recurse=False))),
                 )
             elif isinstance(m, ATTENTION_TYPES):  # the attention products, with as many heads as are kept
-                inner = sum(module_flops.get(f"{name}.{part}", 0.0) for part in ("qkv", "proj"))
+                inner = sum(module_flops.get(f"{name}.{part}", 0.0) for part in (m.qkv_name, m.proj_name))
                 self.modules[name] = dict(
                     kind="attention",
                     cin=m.num_heads,

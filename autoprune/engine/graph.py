@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import AutopruneError
-from .attention import ATTENTION_TYPES, HEADS, attention_pruners, head_rows, opaque, prune_heads
+from .attention import ATTENTION_TYPES, EMBEDDING, HEADS, attention_pruners, head_rows, opaque, prune_heads
 from .models import classifier_layer, first_tensor, in_mode, output_layers, train_batch
 from .probe import bounded, channel_shuffles
 
@@ -122,16 +122,19 @@ def _train_forward(model: nn.Module, x: torch.Tensor):
 class PrunableGraph:
     """The channel groups of a model and what each group touches."""
 
-    def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, example_input: torch.Tensor, embedding: bool = False) -> None:
+        """``embedding``: a vision transformer's embedding width (the residual stream) is a
+        group too; off, as a policy has it by default, it is left alone."""
         self.model = model
         self.example_input = example_input
         names = {m: n for n, m in model.named_modules()}
-        heads = output_layers(model, example_input, train=True)  # auxiliary classifiers' too
-        self.output_layer = names[classifier_layer(model, example_input)]
-        self.output_shape = output_shape(model, example_input)
         with bounded(f"tracing {type(model).__name__}'s channel groups"):
             self.dg = build_dependency_graph(model, example_input)
-            self.groups: list[Group] = _groups_of(self.dg, names, [model.get_submodule(self.output_layer), *heads])
+            heads = output_layers(model, example_input, train=True)  # auxiliary classifiers' too
+            self.output_layer = names[classifier_layer(model, example_input)]
+            self.output_shape = output_shape(model, example_input)
+            outputs = [model.get_submodule(self.output_layer), *heads]
+            self.groups: list[Group] = _groups_of(self.dg, names, outputs, embedding)
         self.groups += head_groups(model)
         self.head_steps: list[list] = []  # [attention module, "heads", [heads]] per head removal
         if not self.groups:
@@ -264,17 +267,23 @@ def output_shape(model: nn.Module, example_input: torch.Tensor) -> tuple | None:
     return None if out is None else tuple(out.shape)
 
 
-def _groups_of(dg, names: dict, output_layers: list[nn.Module]) -> list[Group]:
+def _groups_of(dg, names: dict, output_layers: list[nn.Module], embedding: bool = False) -> list[Group]:
     """The prunable groups of a dependency graph: every group but those that would prune
     an output layer's output channels (names: module -> qualified name)."""
     groups = []
     attention = any(isinstance(m, ATTENTION_TYPES) for m in names)
     for tp_group in dg.get_all_groups(ignored_layers=output_layers, root_module_types=PRUNABLE_TYPES):
+        kind = "channels"
         if attention and any(isinstance(it.dep.target.module, (*ATTENTION_TYPES, nn.LayerNorm)) for it in tp_group):
-            continue  # a transformer's embedding width (its reshapes fix it): left alone
+            # a transformer's embedding width: a group only where asked and where the attention
+            # is ViT's (Swin's patch merging slices tokens in a way the graph maps to channels)
+            window = any(isinstance(it.dep.target.module, ATTENTION_TYPES[1:]) for it in tp_group)
+            if not embedding or window:
+                continue
+            kind = EMBEDDING
         root = tp_group[0].dep.target.module
         size = len(tp_group[0].idxs)
-        group = Group(name=names[root], size=size, channels_total=size)
+        group = Group(name=names[root], size=size, channels_total=size, kind=kind)
         widths = []  # the per-conv-group widths of the grouped convs the group touches
         for item in tp_group:
             module = item.dep.target.module
@@ -302,10 +311,11 @@ def head_groups(model: nn.Module) -> list[Group]:
         if isinstance(m, ATTENTION_TYPES) and m.num_heads > 1:
             rows, row_heads, cols, col_heads = head_rows(m)
             heads = np.arange(m.num_heads)
-            group = Group(name=f"{name}.qkv", size=m.num_heads, channels_total=m.num_heads, kind=HEADS)
+            qkv, proj = f"{name}.{m.qkv_name}", f"{name}.{m.proj_name}"
+            group = Group(name=qkv, size=m.num_heads, channels_total=m.num_heads, kind=HEADS)
             group.items = [
-                GroupItem(f"{name}.qkv", "out", np.asarray(rows), np.asarray(row_heads)),
-                GroupItem(f"{name}.proj", "in", np.asarray(cols), np.asarray(col_heads)),
+                GroupItem(qkv, "out", np.asarray(rows), np.asarray(row_heads)),
+                GroupItem(proj, "in", np.asarray(cols), np.asarray(col_heads)),
                 GroupItem(name, "out", heads, heads),  # the attention itself: its cost scales with its heads
             ]
             groups.append(group)

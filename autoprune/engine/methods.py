@@ -251,7 +251,7 @@ def _split(epochs: int, rounds: int) -> list[int]:
 
 def _floors(model, task, policy: Policy) -> dict[str, int]:
     """Channels each group must keep so that max_ratio holds against the dense widths."""
-    graph = PrunableGraph(clone(model), task.example_input().to(next(model.parameters()).device))
+    graph = PrunableGraph(clone(model), task.example_input().to(next(model.parameters()).device), embedding=True)
     return {g.name: g.size - max_pruned(g.size, policy.max_ratio) for g in graph.groups}
 
 
@@ -326,7 +326,7 @@ def gradual(run: MethodContext) -> Pruned:
     end, at = steps[-1], set(steps)
     example = task.example_input().to(run.device)
     channel = policy.structure == "channel"
-    graph = PrunableGraph(work, example) if channel else None
+    graph = PrunableGraph(work, example, embedding=policy.embedding) if channel else None
     floors = _floors(run.dense, task, policy) if channel else None
     removed: dict[str, np.ndarray] = {g.name: np.zeros(0, dtype=int) for g in graph.groups} if channel else {}
     state: dict = {}

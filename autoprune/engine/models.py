@@ -111,8 +111,8 @@ def torchvision_model_names() -> list[str]:
 
 def torchvision_model(name: str, num_classes: int, image_size: int | None = None) -> nn.Module:
     """An untrained torchvision classification model by name (``resnet18``, ``mobilenet_v2``...),
-    its attention modules in head-prunable form. Vision transformers, whose position
-    embedding fixes the input size, are built for ``image_size``."""
+    its attention modules in head-prunable form. Vision transformers and MaxViT,
+    whose position embedding or windows fix the input size, are built for ``image_size``."""
     import torchvision
 
     from .attention import prunable_form
@@ -120,7 +120,11 @@ def torchvision_model(name: str, num_classes: int, image_size: int | None = None
     names = torchvision_model_names()
     if name not in names:
         raise AutopruneError(f"unknown torchvision classification model {name!r}; choose one of: {', '.join(names)}")
-    sized = {"image_size": image_size} if image_size and name.startswith("vit_") else {}
+    sized = {}
+    if image_size and name.startswith("vit_"):
+        sized = {"image_size": image_size}
+    elif image_size and name.startswith("maxvit_"):
+        sized = {"input_size": (image_size, image_size)}
     return prunable_form(torchvision.models.get_model(name, weights=None, num_classes=num_classes, **sized))
 
 

@@ -124,18 +124,25 @@ def bounded(what: str, hint: str = "use --structure unstructured"):
                         ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(_OverBound))
                 return
 
-    watcher = threading.Thread(target=watch, name="autoprune-graph-bound", daemon=True)
-    watcher.start()
-    try:
-        yield
-    except _OverBound:
-        raise AutopruneError(
-            f"{what} went past its bound ({tripped[0]}; AUTOPRUNE_GRAPH_MEMORY_GB={memory_gb:g}, "
-            f"AUTOPRUNE_GRAPH_SECONDS={seconds:g}); {hint}"
-        ) from None
-    finally:
+    def stop() -> None:
         with lock:
             done.set()
             if tripped:  # an interruption not delivered yet is withdrawn
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), None)
         watcher.join()
+
+    watcher = threading.Thread(target=watch, name="autoprune-graph-bound", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except BaseException:
+        stop()
+        if not tripped:
+            raise
+    else:
+        stop()
+    if tripped:  # interrupted, or past the bound while the interruption was swallowed on the way
+        raise AutopruneError(
+            f"{what} went past its bound ({tripped[0]}; AUTOPRUNE_GRAPH_MEMORY_GB={memory_gb:g}, "
+            f"AUTOPRUNE_GRAPH_SECONDS={seconds:g}); {hint}"
+        ) from None

@@ -13,7 +13,7 @@ from .graph import PRUNABLE_TYPES, PrunableGraph, clone
 def prune_channels(model: nn.Module, example_input: torch.Tensor, plan: dict[str, np.ndarray]):
     """A copy of ``model`` with the planned channels physically removed, and its history."""
     pruned = clone(model)
-    graph = PrunableGraph(pruned, example_input)
+    graph = PrunableGraph(pruned, example_input, embedding=True)  # the plan says which groups
     graph.prune(plan)
     return pruned, graph.history()
 

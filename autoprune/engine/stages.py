@@ -333,7 +333,8 @@ def channel_problem(
 ) -> tuple[list[str], list[int], dict[str, np.ndarray], CostModel]:
     """The channel solver's inputs: group names and sizes, channel scores (normalised per
     group for global scope) and the cost model."""
-    graph = leave_kept(graph or PrunableGraph(clone(model), example), model, policy, example)
+    graph = graph or PrunableGraph(clone(model), example, embedding=policy.embedding)
+    graph = leave_kept(graph, model, policy, example)
     if policy.scope == "per_layer":
         graph.check_names(policy.ratios or {})
     criterion = crit.make_criterion(policy.criterion, policy.criterion_options)

@@ -41,6 +41,7 @@ FAMILIES = {
     "googlenet": (64, {}),
     "mnasnet0_5": (32, {}),
     "vit_b_16": (64, {}),
+    "vit_b_32": (64, {}),
     "swin_t": (64, {}),
     "maxvit_t": (
         64,
@@ -81,11 +82,8 @@ def test_a_torchvision_family_prunes_to_half_its_flops_or_is_refused_clearly(ima
     size, refusals = FAMILIES[name]
     config = TaskConfig(name="imagefolder", model=name, data_dir=str(image_root), image_size=size, batch_size=4)
     task = get_task(config)
-    torch.manual_seed(0)
-    dense = task.model_factory().eval()
     policy = Policy(structure=structure, criterion="magnitude", scope="global")
     budget = Budget("flops", 0.5)
-    dense_cost = measure(dense, task.input_shape, None, latency=False)
     if refusals.get(structure):
         with pytest.raises(AutopruneError) as refused:
             preflight(task, policy, budget)  # what `autoprune prune` and `search` run first
@@ -93,7 +91,9 @@ def test_a_torchvision_family_prunes_to_half_its_flops_or_is_refused_clearly(ima
         assert refusals[structure] in message and len(message) < 300, message
         return
     preflight(task, policy, budget)
-
+    torch.manual_seed(0)
+    dense = task.model_factory().eval()
+    dense_cost = measure(dense, task.input_shape, None, latency=False)
     scores = engine.score(dense, policy, None, seed=0)
     pruned = engine.prune_to_budget(dense, task, policy, budget, scores, dense_cost)
     x = torch.randn(2, *task.input_shape, generator=torch.Generator().manual_seed(1))
@@ -117,3 +117,54 @@ def test_a_torchvision_family_prunes_to_half_its_flops_or_is_refused_clearly(ima
     save_model(path, pruned.model, config, structure, pruned.history, {}, {})
     loaded, _, _ = load_model(path, config)
     torch.testing.assert_close(_outputs(loaded, x), out, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, size", [("vit_b_16", 64), ("swin_t", 64), ("regnet_x_400mf", 32)])
+def test_transformers_and_grouped_convolutions_prune_fine_tune_and_reload(image_root, tmp_path, name, size):
+    """The whole engine (prune by heads and MLP width or in-group positions, fine-tune one
+    epoch, evaluate) at 0.5 FLOPs, and the saved model reloads to the same outputs."""
+    from autoprune.config import EngineConfig, FinetuneConfig
+    from autoprune.engine.attention import ATTENTION_TYPES
+
+    config = TaskConfig(name="imagefolder", model=name, data_dir=str(image_root), image_size=size, batch_size=8)
+    cfg = EngineConfig(task=config, train_epochs=0, progress=False)
+    task = get_task(config)
+    torch.manual_seed(0)
+    dense = task.model_factory()
+    policy = Policy(criterion="magnitude", scope="global", finetune=FinetuneConfig(epochs=1))
+    result = engine.run(task, dense, policy, Budget("flops", 0.5), cfg, measure_latency=False)
+    assert result.pruned["flops_ratio"] <= 0.5 + 1e-6 and len(result.epochs) == 1
+    heads = [m.num_heads for m in result.model.modules() if isinstance(m, ATTENTION_TYPES)]
+    dense_heads = [m.num_heads for m in dense.modules() if isinstance(m, ATTENTION_TYPES)]
+    assert (sum(heads) < sum(dense_heads)) == name.startswith(("vit", "swin"))  # heads went
+    path = tmp_path / "model.pt"
+    save_model(path, result.model, config, "channel", result.history, {}, {})
+    loaded, _, _ = load_model(path, config)
+    x = torch.randn(2, *task.input_shape)
+    torch.testing.assert_close(_outputs(loaded, x), _outputs(result.model, x), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_a_vision_transformers_embedding_width_is_one_group_when_the_policy_asks(image_root, tmp_path):
+    config = TaskConfig(name="imagefolder", model="vit_b_16", data_dir=str(image_root), image_size=64, batch_size=4)
+    task = get_task(config)
+    torch.manual_seed(0)
+    dense = task.model_factory().eval()
+    off = PrunableGraph(copy.deepcopy(dense), task.example_input())
+    assert {g.kind for g in off.groups} == {"channels", "heads"}  # by default the width is left alone
+    policy = Policy(structure="channel", criterion="magnitude", scope="global", embedding=True)
+    preflight(task, policy, Budget("flops", 0.5))
+    dense_cost = measure(dense, task.input_shape, None, latency=False)
+    pruned = engine.prune_to_budget(
+        dense, task, policy, Budget("flops", 0.5), engine.score(dense, policy, None, 0), dense_cost
+    )
+    model = pruned.model
+    width = model.conv_proj.out_channels
+    assert width < 768 and model.hidden_dim == width and model.class_token.shape[-1] == width
+    assert model.encoder.pos_embedding.shape[-1] == width and model.encoder.ln.normalized_shape == (width,)
+    assert measure(model, task.input_shape, None, latency=False).flops / dense_cost.flops <= 0.5 + 1e-6
+    path = tmp_path / "model.pt"
+    save_model(path, model, config, "channel", pruned.history, {}, {})
+    x = torch.randn(2, *task.input_shape)
+    torch.testing.assert_close(_outputs(load_model(path, config)[0], x), _outputs(model, x), rtol=0, atol=0)
