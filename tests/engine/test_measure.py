@@ -50,3 +50,16 @@ def test_latency_leaves_the_models_mode_and_the_thread_count_as_they_were():
     threads = torch.get_num_threads()
     measure(model, (2, 6, 6), MeasureConfig(batch_sizes=(1,), warmup=0, repeats=1, threads=1))
     assert model.training and torch.get_num_threads() == threads
+
+
+def test_a_timing_stops_at_its_time_cap_after_three_rounds():
+    import time
+
+    from autoprune.engine.measure import MIN_ROUNDS, time_interleaved
+
+    calls = [lambda: time.sleep(0.02), lambda: time.sleep(0.01)]
+    capped = time_interleaved(calls, torch.device("cpu"), warmup=5, rounds=50, seconds=0.2)
+    assert MIN_ROUNDS <= len(capped[0]) == len(capped[1]) < 15  # 50 rounds would take 1.5 s
+    floor = time_interleaved(calls, torch.device("cpu"), warmup=1, rounds=50, seconds=0.0)
+    assert len(floor[0]) == MIN_ROUNDS  # a cap already passed still leaves the minimum
+    assert len(time_interleaved(calls, torch.device("cpu"), warmup=0, rounds=4)[0]) == 4  # no cap
