@@ -109,6 +109,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"{name:12s} models: {models}{'  (needs --data-dir)' if spec.data_dir else ''}")
         print("package.module:function  a user task returning autoprune.engine.tasks.Task")
     else:
+        from .engine.attention import HEADS
         from .engine.graph import PrunableGraph
         from .engine.tasks import check_task_config, get_task
 
@@ -118,7 +119,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         graph = PrunableGraph(task.model_factory(), task.example_input())
         for g in graph.groups:
             folded = f"channels in each of {g.channels_total // g.size} conv groups"
-            unit = "heads" if g.kind == "heads" else "channels" if g.period is None else folded
+            unit = HEADS if g.kind == HEADS else "channels" if g.period is None else folded
             print(f"{g.name:40s} {g.size:6d} {unit}")
     return 0
 

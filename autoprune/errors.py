@@ -7,6 +7,11 @@ class AutopruneError(Exception):
     """Something the user asked for is wrong; the message says what and what is allowed."""
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none), cut to ``limit``."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def check_fraction(name: str, value: float) -> float:
     """A budget-like fraction must lie in (0, 1]."""
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
-from .errors import AutopruneError
+from .errors import AutopruneError, first_line
 
 
 def preflight(task, policy: Policy, budget: Budget) -> None:
@@ -30,7 +30,7 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
     except Exception as exc:  # noqa: BLE001 - the model's own error, reported plainly
         raise AutopruneError(
             f"model {task.model_name!r} cannot run on the task's input of shape {tuple(example.shape)} "
-            f"({(str(exc).splitlines() or [type(exc).__name__])[0][:120]}); it may need another --image-size"
+            f"({first_line(exc, 120)}); it may need another --image-size"
         ) from None
     engine.check_budget(policy, budget)
     scores = engine.score(model, Policy(criterion="magnitude", structure=policy.structure), None, 0)

@@ -332,10 +332,10 @@ def prune_heads(module: nn.Module, heads: Sequence[int]) -> None:
         return
     if heads[0] < 0 or heads[-1] >= n or len(heads) >= n:
         raise ValueError(f"cannot remove heads {heads} of {n}")
-    d = module.head_dim
-    cols = [h * d + i for h in heads for i in range(d)]
-    tp.prune_linear_out_channels(module.qkv, [part * n * d + c for part in range(3) for c in cols])
-    tp.prune_linear_in_channels(module.proj, cols)
+    gone = set(heads)
+    rows, row_heads, cols, col_heads = head_rows(module)
+    tp.prune_linear_out_channels(module.qkv, [r for r, h in zip(rows, row_heads) if h in gone])
+    tp.prune_linear_in_channels(module.proj, [c for c, h in zip(cols, col_heads) if h in gone])
     keep = torch.tensor([h for h in range(n) if h not in heads], dtype=torch.long)
     if isinstance(module, WindowAttentionV2):
         module.logit_scale = nn.Parameter(module.logit_scale.data[keep].clone())

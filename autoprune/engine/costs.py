@@ -9,6 +9,8 @@ from torch import nn
 from .attention import ATTENTION_TYPES
 from .graph import NORM_TYPES, PRUNABLE_TYPES, PrunableGraph
 
+WIDTH_KINDS = ("norm", "depthwise", "attention")  # one width: as many inputs as outputs are kept
+
 
 class CostModel:
     """FLOPs and parameters of the model after removing channels, without pruning it.
@@ -84,7 +86,7 @@ class CostModel:
         for module, c in self._cut(removed).items():
             info = self.modules[module]
             cin, cout = info["cin"] - c["in"], info["cout"] - c["out"]
-            if info["kind"] in ("norm", "depthwise", "attention"):
+            if info["kind"] in WIDTH_KINDS:
                 cin = cout = min(cin, cout)
             out[module] = (cin, cout)
         return out
@@ -97,7 +99,7 @@ class CostModel:
             info = self.modules[module]
             fo = (info["cout"] - c["out"]) / info["cout"]
             fi = (info["cin"] - c["in"]) / info["cin"]
-            if info["kind"] in ("norm", "depthwise", "attention"):
+            if info["kind"] in WIDTH_KINDS:
                 scale = min(fo, fi) if info["kind"] == "depthwise" else fo
                 flops -= info["flops"] * (1 - scale)
                 params -= info["params"] * (1 - scale)

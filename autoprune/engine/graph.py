@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import AutopruneError
+from ..errors import AutopruneError, first_line
 from .attention import ATTENTION_TYPES, EMBEDDING, HEADS, attention_pruners, head_rows, opaque, prune_heads
 from .models import classifier_layer, first_tensor, in_mode, output_layers, train_batch
 from .probe import bounded, channel_shuffles
@@ -88,7 +88,7 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor):
                 verbose=False,
             )
     except Exception as exc:  # noqa: BLE001 - any tracing failure is the model's, reported plainly
-        first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        first = first_line(exc, 120)
         shuffles = channel_shuffles(model, example_input)
         if shuffles:
             raise AutopruneError(
@@ -196,7 +196,7 @@ class PrunableGraph:
                     trial.model(train_batch(self.example_input))  # what fine-tuning runs (auxiliary heads too)
                 return output_shape(trial.model, self.example_input), None
             except Exception as exc:  # noqa: BLE001 - reported to the user below
-                return None, (str(exc).splitlines() or [type(exc).__name__])[0]
+                return None, first_line(exc)
 
         with bounded(
             "the dry run of channel pruning", "leave a group alone with --keep, or use --structure unstructured"
@@ -257,13 +257,8 @@ class PrunableGraph:
 def output_shape(model: nn.Module, example_input: torch.Tensor) -> tuple | None:
     """The shape of the model's output (its first tensor) on ``example_input``: one forward
     pass without gradients in eval mode; the training flag is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = first_tensor(model(example_input))
-    finally:
-        model.train(was_training)
+    with in_mode(model, train=False), torch.no_grad():
+        out = first_tensor(model(example_input))
     return None if out is None else tuple(out.shape)
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import AutopruneError
+from .models import in_mode
 
 _RESHAPES = {"view", "reshape"}
 _MOVES = {"transpose", "permute", "swapaxes", "swapdims"}
@@ -72,16 +73,13 @@ def channel_shuffles(model: nn.Module, example_input: torch.Tensor) -> list[str]
     hooks = []
     for name, module in model.named_modules():
         hooks += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave)]
-    was_training = model.training
     watch = _ShuffleWatch(stack)
     try:
-        model.eval()
-        with torch.no_grad(), watch:
+        with in_mode(model, train=False), torch.no_grad(), watch:
             model(example_input)
     except Exception:  # noqa: BLE001 - a model that does not run has no shuffle to report
-        return watch.found
+        pass
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return watch.found
