@@ -8,6 +8,9 @@ every registered searcher against it, without Ray running.
 from __future__ import annotations
 
 import contextlib
+import io
+import pickle
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +25,7 @@ from ..registry import Registry
 quiet_environment()
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
+from ray import cloudpickle  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -81,7 +85,48 @@ def define_by_run(space_spec: str, table, budget: Budget | None, trial, floor: f
         return TrialConfig(budget_fraction=fraction, space_error=f"{type(exc).__name__}: {exc}").to_config()
 
 
-class PolicyOptunaSearch(OptunaSearch):
+_LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
+
+
+class _LockFreePickler(cloudpickle.Pickler):
+    """Ray's cloudpickle (functions of ``__main__`` and closures by value, as Tune pickles),
+    writing a thread lock as "a new, unheld lock of this kind". Optuna's samplers may hold
+    locks (optuna 5.1's genetic samplers do), which pickle refuses; a lock guards one
+    process's threads, so a copy in another process needs a fresh one."""
+
+    def reducer_override(self, obj):
+        make = _LOCKS.get(type(obj))
+        return (make, ()) if make is not None else super().reducer_override(obj)
+
+
+def portable_dumps(obj: Any) -> bytes:
+    """``pickle.dumps(obj)``, with every thread lock inside it written as a fresh one."""
+    buffer = io.BytesIO()
+    _LockFreePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    return buffer.getvalue()
+
+
+class PortableState:
+    """A searcher whose state survives Ray Tune's pickling, whatever sampler objects it holds:
+    Tune pickles the searcher into ``tuner.pkl`` when the Tuner is built, and into
+    ``searcher-state-*.pkl`` at every experiment snapshot (``save``)."""
+
+    def __getstate__(self) -> dict:
+        return {"portable_state": portable_dumps(self.__dict__)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(pickle.loads(state["portable_state"]))
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            f.write(portable_dumps(self.__dict__))
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class PolicyOptunaSearch(PortableState, OptunaSearch):
     """``OptunaSearch`` that tells the sampler the truth about trials ASHA stopped early.
 
     Ray's ``OptunaSearch`` completes an early-stopped trial as COMPLETE with its last,
@@ -90,7 +135,8 @@ class PolicyOptunaSearch(OptunaSearch):
     reported (``trial.report``), and TPE ranks pruned trials below completed ones, by
     the step they reached and then their last value. A trial is early-stopped when it
     finished without error and without its final report (``contract.is_final``). It is
-    pickled with the Tuner (for ``--resume``), so it lives at module level."""
+    pickled with the Tuner (for ``--resume``), so it lives at module level, and pickles
+    whatever sampler it wraps (:class:`PortableState`)."""
 
     def suggest(self, trial_id: str):
         """The :class:`TrialConfig` the space returned. Ray's ``OptunaSearch`` also copies every

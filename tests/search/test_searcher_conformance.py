@@ -5,6 +5,9 @@ completed, early-stopped and failed trials, and continues after save/restore. A 
 
 from __future__ import annotations
 
+import pickle
+import threading
+
 import pytest
 
 from autoprune.rayenv import quiet_environment
@@ -97,6 +100,54 @@ def test_searcher_keeps_the_contract(name, table, tmp_path):
         assert _suggest(restored, "t4") == _suggest(searcher, "t4")
     else:
         _check(_suggest(restored, "t4"), table)
+
+
+@pytest.mark.parametrize("name", SEARCHERS.names())
+def test_searcher_survives_pickling_and_the_tuner_state(name, table, tmp_path):
+    """Ray Tune pickles the searcher into ``tuner.pkl`` when the Tuner is built (with Ray's
+    cloudpickle) and into its experiment snapshots: each registered searcher, with whatever
+    sampler it wraps (optuna 5.1's NSGA-II holds a thread lock), survives both and goes on."""
+    from ray import cloudpickle, tune
+
+    spec = SEARCHERS.get(name)
+    searcher = spec.make(_context(name, table))
+    _suggest(searcher, "t0")
+    searcher.on_trial_complete("t0", result=_report(2, True, 0.9))
+    for dumps in (pickle.dumps, cloudpickle.dumps):
+        _check(_suggest(pickle.loads(dumps(searcher)), "t1"), table)
+
+    tune.Tuner(
+        lambda config: None,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=2),
+        run_config=tune.RunConfig(name="pickled", storage_path=str(tmp_path)),
+    )
+    state = pickle.loads((tmp_path / "pickled" / "tuner.pkl").read_bytes())
+    _check(_suggest(state["_tune_config"].search_alg, "t1"), table)
+
+
+def test_an_optuna_searcher_pickles_a_sampler_that_holds_locks(table, tmp_path):
+    """Whatever sampler a searcher wraps: one holding a Lock and an RLock pickles, and the copy
+    gets fresh, unheld locks of the same kinds (a lock belongs to one process's threads)."""
+    import optuna
+
+    from autoprune.search.searchers import _optuna
+
+    class LockedSampler(optuna.samplers.RandomSampler):
+        def __init__(self, seed: int) -> None:
+            super().__init__(seed=seed)
+            self.lock, self.rlock = threading.Lock(), threading.RLock()
+
+    searcher = _optuna(_context("random", table), LockedSampler(seed=3))
+    searcher._sampler.lock.acquire()
+    copy = pickle.loads(pickle.dumps(searcher))
+    assert type(copy._sampler.lock) is type(searcher._sampler.lock) and not copy._sampler.lock.locked()
+    assert type(copy._sampler.rlock) is type(searcher._sampler.rlock)
+    assert _suggest(copy, "t0") == _suggest(searcher, "t0")  # the sampler's random state came along
+    path = str(tmp_path / "searcher.pkl")
+    searcher.save(path)
+    restored = _optuna(_context("random", table), optuna.samplers.RandomSampler(seed=99))
+    restored.restore(path)
+    assert _suggest(restored, "t1") == _suggest(searcher, "t1")
 
 
 @pytest.mark.parametrize("name", SEARCHERS.names())
