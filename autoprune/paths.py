@@ -4,7 +4,9 @@ folder is removed at once)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -136,15 +138,30 @@ def texts(location: str, suffix: str) -> dict[str, str]:
     return out
 
 
-def has_files(location: str) -> bool:
-    """Whether the folder ``location`` exists and holds anything."""
+def names(location: str) -> list[str]:
+    """The names of what the folder ``location`` holds directly; [] if it does not exist."""
     if not is_uri(location):
         p = Path(location)
-        return p.is_dir() and any(p.iterdir())
+        return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
     import pyarrow.fs
 
     fs, path = _fs(location)
-    return bool(fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+    return sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
+
+
+def has_files(location: str) -> bool:
+    """Whether the folder ``location`` exists and holds anything."""
+    return bool(names(location))
+
+
+def remove_dir(location: str) -> None:
+    """Delete the folder ``location`` and everything in it (nothing if it does not exist)."""
+    if not is_uri(location):
+        shutil.rmtree(location, ignore_errors=True)
+        return
+    fs, path = _fs(location)
+    with contextlib.suppress(FileNotFoundError):
+        fs.delete_dir(path)
 
 
 def check_location(location: str, flag: str, timeout_s: float = 60.0) -> str:

@@ -19,7 +19,8 @@ import time
 
 from ..config import SearchConfig
 from ..contract import METRIC_MODES
-from ..paths import is_uri, join, write_text
+from ..errors import AutopruneError, first_line
+from ..paths import is_uri, join, names, remove_dir, write_text
 from ..rayenv import quiet_environment
 from .final import Finish, finish, short_metrics
 from .hardware import node_tables, reachable, trial_latency_table
@@ -192,11 +193,12 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             tuner.fit()
             close_writers()
         except BaseException:
-            print(
-                f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
-                f"--storage '{plan.storage}' --resume",
-                file=sys.stderr,
-            )
+            if config.resume or has_snapshot(plan.path):
+                print(
+                    f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
+                    f"--storage '{plan.storage}' --resume",
+                    file=sys.stderr,
+                )
             raise
 
         runs = store.trial_runs(plan.tracking_uri, experiment_id, run_id)
@@ -224,10 +226,40 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
         with contextlib.suppress(Exception):
             close_writers()  # what the trials reported before the interruption
         system_metrics.stop()
+        interrupted = isinstance(exc, KeyboardInterrupt)
         with contextlib.suppress(Exception):
-            if mlflow.get_run(run_id).info.status == "RUNNING":
-                mlflow.set_terminated(run_id, status="KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            store.end_search_run(
+                plan.tracking_uri, run_id, "KILLED" if interrupted else "FAILED", None if interrupted else _cause(exc)
+            )
+        if not (config.resume or has_snapshot(plan.path)):
+            error = _before_first_snapshot(plan, exc)
+            if error is not None:
+                raise error from exc
         raise
+
+
+def has_snapshot(path: str) -> bool:
+    """Whether Ray Tune has written an experiment snapshot (what ``--resume`` restores) at ``path``."""
+    return any(n.startswith("experiment_state-") and n.endswith(".json") for n in names(path))
+
+
+def _cause(exc: BaseException) -> str:
+    """One line saying what failed: an autoprune error's message, else the exception's type and first line."""
+    return first_line(exc) if isinstance(exc, AutopruneError) else f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _before_first_snapshot(plan: Plan, exc: BaseException) -> AutopruneError | None:
+    """A new search that ended before Tune's first snapshot has nothing to resume: its folder
+    (what it wrote: the saved settings, an empty ``tuner.pkl``) is removed, so its name is
+    free again, and the error becomes one line. Its MLflow run stays, ended with the reason."""
+    remove_dir(plan.path)
+    if isinstance(exc, KeyboardInterrupt):
+        print(f"search {plan.name!r} interrupted before its first trial; nothing to resume", file=sys.stderr)
+        return None
+    return AutopruneError(
+        f"search {plan.name!r} failed before its first trial: {_cause(exc)}. Nothing was kept under "
+        f"{plan.path!r} (the name is free again); the MLflow search run is FAILED with this reason"
+    )
 
 
 def allocation_for(spec, dense, task, latency):

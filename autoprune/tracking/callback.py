@@ -16,7 +16,20 @@ from ..contract import AGENT_KEYS, COST_KEYS, FINAL_KEYS, is_final, trial_label
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
 from .resume import has_final, save_final
-from .store import MAX_PARAM, NODE_ID, NUMBER, PARENT, ROLE, TRIAL_ID, client, flat_params, log, param_value, trial_runs
+from .store import (
+    ERROR,
+    MAX_PARAM,
+    NODE_ID,
+    NUMBER,
+    PARENT,
+    ROLE,
+    TRIAL_ID,
+    client,
+    flat_params,
+    log,
+    param_value,
+    trial_runs,
+)
 
 quiet_environment()
 from ray.tune import Callback  # noqa: E402
@@ -271,7 +284,7 @@ class TrialLogger(Callback):
         if run_id is None:
             return
         self.mlflow.log_text(run_id, message + "\n", "error.txt")
-        self._end(run_id, "FAILED", wall, {}, {"autoprune.error": message[:MAX_PARAM]})
+        self._end(run_id, "FAILED", wall, {}, {ERROR: message[:MAX_PARAM]})
 
     def _end(self, run_id: str, status: str, wall: dict, params: dict[str, str], tags: dict[str, str]) -> None:
         log(self.mlflow, run_id, params=params, tags=tags, once=wall)

@@ -23,6 +23,7 @@ BEST_RUN_ID = "autoprune.best_run_id"  # on the search run: that child run
 BEST_TRIAL_ID = "autoprune.best_trial_id"  # on the search run: its Ray Tune trial id
 PARENT = "mlflow.parentRunId"
 NOTE = "mlflow.note.content"  # a run's description in the UI (markdown)
+ERROR = "autoprune.error"  # on a FAILED run: what failed, one line
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 # the settings of a search that say nothing about its result: not logged as params
 SEARCH_NOISE = ("progress", "engine.progress", "storage", "resume", "tracking_uri")
@@ -225,6 +226,19 @@ def open_search_run(uri: str, name: str, params: dict[str, str], resume: bool) -
     run = mlflow.create_run(experiment_id, run_name=name, tags={ROLE: "search"})
     log(mlflow, run.info.run_id, params=params)
     return experiment_id, run.info.run_id
+
+
+def end_search_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:
+    """End the search run ``run_id`` with ``status`` (FAILED, KILLED) unless it has ended
+    already; a failure's one-line reason goes into its ``autoprune.error`` tag and its
+    description."""
+    mlflow = client(uri)
+    if mlflow.get_run(run_id).info.status != "RUNNING":
+        return
+    if error:
+        mlflow.set_tag(run_id, ERROR, error[:MAX_PARAM])
+        mlflow.set_tag(run_id, NOTE, f"**{status}**: {error}")
+    mlflow.set_terminated(run_id, status=status)
 
 
 def trial_runs(uri: str, experiment_id: str, parent: str) -> dict[str, Any]:

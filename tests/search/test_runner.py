@@ -184,22 +184,42 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, engine_cfg
     assert "fpgm" in record.error and record.run_id == failed[0].info.run_id
 
 
-def test_an_error_after_the_search_run_opens_ends_it_failed(tmp_path, engine_cfg, digits_dense, monkeypatch):
-    """Whatever ends a search ends its MLflow run: an error is FAILED, never left RUNNING."""
+@pytest.mark.parametrize("error", [OSError("No space left on device\nmore"), KeyboardInterrupt()])
+def test_a_search_that_ends_before_its_first_snapshot_leaves_its_name_free(
+    error, tmp_path, engine_cfg, digits_dense, monkeypatch, capsys
+):
+    """Whatever ends a search ends its MLflow run (FAILED with the reason, or KILLED), never
+    left RUNNING; before Tune's first snapshot there is nothing to resume, so the error is
+    one line, no resume hint is printed, and the name is free for a new search."""
     import autoprune
+    from autoprune.errors import AutopruneError
     from autoprune.rayenv import quiet_environment
+    from autoprune.search.plan import prepare
 
     quiet_environment()  # token authentication, before Ray is imported
     from ray import tune
 
     def broken_fit(self):
-        raise OSError("No space left on device")
+        raise error
 
     monkeypatch.setattr(tune.Tuner, "fit", broken_fit)
-    with pytest.raises(OSError, match="No space left"):
-        autoprune.run_search(_config(tmp_path, "broken", engine_cfg, trials=2))
-    [run] = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "broken")
-    assert run.data.tags["autoprune.role"] == "search" and run.info.status == "FAILED"
+    config = _config(tmp_path, "broken", engine_cfg, trials=2)
+    expected = (AutopruneError, "failed before its first trial: OSError: No space left on device")
+    if isinstance(error, KeyboardInterrupt):
+        expected = (KeyboardInterrupt, None)
+    with pytest.raises(expected[0], match=expected[1]) as raised:
+        autoprune.run_search(config)
+    assert "\n" not in str(raised.value) and "--resume" not in capsys.readouterr().err
+    [run] = _runs(config.tracking_uri, "broken")
+    assert run.data.tags["autoprune.role"] == "search"
+    if isinstance(error, KeyboardInterrupt):
+        assert run.info.status == "KILLED"
+    else:
+        assert run.info.status == "FAILED"
+        assert run.data.tags["autoprune.error"] == "OSError: No space left on device"
+        assert "No space left on device" in run.data.tags["mlflow.note.content"]
+    assert not (tmp_path / "results" / "broken").exists()
+    assert prepare(config).name == "broken"  # the name is free: no "already exists"
 
 
 def test_nsga2_returns_a_mutually_non_dominated_front(tmp_path, engine_cfg, digits_dense):
