@@ -7,7 +7,6 @@ import contextlib
 import copy
 import dataclasses
 import io
-import json
 import os
 import sys
 import time
@@ -22,6 +21,7 @@ from ..paths import is_uri, join, upload_dir
 from .plan import MASKS_NOTE, Plan
 from .results import SearchResult, best_within, counts, pareto_front
 from .searchers import SEARCHERS
+from .summary import SearchSummary
 
 
 def short_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -76,122 +76,167 @@ def best_metrics(pruned: dict[str, Any]) -> dict[str, Any]:
 def finish(f: Finish) -> SearchResult:
     """Pick the best trial, re-run it for ``final_epochs``, test it once, save it and log the
     search run's plots, summary and model."""
-    from .. import engine
-    from ..engine.checkpoint import architecture_key, reload_flags, save_model
-    from ..report import comparison, latency_note, trials_table
-    from ..tracking import charts, store
-    from ..tracking.note import search_note
+    from ..tracking import store
 
-    plan, task, dense, dense_metrics, records = f.plan, f.task, f.dense, f.dense_metrics, f.records
-    experiment_id, run_id, say = f.experiment_id, f.run_id, f.say
-    config = plan.config
+    plan, config = f.plan, f.plan.config
     kind = config.budget.kind
-    mlflow = store.client(plan.tracking_uri)
     goals = objectives(kind, plan.metric)
-    front = pareto_front(records, goals if SEARCHERS.get(config.searcher).multi_objective else goals[:2])
-    tally = counts(records)
-    summary: dict[str, Any] = {
-        "name": plan.name,
-        "budget": {"kind": kind, "fraction": config.budget.fraction},
-        "searcher": config.searcher,
-        "space": config.space,
-        "structures": list(plan.structures),
-        "metric": plan.metric,
-        "scheduler": plan.scheduler,
-        "task": task.name,
-        "model": task.model_name,
-        "trials": tally,
-        "dense": short_metrics(dense_metrics),
-        "best": None,
-        "pareto": [{"trial_id": r.trial_id, **r.metrics, "policy": r.policy} for r in front],
-        "mlflow": {"tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
-    }
+    front = pareto_front(f.records, goals if SEARCHERS.get(config.searcher).multi_objective else goals[:2])
+    plan.out.mkdir(parents=True, exist_ok=True)
+    best = best_within(f.records, kind, config.budget.fraction, plan.metric)
+    final = _rerun_best(f, best) if best is not None else None
+    model_path = plan.out / "model.pt" if final is not None else None
+    summary = build_summary(f, front, best, final, model_path)
+    summary.write(plan.out / "summary.json")
+    _log_search_run(f, summary, front, best, final)
+    store.client(plan.tracking_uri).set_terminated(f.run_id, status="FINISHED" if model_path else "FAILED")
+    _say_outcome(f, summary, final, model_path)
+    return SearchResult(
+        plan.name,
+        summary.to_dict(),
+        f.records,
+        front,
+        model_path,
+        plan.out,
+        f.experiment_id,
+        f.run_id,
+        plan.tracking_uri,
+        summary.wall_time_s,
+    )
+
+
+def final_policy(best: TrialRecord, final_epochs: int) -> Policy:
+    """The best trial's policy, fine-tuned for ``final_epochs``: what the final run re-runs."""
+    return Policy.from_dict({**best.policy, "finetune": {**best.policy.get("finetune", {}), "epochs": final_epochs}})
+
+
+def _rerun_best(f: Finish, best: TrialRecord):
+    """Re-run the best trial's policy from the dense model for ``final_epochs``, test it once,
+    save ``model.pt`` and ``policy.json``, and log them to the search run (the engine's result)."""
+    from .. import engine
+    from ..engine.checkpoint import architecture_key, save_model
+    from ..tracking import store
+
+    plan, config = f.plan, f.plan.config
+    policy = final_policy(best, config.final_epochs)
+    budget = Budget(config.budget.kind, best.budget_fraction or config.budget.fraction, config.budget.tolerance)
+    cfg = dataclasses.replace(config.engine, train_epochs=config.final_epochs)
+    f.say(
+        f"best trial {best.trial_id} (val {100 * best.metrics['val_acc']:.2f}%): re-running it for "
+        f"{config.final_epochs} epoch(s) and testing it"
+    )
+    final = engine.run(f.task, f.dense, policy, budget, cfg, f.dense_metrics, test=True, latency=f.latency)
+    p = final.pruned
+    model_path = plan.out / "model.pt"
+    save_model(
+        model_path,
+        final.model,
+        config.engine.task,
+        policy.structure,
+        final.history,
+        policy.to_dict(),
+        {k: p.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
+        architecture_key(f.dense),
+    )
+    policy.to_json(plan.out / "policy.json")
+    mlflow = store.client(plan.tracking_uri)
+    tags = {store.BEST_TRIAL_ID: best.trial_id}
+    if best.run_id:
+        tags[store.BEST_RUN_ID] = best.run_id
+        mlflow.set_tag(best.run_id, store.BEST, "true")
+    numbers = {k: v for k, v in best_metrics(p).items() if isinstance(v, (int, float))}
+    store.log(mlflow, f.run_id, once={f"best_{k}": v for k, v in numbers.items()}, tags=tags)
+    mlflow.log_artifact(f.run_id, str(model_path), "best_model")
+    mlflow.log_artifact(f.run_id, str(plan.out / "policy.json"), "best_model")
+    log_best_model(
+        plan.tracking_uri, f.experiment_id, f.run_id, final.model, f.task.example_input(2), f"autoprune-{plan.name}"
+    )
+    return final
+
+
+def build_summary(f: Finish, front: list[TrialRecord], best: TrialRecord | None, final, model_path) -> SearchSummary:
+    """The search's :class:`SearchSummary`: the settings that shaped it, the trial counts, the
+    dense model, the best trial's re-run (``final``; its dense figures timed beside it), the
+    Pareto front and the latency tables the trials predicted with."""
+    plan, config = f.plan, f.plan.config
+    extra: dict[str, Any] = {}
     if SEARCHERS.get(config.searcher).agent:
-        summary["agent"] = dataclasses.asdict(config.agent)
+        extra["agent"] = dataclasses.asdict(config.agent)
     if f.latency is not None:
-        summary["latency_table"] = {
+        extra["latency_table"] = {
             **{k: f.latency.key[k] for k in ("device", "batch", "threads", "torch")},
             "dense_ms": f.latency.dense_ms,
             "cached": f.latency.cached,
             "build_s": f.latency.build_s,
         }
-        summary["latency_tables"] = {
+        extra["latency_tables"] = {
             name: {"node_id": t["node_id"], "dense_ms": t["table"].dense_ms, "cached": t["table"].cached}
             for name, t in (f.tables or {}).items()
         }
-    plan.out.mkdir(parents=True, exist_ok=True)
-    model_path = final = None
-    best = best_within(records, kind, config.budget.fraction, plan.metric)
-    if best is not None:
-        fields = dict(best.policy)
-        fields["finetune"] = {**fields.get("finetune", {}), "epochs": config.final_epochs}
-        policy = Policy.from_dict(fields)
-        budget = Budget(kind, best.budget_fraction or config.budget.fraction, config.budget.tolerance)
-        cfg = dataclasses.replace(config.engine, train_epochs=config.final_epochs)
-        say(
-            f"best trial {best.trial_id} (val {100 * best.metrics['val_acc']:.2f}%): re-running it for "
-            f"{config.final_epochs} epoch(s) and testing it"
-        )
-        final = engine.run(task, dense, policy, budget, cfg, dense_metrics, test=True, latency=f.latency)
-        p = final.pruned
-        model_path = plan.out / "model.pt"
-        save_model(
-            model_path,
-            final.model,
-            config.engine.task,
-            policy.structure,
-            final.history,
-            policy.to_dict(),
-            {k: p.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
-            architecture_key(dense),
-        )
-        policy.to_json(plan.out / "policy.json")
-        summary["best"] = {
+    best_fields = None
+    if final is not None:
+        best_fields = {
             "trial_id": best.trial_id,
-            "policy": policy.to_dict(),
+            "policy": final_policy(best, config.final_epochs).to_dict(),
             "search_val_acc": best.metrics["val_acc"],
-            **best_metrics(p),
+            **best_metrics(final.pruned),
             "latency_checks": final.latency_checks,
             "ratios": final.ratios,
             "model_path": str(model_path),
         }
-        summary["dense"] = short_metrics(final.dense)  # its latency as timed beside the best model
-        tags = {store.BEST_TRIAL_ID: best.trial_id}
-        if best.run_id:
-            tags[store.BEST_RUN_ID] = best.run_id
-            mlflow.set_tag(best.run_id, store.BEST, "true")
-        numbers = {k: v for k, v in best_metrics(p).items() if isinstance(v, (int, float))}
-        store.log(mlflow, run_id, once={f"best_{k}": v for k, v in numbers.items()}, tags=tags)
-        mlflow.log_artifact(run_id, str(model_path), "best_model")
-        mlflow.log_artifact(run_id, str(plan.out / "policy.json"), "best_model")
-        log_best_model(
-            plan.tracking_uri, experiment_id, run_id, final.model, task.example_input(2), f"autoprune-{plan.name}"
-        )
-    summary["wall_time_s"] = time.time() - f.t0
-    (plan.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    mlflow.log_artifact(run_id, str(plan.out / "summary.json"))
+    return SearchSummary(
+        name=plan.name,
+        budget={"kind": config.budget.kind, "fraction": config.budget.fraction},
+        searcher=config.searcher,
+        space=config.space,
+        structures=list(plan.structures),
+        metric=plan.metric,
+        scheduler=plan.scheduler,
+        task=f.task.name,
+        model=f.task.model_name,
+        trials=counts(f.records),
+        # with a best model, the dense latency as timed beside it
+        dense=short_metrics(final.dense if final is not None else f.dense_metrics),
+        best=best_fields,
+        pareto=[{"trial_id": r.trial_id, **r.metrics, "policy": r.policy} for r in front],
+        mlflow={"tracking_uri": plan.tracking_uri, "experiment_id": f.experiment_id, "run_id": f.run_id},
+        wall_time_s=time.time() - f.t0,
+        **extra,
+    )
+
+
+def _log_search_run(f: Finish, summary: SearchSummary, front: list[TrialRecord], best, final) -> None:
+    """The search run's summary artifact, description and charts; the best model copied to a
+    bucket ``--storage``; its system metrics stopped."""
+    from ..tracking import charts, store
+    from ..tracking.note import search_note
+
+    plan, config = f.plan, f.plan.config
+    kind = config.budget.kind
+    mlflow = store.client(plan.tracking_uri)
+    mlflow.log_artifact(f.run_id, str(plan.out / "summary.json"))
     if is_uri(plan.path):  # the best model outlives this machine too
         upload_dir(plan.out, join(plan.path, "best"))
     within = sum(
         r.status == "completed" and r.metrics.get(f"{kind}_ratio", 2.0) <= config.budget.fraction + 1e-9
-        for r in records
+        for r in f.records
     )
     note = search_note(
-        summary,
-        final.dense if final else dense_metrics,
+        summary.to_dict(),
+        final.dense if final else f.dense_metrics,
         best,
         final.pruned if final else None,
         config.final_epochs,
-        experiment_id,
+        f.experiment_id,
         within,
     )
-    store.log(mlflow, run_id, tags={store.NOTE: note})
-    charts.ratio_charts(mlflow, records)
+    store.log(mlflow, f.run_id, tags={store.NOTE: note})
+    charts.ratio_charts(mlflow, f.records)
     mlflow.log_figure(
-        run_id,
+        f.run_id,
         charts.accuracy_vs_cost(
-            records,
-            dense_metrics,
+            f.records,
+            f.dense_metrics,
             [r.trial_id for r in front],
             config.budget.fraction,
             kind,
@@ -199,22 +244,31 @@ def finish(f: Finish) -> SearchResult:
         ),
         "accuracy_vs_cost.png",
     )
-    mlflow.log_figure(run_id, charts.criteria_chart(records, dense_metrics.get("val_acc")), "criteria.png")
+    mlflow.log_figure(f.run_id, charts.criteria_chart(f.records, f.dense_metrics.get("val_acc")), "criteria.png")
     if f.system_metrics is not None:
         f.system_metrics.stop()
-    mlflow.set_terminated(run_id, status="FINISHED" if model_path else "FAILED")
 
+
+def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
+    """The trials table and dense against the best model in the terminal, with where the
+    results are; an :class:`AutopruneError` when no trial gave a model."""
+    from ..engine.checkpoint import reload_flags
+    from ..report import comparison, latency_note, trials_table
+    from ..tracking import store
+
+    plan, config, say = f.plan, f.plan.config, f.say
+    kind = config.budget.kind
+    summary_path = plan.out / "summary.json"
     say("")
-    say(trials_table(records, kind, plan.metric))
+    say(trials_table(f.records, kind, plan.metric))
     if model_path is None:
-        if tally["completed"]:
+        if summary.trials["completed"]:
             raise AutopruneError(
-                f"no completed trial is within --budget-{kind} {config.budget.fraction:g}; "
-                f"see {plan.out / 'summary.json'}"
+                f"no completed trial is within --budget-{kind} {config.budget.fraction:g}; see {summary_path}"
             )
-        first = next((r.error for r in records if r.error), "none recorded")
+        first = next((r.error for r in f.records if r.error), "none recorded")
         raise AutopruneError(
-            f"no trial completed ({tally['failed']} failed; first error: {first}); see {plan.out / 'summary.json'}"
+            f"no trial completed ({summary.trials['failed']} failed; first error: {first}); see {summary_path}"
         )
     say(f"\ndense against the best policy, re-run for {config.final_epochs} epoch(s), timed side by side:")
     say(comparison(final.dense, final.pruned))
@@ -224,26 +278,14 @@ def finish(f: Finish) -> SearchResult:
     if "unstructured" in plan.structures:
         say(MASKS_NOTE)
     say(f"\nbest model: {model_path}  (autoprune evaluate {model_path}{reload_flags(config.engine.task)})")
-    say(f"summary:    {plan.out / 'summary.json'}")
+    say(f"summary:    {summary_path}")
     if is_uri(plan.path):
         say(f"copied to:  {join(plan.path, 'best')}")
     if plan.tracking_uri.startswith(("http://", "https://")):
-        say(f"browse the trials: {store.runs_link(experiment_id, server=plan.tracking_uri)}")
+        say(f"browse the trials: {store.runs_link(f.experiment_id, server=plan.tracking_uri)}")
     else:
         say(f"browse the trials: autoprune ui{_ui_flag(plan.tracking_uri)}")
-        say(f"  then open {store.runs_link(experiment_id)}")
-    return SearchResult(
-        plan.name,
-        summary,
-        records,
-        front,
-        model_path,
-        plan.out,
-        experiment_id,
-        run_id,
-        plan.tracking_uri,
-        summary["wall_time_s"],
-    )
+        say(f"  then open {store.runs_link(f.experiment_id)}")
 
 
 def log_best_model(uri: str, experiment_id: str, run_id: str, model, example, registered_name: str) -> str | None:

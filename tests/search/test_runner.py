@@ -137,6 +137,23 @@ def test_search_summary_and_best_model_reproduce(searched, engine_cfg):
     assert metrics["flops"] == best["flops"]
 
 
+def test_summary_json_is_the_search_summary_class(searched):
+    """summary.json is written by SearchSummary and reads back into it: its keys are the
+    class's fields (the optional ones where the search has them), with schema_version."""
+    import dataclasses
+
+    from autoprune.search.summary import OPTIONAL, SCHEMA_VERSION, SearchSummary
+
+    tmp, result = searched
+    raw = json.loads((result.out / "summary.json").read_text())
+    fields = {f.name for f in dataclasses.fields(SearchSummary)}
+    assert raw["schema_version"] == SCHEMA_VERSION
+    assert fields - set(OPTIONAL) <= set(raw) <= fields
+    assert "latency_table" in raw and "agent" not in raw  # a tpe search with a latency table
+    summary = SearchSummary.read(result.out / "summary.json")
+    assert summary.to_dict() == raw == result.summary
+
+
 def test_ui_serves_the_search_runs_over_rest_on_this_machine_only(searched, ui):
     """(`autoprune ui` stopping its MLflow server on SIGTERM is checked when the shared server
     stops: tests/tracking/conftest.py.)"""

@@ -1,0 +1,75 @@
+"""``summary.json``, the record a search leaves beside its best model: one class writes it and
+reads it back, so its keys are declared once, here, with their meaning."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import AutopruneError
+
+SCHEMA_VERSION = 1  # raised when a key changes meaning or goes; adding an optional key keeps it
+OPTIONAL = ("agent", "latency_table", "latency_tables")  # written only when the search has them
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSummary:
+    """What a search found, as ``summary.json`` holds it."""
+
+    name: str  # the search's --name
+    budget: dict[str, Any]  # {"kind": flops|params|latency, "fraction": the share of the dense cost to keep}
+    searcher: str
+    space: str
+    structures: list[str]  # what the trials pruned: channel, unstructured
+    metric: str  # what picked the best trial (val_acc, val_loss, or an agent's reward)
+    scheduler: str  # asha or none
+    task: str
+    model: str
+    trials: dict[str, int]  # total, completed, stopped_early, failed
+    dense: dict[str, float]  # the dense model: val_acc, test_acc, flops, params, latency_ms (measured)
+    best: dict[str, Any] | None  # the best trial re-run for final_epochs; None if no trial fits the budget
+    pareto: list[dict[str, Any]]  # the trials on the Pareto front of accuracy and cost, with their policies
+    mlflow: dict[str, str]  # tracking_uri, experiment_id, run_id of the search run
+    wall_time_s: float  # the whole search, the final re-run included
+    agent: dict[str, Any] | None = None  # an agent's settings (config.AgentConfig)
+    latency_table: dict[str, Any] | None = None  # this machine's latency table: device, batch, threads, dense_ms
+    latency_tables: dict[str, dict] | None = None  # per kind of hardware: the node it was built on, dense_ms
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for key in OPTIONAL:
+            if out[key] is None:
+                del out[key]
+        return out
+
+    def write(self, path: Path) -> None:
+        """Write the summary whole: a reader never sees half of it."""
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> SearchSummary:
+        """The summary at ``path``; an :class:`AutopruneError` naming the file if it is not one
+        this version of autoprune wrote or can read."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AutopruneError(f"{str(path)!r} is not a readable search summary ({exc})") from None
+        if not isinstance(data, dict):
+            raise AutopruneError(f"{str(path)!r} is not a search summary (not a JSON object)")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise AutopruneError(
+                f"{str(path)!r} has summary schema_version {version!r}; this autoprune reads {SCHEMA_VERSION}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        missing = sorted(n for n in names - set(data) if n not in OPTIONAL)
+        if unknown or missing:
+            raise AutopruneError(f"{str(path)!r} is not a search summary (unknown keys {unknown}, missing {missing})")
+        return cls(**data)
