@@ -88,7 +88,7 @@ def read_records(path: str, runs: dict[str, Any]) -> list[TrialRecord]:
     without a numbered run come last, in the order their runs started."""
     from ray.tune import ExperimentAnalysis
 
-    from ..tracking.callback import trial_error
+    from .callback import trial_error
 
     records = []
     trials = ExperimentAnalysis(path).trials

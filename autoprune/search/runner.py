@@ -61,7 +61,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     from ..engine.measure import device_name
     from ..engine.tasks import get_task
     from ..tracking import store
-    from ..tracking.callback import TrialLogger, close_writers
+    from .callback import TrialLogger, close_writers
     from .progress import ClusterWatch, ProgressLine
 
     config = plan.config

@@ -9,7 +9,8 @@ from autoprune.rayenv import quiet_environment
 
 quiet_environment()  # token authentication, before the callback imports Ray
 
-from autoprune.tracking import callback, store  # noqa: E402
+from autoprune.search import callback  # noqa: E402
+from autoprune.tracking import store  # noqa: E402
 
 
 def _client(uri: str):

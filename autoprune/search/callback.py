@@ -1,6 +1,7 @@
 """The Ray Tune callback that logs every trial as a child run of the search run, from the
-driver (workers never write to the store). The only module of ``autoprune.tracking`` that
-imports Ray."""
+driver (workers never write to the store). It lives in the search, beside the trial contract
+it reads, so that ``autoprune.tracking`` (the store, its records, charts and notes) imports
+no Ray."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 from ..contract import AGENT_KEYS, COST_KEYS, FINAL_KEYS, is_final, trial_label
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
-from .resume import has_final, save_final
-from .store import (
+from ..tracking.resume import has_final, save_final
+from ..tracking.store import (
     ERROR,
     MAX_PARAM,
     NODE_ID,
