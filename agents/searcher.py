@@ -53,9 +53,8 @@ def ddpg_config(agent: AgentConfig, episodes: int, groups: int | None = None) ->
         options[name] = kind(value)
     if groups and "buffer" not in options:
         options["buffer"] = 100 * groups
-    warmup = agent.warmup_episodes if agent.warmup_episodes is not None else max(1, episodes // 4)
     try:
-        return DDPGConfig(**{**options, "warmup_episodes": warmup})
+        return DDPGConfig(**{**options, "warmup_episodes": agent.resolved(episodes).warmup_episodes})
     except ValueError as exc:
         raise AutopruneError(f"--agent-option: {exc}") from None
 

@@ -1,8 +1,9 @@
 """The one place user-facing values are checked: a declared schema on every config field.
 
-Config dataclasses (``config.py``) and the saved-model record (``prune.py``) declare each
+Config dataclasses (``autoprune.config``) and the saved-model record (``prune.py``) declare each
 field with :func:`checked` and a :class:`Spec` (type, range, choices, the CLI flag that sets
-it). :func:`validate` runs in their ``__post_init__``, so the CLI, the Python API, policy
+it, its help and how a typed value is read): ``autoprune.flags`` builds the command line from
+these, so adding a setting is adding one field. :func:`validate` runs in their ``__post_init__``, so the CLI, the Python API, policy
 JSON and model files all pass the same checks before any work starts, and a bad value is
 named with what is allowed: ``--batch-size must be an integer >= 1, got 0``.
 """
@@ -10,6 +11,7 @@ named with what is allowed: ``--batch-size must be an integer >= 1, got 0``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,11 @@ class Spec:
     nested: type | None = None  # the dataclass a "nested" field holds (a dict is converted)
     extra: Callable[[Any], str | None] | None = None  # a further check: returns what is wrong, or None
     allow_empty: bool = False  # a sequence may be empty
+    help: str = ""  # the flag's help; argparse's %(default)s names the field's default
+    parse: Callable[[Any, str], Any] | None = None  # (typed value, flag) -> field value, for flags read as text
+    repeat: bool = False  # the flag may be given several times; ``parse`` then reads the list
+    metavar: str | None = None
+    aliases: tuple[str, ...] = ()  # further names of the flag
 
     def describe(self) -> str:
         """Allowed values, as a phrase: 'an integer >= 1', 'one of: sum, mean, max'."""
@@ -162,6 +169,25 @@ def nested(cls: type, **kw) -> Spec:
 def checked(spec: Spec, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field carrying its :class:`Spec` (``x: int = checked(integer(1), 5)``)."""
     return dataclasses.field(default=default, default_factory=factory, metadata={"spec": spec})
+
+
+def key_values(items: list[str], flag: str) -> dict[str, Any]:
+    """KEY=VALUE strings -> a dict; values are read as JSON (numbers, true/false) or kept as text."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AutopruneError(f"{flag} {item!r} must look like KEY=VALUE, e.g. probes=20")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def comma_list(value: str, flag: str) -> list[str]:
+    """``conv,linear`` -> ``["conv", "linear"]``."""
+    return value.split(",")
 
 
 # ------------------------------------------------------------------ checking

@@ -42,7 +42,6 @@ from .train import EpochCallback, seed_everything, train
 
 METHODS: Registry[Callable[[MethodContext], Pruned]] = Registry("method")
 
-DEFAULT_ITERATIONS = {"iterative": 3, "gradual": 10}
 LATENCY_CHECKS = 4  # timings of a latency-budget model (and re-solves in between) before one is taken
 LATENCY_UNDER = 0.05  # a measured latency this share of the budget below it (beyond the noise) is re-solved too
 GRADUAL_END = 0.75  # gradual pruning reaches the budget after this share of fine-tuning steps
@@ -261,7 +260,7 @@ def iterative(run: MethodContext) -> Pruned:
     fraction budget**(i/k), reaching the budget at round k; the fine-tuning epochs are
     shared out over the rounds (the last gets the remainder)."""
     task, policy, budget, cfg = run.task, run.policy, run.budget, run.cfg
-    k = policy.iterations or DEFAULT_ITERATIONS["iterative"]
+    k = policy.resolved().iterations
     work = clone(run.dense)
     run.warm_up(work)
     floors = _floors(run.dense, task, policy) if policy.structure == "channel" else None
@@ -317,7 +316,7 @@ def gradual(run: MethodContext) -> Pruned:
     the rest of fine-tuning recovers. Channels are zeroed while training (and kept zero
     before every step) and physically removed at the end; weights are masked."""
     task, policy, budget, cfg = run.task, run.policy, run.budget, run.cfg
-    n = policy.iterations or DEFAULT_ITERATIONS["gradual"]
+    n = policy.resolved().iterations
     work = clone(run.dense)
     run.warm_up(work)
     if policy.finetune.epochs == 0:

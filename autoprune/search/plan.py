@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ..config import DEFAULT_STORAGE, STRUCTURES, AgentConfig, SearchConfig
+from ..config import DEFAULT_EPOCHS, DEFAULT_STORAGE, STRUCTURES, AgentConfig, SearchConfig
 from ..errors import AutopruneError
 
-DEFAULT_TRIALS = 20
-EPOCHS = 3  # the default --epochs
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
 COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
 
@@ -37,7 +35,7 @@ class Plan:
     grid: dict[str, list] | None = None
     local_cpus: int = 0
     local_gpus: int = 0
-    epochs: int = EPOCHS  # training epochs per trial (--epochs, or the searcher's default)
+    epochs: int = DEFAULT_EPOCHS  # training epochs per trial (--epochs, or the searcher's default)
     metric: str = "val_acc"  # what picks the best trial: --metric, or an agent's reward
     storage: str = ""  # --storage, checked: an absolute folder or a bucket URI
 
@@ -151,12 +149,10 @@ def prepare(config: SearchConfig) -> Plan:
             "--recalibrate-batches "
             f"and --agent-option set the AMC agent: use them with --searcher amc, not {config.searcher!r}"
         )
-    epochs = config.epochs if config.epochs is not None else (spec.epochs if spec.epochs is not None else EPOCHS)
-    scheduler = config.scheduler or spec.scheduler
-    if epochs == 0:
-        if config.scheduler == "asha":
-            raise AutopruneError("--scheduler asha stops trials between epochs; with --epochs 0 use --scheduler none")
-        scheduler = "none"
+    resolved = config.resolved(spec.trials, spec.epochs, spec.scheduler)
+    trials, epochs, scheduler = resolved.trials, resolved.epochs, resolved.scheduler
+    if epochs == 0 and config.scheduler == "asha":
+        raise AutopruneError("--scheduler asha stops trials between epochs; with --epochs 0 use --scheduler none")
     if scheduler == "asha" and spec.multi_objective:
         raise AutopruneError(
             f"--scheduler asha stops trials on one metric; searcher {config.searcher!r} optimises several: "
@@ -179,7 +175,6 @@ def prepare(config: SearchConfig) -> Plan:
         local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local_gpus = gpu_count()
         check_fits(config, local_cpus, local_gpus, "this machine")
-    trials = config.trials or spec.trials or DEFAULT_TRIALS
     if spec.agent:
         from autoprune.agents.searcher import ddpg_config
 

@@ -58,8 +58,8 @@ class SearcherSpec:
     needs_grid: bool = False
     summary: str = ""  # one line for `autoprune list`
     agent: bool = False  # an agent: needs the allocation space, and its trials report AGENT_KEYS
-    trials: int | None = None  # the default --trials (None: plan.DEFAULT_TRIALS)
-    epochs: int | None = None  # the default --epochs (None: 3)
+    trials: int | None = None  # the default --trials (None: config.DEFAULT_TRIALS; SearchConfig.resolved)
+    epochs: int | None = None  # the default --epochs (None: config.DEFAULT_EPOCHS)
 
 
 SEARCHERS: Registry[SearcherSpec] = Registry("searcher")

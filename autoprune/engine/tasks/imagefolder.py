@@ -54,7 +54,7 @@ def _skipped_warning(skipped: list[str]) -> str:
 def imagefolder_task(config: TaskConfig) -> Task:
     """A local ImageFolder: ``train/`` and ``val/`` (or ``test/``) sub-folders of classes, or a
     single folder of classes split 70/15/15 (stratified, seeded). Untrained unless a checkpoint
-    is given. ``--image-size`` (default 224, at least 16) is the side of the centre crop.
+    is given. ``--image-size`` (default ``config.IMAGE_SIZE``, at least 16) is the side of the centre crop.
 
     The folder the classes come from (``train/`` or the single folder) must hold at least two
     class sub-folders. Unreadable images: when a folder is scanned, every file with an image
@@ -69,7 +69,7 @@ def imagefolder_task(config: TaskConfig) -> Task:
 
     model = model_name(config)
     root = data_dir(config)
-    size = 224 if config.image_size is None else config.image_size
+    size = config.resolved().image_size
     transform = T.Compose(
         [
             T.Resize(size),

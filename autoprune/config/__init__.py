@@ -1,0 +1,58 @@
+"""Configuration dataclasses: the one home for defaults and for the command line's flags.
+
+Each setting is one field declared with :func:`autoprune.schema.checked`: its type, range,
+flag and help. A default the field cannot hold (it depends on the task, the method or the
+searcher) is ``None`` there and filled in by that config's ``resolved()``.
+"""
+
+from .policy import (
+    BUDGET_KINDS,
+    DEFAULT_ITERATIONS,
+    KEEP_TYPES,
+    METRICS,
+    REDUCTIONS,
+    SCOPES,
+    SEARCH_STRUCTURES,
+    STRUCTURES,
+    WARMUP_MODES,
+    Budget,
+    FinetuneConfig,
+    Policy,
+)
+from .run import IMAGE_SIZE, MIN_IMAGE_SIZE, EngineConfig, MeasureConfig, TaskConfig
+from .search import (
+    DEFAULT_EPOCHS,
+    DEFAULT_STORAGE,
+    DEFAULT_TRIALS,
+    REWARDS,
+    SCHEDULERS,
+    AgentConfig,
+    SearchConfig,
+)
+
+__all__ = [
+    "BUDGET_KINDS",
+    "DEFAULT_EPOCHS",
+    "DEFAULT_ITERATIONS",
+    "DEFAULT_STORAGE",
+    "DEFAULT_TRIALS",
+    "IMAGE_SIZE",
+    "KEEP_TYPES",
+    "METRICS",
+    "MIN_IMAGE_SIZE",
+    "REDUCTIONS",
+    "REWARDS",
+    "SCHEDULERS",
+    "SCOPES",
+    "SEARCH_STRUCTURES",
+    "STRUCTURES",
+    "WARMUP_MODES",
+    "AgentConfig",
+    "Budget",
+    "EngineConfig",
+    "FinetuneConfig",
+    "MeasureConfig",
+    "Policy",
+    "SearchConfig",
+    "TaskConfig",
+]
