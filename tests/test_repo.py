@@ -97,3 +97,15 @@ def test_the_constraints_pin_every_dependency_within_its_bounds():
         name = canonicalize_name(req.name)
         assert name in pins, f"{req.name} is not pinned in .ci/constraints.txt"
         assert req.specifier.contains(pins[name], prereleases=True), f"{req.name}=={pins[name]} is outside {spec!r}"
+
+
+def test_every_package_of_the_source_tree_is_installed():
+    """A package missing from pyproject's list works in a development checkout and is absent
+    from an installed autoprune."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"autoprune.agents", "autoprune.search_spaces"}
+    for init in (ROOT / "autoprune").rglob("__init__.py"):
+        found.add(".".join(init.parent.relative_to(ROOT).parts))
+    assert found == listed
