@@ -5,7 +5,7 @@ then the actor's output with truncated-normal noise) walks the channel groups of
 :class:`~autoprune.engine.allocation.AllocationSpace`, each action clipped to the legal range,
 and the finished allocation becomes the trial's policy (``per_layer`` ratios, ``exact``, BN
 recalibration, no fine-tuning unless ``--epochs``). The trial prunes it, recalibrates BN,
-takes the validation accuracy and reports the episode's ``reward`` (``autoprune.contract.AGENT_KEYS``).
+takes the validation accuracy and reports the episode's ``reward`` (``autoprune.contract.SEARCHER_KEYS``).
 When a trial completes, the agent stores that episode's transitions with the reward and learns.
 Episodes run ``--concurrency`` at a time, so an episode may start before earlier ones have
 taught the agent anything; episodes that fail teach it nothing. Its state (networks,
@@ -26,9 +26,10 @@ from ray.tune.search import Searcher
 from autoprune.config import AgentConfig, Budget
 from autoprune.contract import TrialConfig
 from autoprune.errors import AutopruneError
+from autoprune.search.searchers import SearcherHooks
 
 from .ddpg import DDPG, DDPGConfig
-from .episode import FEATURES, Walk, episode_policy
+from .episode import FEATURES, RewardSpec, Walk, episode_policy
 
 
 def ddpg_config(agent: AgentConfig, episodes: int, groups: int | None = None) -> DDPGConfig:
@@ -134,7 +135,71 @@ class AMCSearch(Searcher):
 
 def make_amc(ctx) -> AMCSearch:
     """The ``amc`` entry of the searcher registry: ``ctx`` is a ``SearcherContext`` whose
-    ``allocation`` (the model's AllocationSpace) and ``agent`` (an AgentConfig) the runner set."""
-    if ctx.allocation is None:
-        raise AutopruneError("searcher 'amc' needs the model's allocation space (SearcherContext.allocation)")
-    return AMCSearch(ctx.allocation, ctx.budget, ctx.trials, ctx.seed, ctx.agent or AgentConfig())
+    ``extra`` holds the model's ``allocation`` space and the ``agent`` settings (AMC_HOOKS.context)."""
+    if ctx.extra.get("allocation") is None:
+        raise AutopruneError("searcher 'amc' needs the model's allocation space (SearcherContext.extra['allocation'])")
+    return AMCSearch(ctx.extra["allocation"], ctx.budget, ctx.trials, ctx.seed, ctx.extra.get("agent") or AgentConfig())
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeScore:
+    """What an AMC trial reports once its model is pruned (the searcher's trial hook):
+    ``recal_acc``, the validation accuracy of the pruned model with its BN statistics
+    recalibrated by the engine, before any fine-tuning, and the episode's ``reward`` from it."""
+
+    reward: RewardSpec
+
+    def __call__(self, model, task, cost: dict[str, Any], device) -> dict[str, float]:
+        from autoprune.engine.train import evaluate
+
+        acc = evaluate(model, task.loader("val", device=device), device)
+        return {"recal_acc": acc, "reward": self.reward(acc, cost["flops"], cost.get("latency_ms"))}
+
+
+class AMCHooks(SearcherHooks):
+    """What the AMC agent adds to a search (``search.searchers.SearcherHooks``)."""
+
+    settings = "agent"  # SearchConfig.agent: --reward, --agent-criterion, --agent-option, ...
+    report_keys = ("recal_acc", "reward")
+
+    def check(self, config, structures, trials) -> None:
+        """Channel pruning, no space, a known criterion, no --metric, valid DDPG options."""
+        from autoprune import engine
+        from autoprune.config import Policy
+
+        if structures != ("channel",):
+            raise AutopruneError(f"searcher {config.searcher!r} allocates channels: it needs --structure channel")
+        if config.space != "default":
+            raise AutopruneError(
+                f"searcher {config.searcher!r} proposes its own per-group allocations; "
+                "--space is for the Optuna searchers"
+            )
+        engine.check_policy(Policy(criterion=config.agent.criterion))
+        if config.metric != "val_acc":
+            raise AutopruneError(
+                f"searcher {config.searcher!r} picks its best episode by its reward (--reward); "
+                "--metric is for the others"
+            )
+        ddpg_config(config.agent, trials)  # checks --agent-option
+
+    def context(self, config, dense, task, latency) -> dict[str, Any]:
+        from autoprune.config import Policy
+        from autoprune.engine.allocation import allocation_space
+
+        example = task.example_input().to(next(dense.parameters()).device)  # traced where the dense model is
+        return {"allocation": allocation_space(dense, example, Policy().max_ratio, latency), "agent": config.agent}
+
+    def trial_hook(self, config, latency) -> EpisodeScore:
+        return EpisodeScore(RewardSpec.of(config.agent, config.budget.fraction, latency))
+
+    def describe(self, config) -> str:
+        return f"reward {config.agent.reward}"
+
+    def summary(self, config) -> dict[str, Any]:
+        return {"agent": dataclasses.asdict(config.agent)}
+
+    def needs_latency(self, config) -> bool:
+        return config.agent.reward == "acc_latency"
+
+
+AMC_HOOKS = AMCHooks()

@@ -10,8 +10,8 @@ config dict whose keys are :class:`TrialConfig`'s fields. The trial turns it int
 * every fine-tuning epoch but the last: ``epoch``, ``val_acc``, ``val_loss``, ``loss``
   (training), ``node_id``;
 * once the model has its final structure (before fine-tuning, except for gradual pruning),
-  every later report also carries the pruned model's cost (:data:`COST_KEYS`, the AMC agent's
-  :data:`AGENT_KEYS`, and
+  every later report also carries the pruned model's cost (:data:`COST_KEYS`, a searcher's
+  :data:`SEARCHER_KEYS`, and
   ``ratios``: the realised pruned fraction per group or layer). Its latency there is the
   hardware latency table's prediction (``latency_ms``, ``latency_ratio`` of the dense
   model's predicted latency): trials share the machine, so a timing would measure what runs
@@ -33,17 +33,17 @@ from .errors import AutopruneError
 EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "loss", "node_id")
 # the pruned model's cost: known once pruning is done, reported from then on (latency predicted)
 COST_KEYS = ("flops", "params", "flops_ratio", "params_ratio", "latency_ms", "latency_ratio")
-# the AMC agent's episodes also report, once pruned: the accuracy after BN recalibration without
-# fine-tuning (validation split) and the episode's reward (AgentConfig.reward) computed from it
-AGENT_KEYS = ("recal_acc", "reward")
+# what a searcher's trial hook may add to the reports once pruned (SearcherHooks.report_keys): the
+# AMC agent's accuracy after BN recalibration without fine-tuning (validation split) and its reward
+SEARCHER_KEYS = ("recal_acc", "reward")
 # only in the final report: the predicted speed-up, and the trial's own timing of its model
 # (taken while other trials run beside it: for information, never for decisions)
 FINAL_KEYS = ("predicted_speedup", "latency_measured_ms", "engine_s", "report_s")
 FINAL = "final"  # the final report's marker
 # what a trial reports of its pruned model
-PRUNED_METRICS = ("val_acc", "val_loss", *COST_KEYS, *AGENT_KEYS, "predicted_speedup", "latency_measured_ms")
+PRUNED_METRICS = ("val_acc", "val_loss", *COST_KEYS, *SEARCHER_KEYS, "predicted_speedup", "latency_measured_ms")
 # a final report as kept for replay on --resume (tracking.resume.save_final)
-REPORTED = (*EPOCH_KEYS, *COST_KEYS, *AGENT_KEYS, *FINAL_KEYS, "ratios", FINAL)
+REPORTED = (*EPOCH_KEYS, *COST_KEYS, *SEARCHER_KEYS, *FINAL_KEYS, "ratios", FINAL)
 
 
 def is_final(report: dict[str, Any] | None) -> bool:

@@ -132,7 +132,9 @@ def main() -> None:
                         b = Budget("flops", sub_fraction) if sub_fraction else _budget
                         return _score(task, dense, dense_metrics, _cfg, fields, b)
 
-                    ctx = SearcherContext(table, budget, seed, args.episodes, allocation=space, agent=AgentConfig())
+                    ctx = SearcherContext(
+                        table, budget, seed, args.episodes, extra={"allocation": space, "agent": AgentConfig()}
+                    )
                     history = _search(method, ctx, evaluate, args.episodes)
                     best_fields = max(history, key=lambda h: h[1]["val_acc"])[0]
                 wall = time.perf_counter() - t0

@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..contract import AGENT_KEYS, COST_KEYS, FINAL_KEYS, is_final, trial_label
+from ..contract import COST_KEYS, FINAL_KEYS, SEARCHER_KEYS, is_final, trial_label
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
 from ..tracking.resume import has_final, save_final
@@ -41,9 +41,9 @@ POLICY = "policy"  # param prefix: the policy fields the searcher chose (``polic
 
 
 def cost_metrics(result: dict) -> dict[str, float]:
-    """The pruned model's cost in a report, as single-value metrics: :data:`COST_KEYS`, an AMC
-    episode's :data:`AGENT_KEYS` and ``realised_pruned_fraction.<group>``. Empty before pruning is done."""
-    out = {k: result[k] for k in (*COST_KEYS, *AGENT_KEYS) if result.get(k) is not None}
+    """The pruned model's cost in a report, as single-value metrics: :data:`COST_KEYS`, a
+    searcher's :data:`SEARCHER_KEYS` and ``realised_pruned_fraction.<group>``. Empty before pruning is done."""
+    out = {k: result[k] for k in (*COST_KEYS, *SEARCHER_KEYS) if result.get(k) is not None}
     out.update({f"{REALISED}.{k}": v for k, v in (result.get("ratios") or {}).items()})
     return out
 

@@ -160,8 +160,7 @@ def build_summary(f: Finish, front: list[TrialRecord], best: TrialRecord | None,
     Pareto front and the latency tables the trials predicted with."""
     plan, config = f.plan, f.plan.config
     extra: dict[str, Any] = {}
-    if SEARCHERS.get(config.searcher).agent:
-        extra["agent"] = dataclasses.asdict(config.agent)
+    extra.update(SEARCHERS.get(config.searcher).hooks().summary(config))
     if f.latency is not None:
         extra["latency_table"] = {
             **{k: f.latency.key[k] for k in ("device", "batch", "threads", "torch")},

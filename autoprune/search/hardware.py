@@ -30,8 +30,8 @@ def trial_latency_table(dense, task, config: SearchConfig, say):
     try:
         table = engine.task_latency_table(model, task, config.engine, say)
     except Exception as exc:  # noqa: BLE001 - a FLOPs or params search goes on without predictions
-        if kind == "latency" or (config.agent.reward == "acc_latency" and SEARCHERS.get(config.searcher).agent):
-            raise  # the budget or the AMC agent's reward needs it
+        if kind == "latency" or SEARCHERS.get(config.searcher).hooks().needs_latency(config):
+            raise  # the budget or the searcher (AMC's acc_latency reward) needs it
         print(f"warning: no latency table ({type(exc).__name__}: {exc}); trials report no latency", file=sys.stderr)
         return None, device, 0.0
     return table, device, reachable(table, model, task, config)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from ..config import DEFAULT_EPOCHS, DEFAULT_STORAGE, STRUCTURES, AgentConfig, SearchConfig
+from ..config import DEFAULT_EPOCHS, DEFAULT_STORAGE, STRUCTURES, SearchConfig
 from ..errors import AutopruneError
 
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
@@ -96,7 +96,7 @@ def prepare(config: SearchConfig) -> Plan:
     from ..engine.tasks import check_task_config
     from ..paths import check_location, check_output_dir, has_files, is_uri, join
     from ..tracking import store
-    from .searchers import SEARCHERS
+    from .searchers import SEARCHERS, foreign_settings
 
     if config.resume and not config.name:
         raise AutopruneError("--resume needs --name: the name of the search to continue")
@@ -141,16 +141,12 @@ def prepare(config: SearchConfig) -> Plan:
             f"kernels run them at the dense model's speed; {_which(config, fixed)} would search masks. "
             "Use --budget-flops or --budget-params for masks"
         )
-    if spec.agent:
-        _check_agent(config, structures, spec)
-    elif config.agent != AgentConfig():
-        raise AutopruneError(
-            "--reward, --reward-weight(-below), --reward-target, --agent-criterion, --warmup-episodes, "
-            "--recalibrate-batches "
-            f"and --agent-option set the AMC agent: use them with --searcher amc, not {config.searcher!r}"
-        )
+    foreign = foreign_settings(config)
+    if foreign:
+        raise AutopruneError(foreign)
     resolved = config.resolved(spec.trials, spec.epochs, spec.scheduler)
     trials, epochs, scheduler = resolved.trials, resolved.epochs, resolved.scheduler
+    spec.hooks().check(config, structures, trials)
     if epochs == 0 and config.scheduler == "asha":
         raise AutopruneError("--scheduler asha stops trials between epochs; with --epochs 0 use --scheduler none")
     if scheduler == "asha" and spec.multi_objective:
@@ -175,10 +171,6 @@ def prepare(config: SearchConfig) -> Plan:
         local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local_gpus = gpu_count()
         check_fits(config, local_cpus, local_gpus, "this machine")
-    if spec.agent:
-        from autoprune.agents.searcher import ddpg_config
-
-        ddpg_config(config.agent, trials)  # checks --agent-option
     return Plan(
         config,
         name,
@@ -193,27 +185,9 @@ def prepare(config: SearchConfig) -> Plan:
         local_cpus,
         local_gpus,
         epochs,
-        "reward" if spec.agent else config.metric,
+        spec.metric or config.metric,
         storage,
     )
-
-
-def _check_agent(config: SearchConfig, structures: tuple[str, ...], spec) -> None:
-    """What an agent searcher (amc) needs: channel pruning, no space, a known criterion."""
-    from .. import engine
-    from ..config import Policy
-
-    if structures != ("channel",):
-        raise AutopruneError(f"searcher {config.searcher!r} allocates channels: it needs --structure channel")
-    if config.space != "default":
-        raise AutopruneError(
-            f"searcher {config.searcher!r} proposes its own per-group allocations; --space is for the Optuna searchers"
-        )
-    engine.check_policy(Policy(criterion=config.agent.criterion))
-    if config.metric != "val_acc":
-        raise AutopruneError(
-            f"searcher {config.searcher!r} picks its best episode by its reward (--reward); --metric is for the others"
-        )
 
 
 def search_structures(asked: str | None, fixed: str | None) -> tuple[str, ...]:

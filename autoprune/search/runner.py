@@ -117,6 +117,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             known = {t.trial_id for t in ExperimentAnalysis(plan.path).trials} if restore else set()
             store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
         spec = SEARCHERS.get(config.searcher)
+        hooks = spec.hooks()
         setup = TrialSetup(
             task,
             cpu_state(dense),
@@ -128,7 +129,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             config.gpus_per_trial,
             latency,
             _replays(plan, experiment_id, run_id) if config.resume else {},
-            episode_reward(config, latency) if spec.agent else None,
+            hooks.trial_hook(config, latency),
             {name: t["table"] for name, t in tables.items()},
         )
         setup_ref = ray.put(setup)
@@ -137,7 +138,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             tune.with_parameters(run_trial, setup_ref=[setup_ref]),
             {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
         )
-        what = f", reward {config.agent.reward}" if spec.agent else f" on space {config.space!r}"
+        what = f", {hooks.describe(config)}" if hooks.describe(config) else f" on space {config.space!r}"
         say(
             f"search {plan.name!r}: {plan.trials} trials ({config.searcher}{what}, "
             f"{plan.epochs} epoch(s) each, {workers} at a time, scheduler {plan.scheduler}), "
@@ -156,8 +157,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                     plan.grid,
                     config.metric,
                     min(floor * 1.01, config.budget.fraction),
-                    allocation_for(spec, dense, task, latency),
-                    config.agent,
+                    hooks.context(config, dense, task, latency),
                 )
                 scheduler = None
                 if plan.scheduler == "asha":
@@ -260,24 +260,6 @@ def _before_first_snapshot(plan: Plan, exc: BaseException) -> AutopruneError | N
         f"search {plan.name!r} failed before its first trial: {_cause(exc)}. Nothing was kept under "
         f"{plan.path!r} (the name is free again); the MLflow search run is FAILED with this reason"
     )
-
-
-def allocation_for(spec, dense, task, latency):
-    """An agent's view of the dense model (its AllocationSpace), or None for other searchers."""
-    if not spec.agent:
-        return None
-    from ..config import Policy
-    from ..engine.allocation import allocation_space
-
-    example = task.example_input().to(next(dense.parameters()).device)  # traced where the dense model is
-    return allocation_space(dense, example, Policy().max_ratio, latency)
-
-
-def episode_reward(config: SearchConfig, latency):
-    """The reward an agent's trials score their episodes with (agents.episode.RewardSpec)."""
-    from autoprune.agents.episode import RewardSpec
-
-    return RewardSpec.of(config.agent, config.budget.fraction, latency)
 
 
 def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:

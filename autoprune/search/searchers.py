@@ -1,6 +1,7 @@
 """The searcher registry: every search strategy is a :class:`SearcherSpec` whose factory
 returns a ``ray.tune.search.Searcher``. Optuna's samplers (tpe, nsga2, random, grid) register
-here; the AMC agent's factory lives in ``autoprune.agents.searcher`` (imported when used). What a searcher hands a trial and
+here; the AMC agent's factory and :class:`SearcherHooks` live in ``autoprune.agents.searcher``
+(imported when used). What a searcher hands a trial and
 reads back is :mod:`autoprune.contract`; ``tests/search/test_searcher_conformance.py`` checks
 every registered searcher against it, without Ray running.
 """
@@ -12,7 +13,7 @@ import io
 import pickle
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -20,7 +21,7 @@ from ..config import Budget
 from ..contract import METRIC_MODES, TRIAL_CONFIG_KEYS, TrialConfig, is_final, objectives
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
-from ..registry import Registry
+from ..registry import Registry, load_object
 
 quiet_environment()
 import optuna  # noqa: E402
@@ -36,7 +37,8 @@ class SearcherContext:
     """What a searcher factory gets: the layer table of the model (its channel groups and
     layers with their FLOPs shares), the budget, the seed, the trial count and the metric to
     optimise; Optuna searchers also use the define-by-run space (a ``search_spaces`` name or
-    ``pkg.mod:fn``) and, for ``grid``, the grid."""
+    ``pkg.mod:fn``) and, for ``grid``, the grid; ``extra`` is what the searcher's own
+    :meth:`SearcherHooks.context` added."""
 
     table: Any  # autoprune.engine.graph.LayerTable
     budget: Budget
@@ -46,8 +48,41 @@ class SearcherContext:
     grid: dict[str, list] | None = None
     metric: str = "val_acc"  # what to optimise: contract.METRIC_MODES
     fraction_floor: float = 0.0  # the smallest budget fraction the policies can reach (a latency budget's)
-    allocation: Any = None  # agents: the model's engine.allocation.AllocationSpace
-    agent: Any = None  # agents: the search's config.AgentConfig
+    extra: dict[str, Any] = field(default_factory=dict)  # SearcherHooks.context's
+
+
+class SearcherHooks:
+    """The steps a searcher may add to a search, each doing nothing by default. A searcher
+    that needs more than a sampler (the AMC agent: its own settings, a view of the model,
+    a reward its trials compute) says so here instead of in the search's code."""
+
+    settings: str | None = None  # the SearchConfig field of its own settings; set with another searcher, refused
+    report_keys: tuple[str, ...] = ()  # the keys its trial hook adds to a trial's reports (contract.SEARCHER_KEYS)
+
+    def check(self, config: Any, structures: tuple[str, ...], trials: int) -> None:
+        """Before Ray starts: raise an AutopruneError for settings it cannot search with."""
+
+    def context(self, config: Any, dense: Any, task: Any, latency: Any) -> dict[str, Any]:
+        """In the driver, with the dense model: what its factory needs beyond the
+        SearcherContext (``SearcherContext.extra``)."""
+        return {}
+
+    def trial_hook(self, config: Any, latency: Any) -> Callable | None:
+        """A picklable callable each trial runs once its model is pruned, before fine-tuning:
+        ``(model, task, cost, device) -> {key: value}`` with :attr:`report_keys`."""
+        return None
+
+    def describe(self, config: Any) -> str | None:
+        """What the search's first line says of it (None: the space it samples)."""
+        return None
+
+    def summary(self, config: Any) -> dict[str, Any]:
+        """Keys it adds to ``summary.json`` (fields of search.summary.SearchSummary)."""
+        return {}
+
+    def needs_latency(self, config: Any) -> bool:
+        """Whether it cannot work without the hardware latency table."""
+        return False
 
 
 @dataclass(frozen=True)
@@ -57,9 +92,38 @@ class SearcherSpec:
     scheduler: str = "asha"  # the default --scheduler
     needs_grid: bool = False
     summary: str = ""  # one line for `autoprune list`
-    agent: bool = False  # an agent: needs the allocation space, and its trials report AGENT_KEYS
     trials: int | None = None  # the default --trials (None: config.DEFAULT_TRIALS; SearchConfig.resolved)
     epochs: int | None = None  # the default --epochs (None: config.DEFAULT_EPOCHS)
+    metric: str | None = None  # the report key that picks the best trial, if the searcher decides it (else --metric)
+    hooks_at: str | None = None  # "package.module:object", its SearcherHooks, imported when a search uses them
+
+    def hooks(self) -> SearcherHooks:
+        """Its :class:`SearcherHooks` (imported now, where they live elsewhere), or the default."""
+        return load_object(self.hooks_at, "searcher hooks") if self.hooks_at else _NO_HOOKS
+
+
+_NO_HOOKS = SearcherHooks()
+
+
+def foreign_settings(config: Any) -> str | None:
+    """What is wrong when ``config`` changes the own settings of a searcher other than
+    ``config.searcher`` (they would be silently ignored), naming their flags; else None."""
+    from ..schema import flat_fields
+
+    defaults = type(config)()
+    for name in SEARCHERS:
+        field_name = SEARCHERS.get(name).hooks().settings if name != config.searcher else None
+        if not field_name:
+            continue
+        mine, default = flat_fields(getattr(config, field_name)), flat_fields(getattr(defaults, field_name))
+        flags = [flag or key for key, (value, flag) in mine.items() if value != default[key][0]]
+        if flags:
+            one = len(flags) == 1
+            return (
+                f"{', '.join(flags)} {'is' if one else 'are'} for searcher {name!r}: use {'it' if one else 'them'} "
+                f"with --searcher {name}, not {config.searcher!r}"
+            )
+    return None
 
 
 SEARCHERS: Registry[SearcherSpec] = Registry("searcher")
@@ -214,9 +278,10 @@ SEARCHERS.register("amc")(
     SearcherSpec(
         _amc,
         scheduler="none",
-        agent=True,
         trials=40,
         epochs=0,
+        metric="reward",
+        hooks_at="autoprune.agents.searcher:AMC_HOOKS",
         summary="AMC: a DDPG agent allocates channels per group",
     )
 )

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Budget, EngineConfig, Policy
-from ..contract import AGENT_KEYS, FINAL, TrialConfig
+from ..contract import FINAL, TrialConfig
 from ..errors import AutopruneError
 
 _ACTOR_CACHE: dict[str, tuple] = {}  # one entry: the setup and dense model of the current search
@@ -30,7 +30,7 @@ class TrialSetup:
     latency: Any = None  # the hardware's engine.LatencyTable for the dense model (predictions)
     replay: dict[str, dict] = field(default_factory=dict)  # resume: final reports of trials that ended
     # after Tune's last snapshot; they are reported again instead of re-run
-    reward: Any = None  # an agent's search: its episodes' agents.episode.RewardSpec
+    on_pruned: Any = None  # the searcher's trial hook (SearcherHooks.trial_hook): extra report keys once pruned
     tables: dict[str, Any] = field(default_factory=dict)  # hardware (engine.measure.device_name) -> its
     # LatencyTable, each built on a node of that kind (search.hardware); trials predict with their own
 
@@ -83,15 +83,6 @@ def pruned_cost(model, task, dense_metrics: dict[str, Any], ratios: dict[str, fl
     return out
 
 
-def episode_reward(model, setup: TrialSetup, cost: dict[str, Any], device) -> dict[str, float]:
-    """An AMC episode's ``recal_acc`` (validation accuracy of the pruned model, its BN
-    statistics recalibrated by the engine, before any fine-tuning) and ``reward``."""
-    from ..engine.train import evaluate
-
-    acc = evaluate(model, setup.task.loader("val", device=device), device)
-    return {"recal_acc": acc, "reward": setup.reward(acc, cost["flops"], cost.get("latency_ms"))}
-
-
 def trial_device(gpus_per_trial: float) -> str:
     """The torch device of a trial: the GPU Ray assigned it, or the CPU. Ray makes only the
     assigned GPU visible (CUDA_VISIBLE_DEVICES), so it is cuda:0 there; where Ray was told to
@@ -141,12 +132,14 @@ def run_trial(config: dict, setup_ref: list) -> None:
     node = ray.get_runtime_context().get_node_id()
     last: dict[str, Any] = {}
     cost: dict[str, Any] = {}
+    searcher_keys: dict[str, Any] = {}
     reporting = [0.0]  # seconds spent in tune.report, which waits for the driver: not engine time
 
     def on_pruned(model, ratios) -> None:
         cost.update(pruned_cost(model, setup.task, setup.dense_metrics, ratios, table))
-        if setup.reward is not None:  # an AMC episode: its reward, from the recalibrated, untrained model
-            cost.update(episode_reward(model, setup, cost, device))
+        if setup.on_pruned is not None:  # the searcher's keys (an AMC episode's reward), before fine-tuning
+            searcher_keys.update(setup.on_pruned(model, setup.task, cost, device))
+            cost.update(searcher_keys)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         row = {
@@ -199,7 +192,7 @@ def run_trial(config: dict, setup_ref: list) -> None:
             "engine_s": engine_s,
             "report_s": reporting[0],
             "ratios": {k: float(v) for k, v in result.ratios.items()},
-            **{k: cost[k] for k in AGENT_KEYS if k in cost},
+            **searcher_keys,
             FINAL: True,
         }
     )

@@ -15,8 +15,9 @@ from autoprune.rayenv import quiet_environment
 quiet_environment()
 
 from autoprune import engine  # noqa: E402
-from autoprune.config import Budget, Policy, TaskConfig  # noqa: E402
-from autoprune.contract import FINAL, TrialConfig, is_final, objectives  # noqa: E402
+from autoprune.agents.searcher import AMCSearch  # noqa: E402
+from autoprune.config import Budget, Policy, SearchConfig, TaskConfig  # noqa: E402
+from autoprune.contract import FINAL, SEARCHER_KEYS, TrialConfig, is_final, objectives  # noqa: E402
 from autoprune.engine.layers import layer_table  # noqa: E402
 from autoprune.engine.tasks import get_task  # noqa: E402
 from autoprune.search.searchers import SEARCHERS, SearcherContext  # noqa: E402
@@ -34,13 +35,10 @@ def _context(name: str, table) -> SearcherContext:
     spec = SEARCHERS.get(name)
     space = "criteria" if spec.needs_grid else "default"
     grid = get_space(space).grid(table) if spec.needs_grid else None
-    allocation = None
-    if spec.agent:  # an agent walks the model's allocation space (the runner builds it from the dense model)
-        from autoprune.engine.allocation import allocation_space
-
-        task = get_task(TaskConfig())
-        allocation = allocation_space(task.model_factory(), task.example_input(), Policy().max_ratio)
-    return SearcherContext(table, BUDGET, seed=7, trials=6, space=space, grid=grid, allocation=allocation)
+    # what the runner adds from the dense model (the AMC agent: its allocation space and settings)
+    task = get_task(TaskConfig())
+    extra = spec.hooks().context(SearchConfig(searcher=name), task.model_factory(), task, None)
+    return SearcherContext(table, BUDGET, seed=7, trials=6, space=space, grid=grid, extra=extra)
 
 
 def _suggest(searcher, trial_id: str) -> TrialConfig:
@@ -95,7 +93,7 @@ def test_searcher_keeps_the_contract(name, table, tmp_path):
     searcher.save(path)
     restored = spec.make(_context(name, table))
     restored.restore(path)
-    if spec.agent:  # an agent learned from the trials: the restored one goes on exactly where it stopped
+    if isinstance(searcher, AMCSearch):  # it learned from the trials: the restored one goes on where it stopped
         assert restored.started == searcher.started and repr(restored.history) == repr(searcher.history)  # nan-safe
         assert _suggest(restored, "t4") == _suggest(searcher, "t4")
     else:
@@ -148,6 +146,16 @@ def test_an_optuna_searcher_pickles_a_sampler_that_holds_locks(table, tmp_path):
     restored = _optuna(_context("random", table), optuna.samplers.RandomSampler(seed=99))
     restored.restore(path)
     assert _suggest(restored, "t1") == _suggest(searcher, "t1")
+
+
+@pytest.mark.parametrize("name", SEARCHERS.names())
+def test_searcher_hooks_keep_to_the_contract(name):
+    """A searcher's hooks add only report keys the contract knows, and its own settings are
+    a field of SearchConfig."""
+    hooks = SEARCHERS.get(name).hooks()
+    assert set(hooks.report_keys) <= set(SEARCHER_KEYS)
+    assert hooks.settings is None or hasattr(SearchConfig(), hooks.settings)
+    assert (hooks.trial_hook(SearchConfig(searcher=name), None) is None) == (not hooks.report_keys)
 
 
 @pytest.mark.parametrize("name", SEARCHERS.names())
