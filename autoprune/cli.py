@@ -83,7 +83,9 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("\n".join(SCOPES))
     elif args.what == "methods":
         for name in METHODS.names():
-            print(f"{name:10s} {(METHODS.get(name).__doc__ or '').strip().splitlines()[0]}")
+            method = METHODS.get(name)
+            opts = ", ".join(f"{k}={method.defaults.get(k)}" for k in method.options)
+            print(f"{name:10s} {opts or '-':14s} {method.summary}")
     elif args.what == "searchers":
         from .search.searchers import SEARCHERS
 

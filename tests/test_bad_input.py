@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from autoprune.engine.methods import METHODS
+
 MARKER = "PWNED"  # what a hostile file tries to create in the row's folder
 
 
@@ -193,7 +195,7 @@ ROWS = [
     ("criterion", [*PRUNE, "--criterion", "psychic"], ["psychic", "magnitude", "random"], None),
     ("task", [*PRUNE, "--task", "mnist"], ["mnist", "digits", "cifar10", "imagefolder"], None),
     ("model", [*PRUNE, "--model", "vgg16"], ["vgg16", "digits_resnet"], None),
-    ("method", [*PRUNE, "--method", "lottery"], ["lottery", "gradual", "init", "iterative", "oneshot"], None),
+    ("method", [*PRUNE, "--method", "lottery"], ["lottery", *METHODS.names()], None),
     ("structure-choice", [*PRUNE, "--structure", "blocks"], ["--structure", "'blocks'", "channel"], None),
     (
         "criterion-structure",

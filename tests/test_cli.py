@@ -9,6 +9,8 @@ import re
 import pytest
 import torch
 
+from autoprune.engine.methods import METHODS
+
 
 @pytest.fixture(scope="module")
 def channel_run(cli, tmp_path_factory):
@@ -157,7 +159,7 @@ def test_export_pt2_and_onnx(cli, channel_run, tmp_path):
         ),
         ("structures", ["channel", "unstructured"]),
         ("scopes", ["global", "local", "per_layer"]),
-        ("methods", ["oneshot", "iterative", "gradual", "rewind", "init"]),
+        ("methods", METHODS.names()),
         ("tasks", ["digits", "cifar10", "imagefolder", "package.module:function"]),
         ("groups", ["stem.0", "layers.0.conv1"]),
     ],

@@ -9,13 +9,14 @@ Modules, from the bottom up: ``tasks`` and ``models`` (data and networks), ``att
 follow), ``graph`` (channel groups), ``costs`` (the cost model), ``layers`` (the search's
 layer table), ``criteria``, ``solver`` (budget ->
 what each group or layer loses), ``prune``, ``measure``, ``latency`` (the hardware's latency
-table), ``checkpoint`` (save, load, export), ``train``, ``stages`` (one pruning step), ``methods``
-(when pruning happens) and ``run``
+table), ``checkpoint`` (save, load, export), ``hooks`` (what a method adds to training), ``train``,
+``stages`` (one pruning step), ``methods`` (when pruning happens: one module per method) and ``run``
 (one whole run). The names below are the entry points the jobs, the search and the tests use.
 """
 
+from .hooks import ChannelMask, Hooks, TrainHook
 from .latency import LatencyTable, latency_table
-from .methods import METHODS, MethodContext, check_policy
+from .methods import METHODS, Method, MethodContext, check_policy, make_method
 from .run import RunResult, compare_latency, measure_model, run, task_latency_table
 from .stages import (
     Pruned,
@@ -32,7 +33,10 @@ from .train import TrainingDiverged, cache_dir, dense_model, evaluate, resolve_d
 
 __all__ = [
     "METHODS",
+    "ChannelMask",
+    "Hooks",
     "LatencyTable",
+    "Method",
     "MethodContext",
     "Pruned",
     "RunResult",
@@ -46,6 +50,7 @@ __all__ = [
     "evaluate",
     "latency_table",
     "leave_kept",
+    "make_method",
     "measure_model",
     "prune_to_budget",
     "resolve_device",
@@ -56,5 +61,6 @@ __all__ = [
     "seed_everything",
     "solve_unstructured",
     "train",
+    "TrainHook",
     "warmup_on",
 ]

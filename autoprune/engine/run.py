@@ -13,7 +13,7 @@ from torch import nn
 from ..config import Budget, EngineConfig, MeasureConfig, Policy
 from .latency import LatencyTable, latency_table
 from .measure import Cost, measure, model_device, speedup
-from .methods import METHODS, MethodContext, PrunedCallback, check_policy
+from .methods import MethodContext, PrunedCallback, check_policy, make_method
 from .prune import fold_masks
 from .stages import check_budget, collapse_report
 from .tasks import Task
@@ -113,11 +113,11 @@ def run(
     # the dense latency is timed beside the pruned model below when measure_latency is on
     dense_metrics = dict(dense_metrics or measure_model(dense, task, cfg.measure, test, latency=not measure_latency))
     dense_cost = Cost(dense_metrics["flops"], dense_metrics["params"], {})
-    method = METHODS.get(policy.method)
+    method = make_method(policy.method)
     ctx = MethodContext(
         task, dense, policy, budget, cfg, dense_cost, device, on_epoch, on_pruned, latency, measure_latency
     )
-    pruned = method(ctx)
+    pruned = method.run(ctx)
     model = pruned.model
     fold_masks(model)
     out = measure_model(model, task, cfg.measure, test=test, latency=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +15,7 @@ from torch import nn
 from ..config import EngineConfig, FinetuneConfig
 from ..errors import AutopruneError
 from .checkpoint import architecture_key, atomic_save, cpu_state, load_state, load_tensors
+from .hooks import Hooks, TrainHook
 from .models import all_tensors
 from .tasks import Task
 
@@ -109,10 +110,11 @@ def train(
     desc: str = "train",
     progress: bool = False,
     on_epoch: EpochCallback | None = None,
-    step_hook: Callable[[int, int], None] | None = None,
+    hooks: TrainHook | Iterable[TrainHook] | None = None,
 ) -> list[dict[str, float]]:
     """SGD with momentum and the configured schedule; validation accuracy after every epoch.
-    ``step_hook(step, total)`` runs before each optimiser step (gradual pruning uses it)."""
+    ``hooks`` (see :mod:`autoprune.engine.hooks`) run, in order, before each step's forward
+    pass, after its backward pass and after each epoch (before ``on_epoch``)."""
     if cfg.epochs == 0:
         return []  # nothing to train: the training split is not even opened
     loader = task.loader("train", shuffle=True, seed=seed, device=device)
@@ -120,6 +122,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
+    hooks = Hooks.of(hooks)
     total = cfg.epochs * len(loader)
     history = []
     step = 0
@@ -129,8 +132,7 @@ def train(
             model.train()
             running, seen = 0.0, 0
             for x, y in loader:
-                if step_hook is not None:
-                    step_hook(step, total)
+                hooks.on_step_start(step, total)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total, cfg.lr, cfg.schedule)
                 x, y = x.to(device), y.to(device)
@@ -141,6 +143,7 @@ def train(
                     )
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                hooks.after_backward(step, total)
                 opt.step()
                 running += loss.item() * len(y)
                 seen += len(y)
@@ -152,6 +155,7 @@ def train(
                 epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{metrics['loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}"
             )
             history.append(metrics)
+            hooks.on_epoch_end(epoch, metrics)
             if on_epoch is not None:
                 on_epoch(epoch, metrics)
     finally:

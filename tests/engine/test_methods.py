@@ -1,9 +1,13 @@
 """Pruning methods: each reaches its budget, and each does what its name promises
-(PRUNING.md section 5): the iterative and gradual schedules, rewinding, pruning at init."""
+(PRUNING.md section 5): the iterative and gradual schedules, rewinding, pruning at init.
+
+The shared tests run over the method registry: a new method is one module under
+``autoprune/engine/methods/`` plus its row in ``ROWS``."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -11,10 +15,28 @@ import torch
 from autoprune import engine
 from autoprune.config import Budget, FinetuneConfig, Policy
 from autoprune.engine.graph import PrunableGraph, clone
-from autoprune.engine.methods import GRADUAL_END, METHODS, cubic_fraction, gradual_steps
+from autoprune.engine.methods import GRADUAL_END, METHODS, Method, cubic_fraction, gradual_steps, make_method
 from autoprune.engine.solver import max_pruned
+from autoprune.errors import AutopruneError
 
 BUDGET = Budget("flops", 0.5)
+
+
+@dataclass(frozen=True)
+class Row:
+    """What a method promises in the shared tests."""
+
+    in_steps: bool  # prunes in several steps (a policy with exact ratios refuses it)
+    phases: tuple[str, ...]  # the phases its pruning steps log, default options, one fine-tuning epoch on digits
+
+
+ROWS = {
+    "oneshot": Row(False, ("before fine-tuning",)),
+    "rewind": Row(False, ("before retraining",)),
+    "init": Row(False, ("at initialisation",)),
+    "iterative": Row(True, tuple(f"round {i}/3" for i in range(1, 4))),
+    "gradual": Row(True, tuple(f"step {i}/10" for i in range(1, 11))),
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +50,48 @@ def _run(task, dense, metrics, cfg, **policy):
     return engine.run(task, dense, Policy(**policy), BUDGET, cfg, metrics)
 
 
-def test_all_five_methods_are_registered():
-    assert set(METHODS.names()) == {"oneshot", "iterative", "gradual", "rewind", "init"}
+def test_every_method_is_one_module_with_a_test_row():
+    assert set(METHODS.names()) == set(ROWS)
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        assert issubclass(cls, Method) and cls.name == name
+        assert cls.__module__ == f"autoprune.engine.methods.{name}"
+        assert cls.summary.strip() and "\n" not in cls.summary
+        assert set(cls.defaults) == set(cls.options)
+        for key, spec in cls.options.items():
+            assert spec.check(cls.defaults[key], key) == cls.defaults[key]
+        assert cls.in_steps == ROWS[name].in_steps
+
+
+@pytest.mark.parametrize("method", METHODS.names())
+def test_exact_ratios_refuse_exactly_the_methods_that_prune_in_steps(method):
+    """config.py names the stepwise methods itself (it imports no engine): it must agree with
+    the registry."""
+
+    def policy():
+        return Policy(scope="per_layer", ratios={"stem.0": 0.2}, exact=True, method=method)
+
+    if METHODS.get(method).in_steps:
+        with pytest.raises(AutopruneError, match=f"method {method!r} prunes in steps"):
+            policy()
+    else:
+        assert policy().method == method
+
+
+def test_methods_are_taken_by_name_or_as_objects():
+    method = make_method("oneshot")
+    assert isinstance(method, METHODS.get("oneshot")) and make_method(method) is method
+    with pytest.raises(AutopruneError, match="unknown method 'lottery'; choose one of: oneshot"):
+        make_method("lottery")
 
 
 @pytest.mark.parametrize("structure", ["channel", "unstructured"])
-@pytest.mark.parametrize("method", ["oneshot", "iterative", "gradual", "rewind", "init"])
+@pytest.mark.parametrize("method", METHODS.names())
 def test_each_method_reaches_its_budget(digits_task, digits_dense, digits_dense_metrics, short_cfg, method, structure):
     result = _run(
         digits_task, digits_dense, digits_dense_metrics, short_cfg, structure=structure, criterion="snip", method=method
     )
+    assert tuple(e["phase"] for e in result.events) == ROWS[method].phases
     assert 0.49 <= result.pruned["flops_ratio"] <= 0.50
     assert result.events and result.events[-1]["target"] == BUDGET.fraction
     assert result.events[-1]["reached"] == pytest.approx(result.pruned["flops_ratio"], abs=1e-9)
