@@ -1,13 +1,39 @@
 """autoprune: search for neural-network pruning policies under an exact budget.
 
-``import autoprune`` stays light: it imports neither torch, Ray nor MLflow. ``run_search``
-(and ``SearchResult``) are imported on first use; they bring Ray, Optuna and MLflow.
+The public surface, each name in ``__all__``:
+
+- the configs (plain data): :class:`Policy`, :class:`Budget`, :class:`EngineConfig` with its
+  :class:`TaskConfig`, :class:`FinetuneConfig` and :class:`MeasureConfig`, and
+  :class:`SearchConfig`; every error meant for the user is an :class:`AutopruneError`;
+- :func:`prune` (one policy, one budget -> :class:`RunResult`) and :func:`run_search` (a
+  policy search -> :class:`SearchResult`), the two entry points;
+- :class:`Task` (what a user task function returns), :func:`get_task` and :func:`load_model`.
+
+``import autoprune`` stays light: it imports neither torch, Ray, MLflow nor Optuna. The names
+after the configs are imported on first use: ``prune``, ``Task``, ``get_task``,
+``load_model`` and ``RunResult`` bring torch; ``run_search`` and ``SearchResult`` bring Ray,
+Optuna and MLflow too.
 """
+
+from __future__ import annotations
+
+import importlib
 
 from .config import Budget, EngineConfig, FinetuneConfig, MeasureConfig, Policy, SearchConfig, TaskConfig
 from .errors import AutopruneError
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it, imported on first use (module-level __getattr__)
+_LAZY = {
+    "RunResult": "autoprune.engine.run",
+    "SearchResult": "autoprune.search.results",
+    "Task": "autoprune.engine.tasks",
+    "get_task": "autoprune.engine.tasks",
+    "load_model": "autoprune.engine.checkpoint",
+    "prune": "autoprune.engine.run",
+    "run_search": "autoprune.search.runner",
+}
 
 __all__ = [
     "AutopruneError",
@@ -16,19 +42,28 @@ __all__ = [
     "FinetuneConfig",
     "MeasureConfig",
     "Policy",
+    "RunResult",
     "SearchConfig",
     "SearchResult",
+    "Task",
     "TaskConfig",
     "__version__",
+    "get_task",
+    "load_model",
+    "prune",
     "run_search",
 ]
 
 
 def __getattr__(name: str):
-    """``autoprune.run_search(SearchConfig(...)) -> SearchResult``, imported on first use."""
-    if name in ("run_search", "SearchResult"):
-        import importlib
-
-        module = importlib.import_module("autoprune.search.runner")
-        return getattr(module, name)
+    """The names of ``_LAZY`` (``autoprune.prune``, ``autoprune.run_search``,
+    ``autoprune.Task``, ...), imported from their module on first use and kept."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'autoprune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

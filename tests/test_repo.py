@@ -19,7 +19,7 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 
 def test_import_is_light():
-    code = "import sys, autoprune; print(any(m in sys.modules for m in ('ray', 'mlflow', 'optuna')))"
+    code = "import sys, autoprune; print(any(m in sys.modules for m in ('torch', 'ray', 'mlflow', 'optuna')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

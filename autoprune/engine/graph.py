@@ -47,10 +47,6 @@ class Group:
     channels_total: int = 0  # the root layer's channels (``size`` unless folded by ``period``)
     kind: str = "channels"  # or "heads": an attention module's heads, named after its qkv layer
 
-    @property
-    def max_prunable(self) -> int:
-        return self.size - 1
-
     def channels(self, units) -> list[int]:
         """The root layer's channel indices of ``units`` (each unit with its copies in every
         conv group where the group is folded)."""

@@ -16,8 +16,8 @@ from .measure import Cost, measure, model_device, speedup
 from .methods import MethodContext, PrunedCallback, check_policy, make_method
 from .prune import fold_masks
 from .stages import check_budget, collapse_report
-from .tasks import Task
-from .train import EpochCallback, cache_dir, evaluate, seed_everything
+from .tasks import Task, get_task
+from .train import EpochCallback, cache_dir, dense_model, evaluate, seed_everything
 
 
 @dataclass
@@ -147,3 +147,14 @@ def run(
         pruned.events,
         ctx.latency_checks,
     )
+
+
+def prune(policy: Policy, budget: Budget, cfg: EngineConfig | None = None, test: bool = False) -> RunResult:
+    """Prune the dense model of ``cfg``'s task (default: :class:`EngineConfig`'s, digits) by
+    ``policy`` to ``budget``, fine-tune and measure it: :func:`get_task`, :func:`dense_model`
+    (trained once and cached, or ``cfg.checkpoint``) and :func:`run` in one call. ``test``:
+    also report test accuracy (the final report only). Writes nothing but the dense-model
+    cache; ``autoprune prune`` also saves the model (:func:`autoprune.engine.checkpoint.save_model`)."""
+    cfg = cfg or EngineConfig()
+    task = get_task(cfg.task)
+    return run(task, dense_model(task, cfg), policy, budget, cfg, test=test)
