@@ -94,33 +94,11 @@ def prepare(config: SearchConfig) -> Plan:
 
     from .. import engine
     from ..engine.tasks import check_task_config
-    from ..paths import check_location, check_output_dir, has_files, is_uri, join
+    from ..paths import check_output_dir, is_uri
     from ..tracking import store
     from .searchers import SEARCHERS, foreign_settings
 
-    if config.resume and not config.name:
-        raise AutopruneError("--resume needs --name: the name of the search to continue")
-    name = config.name or datetime.now().strftime("search-%Y%m%d-%H%M%S")
-    storage = check_location(config.storage, "--storage")
-    path = join(storage, name)
-    if config.resume:
-        saved = saved_config(name, config.storage)
-        if saved is None:
-            raise AutopruneError(f"no search named {name!r} to resume under {storage!r} ({STATE_FILE} missing)")
-        conflicts = resume_conflicts(config, saved)
-        if conflicts:
-            raise AutopruneError(
-                f"--resume continues search {name!r} with its saved settings, but these differ: "
-                f"{'; '.join(conflicts)}. Leave them out, or start a new search under another --name"
-            )
-        config = dataclasses.replace(
-            saved, resume=True, out=config.out or saved.out, address=config.address, progress=config.progress
-        )
-    elif has_files(path):
-        raise AutopruneError(
-            f"a search named {name!r} already exists in {storage!r}; pass --resume to continue it, "
-            "or choose another --name"
-        )
+    name, storage, path, config = _name_and_settings(config)
     spec = SEARCHERS.get(config.searcher)
     space = get_space(config.space)
     check_task_config(config.engine.task)
@@ -188,6 +166,38 @@ def prepare(config: SearchConfig) -> Plan:
         spec.metric or config.metric,
         storage,
     )
+
+
+def _name_and_settings(config: SearchConfig) -> tuple[str, str, str, SearchConfig]:
+    """The search's name, its checked storage location and folder, and its settings: a
+    resumed search's saved ones (only ``out``, ``address`` and the progress display may
+    change); a new search's name must be free."""
+    from ..paths import check_location, has_files, join
+
+    if config.resume and not config.name:
+        raise AutopruneError("--resume needs --name: the name of the search to continue")
+    name = config.name or datetime.now().strftime("search-%Y%m%d-%H%M%S")
+    storage = check_location(config.storage, "--storage")
+    path = join(storage, name)
+    if config.resume:
+        saved = saved_config(name, config.storage)
+        if saved is None:
+            raise AutopruneError(f"no search named {name!r} to resume under {storage!r} ({STATE_FILE} missing)")
+        conflicts = resume_conflicts(config, saved)
+        if conflicts:
+            raise AutopruneError(
+                f"--resume continues search {name!r} with its saved settings, but these differ: "
+                f"{'; '.join(conflicts)}. Leave them out, or start a new search under another --name"
+            )
+        config = dataclasses.replace(
+            saved, resume=True, out=config.out or saved.out, address=config.address, progress=config.progress
+        )
+    elif has_files(path):
+        raise AutopruneError(
+            f"a search named {name!r} already exists in {storage!r}; pass --resume to continue it, "
+            "or choose another --name"
+        )
+    return name, storage, path, config
 
 
 def search_structures(asked: str | None, fixed: str | None) -> tuple[str, ...]:

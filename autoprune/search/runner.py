@@ -16,6 +16,8 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from ..config import SearchConfig
 from ..contract import METRIC_MODES
@@ -49,148 +51,43 @@ def run_search(config: SearchConfig) -> SearchResult:
             ray.shutdown()  # stops the local instance; only disconnects from a cluster
 
 
+@dataclass(frozen=True, kw_only=True)
+class Prepared:
+    """What the driver makes ready before the search run opens: the model and its figures."""
+
+    task: Any
+    table: Any  # the dense model's engine.layers.LayerTable
+    dense: Any  # the dense model
+    dense_metrics: dict[str, Any]
+    latency: Any  # the latency table on the trials' hardware (None: no predictions)
+    trial_device: Any  # where the trials run (the final run times the model there too)
+    floor: float  # the smallest budget fraction the policies can reach (a latency budget's)
+    tables: dict[str, dict]  # hardware -> its table and the node it was built on (None: this machine)
+    workers: int  # trials at a time
+
+
 def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
     import ray
-    from ray import tune
 
-    from autoprune.search_spaces import get_space
-
-    from .. import engine
-    from ..engine.checkpoint import cpu_state
-    from ..engine.layers import layer_table
-    from ..engine.measure import device_name
-    from ..engine.tasks import get_task
     from ..tracking import store
-    from .callback import TrialLogger, close_writers
-    from .progress import ClusterWatch, ProgressLine
+    from .callback import close_writers
 
     config = plan.config
-    task = get_task(config.engine.task)
-    table = layer_table(task, plan.structures)
-    if SEARCHERS.get(config.searcher).needs_grid:
-        plan.grid = get_space(config.space).grid(table)
-        size = math.prod(len(v) for v in plan.grid.values())
-        plan.trials = min(config.trials or size, size)
-    workers = concurrency(plan)
-    dense = engine.dense_model(task, config.engine, log=say)
-    dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
-    latency, trial_device, floor = trial_latency_table(dense, task, config, say)
-    tables = {}  # hardware -> its table and the node it was built on (None: this machine)
-    if latency is not None:
-        tables[device_name(trial_device)] = {"table": latency, "node_id": None}
-        if plan.address:  # each kind of hardware the cluster's nodes have; the budget must fit all
-            found = node_tables(dense, task, config, say)
-            floor = max([floor, *(reachable(t["table"], dense, task, config, name) for name, t in found.items())])
-            tables.update(found)
-    saved = dataclasses.asdict(config)
-    saved.update(
-        name=plan.name,
-        trials=plan.trials,
-        # a bucket search keeps no local path: a resume elsewhere writes under its own default
-        out=str(plan.out) if config.out or not is_uri(plan.path) else None,
-        scheduler=plan.scheduler,
-        concurrency=workers,
-        tracking_uri=plan.tracking_uri,
-        storage=plan.storage,
-    )
+    prep = _prepare(plan, say)
+    saved = _saved_settings(plan, prep.workers)
     experiment_id, run_id = store.open_search_run(
         plan.tracking_uri, plan.name, store.flat_params("", saved, skip=store.SEARCH_NOISE), config.resume
     )
-    mlflow = store.client(plan.tracking_uri)
     system_metrics = store.SystemMetrics(plan.tracking_uri, run_id, resume=config.resume).start()
     # From here on the search run is open: whatever ends the search also ends the run,
     # KILLED on an interruption and FAILED on an error, never left RUNNING.
     try:
-        store.log(mlflow, run_id, once={f"dense_{k}": v for k, v in short_metrics(dense_metrics).items()})
-        write_text(
-            join(plan.path, STATE_FILE),
-            json.dumps(
-                {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id},
-                indent=2,
-            )
-            + "\n",
-        )
-        restore = config.resume and tune.Tuner.can_restore(plan.path)
-        if config.resume:
-            from ray.tune import ExperimentAnalysis
-
-            known = {t.trial_id for t in ExperimentAnalysis(plan.path).trials} if restore else set()
-            store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
-        spec = SEARCHERS.get(config.searcher)
-        hooks = spec.hooks()
-        setup = TrialSetup(
-            task,
-            cpu_state(dense),
-            {k: v for k, v in dense_metrics.items() if k != "test_acc"},
-            config.budget,
-            plan.epochs,
-            config.engine,
-            config.cpus_per_trial,
-            config.gpus_per_trial,
-            latency,
-            _replays(plan, experiment_id, run_id) if config.resume else {},
-            hooks.trial_hook(config, latency),
-            {name: t["table"] for name, t in tables.items()},
-        )
-        setup_ref = ray.put(setup)
-
-        trainable = tune.with_resources(
-            tune.with_parameters(run_trial, setup_ref=[setup_ref]),
-            {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
-        )
-        what = f", {hooks.describe(config)}" if hooks.describe(config) else f" on space {config.space!r}"
-        say(
-            f"search {plan.name!r}: {plan.trials} trials ({config.searcher}{what}, "
-            f"{plan.epochs} epoch(s) each, {workers} at a time, scheduler {plan.scheduler}), "
-            f"budget {config.budget.kind} {config.budget.fraction:g}"
-        )
+        mlflow = store.client(plan.tracking_uri)
+        store.log(mlflow, run_id, once={f"dense_{k}": v for k, v in short_metrics(prep.dense_metrics).items()})
+        state = {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id}
+        write_text(join(plan.path, STATE_FILE), json.dumps(state, indent=2) + "\n")
         try:
-            if restore:
-                tuner = tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, resume_errored=False)
-            else:
-                ctx = SearcherContext(
-                    table,
-                    config.budget,
-                    config.engine.seed,
-                    plan.trials,
-                    config.space,
-                    plan.grid,
-                    config.metric,
-                    min(floor * 1.01, config.budget.fraction),
-                    hooks.context(config, dense, task, latency),
-                )
-                scheduler = None
-                if plan.scheduler == "asha":
-                    from ray.tune.schedulers import ASHAScheduler
-
-                    scheduler = ASHAScheduler(
-                        time_attr="training_iteration", max_t=plan.epochs, grace_period=1, reduction_factor=2
-                    )
-                tuner = tune.Tuner(
-                    trainable,
-                    tune_config=tune.TuneConfig(
-                        search_alg=spec.make(ctx),
-                        scheduler=scheduler,
-                        metric=None if spec.multi_objective else plan.metric,
-                        mode=None if spec.multi_objective else METRIC_MODES[plan.metric],
-                        num_samples=plan.trials,
-                        max_concurrent_trials=workers,
-                        reuse_actors=True,
-                    ),
-                    run_config=tune.RunConfig(
-                        name=plan.name,
-                        storage_path=plan.storage,
-                        verbose=0,
-                        failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
-                        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                        callbacks=[
-                            TrialLogger(plan.tracking_uri, experiment_id, run_id, join(plan.path, COMPLETED)),
-                            ProgressLine(plan.trials, config.progress),
-                            ClusterWatch(config.cpus_per_trial, config.gpus_per_trial, config.node_wait),
-                        ],
-                    ),
-                )
-            tuner.fit()
+            _tuner(plan, prep, experiment_id, run_id, say).fit()
             close_writers()
         except BaseException:
             if config.resume or has_snapshot(plan.path):
@@ -200,26 +97,23 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                     file=sys.stderr,
                 )
             raise
-
-        runs = store.trial_runs(plan.tracking_uri, experiment_id, run_id)
-        records = read_records(plan.path, runs)
+        records = read_records(plan.path, store.trial_runs(plan.tracking_uri, experiment_id, run_id))
         if owned:
             ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
-        dense = dense.to(trial_device)  # the final run times the model on the hardware the trials ran on
         return finish(
             Finish(
                 plan,
-                task,
-                dense,
-                dense_metrics,
+                prep.task,
+                prep.dense.to(prep.trial_device),  # the final run times the model where the trials ran
+                prep.dense_metrics,
                 records,
                 experiment_id,
                 run_id,
                 say,
                 t0,
                 system_metrics,
-                latency,
-                tables,
+                prep.latency,
+                prep.tables,
             )
         )
     except BaseException as exc:
@@ -236,6 +130,152 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             if error is not None:
                 raise error from exc
         raise
+
+
+def _prepare(plan: Plan, say) -> Prepared:
+    """The task, its layer table (and a grid searcher's grid), the dense model trained or
+    loaded once and measured, and the latency tables of the hardware the trials run on."""
+    from autoprune.search_spaces import get_space
+
+    from .. import engine
+    from ..engine.layers import layer_table
+    from ..engine.measure import device_name
+    from ..engine.tasks import get_task
+
+    config = plan.config
+    task = get_task(config.engine.task)
+    table = layer_table(task, plan.structures)
+    if SEARCHERS.get(config.searcher).needs_grid:
+        plan.grid = get_space(config.space).grid(table)
+        size = math.prod(len(v) for v in plan.grid.values())
+        plan.trials = min(config.trials or size, size)
+    workers = concurrency(plan)
+    dense = engine.dense_model(task, config.engine, log=say)
+    dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
+    latency, trial_device, floor = trial_latency_table(dense, task, config, say)
+    tables = {}
+    if latency is not None:
+        tables[device_name(trial_device)] = {"table": latency, "node_id": None}
+        if plan.address:  # each kind of hardware the cluster's nodes have; the budget must fit all
+            found = node_tables(dense, task, config, say)
+            floor = max([floor, *(reachable(t["table"], dense, task, config, name) for name, t in found.items())])
+            tables.update(found)
+    return Prepared(
+        task=task,
+        table=table,
+        dense=dense,
+        dense_metrics=dense_metrics,
+        latency=latency,
+        trial_device=trial_device,
+        floor=floor,
+        tables=tables,
+        workers=workers,
+    )
+
+
+def _saved_settings(plan: Plan, workers: int) -> dict[str, Any]:
+    """The search's settings as ``--resume`` reads them back (STATE_FILE) and MLflow logs them."""
+    config = plan.config
+    saved = dataclasses.asdict(config)
+    saved.update(
+        name=plan.name,
+        trials=plan.trials,
+        # a bucket search keeps no local path: a resume elsewhere writes under its own default
+        out=str(plan.out) if config.out or not is_uri(plan.path) else None,
+        scheduler=plan.scheduler,
+        concurrency=workers,
+        tracking_uri=plan.tracking_uri,
+        storage=plan.storage,
+    )
+    return saved
+
+
+def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
+    """The Ray Tune Tuner of the search: restored from its snapshot on a resume, else new,
+    with the searcher, the scheduler and the callbacks; the trials' setup in the object store."""
+    import ray
+    from ray import tune
+
+    from ..engine.checkpoint import cpu_state
+    from ..tracking import store
+    from .callback import TrialLogger
+    from .progress import ClusterWatch, ProgressLine
+
+    config = plan.config
+    restore = config.resume and tune.Tuner.can_restore(plan.path)
+    if config.resume:
+        from ray.tune import ExperimentAnalysis
+
+        known = {t.trial_id for t in ExperimentAnalysis(plan.path).trials} if restore else set()
+        store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
+    spec = SEARCHERS.get(config.searcher)
+    hooks = spec.hooks()
+    setup = TrialSetup(
+        prep.task,
+        cpu_state(prep.dense),
+        {k: v for k, v in prep.dense_metrics.items() if k != "test_acc"},
+        config.budget,
+        plan.epochs,
+        config.engine,
+        config.cpus_per_trial,
+        config.gpus_per_trial,
+        prep.latency,
+        _replays(plan, experiment_id, run_id) if config.resume else {},
+        hooks.trial_hook(config, prep.latency),
+        {name: t["table"] for name, t in prep.tables.items()},
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, setup_ref=[ray.put(setup)]),
+        {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
+    )
+    what = f", {hooks.describe(config)}" if hooks.describe(config) else f" on space {config.space!r}"
+    say(
+        f"search {plan.name!r}: {plan.trials} trials ({config.searcher}{what}, "
+        f"{plan.epochs} epoch(s) each, {prep.workers} at a time, scheduler {plan.scheduler}), "
+        f"budget {config.budget.kind} {config.budget.fraction:g}"
+    )
+    if restore:
+        return tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, resume_errored=False)
+    ctx = SearcherContext(
+        prep.table,
+        config.budget,
+        config.engine.seed,
+        plan.trials,
+        config.space,
+        plan.grid,
+        config.metric,
+        min(prep.floor * 1.01, config.budget.fraction),
+        hooks.context(config, prep.dense, prep.task, prep.latency),
+    )
+    scheduler = None
+    if plan.scheduler == "asha":
+        from ray.tune.schedulers import ASHAScheduler
+
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.epochs, grace_period=1, reduction_factor=2)
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=spec.make(ctx),
+            scheduler=scheduler,
+            metric=None if spec.multi_objective else plan.metric,
+            mode=None if spec.multi_objective else METRIC_MODES[plan.metric],
+            num_samples=plan.trials,
+            max_concurrent_trials=prep.workers,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=plan.storage,
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[
+                TrialLogger(plan.tracking_uri, experiment_id, run_id, join(plan.path, COMPLETED)),
+                ProgressLine(plan.trials, config.progress),
+                ClusterWatch(config.cpus_per_trial, config.gpus_per_trial, config.node_wait),
+            ],
+        ),
+    )
 
 
 def has_snapshot(path: str) -> bool:
