@@ -108,7 +108,7 @@ class PruningEnv(gymnasium.Env):
     ``info``: every step has ``ratio`` (the fraction applied) and ``legal`` (the range it was
     clipped to); the last step adds ``val_acc``, ``flops``, ``flops_ratio``, ``params_ratio``,
     ``ratios`` (applied fraction per group), ``actions`` (as proposed) and, when a latency
-    table exists (``acc_latency`` or a latency budget), ``latency_ms`` and ``latency_ratio``
+    table exists (``acc_latency`` or a latency budget), ``latency_predicted_ms`` and ``latency_ratio``
     (predicted).
     """
 
@@ -214,15 +214,15 @@ class PruningEnv(gymnasium.Env):
         pruned = result.pruned
         out = {k: float(pruned[k]) for k in ("val_acc", "flops", "flops_ratio", "params_ratio")}
         if self.latency is not None:
-            out["latency_ms"] = float(pruned["latency_predicted_ms"])
+            out["latency_predicted_ms"] = float(pruned["latency_predicted_ms"])
             out["latency_ratio"] = float(pruned["latency_ratio"])
         out["ratios"] = self.walk.ratios()
         out["actions"] = list(self.walk.actions)
         return out
 
     def reward_of(self, metrics: dict[str, Any]) -> float:
-        """The episode's reward from its final metrics (``val_acc``, ``flops``, ``latency_ms``)."""
-        return self.reward_spec(metrics["val_acc"], metrics.get("flops"), metrics.get("latency_ms"))
+        """The episode's reward from its final metrics (``val_acc``, ``flops``, ``latency_predicted_ms``)."""
+        return self.reward_spec(metrics["val_acc"], metrics.get("flops"), metrics.get("latency_predicted_ms"))
 
     @property
     def target_ms(self) -> float | None:

@@ -153,7 +153,7 @@ class EpisodeScore:
         from autoprune.engine.train import evaluate
 
         acc = evaluate(model, task.loader("val", device=device), device)
-        return {"recal_acc": acc, "reward": self.reward(acc, cost["flops"], cost.get("latency_ms"))}
+        return {"recal_acc": acc, "reward": self.reward(acc, cost["flops"], cost.get("latency_predicted_ms"))}
 
 
 class AMCHooks(SearcherHooks):

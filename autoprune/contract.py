@@ -13,7 +13,7 @@ config dict whose keys are :class:`TrialConfig`'s fields. The trial turns it int
   every later report also carries the pruned model's cost (:data:`COST_KEYS`, a searcher's
   :data:`SEARCHER_KEYS`, and
   ``ratios``: the realised pruned fraction per group or layer). Its latency there is the
-  hardware latency table's prediction (``latency_ms``, ``latency_ratio`` of the dense
+  hardware latency table's prediction (``latency_predicted_ms``, ``latency_ratio`` of the dense
   model's predicted latency): trials share the machine, so a timing would measure what runs
   beside them, not the model;
 * the last report (with the last epoch) adds :data:`FINAL_KEYS` and ``final: True``.
@@ -32,7 +32,7 @@ from .errors import AutopruneError
 # per epoch
 EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "loss", "node_id")
 # the pruned model's cost: known once pruning is done, reported from then on (latency predicted)
-COST_KEYS = ("flops", "params", "flops_ratio", "params_ratio", "latency_ms", "latency_ratio")
+COST_KEYS = ("flops", "params", "flops_ratio", "params_ratio", "latency_predicted_ms", "latency_ratio")
 # what a searcher's trial hook may add to the reports once pruned (SearcherHooks.report_keys): the
 # AMC agent's accuracy after BN recalibration without fine-tuning (validation split) and its reward
 SEARCHER_KEYS = ("recal_acc", "reward")
@@ -58,7 +58,7 @@ METRIC_MODES = {"val_acc": "max", "val_loss": "min", "reward": "max"}
 def objectives(kind: str, metric: str = "val_acc") -> tuple[tuple[str, str], ...]:
     """The multi-objective searchers' goals: the metric, the budget's cost fraction and the
     predicted latency (for a latency budget: the FLOPs fraction instead)."""
-    third = "flops_ratio" if kind == "latency" else "latency_ms"
+    third = "flops_ratio" if kind == "latency" else "latency_predicted_ms"
     return ((metric, METRIC_MODES[metric]), (f"{kind}_ratio", "min"), (third, "min"))
 
 

@@ -110,7 +110,7 @@ def trials_table(records: list[TrialRecord], kind: str, metric: str = "val_acc",
                 "/".join(str(p.get(k, "-")) for k in ("structure", "criterion", "scope")),
                 pct(m["val_acc"]),
                 f"{m[f'{kind}_ratio']:.3f}",
-                _ms(m.get("latency_ms")),
+                _ms(m.get("latency_predicted_ms")),
                 f"{m['predicted_speedup']:.2f}x" if m.get("predicted_speedup") else "-",
             ]
         )

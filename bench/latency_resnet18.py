@@ -88,7 +88,7 @@ def time_interleaved(
     of every model after another (alternating order), after the warm-up passes."""
     warm = MeasureConfig((batch,), warmup=max(args.warmup - 1, 0), repeats=1, threads=args.threads)
     one = MeasureConfig((batch,), warmup=0, repeats=1, threads=args.threads)
-    for m in models:  # max(warmup, 1) untimed passes: latency_ms always times one
+    for m in models:  # max(warmup, 1) untimed passes: measure.latency_ms always times one
         measure.latency_ms(m, shape, batch, warm)
     times: list[list[float]] = [[] for _ in models]
     for r in range(args.repeats):

@@ -230,7 +230,7 @@ class Cost:
         return {
             "flops": self.flops,
             "params": self.params,
-            "latency_ms": self.latency_ms.get(1, next(iter(self.latency_ms.values()), None)),
+            "latency_measured_ms": self.latency_ms.get(1, next(iter(self.latency_ms.values()), None)),
             "latency_ms_by_batch": {str(b): t for b, t in self.latency_ms.items()},
         }
 

@@ -29,7 +29,7 @@ class RunResult:
     budget: Budget
     history: list  # replayable channel-pruning history ([] for unstructured)
     ratios: dict[str, float]
-    dense: dict[str, Any]  # flops, params, latency_ms, val_acc (test_acc when asked)
+    dense: dict[str, Any]  # flops, params, latency_measured_ms, val_acc (test_acc when asked)
     pruned: dict[str, Any]  # the same, plus flops_ratio, params_ratio, speedup
     epochs: list[dict[str, float]] = field(default_factory=list)  # fine-tuning, per epoch
     collapse: dict[str, Any] = field(default_factory=dict)  # see collapse_report
@@ -53,7 +53,7 @@ def measure_model(
     device = model_device(model)
     out = {**cost.to_dict(), "val_acc": evaluate(model, task.loader("val", device=device))}
     if latency:
-        out["latency_ms"] = cost.latency_ms[config.latency_batch]
+        out["latency_measured_ms"] = cost.latency_ms[config.latency_batch]
     if test:
         out["test_acc"] = evaluate(model, task.loader("test", device=device))
     return out
@@ -67,14 +67,14 @@ def _with_latency_batch(config: MeasureConfig) -> MeasureConfig:
 
 def compare_latency(dense: nn.Module, pruned: nn.Module, input_shape, config: MeasureConfig) -> dict[str, Any]:
     """Dense against pruned, timed side by side at every batch size (see
-    :func:`autoprune.engine.measure.speedup`): the keys ``latency_ms`` (at the latency batch),
+    :func:`autoprune.engine.measure.speedup`): the keys ``latency_measured_ms`` (at the latency batch),
     ``latency_ms_by_batch``, ``dense_latency_ms_by_batch``, ``speedup`` (at the latency
     batch), ``speedup_spread`` (its quartiles over the rounds) and ``speedup_by_batch``."""
     config = _with_latency_batch(config)
     timed = {str(b): speedup(dense, pruned, input_shape, b, config) for b in config.batch_sizes}
     main = timed[str(config.latency_batch)]
     return {
-        "latency_ms": main["pruned_ms"],
+        "latency_measured_ms": main["pruned_ms"],
         "latency_batch": config.latency_batch,
         "latency_ms_by_batch": {b: t["pruned_ms"] for b, t in timed.items()},
         "dense_latency_ms_by_batch": {b: t["dense_ms"] for b, t in timed.items()},
@@ -131,7 +131,7 @@ def run(
     if measure_latency:
         out.update(compare_latency(dense, model, task.input_shape, cfg.measure))
         dense_metrics["latency_ms_by_batch"] = out.pop("dense_latency_ms_by_batch")
-        dense_metrics["latency_ms"] = dense_metrics["latency_ms_by_batch"][str(cfg.measure.latency_batch)]
+        dense_metrics["latency_measured_ms"] = dense_metrics["latency_ms_by_batch"][str(cfg.measure.latency_batch)]
         out["latency_measured_ratio"] = 1.0 / out["speedup"]
     out["solver_attempts"] = pruned.attempts
     return RunResult(

@@ -25,7 +25,7 @@ from .summary import SearchSummary
 
 
 def short_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: metrics[k] for k in ("val_acc", "test_acc", "flops", "params", "latency_ms") if k in metrics}
+    return {k: metrics[k] for k in ("val_acc", "test_acc", "flops", "params", "latency_measured_ms") if k in metrics}
 
 
 @dataclass
@@ -68,9 +68,8 @@ BEST_KEYS = (
 
 
 def best_metrics(pruned: dict[str, Any]) -> dict[str, Any]:
-    """:data:`BEST_KEYS` of an engine run's ``pruned`` figures (``latency_ms`` there is measured)."""
-    out = {**pruned, "latency_measured_ms": pruned.get("latency_ms")}
-    return {k: out[k] for k in BEST_KEYS if out.get(k) is not None}
+    """:data:`BEST_KEYS` of an engine run's ``pruned`` figures."""
+    return {k: pruned[k] for k in BEST_KEYS if pruned.get(k) is not None}
 
 
 def finish(f: Finish) -> SearchResult:

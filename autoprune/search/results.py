@@ -65,7 +65,7 @@ def best_within(records: list[TrialRecord], kind: str, fraction: float, metric: 
         done,
         key=lambda r: (
             sign * r.metrics[metric],
-            -r.metrics.get("latency_ms", math.inf),
+            -r.metrics.get("latency_predicted_ms", math.inf),
             -r.metrics[f"{kind}_ratio"],
             -r.number,
         ),

@@ -29,7 +29,7 @@ class SearchSummary:
     task: str
     model: str
     trials: dict[str, int]  # total, completed, stopped_early, failed
-    dense: dict[str, float]  # the dense model: val_acc, test_acc, flops, params, latency_ms (measured)
+    dense: dict[str, float]  # the dense model: val_acc, test_acc, flops, params, latency_measured_ms
     best: dict[str, Any] | None  # the best trial re-run for final_epochs; None if no trial fits the budget
     pareto: list[dict[str, Any]]  # the trials on the Pareto front of accuracy and cost, with their policies
     mlflow: dict[str, str]  # tracking_uri, experiment_id, run_id of the search run

@@ -78,8 +78,8 @@ def pruned_cost(model, task, dense_metrics: dict[str, Any], ratios: dict[str, fl
         "ratios": {k: float(v) for k, v in ratios.items()},
     }
     if latency is not None:
-        out["latency_ms"] = latency.predict_model(model)
-        out["latency_ratio"] = out["latency_ms"] / latency.predict()
+        out["latency_predicted_ms"] = latency.predict_model(model)
+        out["latency_ratio"] = out["latency_predicted_ms"] / latency.predict()
     return out
 
 
@@ -109,7 +109,6 @@ def run_trial(config: dict, setup_ref: list) -> None:
     from ray import tune
 
     from .. import engine
-    from ..engine.measure import latency_ms
 
     setup, dense = _setup(setup_ref[0])
     replay = setup.replay.get(tune.get_context().get_trial_id())
@@ -170,19 +169,8 @@ def run_trial(config: dict, setup_ref: list) -> None:
         latency=table,
         measure_latency=False,
     )
-    p = result.pruned
-    # the trial's own timing, for information only: other trials run beside it
-    measured = latency_ms(result.model, setup.task.input_shape, cfg.measure.latency_batch, cfg.measure)
+    final = final_metrics(result, setup.task, last, cfg)
     engine_s = time.perf_counter() - t0 - reporting[0]
-    final = {
-        **{k: p[k] for k in ("flops", "params", "flops_ratio", "params_ratio")},
-        "latency_ms": p.get("latency_predicted_ms"),
-        "latency_ratio": p.get("latency_ratio"),
-        "val_acc": p["val_acc"],
-        "val_loss": last.get("val_loss"),
-        "predicted_speedup": p.get("predicted_speedup"),
-        "latency_measured_ms": measured,
-    }
     tune.report(
         {
             **last,
@@ -196,3 +184,21 @@ def run_trial(config: dict, setup_ref: list) -> None:
             FINAL: True,
         }
     )
+
+
+def final_metrics(result, task, last: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:
+    """The final report's figures of the trial's model (``result``, the engine's): its cost,
+    accuracy, predicted latency and the trial's own timing of it (for information only:
+    other trials run beside it)."""
+    from ..engine.measure import latency_ms
+
+    p = result.pruned
+    return {
+        **{k: p[k] for k in ("flops", "params", "flops_ratio", "params_ratio")},
+        "latency_predicted_ms": p.get("latency_predicted_ms"),
+        "latency_ratio": p.get("latency_ratio"),
+        "val_acc": p["val_acc"],
+        "val_loss": last.get("val_loss"),
+        "predicted_speedup": p.get("predicted_speedup"),
+        "latency_measured_ms": latency_ms(result.model, task.input_shape, cfg.measure.latency_batch, cfg.measure),
+    }

@@ -58,7 +58,7 @@ def search_note(
         f"- **task**: {summary.get('task', '?')} ({summary.get('model', '?')})",
     ]
     if best is not None and pruned is not None:
-        d_lat, p_lat = dense.get("latency_ms"), pruned.get("latency_ms")
+        d_lat, p_lat = dense.get("latency_measured_ms"), pruned.get("latency_measured_ms")
         rows = [
             (
                 "validation accuracy",

@@ -54,7 +54,7 @@ def test_every_episode_is_a_child_run_with_its_actions_and_reward(amc_search):
         # the reward (form acc) is the accuracy after BN recalibration, without fine-tuning
         assert metrics["reward"] == pytest.approx(metrics["recal_acc"]) and 0 < metrics["recal_acc"] <= 1
         assert metrics["flops_ratio"] <= BUDGET + 1e-6  # the legal-action clip kept the hard budget
-        assert metrics["latency_ms"] > 0 and metrics["latency_ratio"] < 1
+        assert metrics["latency_predicted_ms"] > 0 and metrics["latency_ratio"] < 1
         # the realised fractions are the agent's (exact) allocation
         for g, r in ratios.items():
             assert metrics[f"realised_pruned_fraction.{g}"] == pytest.approx(r, abs=1e-4)  # params keep 4 digits

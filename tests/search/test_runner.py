@@ -82,10 +82,10 @@ def test_search_logs_one_parent_and_a_child_per_trial(searched):
             stopped += 1
             assert steps == [1] and "predicted_speedup" not in child.data.metrics
             # pruned before it was stopped: its cost is logged, with the latency the table predicts
-            assert "flops_ratio" in child.data.metrics and "latency_ms" in child.data.metrics
+            assert "flops_ratio" in child.data.metrics and "latency_predicted_ms" in child.data.metrics
             continue
         assert child.data.tags["autoprune.stopped_early"] == "false"
-        for key in ("val_acc", "val_loss", "flops_ratio", "params_ratio", "latency_ms", "latency_ratio"):
+        for key in ("val_acc", "val_loss", "flops_ratio", "params_ratio", "latency_predicted_ms", "latency_ratio"):
             assert key in child.data.metrics, key
         for key in ("predicted_speedup", "latency_measured_ms"):
             assert key in child.data.metrics, key

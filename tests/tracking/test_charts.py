@@ -8,16 +8,16 @@ from autoprune.tracking import charts
 from autoprune.tracking.note import run_link, search_note
 
 LATENCY_LABEL = "latency kept (fraction of dense, as the latency table predicts it)"
-DENSE = {"val_acc": 0.98, "test_acc": 0.97, "flops": 2.0e6, "params": 1.0e5, "latency_ms": 1.0}
+DENSE = {"val_acc": 0.98, "test_acc": 0.97, "flops": 2.0e6, "params": 1.0e5, "latency_measured_ms": 1.0}
 
 
 def _record(number, status, criterion, val_acc, latency=None, params_ratio=0.6, run_id=None, **policy):
     metrics = {"val_acc": val_acc, "flops_ratio": 0.5, "params_ratio": params_ratio, "flops": 1e6, "params": 6e4}
     if status in ("completed", "stopped"):  # pruned: the latency table predicts its latency
         latency = latency or 0.4 + params_ratio / 2
-        metrics.update(latency_ms=latency, latency_ratio=latency / DENSE["latency_ms"])
+        metrics.update(latency_predicted_ms=latency, latency_ratio=latency / DENSE["latency_measured_ms"])
     if status == "completed":
-        metrics.update(predicted_speedup=DENSE["latency_ms"] / latency)
+        metrics.update(predicted_speedup=DENSE["latency_measured_ms"] / latency)
     if status == "failed":
         metrics = {}
     policy = {"structure": "channel", "criterion": criterion, "scope": "global", **policy}
@@ -122,7 +122,7 @@ def test_the_search_note_says_which_trial_won_and_why():
         "model": "digits_resnet",
         "trials": {"total": 6, "completed": 3, "stopped_early": 2, "failed": 1},
     }
-    pruned = {"val_acc": 0.975, "test_acc": 0.965, "flops": 1e6, "params": 5e4, "latency_ms": 0.5, "speedup": 2.0}
+    pruned = {"val_acc": 0.975, "test_acc": 0.965, "flops": 1e6, "params": 5e4, "latency_measured_ms": 0.5, "speedup": 2.0}
     note = search_note(summary, DENSE, records[2], pruned, 10, "4", 3)
     assert f"[channel/magnitude/global #3]({run_link('4', 'run2')})" in note
     assert run_link("4", "run2") == "#/experiments/4/runs/run2"
