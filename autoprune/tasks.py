@@ -11,43 +11,18 @@ from __future__ import annotations
 
 import warnings
 
-from .engine.tasks import (
-    TASKS,
-    CIFAR10Data,
-    Task,
-    TaskSpec,
-    check_task_config,
-    cifar10_task,
-    digits_task,
-    get_task,
-    imagefolder_task,
-    labels_of,
-    model_name,
-    stratified_split,
-    task,
-)
+from .engine import tasks as _tasks
+from .engine.tasks import *  # noqa: F403 - the old module's names, re-exported
 from .engine.tasks.cifar import CIFAR_FILES, CIFAR_FOLDER, CIFAR_PIXELS, CIFAR_TRAIN_FILES
 from .engine.tasks.imagefolder import SHOWN_SKIPPED
 
 __all__ = [
+    *_tasks.__all__,
     "CIFAR_FILES",
     "CIFAR_FOLDER",
     "CIFAR_PIXELS",
     "CIFAR_TRAIN_FILES",
     "SHOWN_SKIPPED",
-    "TASKS",
-    "CIFAR10Data",
-    "Task",
-    "TaskSpec",
-    "check_task_config",
-    "cifar10_task",
-    "digits_task",
-    "get_task",
-    "imagefolder_task",
-    "labels_of",
-    "model_name",
-    "stratified_split",
-    "task",
 ]
 
 # A module body runs once per process, so this warns once however often it is imported.

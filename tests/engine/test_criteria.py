@@ -152,9 +152,9 @@ def digits_data(digits_task):
     return engine.scoring_batches(digits_task, 10, 0)
 
 
-def test_registry_holds_exactly_the_ten_documented_criteria():
+def test_registry_holds_exactly_the_documented_criteria():
+    """A new criterion is one class and its row in DOCUMENTED (what it needs and prunes)."""
     assert sorted(NAMES) == sorted(DOCUMENTED)
-    assert len(NAMES) == 10
 
 
 @pytest.mark.parametrize("name", NAMES)
