@@ -21,9 +21,9 @@ from autoprune.config import Budget, Policy, TaskConfig
 from autoprune.engine.checkpoint import load_model, save_model
 from autoprune.engine.graph import PrunableGraph
 from autoprune.engine.measure import measure
+from autoprune.engine.preflight import preflight
 from autoprune.engine.tasks import get_task
 from autoprune.errors import AutopruneError
-from autoprune.jobs import preflight
 
 # model -> (image size, {structure: None (prunes) or a part of its refusal message})
 FAMILIES = {

@@ -52,8 +52,8 @@ def test_kept_layers_are_untouched_by_channel_pruning(digits_task, digits_dense,
 
 
 def test_an_exclusion_that_leaves_the_budget_unreachable_says_so(digits_task, digits_dense, engine_cfg):
+    from autoprune.engine.preflight import preflight
     from autoprune.errors import AutopruneError
-    from autoprune.jobs import preflight
 
     with pytest.raises(AutopruneError, match="unreachable.*kept layers"):
         preflight(digits_task, Policy(structure="unstructured", keep_types=["conv"]), Budget("flops", 0.5))

@@ -83,7 +83,14 @@ def test_trial_logger_writes_off_tunes_loop_and_the_snapshot_waits_for_it(uri, t
     # single values, at step 0, once (the cost came with epoch 1 and again unchanged with the final report)
     for key in ("flops", "params", "flops_ratio", "params_ratio", "realised_pruned_fraction.h"):
         assert len(_history(uri, run.info.run_id, key)) == 1 and _history(uri, run.info.run_id, key)[0][0] == 0, key
-    for key in ("latency_predicted_ms", "predicted_speedup", "latency_measured_ms", "engine_s", "report_s", "trial_wall_s"):
+    for key in (
+        "latency_predicted_ms",
+        "predicted_speedup",
+        "latency_measured_ms",
+        "engine_s",
+        "report_s",
+        "trial_wall_s",
+    ):
         [(step, _)] = _history(uri, run.info.run_id, key)
         assert step == 0, key
     assert run.data.tags["autoprune.stopped_early"] == "false"

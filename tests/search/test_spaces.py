@@ -120,7 +120,9 @@ def test_pareto_front_keeps_exactly_the_non_dominated():
     from autoprune.search.results import pareto_front
 
     def rec(i, acc, flops, lat, status="completed"):
-        return TrialRecord(i, str(i), status, {}, None, {"val_acc": acc, "flops_ratio": flops, "latency_predicted_ms": lat}, {})
+        return TrialRecord(
+            i, str(i), status, {}, None, {"val_acc": acc, "flops_ratio": flops, "latency_predicted_ms": lat}, {}
+        )
 
     records = [
         rec(0, 0.90, 0.5, 1.0),
@@ -167,7 +169,10 @@ def test_the_searchers_optimise_the_metric_asked_for():
     nsga2 = SEARCHERS.get("nsga2").make(SearcherContext(table, Budget("latency", 0.5), 0, 10))
     assert list(zip(nsga2.metric, nsga2.mode)) == list(objectives("latency"))
     assert objectives("latency")[1:] == (("latency_ratio", "min"), ("flops_ratio", "min"))
-    assert objectives("flops", "val_loss")[0] == ("val_loss", "min") and objectives("flops")[2][0] == "latency_predicted_ms"
+    assert (
+        objectives("flops", "val_loss")[0] == ("val_loss", "min")
+        and objectives("flops")[2][0] == "latency_predicted_ms"
+    )
 
 
 def test_multi_objective_budgets_stay_above_what_the_policies_can_reach(table):

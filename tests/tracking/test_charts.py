@@ -122,7 +122,14 @@ def test_the_search_note_says_which_trial_won_and_why():
         "model": "digits_resnet",
         "trials": {"total": 6, "completed": 3, "stopped_early": 2, "failed": 1},
     }
-    pruned = {"val_acc": 0.975, "test_acc": 0.965, "flops": 1e6, "params": 5e4, "latency_measured_ms": 0.5, "speedup": 2.0}
+    pruned = {
+        "val_acc": 0.975,
+        "test_acc": 0.965,
+        "flops": 1e6,
+        "params": 5e4,
+        "latency_measured_ms": 0.5,
+        "speedup": 2.0,
+    }
     note = search_note(summary, DENSE, records[2], pruned, 10, "4", 3)
     assert f"[channel/magnitude/global #3]({run_link('4', 'run2')})" in note
     assert run_link("4", "run2") == "#/experiments/4/runs/run2"

@@ -126,7 +126,14 @@ def test_params_name_requested_and_realised_apart_and_leave_out_noise(runs, rest
         if re.fullmatch(r"-?\d+\.\d+", value):
             assert len(value.replace("-", "").replace(".", "").lstrip("0")) <= 4, (key, value)
     metrics = _metrics(parent)
-    for key in ("dense_val_acc", "dense_test_acc", "dense_flops", "dense_params", "dense_latency_measured_ms", "best_val_acc"):
+    for key in (
+        "dense_val_acc",
+        "dense_test_acc",
+        "dense_flops",
+        "dense_params",
+        "dense_latency_measured_ms",
+        "best_val_acc",
+    ):
         assert _steps(rest, parent, key) == [0], key
     for key in ("best_latency_predicted_ms", "best_latency_measured_ms", "best_speedup", "best_predicted_speedup"):
         assert key in metrics, key

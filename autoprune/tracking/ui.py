@@ -1,0 +1,75 @@
+"""``autoprune ui``: MLflow's server and UI over a search store, on 127.0.0.1 unless told
+otherwise, checked before it starts and stopped as a whole (its process group)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from ..errors import AutopruneError
+from .store import check_tracking_uri, resolve_tracking_uri, runs_link, search_experiments
+
+
+def serve(tracking_uri: str | None, host: str, port: int) -> int:
+    """``autoprune ui``: the MLflow UI for the search store, bound to 127.0.0.1 by default."""
+    uri = resolve_tracking_uri(tracking_uri)
+    check_tracking_uri(uri)
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        raise AutopruneError(f"no MLflow store at {uri}; run `autoprune search` here first, or pass --tracking-uri")
+    if not 0 < port < 65536:
+        raise AutopruneError(f"--port must be in 1..65535, got {port}")
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise AutopruneError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+    try:  # the searches in the store, each a link to its runs table (the UI opens elsewhere)
+        searches = search_experiments(uri)
+    except Exception as exc:  # noqa: BLE001 - the server shows the store whatever this makes of it
+        searches = []
+        print(f"warning: could not list the searches in {uri} ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if searches:
+        print("searches in this store, newest first (each link opens its trials):")
+        for experiment_id, name in searches:
+            print(f"  {name}: {runs_link(experiment_id, host, port)}")
+    print(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    # MLflow's background job runners (GenAI evaluation jobs) are not needed to browse runs
+    # and cost seven processes; the server gets its own process group, stopped as a whole.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
