@@ -1,5 +1,6 @@
-"""The stages of one pruning step, shared by every method: scoring data, BN warm-up, the
-layers a policy keeps, criterion scores, the budget solve and the prune itself."""
+"""The budget solve-and-verify of one pruning step: what each group or layer loses so the
+model meets its budget, the prune itself (channels removed, or weights masked) and the
+checks that a budget can be met."""
 
 from __future__ import annotations
 
@@ -11,143 +12,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import BUDGET_KINDS, Budget, Policy
-from ..errors import AutopruneError
-from . import criteria as crit
-from .costs import CostModel
-from .graph import PRUNABLE_TYPES, PrunableGraph, clone
-from .latency import LatencyTable, module_widths
-from .measure import Cost, flops_by_module, measure
-from .prune import fold_masks, mask_weights, prune_channels
-from .solver import LayerInfo, max_masked, max_pruned, solve_channels, solve_masks
-from .tasks import Task, labels_of
-
-
-def warmup_on(policy: Policy) -> bool:
-    """Whether BN warm-up runs for ``policy``: as set, or by default for data-dependent criteria."""
-    if policy.bn_warmup is not None:
-        return bool(policy.bn_warmup)
-    return crit.CRITERIA.get(policy.criterion).needs_data
-
-
-def scoring_batches(task: Task, per_class: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed, seeded subset of the training split: ``per_class`` samples of every class."""
-    labels = labels_of(task.train)
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        picked.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist())
-    picked.sort()
-    xs, ys = zip(*(task.train[i] for i in picked))
-    x, y = torch.stack(list(xs)), torch.as_tensor(ys)
-    b = task.batch_size
-    return [(x[i : i + b], y[i : i + b]) for i in range(0, len(y), b)]
-
-
-def bn_warmup(model: nn.Module, batches, device: torch.device) -> None:
-    """Refresh BN running statistics on ``batches`` (train mode, no gradients): only the
-    statistics change, computed as an exact average over the batches."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    was_training = model.training
-    model.train()
-    with torch.no_grad():
-        for x, _ in batches:
-            model(x.to(device))
-    for m, mom in zip(norms, saved):
-        m.momentum = mom
-    model.train(was_training)
-
-
-def bn_warmup_train(model: nn.Module, task: Task, max_batches: int | None, seed: int, device: torch.device) -> None:
-    """The second-order pruning-at-initialisation study's warm-up: one pass over the training
-    split (shuffled, seeded; at most ``max_batches`` batches) in train mode with each BN
-    layer's own momentum, no gradients. Only the running statistics change."""
-    was_training = model.training
-    model.train()
-    with torch.no_grad():
-        for i, (x, _) in enumerate(task.loader("train", shuffle=True, seed=seed, device=device)):
-            if max_batches is not None and i >= max_batches:
-                break
-            model(x.to(device))
-    model.train(was_training)
-
-
-_KEEP_TYPES = {
-    "conv": (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-    "conv1d": (nn.Conv1d,),
-    "conv2d": (nn.Conv2d,),
-    "conv3d": (nn.Conv3d,),
-    "linear": (nn.Linear,),
-}
-
-
-def kept_layers(model: nn.Module, policy: Policy, example: torch.Tensor) -> set[str]:
-    """The conv / linear layers ``policy`` leaves untouched: by name glob (``keep``), by type
-    (``keep_types``) and the output layer (``keep_classifier``). A glob that matches no layer
-    is an error naming the layers there are."""
-    from fnmatch import fnmatchcase
-
-    from .models import classifier_layer
-
-    layers = crit.scored_modules(model)
-    types = tuple(t for k in policy.keep_types for t in _KEEP_TYPES[k])
-    kept = {n for n, m in layers.items() if types and isinstance(m, types)}
-    for glob in policy.keep:
-        hits = {n for n in layers if fnmatchcase(n, glob)}
-        if not hits:
-            raise AutopruneError(
-                f"--keep {glob!r} matches no conv or linear layer; the layers are: {', '.join(layers)}"
-            )
-        kept |= hits
-    if policy.keep_classifier:
-        names = {m: n for n, m in model.named_modules()}
-        kept.add(names[classifier_layer(model, example)])
-    return kept
-
-
-def score(
-    model: nn.Module,
-    policy: Policy,
-    data,
-    seed: int,
-    example: torch.Tensor | None = None,
-    density: float | None = None,
-) -> crit.Scores:
-    """Per-weight scores of the conv/linear layers (and, for some criteria, norm layers) by
-    the policy's criterion. A model carrying weight masks is scored as a folded copy."""
-    criterion = crit.make_criterion(policy.criterion, policy.criterion_options)
-    if criterion.needs_data and not data:
-        raise AutopruneError(f"criterion {policy.criterion!r} needs scoring data")
-    if any(hasattr(m, "weight_mask") for m in model.modules()):
-        model = clone(model)
-        fold_masks(model)
-    was_training = model.training
-    model.eval()
-    ctx = crit.ScoreContext(
-        model=model,
-        modules=crit.scored_modules(model),
-        data=data if criterion.needs_data else None,
-        seed=seed,
-        structure=policy.structure,
-        example=example,
-        density=density,
-    )
-    try:
-        scores = criterion.score(ctx)
-    finally:
-        model.train(was_training)
-    for name, s in scores.items():
-        if not torch.isfinite(s).all():
-            raise AutopruneError(
-                f"criterion {policy.criterion!r} gave non-finite scores for {name}; the model may have "
-                "diverged, or the criterion's options overflow"
-            )
-    return scores
+from ...config import BUDGET_KINDS, Budget, Policy
+from ...errors import AutopruneError
+from .. import criteria as crit
+from ..costs import CostModel
+from ..graph import PRUNABLE_TYPES, PrunableGraph, clone
+from ..latency import LatencyTable, module_widths
+from ..measure import Cost, flops_by_module, measure
+from ..prune import fold_masks, mask_weights, prune_channels
+from ..solver import LayerInfo, max_pruned, solve_channels, solve_masks
+from ..tasks import Task
+from .keep import kept_layers, leave_kept
+from .scoring import below_zeros
 
 
 @dataclass
@@ -300,30 +176,6 @@ def smallest_fraction(table: LatencyTable, model: nn.Module, example: torch.Tens
     return table.predict({**module_widths(model), **costs.widths(removed)}) / table.predict()
 
 
-def below_zeros(model: nn.Module, scores: crit.Scores) -> crit.Scores:
-    """Scores with already-zero weights set to -inf, so masks only ever grow."""
-    out = dict(scores)
-    for n, m in model.named_modules():
-        if n in scores and isinstance(m, PRUNABLE_TYPES):
-            out[n] = torch.where(m.weight.detach().cpu() == 0, -torch.inf, scores[n].double())
-    return out
-
-
-def leave_kept(graph: PrunableGraph, model: nn.Module, policy: Policy, example: torch.Tensor) -> PrunableGraph:
-    """``graph`` without the groups that touch a layer ``policy`` keeps (their outputs or
-    their inputs): those are never pruned, nor checked by a dry run."""
-    kept = kept_layers(model, policy, example)
-    if kept:
-        graph.groups = [g for g in graph.groups if not any(it.module in kept for it in g.items)]
-        graph.by_name = {g.name: g for g in graph.groups}
-        if not graph.groups:
-            raise AutopruneError(
-                "every channel group touches a kept layer (--keep, --keep-types, "
-                "--keep-classifier): nothing is left to prune"
-            )
-    return graph
-
-
 def channel_problem(
     model: nn.Module,
     example: torch.Tensor,
@@ -353,20 +205,3 @@ def _check_names(ratios: dict[str, float], allowed: list[str], what: str) -> Non
         raise AutopruneError(
             f"unknown {what} name(s) {', '.join(unknown)}; this model's {what}s are: {', '.join(allowed)}"
         )
-
-
-def collapse_report(pruned: Pruned, policy: Policy) -> dict[str, Any]:
-    """Per group (channel) or layer (unstructured): the kept fraction; and which were pruned
-    to their floor (one channel, or ``max_ratio``) or emptied, so collapse is visible."""
-    kept, at_floor, empty = {}, [], []
-    for name, ratio in pruned.ratios.items():
-        size = pruned.sizes.get(name)
-        kept[name] = 1.0 - ratio
-        if not size:
-            continue
-        removed = int(round(ratio * size))
-        if removed >= size:
-            empty.append(name)
-        elif removed >= (max_pruned if pruned.structure == "channel" else max_masked)(size, policy.max_ratio):
-            at_floor.append(name)
-    return {"kept_fraction": kept, "at_floor": at_floor, "empty": empty}
