@@ -133,7 +133,11 @@ def main() -> None:
                         return _score(task, dense, dense_metrics, _cfg, fields, b)
 
                     ctx = SearcherContext(
-                        table, budget, seed, args.episodes, extra={"allocation": space, "agent": AgentConfig()}
+                        table=table,
+                        budget=budget,
+                        seed=seed,
+                        trials=args.episodes,
+                        extra={"allocation": space, "agent": AgentConfig()},
                     )
                     history = _search(method, ctx, evaluate, args.episodes)
                     best_fields = max(history, key=lambda h: h[1]["val_acc"])[0]

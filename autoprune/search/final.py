@@ -28,7 +28,7 @@ def short_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: metrics[k] for k in ("val_acc", "test_acc", "flops", "params", "latency_measured_ms") if k in metrics}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Finish:
     """What the end of a search works from."""
 

@@ -19,7 +19,7 @@ STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for 
 COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Plan:
     """A checked, resolved search: what ``search`` runs."""
 
@@ -150,21 +150,20 @@ def prepare(config: SearchConfig) -> Plan:
         local_gpus = gpu_count()
         check_fits(config, local_cpus, local_gpus, "this machine")
     return Plan(
-        config,
-        name,
-        path,
-        tracking_uri,
-        address,
-        trials,
-        scheduler,
-        out.resolve(),
-        structures,
-        None,
-        local_cpus,
-        local_gpus,
-        epochs,
-        spec.metric or config.metric,
-        storage,
+        config=config,
+        name=name,
+        path=path,
+        tracking_uri=tracking_uri,
+        address=address,
+        trials=trials,
+        scheduler=scheduler,
+        out=out.resolve(),
+        structures=structures,
+        local_cpus=local_cpus,
+        local_gpus=local_gpus,
+        epochs=epochs,
+        metric=spec.metric or config.metric,
+        storage=storage,
     )
 
 

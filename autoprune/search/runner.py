@@ -102,18 +102,18 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
         return finish(
             Finish(
-                plan,
-                prep.task,
-                prep.dense.to(prep.trial_device),  # the final run times the model where the trials ran
-                prep.dense_metrics,
-                records,
-                experiment_id,
-                run_id,
-                say,
-                t0,
-                system_metrics,
-                prep.latency,
-                prep.tables,
+                plan=plan,
+                task=prep.task,
+                dense=prep.dense.to(prep.trial_device),  # the final run times the model where the trials ran
+                dense_metrics=prep.dense_metrics,
+                records=records,
+                experiment_id=experiment_id,
+                run_id=run_id,
+                say=say,
+                t0=t0,
+                system_metrics=system_metrics,
+                latency=prep.latency,
+                tables=prep.tables,
             )
         )
     except BaseException as exc:
@@ -211,18 +211,18 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
     spec = SEARCHERS.get(config.searcher)
     hooks = spec.hooks()
     setup = TrialSetup(
-        prep.task,
-        cpu_state(prep.dense),
-        {k: v for k, v in prep.dense_metrics.items() if k != "test_acc"},
-        config.budget,
-        plan.epochs,
-        config.engine,
-        config.cpus_per_trial,
-        config.gpus_per_trial,
-        prep.latency,
-        _replays(plan, experiment_id, run_id) if config.resume else {},
-        hooks.trial_hook(config, prep.latency),
-        {name: t["table"] for name, t in prep.tables.items()},
+        task=prep.task,
+        dense_state=cpu_state(prep.dense),
+        dense_metrics={k: v for k, v in prep.dense_metrics.items() if k != "test_acc"},
+        budget=config.budget,
+        epochs=plan.epochs,
+        engine=config.engine,
+        cpus_per_trial=config.cpus_per_trial,
+        gpus_per_trial=config.gpus_per_trial,
+        latency=prep.latency,
+        replay=_replays(plan, experiment_id, run_id) if config.resume else {},
+        on_pruned=hooks.trial_hook(config, prep.latency),
+        tables={name: t["table"] for name, t in prep.tables.items()},
     )
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup_ref=[ray.put(setup)]),
@@ -237,15 +237,15 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
     if restore:
         return tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     ctx = SearcherContext(
-        prep.table,
-        config.budget,
-        config.engine.seed,
-        plan.trials,
-        config.space,
-        plan.grid,
-        config.metric,
-        min(prep.floor * 1.01, config.budget.fraction),
-        hooks.context(config, prep.dense, prep.task, prep.latency),
+        table=prep.table,
+        budget=config.budget,
+        seed=config.engine.seed,
+        trials=plan.trials,
+        space=config.space,
+        grid=plan.grid,
+        metric=config.metric,
+        fraction_floor=min(prep.floor * 1.01, config.budget.fraction),
+        extra=hooks.context(config, prep.dense, prep.task, prep.latency),
     )
     scheduler = None
     if plan.scheduler == "asha":

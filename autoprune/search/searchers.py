@@ -32,7 +32,7 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SearcherContext:
     """What a searcher factory gets: the layer table of the model (its channel groups and
     layers with their FLOPs shares), the budget, the seed, the trial count and the metric to

@@ -15,7 +15,7 @@ from ..errors import AutopruneError
 _ACTOR_CACHE: dict[str, tuple] = {}  # one entry: the setup and dense model of the current search
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrialSetup:
     """Everything a trial needs besides its config; put into the object store once."""
 

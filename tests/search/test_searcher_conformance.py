@@ -38,7 +38,7 @@ def _context(name: str, table) -> SearcherContext:
     # what the runner adds from the dense model (the AMC agent: its allocation space and settings)
     task = get_task(TaskConfig())
     extra = spec.hooks().context(SearchConfig(searcher=name), task.model_factory(), task, None)
-    return SearcherContext(table, BUDGET, seed=7, trials=6, space=space, grid=grid, extra=extra)
+    return SearcherContext(table=table, budget=BUDGET, seed=7, trials=6, space=space, grid=grid, extra=extra)
 
 
 def _suggest(searcher, trial_id: str) -> TrialConfig:

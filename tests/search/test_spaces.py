@@ -164,9 +164,9 @@ def test_the_searchers_optimise_the_metric_asked_for():
     from autoprune.search.searchers import SEARCHERS, SearcherContext
 
     table = None  # the Optuna factories read the table only when they suggest
-    tpe = SEARCHERS.get("tpe").make(SearcherContext(table, Budget(), 0, 10, metric="val_loss"))
+    tpe = SEARCHERS.get("tpe").make(SearcherContext(table=table, budget=Budget(), seed=0, trials=10, metric="val_loss"))
     assert (tpe.metric, tpe.mode) == ("val_loss", "min")
-    nsga2 = SEARCHERS.get("nsga2").make(SearcherContext(table, Budget("latency", 0.5), 0, 10))
+    nsga2 = SEARCHERS.get("nsga2").make(SearcherContext(table=table, budget=Budget("latency", 0.5), seed=0, trials=10))
     assert list(zip(nsga2.metric, nsga2.mode)) == list(objectives("latency"))
     assert objectives("latency")[1:] == (("latency_ratio", "min"), ("flops_ratio", "min"))
     assert (
