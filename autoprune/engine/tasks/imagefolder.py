@@ -50,6 +50,20 @@ def _skipped_warning(skipped: list[str]) -> str:
     return f"autoprune: warning: skipped {len(skipped)} image file(s) that PIL cannot identify: {shown}{more}"
 
 
+def _splits(full, held_out: Dataset | None, where: str) -> tuple[Dataset, Dataset, Dataset]:
+    """Train, validation and test sets of an image folder ``full`` (stratified, seeded): with a
+    ``held_out`` folder (val/ or test/) it is the test set and 15% of ``full`` validates;
+    otherwise ``full`` is split 70/15/15."""
+    labels = labels_of(full)
+    if held_out is not None:
+        train_idx, val_idx = stratified_split(labels, 0.15, seed=0, where=where)
+        return Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist()), held_out
+    rest, test_idx = stratified_split(labels, 0.15, seed=0, where=where)
+    train_idx, val_idx = stratified_split(labels[rest], 0.15 / 0.85, seed=1, where=where)
+    train, val = Subset(full, rest[train_idx].tolist()), Subset(full, rest[val_idx].tolist())
+    return train, val, Subset(full, test_idx.tolist())
+
+
 @task("imagefolder", None, "resnet18", data_dir=True)
 def imagefolder_task(config: TaskConfig) -> Task:
     """A local ImageFolder: ``train/`` and ``val/`` (or ``test/``) sub-folders of classes, or a
@@ -116,16 +130,7 @@ def imagefolder_task(config: TaskConfig) -> Task:
         if skipped:
             print(_skipped_warning(skipped), file=sys.stderr, flush=True)
 
-    if held_out_folder is not None:
-        test: Dataset = held_out_folder
-        train_idx, val_idx = stratified_split(labels_of(full), 0.15, seed=0, where=str(single))
-        train, val = Subset(full, train_idx.tolist()), Subset(full, val_idx.tolist())
-    else:
-        labels = labels_of(full)
-        rest, test_idx = stratified_split(labels, 0.15, seed=0, where=str(single))
-        train_idx, val_idx = stratified_split(labels[rest], 0.15 / 0.85, seed=1, where=str(single))
-        train, val = Subset(full, rest[train_idx].tolist()), Subset(full, rest[val_idx].tolist())
-        test = Subset(full, test_idx.tolist())
+    train, val, test = _splits(full, held_out_folder, str(single))
     num_classes = len(full.classes)
     return Task(
         name="imagefolder",
