@@ -26,7 +26,7 @@ def kept_layers(model: nn.Module, policy: Policy, example: torch.Tensor) -> set[
     is an error naming the layers there are."""
     from fnmatch import fnmatchcase
 
-    from .models import classifier_layer
+    from ..models import classifier_layer
 
     layers = crit.scored_modules(model)
     types = tuple(t for k in policy.keep_types for t in _KEEP_TYPES[k])
