@@ -24,11 +24,24 @@ def mask_weights(model: nn.Module, counts: dict[str, int], scores: dict[str, tor
     modules = dict(model.named_modules())
     for name, k in counts.items():
         module = modules[name]
-        mask = torch.ones(module.weight.numel(), device=module.weight.device)
-        if k > 0:
-            order = torch.argsort(scores[name].flatten().double(), stable=True)
-            mask[order[:k].to(mask.device)] = 0.0
+        mask = lowest_out(scores[name].flatten().double(), k).to(module.weight.device)
         torch_prune.custom_from_mask(module, "weight", mask.view_as(module.weight))
+
+
+def lowest_out(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A 0/1 mask over the 1-d ``scores`` with the ``k`` lowest at 0, ties going by position
+    (what a stable sort's first ``k`` are), found by selection rather than a full sort."""
+    mask = torch.ones(scores.numel())
+    if k >= scores.numel():
+        return mask.zero_()
+    if k <= 0:
+        return mask
+    kth = torch.kthvalue(scores.cpu(), k).values
+    below = scores.cpu() < kth
+    mask[below] = 0.0
+    ties = torch.nonzero(scores.cpu() == kth).flatten()
+    mask[ties[: k - int(below.sum())]] = 0.0
+    return mask
 
 
 def fold_masks(model: nn.Module) -> None:

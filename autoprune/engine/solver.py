@@ -222,21 +222,7 @@ def solve_masks(
         raise _unreachable(budget, smallest, policy)
 
     if policy.scope == "global":
-        flat = [np.sort(scores[layer.name].ravel()) for layer in layers]
-        everything = np.sort(np.concatenate(flat))
-
-        def counts_at(j: int) -> list[int]:
-            t = everything[j] if j < len(everything) else np.inf
-            return [min(cap, int(np.searchsorted(s, t, side="left"))) for s, cap in zip(flat, caps)]
-
-        lo, hi = 0, len(everything)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if fraction(counts_at(mid)) <= target:
-                hi = mid
-            else:
-                lo = mid
-        pruned = counts_at(hi)
+        pruned = _global_threshold(layers, scores, caps, fraction, target)
         # ties at the threshold, or one more weight in the last layer: fill the remainder
         pruned = _fill(layers, pruned, caps, fraction, target)
     else:
@@ -264,6 +250,44 @@ def solve_masks(
                 lo = mid
         pruned = _fill(layers, counts_at(hi), caps, fraction, target)
     return {layer.name: k for layer, k in zip(layers, pruned)}, fraction(pruned)
+
+
+def _global_threshold(layers, scores, caps, fraction, target) -> list[int]:
+    """Per layer, how many weights score below the lowest threshold ``t`` that meets the
+    target (capped). The threshold is bisected over the bits of a float64 (at most 64 steps,
+    each a binary search per layer), not over the sorted union of all scores: sorting tens of
+    millions of scores twice cost most of a large model's solve. Scores are finite or -inf."""
+    flat = [np.sort(scores[layer.name].ravel()) for layer in layers]
+
+    def counts_below(t: float) -> list[int]:
+        return [min(cap, int(np.searchsorted(s, t, side="left"))) for s, cap in zip(flat, caps)]
+
+    if fraction([0] * len(layers)) <= target:
+        return [0] * len(layers)
+    # counts_below only changes just above a score, so the lowest threshold that meets the
+    # target masks what the lowest *score* that meets it would; -inf - 1 never does, +inf does
+    lo, hi = _order_key(-math.inf) - 1, _order_key(math.inf)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fraction(counts_below(_from_order_key(mid))) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return counts_below(_from_order_key(hi))
+
+
+_SIGN = 1 << 63
+
+
+def _order_key(value: float) -> int:
+    """An integer that orders float64 values as the values order (-0.0 and 0.0 alike)."""
+    bits = int(np.float64(value).view(np.uint64))
+    return bits if bits < _SIGN else -(bits - _SIGN)
+
+
+def _from_order_key(key: int) -> float:
+    bits = key if key >= 0 else (-key) | _SIGN
+    return float(np.uint64(bits).view(np.float64))
 
 
 def _fill(layers, pruned, caps, fraction, target) -> list[int]:
