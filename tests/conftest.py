@@ -85,6 +85,37 @@ def cli():
     return run
 
 
+@pytest.fixture
+def cli_here(capfd, monkeypatch):
+    """Run ``autoprune ARGS`` in this process through ``cli.main``, as the console script
+    would (exit code, what reached fd 1 and 2), without a new interpreter: for commands where
+    isolation does not matter. ``env`` and ``cwd`` last for the test; torch's thread count is
+    restored."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from autoprune import cli as entry
+
+    def run(*args: str, cwd: Path | None = None, env: dict | None = None):
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        threads = torch.get_num_threads()
+        capfd.readouterr()
+        try:
+            code = entry.main(list(args))
+        except SystemExit as exc:  # argparse's own errors and --help
+            code = exc.code
+        finally:
+            torch.set_num_threads(threads)
+        out, err = capfd.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
+    return run
+
+
 def _write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size=(32, 32), seed: int = 0) -> Path:
     """``classes`` sub-folders of ``per_class`` RGB PNGs: seeded noise plus a class colour."""
     import numpy as np

@@ -1,4 +1,5 @@
-"""The `autoprune` command line, run as a user runs it (a real subprocess)."""
+"""The `autoprune` command line, run as a user runs it: a real subprocess, or in this process
+through ``cli.main`` (``cli_here``) where a new interpreter adds nothing but its start-up."""
 
 from __future__ import annotations
 
@@ -164,8 +165,8 @@ def test_export_pt2_and_onnx(cli, channel_run, tmp_path):
         ("groups", ["stem.0", "layers.0.conv1"]),
     ],
 )
-def test_list(cli, what, expected):
-    proc = cli("list", what)
+def test_list(cli_here, what, expected):
+    proc = cli_here("list", what)
     assert proc.returncode == 0, proc.stderr
     for name in expected:
         assert name in proc.stdout
@@ -175,9 +176,9 @@ ALL_CRITERIA = ["random", "magnitude", "fpgm", "bn_scale", "taylor", "snip", "gr
 
 
 @pytest.mark.parametrize("name", ALL_CRITERIA)
-def test_prune_with_every_criterion_meets_the_budget(cli, tmp_path, name):
+def test_prune_with_every_criterion_meets_the_budget(cli_here, tmp_path, name):
     out = tmp_path / "d"
-    proc = cli("prune", "--criterion", name, "--budget-flops", "0.5", "--finetune-epochs", "0", "--out", str(out))
+    proc = cli_here("prune", "--criterion", name, "--budget-flops", "0.5", "--finetune-epochs", "0", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["policy"]["criterion"] == name
@@ -188,9 +189,9 @@ def test_prune_with_every_criterion_meets_the_budget(cli, tmp_path, name):
     assert [e["target"] for e in summary["prune_events"]] == [0.5]
 
 
-def test_criterion_options_reach_the_criterion(cli, tmp_path):
+def test_criterion_options_reach_the_criterion(cli_here, tmp_path):
     out = tmp_path / "d"
-    proc = cli(
+    proc = cli_here(
         "prune",
         "--criterion",
         "magnitude",
