@@ -23,6 +23,7 @@ from .config import (
     SearchConfig,
     TaskConfig,
 )
+from .schema import integer
 
 GIVEN = "flags_given"  # the namespace's set of the dests of the flags typed
 
@@ -154,6 +155,7 @@ def _add_policy_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policy (flags override --policy)")
     g.add_argument("--policy", default=None, help="a policy JSON file (as written to DIR/policy.json)")
     add_flags(g, Policy)
+    g.add_argument("--iterations", action=_Store, type=int, default=None, metavar="K", help=ITERATIONS.help)
     add_flags(g, FinetuneConfig)
     _add_budget_flags(p)
 
@@ -163,6 +165,15 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
     agent = p.add_argument_group("the AMC agent (--searcher amc; --trials/--episodes counts its episodes)")
     add_flags(agent, AgentConfig)
     add_flags(p.add_argument_group("resources and storage"), SearchConfig, only=RESOURCES)
+
+
+# a shorthand for the most common method option (--method-option iterations=K)
+ITERATIONS = integer(
+    1,
+    flag="--iterations",
+    help="iterative: prune/fine-tune rounds (default 3); gradual: pruning steps (default 10); "
+    "the same as --method-option iterations=K",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -233,13 +244,23 @@ def task_config(args: argparse.Namespace, base: TaskConfig | None = None) -> Tas
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy:
-    """The policy file's (or the default) policy with the policy flags typed. Options typed
-    add to the file's, which are dropped when ``--criterion`` names another criterion."""
+    """The policy file's (or the default) policy with the policy flags typed. Criterion and
+    method options typed add to the file's, which are dropped when ``--criterion`` (or
+    ``--method``) names another one; ``--iterations K`` is ``--method-option iterations=K``."""
     base = Policy.from_json(args.policy) if args.policy else Policy()
     policy = apply_flags(base, args)
-    kept = base.criterion_options if policy.criterion == base.criterion else {}
-    typed = policy.criterion_options if "criterion_option" in given(args) else {}
-    return dataclasses.replace(policy, criterion_options={**kept, **typed})
+    typed = given(args)
+    criterion = {
+        **(base.criterion_options if policy.criterion == base.criterion else {}),
+        **(policy.criterion_options if "criterion_option" in typed else {}),
+    }
+    method = {
+        **(base.method_options if policy.method == base.method else {}),
+        **(policy.method_options if "method_option" in typed else {}),
+    }
+    if "iterations" in typed:
+        method["iterations"] = ITERATIONS.check(args.iterations, "--iterations")
+    return dataclasses.replace(policy, criterion_options=criterion, method_options=method)
 
 
 def budget_from_args(args: argparse.Namespace, base: Budget | None = None) -> Budget:

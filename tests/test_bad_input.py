@@ -221,6 +221,24 @@ ROWS = [
     ("option-form", [*PRUNE, "--criterion-option", "p"], ["KEY=VALUE"], None),
     ("option-value", [*PRUNE, "--criterion-option", "p=3"], ["p must be 1", "2"], None),
     ("iterations", [*PRUNE, "--method", "iterative", "--iterations", "0"], ["--iterations", ">= 1", "0"], None),
+    (
+        "method-option-unknown",
+        [*PRUNE, "--method", "iterative", "--method-option", "warmup=3"],
+        ["method 'iterative' has no option 'warmup'", "iterations"],
+        None,
+    ),
+    (
+        "iterations-for-oneshot",
+        [*PRUNE, "--iterations", "3"],
+        ["method 'oneshot' has no option 'iterations'", "none"],
+        None,
+    ),
+    (
+        "method-option-value",
+        [*PRUNE, "--method", "gradual", "--method-option", "iterations=many"],
+        ["iterations", "'many'", "an integer >= 1"],
+        None,
+    ),
     ("keep-glob", [*PRUNE, "--keep", "head*"], ["--keep 'head*'", "stem.0"], None),
     ("keep-types", [*PRUNE, "--keep-types", "lin"], ["--keep-types", "'lin'", "linear"], None),
     (

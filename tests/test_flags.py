@@ -88,6 +88,26 @@ def test_policy_flags_override_the_file_and_criterion_options_merge(tmp_path):
     assert (got.keep_types, got.bn_warmup, got.keep) == (["conv", "linear"], False, ["a", "b"])
 
 
+def test_method_options_merge_like_criterion_options_and_iterations_is_their_shorthand(tmp_path):
+    Policy(method="gradual", method_options={"iterations": 4}).to_json(tmp_path / "p.json")
+    parser = build_parser()
+    file = ["prune", "--policy", str(tmp_path / "p.json")]
+    assert policy_from_args(parser.parse_args(file)).method_options == {"iterations": 4}
+    shorthand = policy_from_args(parser.parse_args([*file, "--iterations", "7"]))
+    spelled = policy_from_args(parser.parse_args([*file, "--method-option", "iterations=7"]))
+    assert shorthand == spelled and shorthand.method_options == {"iterations": 7}
+    other = policy_from_args(parser.parse_args([*file, "--method", "iterative"]))
+    assert (other.method, other.method_options) == ("iterative", {})  # the file's options were gradual's
+
+
+def test_a_policy_recorded_with_a_top_level_iterations_reads_as_the_method_option():
+    """Model files and policy files written before method_options existed."""
+    old = {**Policy(method="iterative").to_dict(), "iterations": 5}
+    del old["method_options"]
+    assert Policy.from_dict(old).method_options == {"iterations": 5}
+    assert Policy.from_dict({**old, "iterations": None}).method_options == {}
+
+
 @dataclass
 class _Inner:
     depth: int = checked(integer(1, flag="--depth", help="depth (default %(default)s)"), 3)

@@ -1,13 +1,13 @@
 """Configuration dataclasses: the one home for defaults and for the command line's flags.
 
 Each setting is one field declared with :func:`autoprune.schema.checked`: its type, range,
-flag and help. A default the field cannot hold (it depends on the task, the method or the
-searcher) is ``None`` there and filled in by that config's ``resolved()``.
+flag and help. A default the field cannot hold (it depends on the task or the searcher) is
+``None`` there and filled in by that config's ``resolved()``; a method's options
+(``Policy.method_options``) have their defaults in the method.
 """
 
 from .policy import (
     BUDGET_KINDS,
-    DEFAULT_ITERATIONS,
     KEEP_TYPES,
     METRICS,
     REDUCTIONS,
@@ -33,7 +33,6 @@ from .search import (
 __all__ = [
     "BUDGET_KINDS",
     "DEFAULT_EPOCHS",
-    "DEFAULT_ITERATIONS",
     "DEFAULT_STORAGE",
     "DEFAULT_TRIALS",
     "IMAGE_SIZE",

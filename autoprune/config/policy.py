@@ -36,7 +36,6 @@ METRICS = ("val_acc", "val_loss")  # what a search optimises (--metric)
 REDUCTIONS = ("sum", "mean", "max")
 WARMUP_MODES = ("scoring", "train")
 KEEP_TYPES = ("conv", "conv1d", "conv2d", "conv3d", "linear")
-DEFAULT_ITERATIONS = {"iterative": 3, "gradual": 10}  # Policy.iterations when None, by method
 
 
 @dataclass(frozen=True)
@@ -113,16 +112,17 @@ class Policy:
     method: str = checked(
         text(flag="--method", help="see `autoprune list methods` (default %(default)s)"), "oneshot"
     )  # a name from the method registry
-    iterations: int | None = checked(
-        integer(
-            1,
-            optional=True,
-            flag="--iterations",
-            help="iterative: prune/fine-tune rounds (default {iterative}); gradual: pruning steps "
-            "(default {gradual})".format(**DEFAULT_ITERATIONS),
+    method_options: dict[str, Any] = checked(
+        mapping(
+            flag="--method-option",
+            repeat=True,
+            parse=key_values,
+            metavar="KEY=VALUE",
+            help="a method option, repeatable (e.g. iterations=5 for iterative or gradual; see "
+            "`autoprune list methods`)",
         ),
-        None,
-    )  # gradual: pruning steps along the cubic schedule; None: resolved()
+        factory=dict,
+    )  # checked against the method's own options (its defaults fill the rest) by engine.check_policy
     bn_warmup: bool | None = checked(
         boolean(
             optional=True,
@@ -199,17 +199,18 @@ class Policy:
         # The registry names (criterion, method) are checked by engine.check_policy, which
         # every path that runs a policy calls: building plain data imports no torch.
 
-    def resolved(self) -> Policy:
-        """This policy with its unset defaults filled in (the iterations, by method)."""
-        if self.iterations is None and self.method in DEFAULT_ITERATIONS:
-            return dataclasses.replace(self, iterations=DEFAULT_ITERATIONS[self.method])
-        return self
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Policy:
+        """From plain data; a record written before ``method_options`` existed (a top-level
+        ``iterations``) reads as that method option."""
+        if isinstance(data, dict) and "iterations" in data:
+            data = dict(data)
+            legacy = data.pop("iterations")
+            if legacy is not None:
+                data["method_options"] = {"iterations": legacy, **(data.get("method_options") or {})}
         return from_dict(cls, data, "policy")
 
     def to_json(self, path: str | Path) -> None:

@@ -85,6 +85,16 @@ def test_methods_are_taken_by_name_or_as_objects():
         make_method("lottery")
 
 
+@pytest.mark.parametrize("method", METHODS.names())
+def test_an_option_the_method_lacks_is_refused_with_the_ones_it_has(method):
+    cls = METHODS.get(method)
+    with pytest.raises(AutopruneError, match=f"method {method!r} has no option 'warp'") as refused:
+        engine.check_policy(Policy(method=method, method_options={"warp": 2}))
+    assert (", ".join(cls.options) or "none") in str(refused.value)
+    for key, default in cls.defaults.items():  # the defaults fill what a policy leaves unset
+        assert make_method(method).settings(Policy(method=method))[key] == default
+
+
 @pytest.mark.parametrize("structure", ["channel", "unstructured"])
 @pytest.mark.parametrize("method", METHODS.names())
 def test_each_method_reaches_its_budget(digits_task, digits_dense, digits_dense_metrics, short_cfg, method, structure):
@@ -110,7 +120,7 @@ def test_gradual_follows_the_cubic_schedule(digits_task, digits_dense, digits_de
         structure=structure,
         criterion="magnitude",
         method="gradual",
-        iterations=n,
+        method_options={"iterations": n},
         finetune=FinetuneConfig(epochs=epochs),
     )
     total = epochs * len(digits_task.loader("train", shuffle=True, seed=0))
@@ -140,7 +150,7 @@ def test_iterative_rounds_approach_the_budget_geometrically(
         structure="channel",
         criterion="magnitude",
         method="iterative",
-        iterations=k,
+        method_options={"iterations": k},
         max_ratio=0.35,
         scope="global",
         finetune=FinetuneConfig(epochs=3),
@@ -167,7 +177,7 @@ def test_iterative_unstructured_masks_only_grow(digits_task, digits_dense, digit
         structure="unstructured",
         criterion="random",
         method="iterative",
-        iterations=2,
+        method_options={"iterations": 2},
         finetune=FinetuneConfig(epochs=2),
     )
     # random scores would revive weights masked in round 1 if masks were not kept

@@ -28,9 +28,9 @@ class Method:
     """Base class. Subclasses set ``name`` and ``summary`` and implement :meth:`run`.
 
     ``options``: the method's settings, each declared as a :class:`~autoprune.schema.Spec`
-    with its default in ``defaults``. While a policy field of the same name exists (today
-    ``iterations``) the option is read from it, unset meaning the default; see
-    :meth:`settings`. ``in_steps``: the method prunes in several steps (a policy with
+    with its default in ``defaults``; a policy sets them in ``Policy.method_options`` (the
+    command line: ``--method-option KEY=VALUE``) and :meth:`settings` reads them, unset
+    meaning the default. ``in_steps``: the method prunes in several steps (a policy with
     ``exact`` ratios, pruned once as given, refuses it)."""
 
     name: ClassVar[str]
@@ -40,10 +40,19 @@ class Method:
     in_steps: ClassVar[bool] = False
 
     def settings(self, policy: Policy) -> dict[str, Any]:
-        """The method's options for ``policy``, checked against their specs."""
+        """The method's options for ``policy`` (its ``method_options`` over the defaults),
+        checked against their specs; an option the method does not have is an error."""
+        given = policy.method_options
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            has = ", ".join(self.options) or "none"
+            raise AutopruneError(
+                f"method {self.name!r} has no option {', '.join(map(repr, unknown))}; its options: {has} "
+                "(see `autoprune list methods`)"
+            )
         out = {}
         for key, spec in self.options.items():
-            value = getattr(policy, key, None)
+            value = given.get(key)
             if value is None:
                 value = self.defaults.get(key)
             out[key] = spec.check(value, f"method {self.name!r} option {key}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ...config import DEFAULT_ITERATIONS, Budget
+from ...config import Budget
 from ...errors import AutopruneError
 from ...schema import integer
 from ..graph import PrunableGraph, clone
@@ -86,8 +86,8 @@ class Gradual(Method):
 
     name = "gradual"
     summary = "Prune during fine-tuning on the cubic schedule (Zhu & Gupta 2017; Gale et al. 2019)."
-    options = {"iterations": integer(1, optional=True, flag="--iterations")}  # pruning steps
-    defaults = {"iterations": DEFAULT_ITERATIONS["gradual"]}  # declared beside --iterations
+    options = {"iterations": integer(1, optional=True)}  # pruning steps
+    defaults = {"iterations": 10}
     in_steps = True
 
     def run(self, ctx: MethodContext) -> Pruned:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from ...config import DEFAULT_ITERATIONS, Budget
+from ...config import Budget
 from ...schema import integer
 from ..graph import clone
 from ..stages import Pruned
@@ -21,8 +21,8 @@ class Iterative(Method):
 
     name = "iterative"
     summary = "k rounds of prune-a-little -> fine-tune, reaching the budget at round k (Han et al. 2015)."
-    options = {"iterations": integer(1, optional=True, flag="--iterations")}  # k, the rounds
-    defaults = {"iterations": DEFAULT_ITERATIONS["iterative"]}  # declared beside --iterations
+    options = {"iterations": integer(1, optional=True)}  # k, the rounds
+    defaults = {"iterations": 3}
     in_steps = True
 
     def run(self, ctx: MethodContext) -> Pruned:
