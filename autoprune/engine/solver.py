@@ -130,25 +130,32 @@ def solve_channels(
     removed = removed_from_counts(counts_fn(knobs[hi]))
     best = fraction(removed)
     if hi > 0 and target - best > 1e-9:
-        # The last knob step may have removed several channels at once: give back those that
-        # still fit, most important first. If that leaves more than half the tolerance
-        # unused (coarse groups), offer every other removed channel the same way.
         before = removed_from_counts(counts_fn(knobs[hi - 1]))
-        step = _ranked(names, scores, [r & ~b for r, b in zip(removed, before)])
-        rest = _ranked(names, scores, [r & b for r, b in zip(removed, before)])
-        for phase, candidates in enumerate((step, rest)):
-            if phase == 1 and target - best <= budget.tolerance / 2:
-                break
-            for gi, c in candidates:
-                removed[gi][c] = False
-                f = fraction(removed)
-                if f <= target:
-                    best = f
-                    if phase == 1 and target - best <= budget.tolerance / 2:
-                        break
-                else:
-                    removed[gi][c] = True
+        best = _give_back(names, scores, removed, before, fraction, target, budget.tolerance)
     return ChannelPlan(dict(zip(names, removed)), best)
+
+
+def _give_back(names, scores, removed, before, fraction, target: float, tolerance: float) -> float:
+    """The last knob step may have removed several channels at once (``removed`` against
+    ``before``): give back, in place, those that still fit, most important first. If that
+    leaves more than half the tolerance unused (coarse groups), offer every other removed
+    channel the same way. Returns the fraction reached."""
+    best = fraction(removed)
+    step = _ranked(names, scores, [r & ~b for r, b in zip(removed, before)])
+    rest = _ranked(names, scores, [r & b for r, b in zip(removed, before)])
+    for phase, candidates in enumerate((step, rest)):
+        if phase == 1 and target - best <= tolerance / 2:
+            break
+        for gi, c in candidates:
+            removed[gi][c] = False
+            f = fraction(removed)
+            if f <= target:
+                best = f
+                if phase == 1 and target - best <= tolerance / 2:
+                    break
+            else:
+                removed[gi][c] = True
+    return best
 
 
 def _ranked(names, scores, masks) -> list[tuple[int, int]]:

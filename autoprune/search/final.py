@@ -175,7 +175,7 @@ def build_summary(f: Finish, front: list[TrialRecord], best: TrialRecord | None,
     if final is not None:
         best_fields = {
             "trial_id": best.trial_id,
-            "policy": final_policy(best, config.final_epochs).to_dict(),
+            "policy": final.policy.to_dict(),  # the policy the re-run ran
             "search_val_acc": best.metrics["val_acc"],
             **best_metrics(final.pruned),
             "latency_checks": final.latency_checks,

@@ -190,27 +190,13 @@ def _saved_settings(plan: Plan, workers: int) -> dict[str, Any]:
     return saved
 
 
-def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
-    """The Ray Tune Tuner of the search: restored from its snapshot on a resume, else new,
-    with the searcher, the scheduler and the callbacks; the trials' setup in the object store."""
-    import ray
-    from ray import tune
-
+def _trial_setup(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, hooks) -> TrialSetup:
+    """What every trial needs, put once in Ray's object store: the task, the dense weights
+    and metrics, the budget and resources, the latency tables, a resume's replays."""
     from ..engine.checkpoint import cpu_state
-    from ..tracking import store
-    from .callback import TrialLogger
-    from .progress import ClusterWatch, ProgressLine
 
     config = plan.config
-    restore = config.resume and tune.Tuner.can_restore(plan.path)
-    if config.resume:
-        from ray.tune import ExperimentAnalysis
-
-        known = {t.trial_id for t in ExperimentAnalysis(plan.path).trials} if restore else set()
-        store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
-    spec = SEARCHERS.get(config.searcher)
-    hooks = spec.hooks()
-    setup = TrialSetup(
+    return TrialSetup(
         task=prep.task,
         dense_state=cpu_state(prep.dense),
         dense_metrics={k: v for k, v in prep.dense_metrics.items() if k != "test_acc"},
@@ -224,11 +210,34 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
         on_pruned=hooks.trial_hook(config, prep.latency),
         tables={name: t["table"] for name, t in prep.tables.items()},
     )
+
+
+def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
+    """The Ray Tune Tuner of the search: restored from its snapshot on a resume, else new,
+    with the searcher, the scheduler and the callbacks; the trials' setup in the object store."""
+    import ray
+    from ray import tune
+
+    from ..tracking import store
+    from .callback import TrialLogger
+    from .progress import ClusterWatch, ProgressLine
+
+    config = plan.config
+    restore = config.resume and tune.Tuner.can_restore(plan.path)
+    if config.resume:
+        from ray.tune import ExperimentAnalysis
+
+        known = {t.trial_id for t in ExperimentAnalysis(plan.path).trials} if restore else set()
+        store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
+    spec = SEARCHERS.get(config.searcher)
+    hooks = spec.hooks()
+    setup = _trial_setup(plan, prep, experiment_id, run_id, hooks)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup_ref=[ray.put(setup)]),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
-    what = f", {hooks.describe(config)}" if hooks.describe(config) else f" on space {config.space!r}"
+    described = hooks.describe(config)
+    what = f", {described}" if described else f" on space {config.space!r}"
     say(
         f"search {plan.name!r}: {plan.trials} trials ({config.searcher}{what}, "
         f"{plan.epochs} epoch(s) each, {prep.workers} at a time, scheduler {plan.scheduler}), "

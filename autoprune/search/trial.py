@@ -122,11 +122,7 @@ def run_trial(config: dict, setup_ref: list) -> None:
     device = trial_device(setup.gpus_per_trial)
     dense.to(device)
     table = latency_here(setup, dense, device)
-    fields = dict(trial.policy)
-    fields["finetune"] = {**fields.get("finetune", {}), "epochs": setup.epochs}
-    policy = Policy.from_dict(fields)
-    fraction = trial.budget_fraction or setup.budget.fraction
-    budget = Budget(setup.budget.kind, fraction, setup.budget.tolerance)
+    policy, budget = _policy_and_budget(trial, setup)
     cfg = dataclasses.replace(setup.engine, device=device, train_epochs=setup.epochs, progress=False)
     node = ray.get_runtime_context().get_node_id()
     last: dict[str, Any] = {}
@@ -184,6 +180,15 @@ def run_trial(config: dict, setup_ref: list) -> None:
             FINAL: True,
         }
     )
+
+
+def _policy_and_budget(trial: TrialConfig, setup: TrialSetup) -> tuple[Policy, Budget]:
+    """The trial's policy (fine-tuned for the search's epochs) and budget (its own fraction
+    where the searcher chose one)."""
+    fields = dict(trial.policy)
+    fields["finetune"] = {**fields.get("finetune", {}), "epochs": setup.epochs}
+    fraction = trial.budget_fraction or setup.budget.fraction
+    return Policy.from_dict(fields), Budget(setup.budget.kind, fraction, setup.budget.tolerance)
 
 
 def final_metrics(result, task, last: dict[str, Any], cfg: EngineConfig) -> dict[str, Any]:

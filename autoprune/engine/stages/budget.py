@@ -90,14 +90,7 @@ def prune_to_budget(
         raise AutopruneError("a latency budget needs the model's latency table (autoprune.engine.latency_table)")
     example = task.example_input().to(next(model.parameters()).device)
     if policy.structure == "unstructured":
-        counts, estimate = solve_unstructured(model, task, policy, budget, scores, dense_cost)
-        pruned = clone(model)
-        fold_masks(pruned)
-        mask_weights(pruned, counts, below_zeros(pruned, scores))
-        sizes = {n: m.weight.numel() for n, m in pruned.named_modules() if n in counts}
-        ratios = {n: k / sizes[n] for n, k in counts.items()}
-        return Pruned(pruned, "unstructured", [], ratios, estimate, counts=counts, sizes=sizes)
-
+        return _masked_to_budget(model, task, policy, budget, scores, dense_cost)
     names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph)
     if budget.kind == "latency":
         base = module_widths(model)  # the model may be pruned already (iterative, gradual)
@@ -150,6 +143,19 @@ def prune_to_budget(
             "estimate"
         )
     return best
+
+
+def _masked_to_budget(
+    model: nn.Module, task: Task, policy: Policy, budget: Budget, scores: crit.Scores, dense_cost: Cost
+) -> Pruned:
+    """A copy of ``model`` with the weights :func:`solve_unstructured` picks masked."""
+    counts, estimate = solve_unstructured(model, task, policy, budget, scores, dense_cost)
+    pruned = clone(model)
+    fold_masks(pruned)
+    mask_weights(pruned, counts, below_zeros(pruned, scores))
+    sizes = {n: m.weight.numel() for n, m in pruned.named_modules() if n in counts}
+    ratios = {n: k / sizes[n] for n, k in counts.items()}
+    return Pruned(pruned, "unstructured", [], ratios, estimate, counts=counts, sizes=sizes)
 
 
 def check_budget(policy: Policy, budget: Budget) -> None:

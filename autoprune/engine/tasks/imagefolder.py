@@ -65,6 +65,15 @@ def _splits(full, held_out: Dataset | None, where: str) -> tuple[Dataset, Datase
 
 
 @task("imagefolder", None, "resnet18", data_dir=True)
+def _transform(size: int):
+    """Resize, centre-crop to ``size``, ImageNet normalisation."""
+    import torchvision.transforms as T
+
+    return T.Compose(
+        [T.Resize(size), T.CenterCrop(size), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+    )
+
+
 def imagefolder_task(config: TaskConfig) -> Task:
     """A local ImageFolder: ``train/`` and ``val/`` (or ``test/``) sub-folders of classes, or a
     single folder of classes split 70/15/15 (stratified, seeded). Untrained unless a checkpoint
@@ -77,21 +86,13 @@ def imagefolder_task(config: TaskConfig) -> Task:
     names the first few. An image that identified but fails to decode when its sample is read
     (e.g. a truncated file) stops the run with the error
     "image '<path>' cannot be decoded (<reason>); remove or replace it"."""
-    import torchvision.transforms as T
     from torchvision.datasets import ImageFolder
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     model = model_name(config)
     root = data_dir(config)
     size = config.resolved().image_size
-    transform = T.Compose(
-        [
-            T.Resize(size),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ]
-    )
+    transform = _transform(size)
     skipped: list[str] = []
 
     def valid(path: str) -> bool:
