@@ -64,7 +64,6 @@ def _splits(full, held_out: Dataset | None, where: str) -> tuple[Dataset, Datase
     return train, val, Subset(full, test_idx.tolist())
 
 
-@task("imagefolder", None, "resnet18", data_dir=True)
 def _transform(size: int):
     """Resize, centre-crop to ``size``, ImageNet normalisation."""
     import torchvision.transforms as T
@@ -74,6 +73,7 @@ def _transform(size: int):
     )
 
 
+@task("imagefolder", None, "resnet18", data_dir=True)
 def imagefolder_task(config: TaskConfig) -> Task:
     """A local ImageFolder: ``train/`` and ``val/`` (or ``test/``) sub-folders of classes, or a
     single folder of classes split 70/15/15 (stratified, seeded). Untrained unless a checkpoint
