@@ -29,6 +29,11 @@ import torch
 from scipy.special import ndtr, ndtri
 from torch import nn
 
+from autoprune.schema import MAX_BATCH, checked, integer, number, validate
+
+RATE = number(0.0, 1.0, low_open=True)  # an Adam learning rate
+SHARE = number(0.0, 1.0)  # a fraction: soft-update rate, discount, decay
+
 Transition = tuple[np.ndarray, float, np.ndarray, bool]  # (obs, action taken, next obs, done)
 
 
@@ -37,28 +42,30 @@ class DDPGConfig:
     """Hyper-parameters of the agent; the defaults are AMC's (its released search script), but for
     ``warmup_episodes``."""
 
-    hidden: int = 300  # units in each of the two hidden layers, actor and critic (AMC: 300)
-    actor_lr: float = 1e-4  # Adam learning rate of the actor (AMC: 1e-4)
-    critic_lr: float = 1e-3  # Adam learning rate of the critic (AMC: 1e-3)
-    tau: float = 0.01  # soft target update: target += tau * (online - target) (AMC: 0.01)
-    batch: int = 64  # minibatch size (AMC: 64)
-    discount: float = 1.0  # discount of the bootstrapped target (AMC: 1)
-    sigma: float = 0.5  # initial std of the truncated-normal exploration noise (AMC: 0.5)
-    sigma_decay: float = 0.95  # sigma multiplier per episode after the warm-up (AMC: 0.95)
-    baseline_alpha: float = 0.5  # moving-average baseline: b += alpha * (R - b) (AMC: 0.5)
-    buffer: int = 2000  # replay buffer capacity, in transitions (AMC's code: 100 per layer, 2000 for 20 layers)
-    warmup_episodes: int = 10  # episodes of uniform random actions before the actor acts and learning starts
-    # (AMC's code: 100 of its 800 episodes)
-    updates_per_step: int = 1  # gradient updates per stored transition, after the warm-up (AMC: 1)
+    hidden: int = checked(
+        integer(1, most=4_096), 300
+    )  # units in each of the two hidden layers, actor and critic (AMC: 300)
+    actor_lr: float = checked(RATE, 1e-4)  # Adam learning rate of the actor (AMC: 1e-4)
+    critic_lr: float = checked(RATE, 1e-3)  # Adam learning rate of the critic (AMC: 1e-3)
+    tau: float = checked(SHARE, 0.01)  # soft target update: target += tau * (online - target) (AMC: 0.01)
+    batch: int = checked(integer(1, most=MAX_BATCH), 64)  # minibatch size (AMC: 64)
+    discount: float = checked(SHARE, 1.0)  # discount of the bootstrapped target (AMC: 1)
+    sigma: float = checked(
+        number(0.0, most=10.0), 0.5
+    )  # initial std of the truncated-normal exploration noise (AMC: 0.5)
+    sigma_decay: float = checked(SHARE, 0.95)  # sigma multiplier per episode after the warm-up (AMC: 0.95)
+    baseline_alpha: float = checked(SHARE, 0.5)  # moving-average baseline: b += alpha * (R - b) (AMC: 0.5)
+    buffer: int = checked(integer(1, most=10_000_000), 2000)  # replay buffer capacity, in transitions (AMC's code: 100
+    # per layer, 2000 for 20 layers)
+    warmup_episodes: int = checked(integer(0, most=100_000), 10)  # episodes of uniform random actions before the actor
+    # acts and learning starts (AMC's code: 100 of its 800 episodes)
+    updates_per_step: int = checked(
+        integer(0, most=100), 1
+    )  # gradient updates per stored transition, after the warm-up
+    # (AMC: 1)
 
     def __post_init__(self) -> None:
-        for name in ("hidden", "batch", "buffer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DDPGConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_episodes < 0 or self.updates_per_step < 0:
-            raise ValueError("DDPGConfig.warmup_episodes and updates_per_step must be >= 0")
-        if not (0.0 <= self.tau <= 1.0 and 0.0 <= self.baseline_alpha <= 1.0 and self.sigma >= 0.0):
-            raise ValueError("DDPGConfig: tau and baseline_alpha must lie in [0, 1], sigma must be >= 0")
+        validate(self, "DDPGConfig", flags_first=False)
 
 
 def _mlp(n_in: int, hidden: int, head: list[nn.Module]) -> nn.Sequential:

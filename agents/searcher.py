@@ -43,21 +43,13 @@ def ddpg_config(agent: AgentConfig, episodes: int, groups: int | None = None) ->
             f"unknown --agent-option {', '.join(unknown)}; choose from {', '.join(fields)} "
             "(the warm-up is --warmup-episodes)"
         )
-    options = {}
-    for name, value in agent.options.items():
-        kind = type(fields[name].default)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or (kind is int and value != int(value)):
-            raise AutopruneError(
-                f"--agent-option {name}={value!r} must be {'a whole number' if kind is int else 'a number'}"
-            )
-        options[name] = kind(value)
+    options = {
+        name: fields[name].metadata["spec"].check(value, f"--agent-option {name}={value!r}")
+        for name, value in agent.options.items()
+    }
     if groups and "buffer" not in options:
-        options["buffer"] = 100 * groups
-    try:
-        return DDPGConfig(**{**options, "warmup_episodes": agent.resolved(episodes).warmup_episodes})
-    except ValueError as exc:
-        raise AutopruneError(f"--agent-option: {exc}") from None
+        options["buffer"] = min(100 * groups, fields["buffer"].metadata["spec"].most)
+    return DDPGConfig(**{**options, "warmup_episodes": agent.resolved(episodes).warmup_episodes})
 
 
 @contextlib.contextmanager

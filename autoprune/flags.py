@@ -23,7 +23,7 @@ from .config import (
     SearchConfig,
     TaskConfig,
 )
-from .schema import integer
+from .schema import MAX_STEPS, integer
 
 GIVEN = "flags_given"  # the namespace's set of the dests of the flags typed
 
@@ -170,6 +170,7 @@ def _add_search_flags(p: argparse.ArgumentParser) -> None:
 # a shorthand for the most common method option (--method-option iterations=K)
 ITERATIONS = integer(
     1,
+    most=MAX_STEPS,
     flag="--iterations",
     help="iterative: prune/fine-tune rounds (default 3); gradual: pruning steps (default 10); "
     "the same as --method-option iterations=K",
@@ -197,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_flags(p)
     _add_engine_flags(p)
     _add_policy_flags(p)
-    p.add_argument("--out", default="autoprune-out", help="output directory (default autoprune-out)")
+    p.add_argument("--out", default="autoprune-out", help="output directory, new or empty (default autoprune-out)")
+    p.add_argument("--overwrite", action="store_true", help="write into --out even if it holds earlier results")
 
     s = sub.add_parser("search", help="search pruning policies on Ray Tune; every trial logged to MLflow")
     _add_task_flags(s)
@@ -220,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export a saved pruned model for deployment")
     x.add_argument("model_path")
     x.add_argument("--format", choices=("pt2", "onnx"), default="pt2", help="pt2 (torch.export) or onnx")
-    x.add_argument("--out", default=None, help="output file (default: beside the model)")
+    x.add_argument("--out", default=None, help="output file, new (default: beside the model)")
+    x.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_task_flags(x)
 
     ls = sub.add_parser("list", help="name what exists")

@@ -30,7 +30,8 @@ class Registry(Generic[T]):
         try:
             return self._entries[name]
         except KeyError:
-            raise AutopruneError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}") from None
+            shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+            raise AutopruneError(f"unknown {self.kind} {shown}; choose one of: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
         return list(self._entries)

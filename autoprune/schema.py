@@ -41,6 +41,7 @@ class Spec:
     repeat: bool = False  # the flag may be given several times; ``parse`` then reads the list
     metavar: str | None = None
     aliases: tuple[str, ...] = ()  # further names of the flag
+    most: float | None = None  # a limit beyond the value's meaning (rounds, epochs, threads), said apart
 
     def describe(self) -> str:
         """Allowed values, as a phrase: 'an integer >= 1', 'one of: sum, mean, max'."""
@@ -61,6 +62,8 @@ class Spec:
             base += f" {rng}"
         if self.item is not None and self.kind in ("mapping", "sequence"):
             base += f", each {self.item.describe()}" if self.kind == "sequence" else f" to {self.item.describe()}"
+        if self.most is not None:
+            base += f", at most {_number(self.most)}"
         if self.optional:
             base += " (or null for the default)" if self.kind == "boolean" else " (or unset)"
         return base
@@ -76,12 +79,14 @@ class Spec:
         if self.kind == "integer":
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif self.kind == "number":
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
             value = float(value) if ok else value
         elif self.kind == "boolean":
             ok = isinstance(value, bool)
         elif self.kind == "text":
             ok = isinstance(value, str) and value != ""
+            if ok and len(value) > MAX_TEXT:
+                raise AutopruneError(f"{label} must be at most {MAX_TEXT} characters, got {len(value)}: {_show(value)}")
         elif self.kind == "choice":
             ok = isinstance(value, str) and value in self.choices
         elif self.kind == "mapping":
@@ -96,6 +101,8 @@ class Spec:
             raise AutopruneError(f"{label} must be {self.describe()}, got {_show(value)}")
         if self.kind in ("integer", "number") and not _in_range(value, self):
             raise AutopruneError(f"{label} must be {self.describe()}, got {_show(value)}")
+        if self.kind == "integer" and not INT64[0] <= value <= INT64[1]:  # whatever a field declares
+            raise AutopruneError(f"{label} must be {self.describe()} within 64 bits, got {_show(value)}")
         if self.item is not None and self.kind == "mapping":
             value = {k: self.item.check(v, f"{label}[{k!r}]") for k, v in value.items()}
         if self.item is not None and self.kind == "sequence":
@@ -115,10 +122,25 @@ def _range_text(low, high, low_open: bool, high_open: bool) -> str:
     return ""
 
 
+def _number(x: float) -> str:
+    """A bound as written: whole numbers in full (4294967295, not 4.29497e+09)."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
+
+
 def _in_range(value: float, spec: Spec) -> bool:
     if spec.low is not None and (value <= spec.low if spec.low_open else value < spec.low):
         return False
+    if spec.most is not None and value > spec.most:
+        return False
     return not (spec.high is not None and (value >= spec.high if spec.high_open else value > spec.high))
+
+
+def _finite(value: float) -> bool:
+    """Finite, and (for an integer) within a float's range."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _show(value: Any) -> str:
@@ -127,6 +149,18 @@ def _show(value: Any) -> str:
 
 
 # ------------------------------------------------------------------ declaring fields
+
+# Every integer and number a user can set declares its upper bound where it is declared: its
+# ``high`` where the value's meaning ends there (a fraction), else its ``most``, a limit said
+# apart ("an integer >= 1, at most 1000"). tests/test_bounds.py holds each config, method,
+# criterion and agent setting to that; these are the common limits.
+INT64 = (-(2**63), 2**63 - 1)
+MAX_SEED = 2**32 - 1  # what numpy's, Python's and torch's generators all take
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
+MAX_THREADS = 1_024
+MAX_STEPS = 1_000  # pruning rounds and steps, iterations of an iterative criterion
+MAX_TEXT = 4_096  # any text: a name, a path, a glob
 
 
 def integer(low: int | None = None, high: int | None = None, **kw) -> Spec:
@@ -179,10 +213,57 @@ def key_values(items: list[str], flag: str) -> dict[str, Any]:
         if not sep or not key:
             raise AutopruneError(f"{flag} {item!r} must look like KEY=VALUE, e.g. probes=20")
         try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+            out[key] = parse_json(value, f"{flag} {key}")
+        except AutopruneError:
+            out[key] = value  # text; whoever reads the option checks it
     return out
+
+
+# ------------------------------------------------------------------ documents
+
+MAX_DOCUMENT_BYTES = 1 << 20  # a policy, a search's state, a trial's record: far below this
+MAX_DEPTH = 32  # nesting of JSON objects and arrays
+
+
+def parse_json(text: str, where: str) -> Any:
+    """Strict JSON (no NaN or Infinity, numbers of at most 4300 digits, at most ``MAX_DEPTH``
+    levels), or an :class:`AutopruneError` naming ``where`` and what is wrong."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON (numbers must be finite)")
+
+    try:
+        data = json.loads(text, parse_constant=refuse)
+    except json.JSONDecodeError as exc:
+        raise AutopruneError(f"{where} is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # too many digits, NaN, nesting past the stack
+        problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise AutopruneError(f"{where} is not valid JSON: {problem}") from None
+    if _depth(data) > MAX_DEPTH:
+        raise AutopruneError(f"{where} is nested more than {MAX_DEPTH} levels deep")
+    return data
+
+
+def _depth(data: Any, level: int = 0) -> int:
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(data, dict):
+        return max((_depth(v, level + 1) for v in data.values()), default=level + 1)
+    if isinstance(data, list):
+        return max((_depth(v, level + 1) for v in data), default=level + 1)
+    return level
+
+
+def read_json(raw: bytes, where: str) -> Any:
+    """A JSON document given as bytes: at most ``MAX_DOCUMENT_BYTES``, UTF-8, then
+    :func:`parse_json`."""
+    if len(raw) > MAX_DOCUMENT_BYTES:
+        raise AutopruneError(f"{where} is {len(raw)} bytes; at most {MAX_DOCUMENT_BYTES} are read")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise AutopruneError(f"{where} is not UTF-8 text (byte {exc.start})") from None
+    return parse_json(text, where)
 
 
 def comma_list(value: str, flag: str) -> list[str]:

@@ -12,6 +12,8 @@ from typing import Any
 
 from ..errors import AutopruneError
 from ..schema import (
+    MAX_DOCUMENT_BYTES,
+    MAX_EPOCHS,
     boolean,
     checked,
     choice,
@@ -22,6 +24,7 @@ from ..schema import (
     mapping,
     nested,
     number,
+    read_json,
     sequence,
     text,
     unit_interval,
@@ -63,14 +66,18 @@ class Budget:
 class FinetuneConfig:
     """How the pruned network recovers: SGD with momentum and a cosine learning-rate schedule."""
 
-    epochs: int = checked(integer(0, flag="--finetune-epochs", help="fine-tuning epochs (default %(default)s)"), 5)
+    epochs: int = checked(
+        integer(0, most=MAX_EPOCHS, flag="--finetune-epochs", help="fine-tuning epochs (default %(default)s)"), 5
+    )
     lr: float = checked(
-        number(0.0, low_open=True, flag="--lr", help="fine-tuning learning rate (default %(default)s)"), 0.01
+        number(0.0, low_open=True, most=1e6, flag="--lr", help="fine-tuning learning rate (default %(default)s)"), 0.01
     )  # peak learning rate
     momentum: float = checked(number(0.0, 1.0, high_open=True), 0.9)
-    weight_decay: float = checked(number(0.0), 5e-4)
+    weight_decay: float = checked(number(0.0, 1.0), 5e-4)
     schedule: str = checked(choice(("cosine", "constant")), "cosine")
-    bn_recalibrate: int = checked(integer(0), 0)  # after pruning, before fine-tuning: recompute BN statistics
+    bn_recalibrate: int = checked(
+        integer(0, most=100_000), 0
+    )  # after pruning, before fine-tuning: recompute BN statistics
     # on this many training batches (EagleEye, Li et al. 2020; the AMC agent's episodes use it); 0: off
 
     def __post_init__(self) -> None:
@@ -147,6 +154,7 @@ class Policy:
     bn_warmup_batches: int | None = checked(
         integer(
             1,
+            most=1_000_000,
             optional=True,
             flag="--bn-warmup-batches",
             help="train warm-up: at most this many training batches (default: the whole split)",
@@ -221,10 +229,8 @@ class Policy:
         path = Path(path)
         if not path.is_file():
             raise AutopruneError(f"policy file {str(path)!r} does not exist or is not a file")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise AutopruneError(f"policy file {str(path)!r} is not valid JSON: {exc}") from None
+        with path.open("rb") as f:
+            data = read_json(f.read(MAX_DOCUMENT_BYTES + 1), f"policy file {str(path)!r}")
         if not isinstance(data, dict):
             raise AutopruneError(f"policy file {str(path)!r} must hold a JSON object")
         return cls.from_dict(data)

@@ -6,6 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..schema import (
+    MAX_BATCH,
+    MAX_EPOCHS,
+    MAX_SEED,
+    MAX_THREADS,
     boolean,
     checked,
     integer,
@@ -25,20 +29,28 @@ def _batch_sizes(value) -> str | None:
 class MeasureConfig:
     """How latency is measured: median of timed forward passes after warm-up."""
 
-    batch_sizes: tuple[int, ...] = checked(sequence(integer(1), extra=_batch_sizes), (1, 32))  # latency per batch size
-    warmup: int = checked(integer(0), 5)  # untimed forward passes first
+    batch_sizes: tuple[int, ...] = checked(
+        sequence(integer(1, most=MAX_BATCH), extra=_batch_sizes), (1, 32)
+    )  # latency per batch size
+    warmup: int = checked(integer(0, most=10_000), 5)  # untimed forward passes first
     repeats: int = checked(
-        integer(1, flag="--latency-passes", help="timed passes per latency timing (default %(default)s)"), 20
+        integer(1, most=100_000, flag="--latency-passes", help="timed passes per latency timing (default %(default)s)"),
+        20,
     )  # timed forward passes; the median is reported
     seconds: float = checked(
-        number(0.1, flag="--latency-seconds", help="time cap per latency timing (default %(default)g)"), 60.0
+        number(0.1, most=86_400, flag="--latency-seconds", help="time cap per latency timing (default %(default)g)"),
+        60.0,
     )  # a timing stops after the round that passes this (at least 3 rounds), so big models on CPU are not minutes
     threads: int = checked(
-        integer(1, flag="--threads", help="torch threads for latency timing on CPU (default %(default)s)"), 1
+        integer(
+            1, most=MAX_THREADS, flag="--threads", help="torch threads for latency timing on CPU (default %(default)s)"
+        ),
+        1,
     )  # torch intra-op threads during CPU timing (fixed, so runs compare)
     latency_batch: int = checked(
         integer(
             1,
+            most=MAX_BATCH,
             flag="--latency-batch",
             help="batch size of the latency budget, the latency table and the reported speed-up (default %(default)s)",
         ),
@@ -51,6 +63,7 @@ class MeasureConfig:
 
 
 MIN_IMAGE_SIZE = 16  # the smallest input resolution the torchvision classifiers run on here
+MAX_IMAGE_SIZE = 4_096
 IMAGE_SIZE = 224  # imagefolder's input resolution when --image-size is not given
 
 
@@ -74,13 +87,16 @@ class TaskConfig:
     image_size: int | None = checked(
         integer(
             MIN_IMAGE_SIZE,
+            most=MAX_IMAGE_SIZE,
             optional=True,
             flag="--image-size",
             help=f"imagefolder input resolution (default {IMAGE_SIZE})",
         ),
         None,
     )  # None: resolved()
-    batch_size: int = checked(integer(1, flag="--batch-size", help="data loader batch size (default %(default)s)"), 64)
+    batch_size: int = checked(
+        integer(1, most=MAX_BATCH, flag="--batch-size", help="data loader batch size (default %(default)s)"), 64
+    )
 
     def __post_init__(self) -> None:
         validate(self, "task")
@@ -100,12 +116,17 @@ class EngineConfig:
     )  # else train once and cache
     train_epochs: int | None = checked(
         integer(
-            0, optional=True, flag="--train-epochs", help="dense training epochs when no checkpoint (task default)"
+            0,
+            most=MAX_EPOCHS,
+            optional=True,
+            flag="--train-epochs",
+            help="dense training epochs when no checkpoint (task default)",
         ),
         None,
     )  # 0 on purpose: an untrained model
     seed: int = checked(
-        integer(0, flag="--seed", help="seed of training, scoring and searchers (default %(default)s)"), 0
+        integer(0, most=MAX_SEED, flag="--seed", help="seed of training, scoring and searchers (default %(default)s)"),
+        0,
     )
     device: str | None = checked(
         text(optional=True, flag="--device", help="cpu, cuda or cuda:N (default: cuda when available)"), None
@@ -119,6 +140,7 @@ class EngineConfig:
     scoring_per_class: int = checked(
         integer(
             1,
+            most=100_000,
             flag="--scoring-per-class",
             help="training samples per class that data-dependent criteria score on (default %(default)s)",
         ),

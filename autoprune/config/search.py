@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..schema import (
+    MAX_EPOCHS,
     boolean,
     checked,
     choice,
@@ -60,10 +61,17 @@ class AgentConfig:
         "acc",
     )  # acc_latency: MnasNet's
     reward_weight: float = checked(
-        number(flag="--reward-weight", help="acc_latency's w above the target (default %(default)g)"), -0.07
+        number(-10.0, 10.0, flag="--reward-weight", help="acc_latency's w above the target (default %(default)g)"),
+        -0.07,
     )  # MnasNet's soft constraint: -0.07; hard: -1
     reward_weight_below: float | None = checked(
-        number(optional=True, flag="--reward-weight-below", help="acc_latency's w at or below the target (default: w)"),
+        number(
+            -10.0,
+            10.0,
+            optional=True,
+            flag="--reward-weight-below",
+            help="acc_latency's w at or below the target (default: w)",
+        ),
         None,
     )  # MnasNet's hard constraint: 0
     reward_target: float | None = checked(
@@ -79,13 +87,18 @@ class AgentConfig:
     )
     warmup_episodes: int | None = checked(
         integer(
-            0, optional=True, flag="--warmup-episodes", help="episodes of random actions first (default: a quarter)"
+            0,
+            most=100_000,
+            optional=True,
+            flag="--warmup-episodes",
+            help="episodes of random actions first (default: a quarter)",
         ),
         None,
     )  # None: resolved()
     recalibrate_batches: int = checked(
         integer(
             1,
+            most=10_000,
             flag="--recalibrate-batches",
             help="training batches that recompute BN statistics before an episode's accuracy (default %(default)s)",
         ),
@@ -144,10 +157,11 @@ class SearchConfig:
     )  # tpe, nsga2, random, grid, amc (autoprune.search.searchers.SEARCHERS)
     space: str = checked(text(flag="--space", help=SEARCH_HELP["space"]), "default")  # registered or pkg.mod:fn
     trials: int | None = checked(
-        integer(1, optional=True, flag="--trials", aliases=("--episodes",), help=SEARCH_HELP["trials"]), None
+        integer(1, most=100_000, optional=True, flag="--trials", aliases=("--episodes",), help=SEARCH_HELP["trials"]),
+        None,
     )  # None: resolved()
     epochs: int | None = checked(
-        integer(0, optional=True, flag="--epochs", help=SEARCH_HELP["epochs"]), None
+        integer(0, most=MAX_EPOCHS, optional=True, flag="--epochs", help=SEARCH_HELP["epochs"]), None
     )  # training epochs per trial (fine-tuning; from scratch for method init); AMC's episodes are not fine-tuned;
     # 0 runs no scheduler; None: resolved()
     structure: str | None = checked(
@@ -159,24 +173,36 @@ class SearchConfig:
     final_epochs: int = checked(
         integer(
             0,
+            most=MAX_EPOCHS,
             flag="--final-epochs",
             help="epochs when the best policy is re-run for the saved model (default %(default)s)",
         ),
         10,
     )  # the best policy is re-run from the dense model
     concurrency: int | None = checked(
-        integer(1, optional=True, flag="--concurrency", help="trials at once (default: what the resources allow)"),
+        integer(
+            1,
+            most=100_000,
+            optional=True,
+            flag="--concurrency",
+            help="trials at once (default: what the resources allow)",
+        ),
         None,
     )
     cpus_per_trial: float = checked(
         number(
-            0, low_open=True, flag="--cpus-per-trial", help="CPUs (and torch threads) per trial (default %(default)g)"
+            0,
+            65_536,
+            low_open=True,
+            flag="--cpus-per-trial",
+            help="CPUs (and torch threads) per trial (default %(default)g)",
         ),
         1.0,
     )
     gpus_per_trial: float = checked(
         number(
             0,
+            most=1_024,
             flag="--gpus-per-trial",
             extra=_whole_above_one,
             help="GPUs per trial, fractions allowed (default %(default)g)",
@@ -184,10 +210,12 @@ class SearchConfig:
         0.0,
     )  # fractions: trials share a GPU
     max_failures: int = checked(
-        integer(0, flag="--max-failures", help="reruns of a failed trial, e.g. a lost node (%(default)s)"), 2
+        integer(0, most=1_000, flag="--max-failures", help="reruns of a failed trial, e.g. a lost node (%(default)s)"),
+        2,
     )  # then it is recorded FAILED
     node_wait: float = checked(
-        number(0, flag="--node-wait", help="seconds to wait for a lost cluster's nodes (%(default)g)"), 300.0
+        number(0, most=86_400, flag="--node-wait", help="seconds to wait for a lost cluster's nodes (%(default)g)"),
+        300.0,
     )  # with no node able to run a trial, before the search stops with an error, keeping what was recorded
     scheduler: str | None = checked(
         choice(SCHEDULERS, optional=True, flag="--scheduler", help=SEARCH_HELP["scheduler"]), None

@@ -20,6 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import AutopruneError
+from ..schema import number
 from .models import in_mode
 
 _RESHAPES = {"view", "reshape"}
@@ -100,14 +101,29 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
+ENV_BOUND = number(0.0, most=1e6)  # the graph bounds' variables: GB and seconds
+
+
+def env_number(name: str, default: float) -> float:
+    """``$name`` checked like a flag (a number >= 0, at most 1e6), or ``default`` when unset."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value: object = float(raw)
+    except ValueError:
+        value = raw
+    return ENV_BOUND.check(value, f"${name}")
+
+
 @contextlib.contextmanager
 def bounded(what: str, hint: str = "use --structure unstructured"):
     """Run the block under a memory and time bound: a watchdog thread samples this process's
     resident memory every 50 ms and interrupts the block (between two Python bytecodes) once
     it has grown by more than ``AUTOPRUNE_GRAPH_MEMORY_GB`` or run for ``AUTOPRUNE_GRAPH_SECONDS``;
     the block then fails with an error naming ``what`` and the bound."""
-    memory_gb = float(os.environ.get("AUTOPRUNE_GRAPH_MEMORY_GB", GRAPH_MEMORY_GB))
-    seconds = float(os.environ.get("AUTOPRUNE_GRAPH_SECONDS", GRAPH_SECONDS))
+    memory_gb = env_number("AUTOPRUNE_GRAPH_MEMORY_GB", GRAPH_MEMORY_GB)
+    seconds = env_number("AUTOPRUNE_GRAPH_SECONDS", GRAPH_SECONDS)
     start, began = _rss(), time.monotonic()
     target, done, tripped = threading.get_ident(), threading.Event(), []
     lock = threading.Lock()

@@ -5,7 +5,6 @@ output locations, the tracking store, the cluster address and what ``--resume`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 from dataclasses import dataclass
@@ -46,15 +45,15 @@ RESUME_MAY_CHANGE = ("name", "storage", "resume", "out", "address", "progress", 
 def saved_config(name: str, storage: str) -> SearchConfig | None:
     """The checked settings of the search ``<storage>/<name>``, or None if there is none."""
     from ..paths import join, read_text
-    from ..schema import from_dict
+    from ..schema import from_dict, parse_json
 
     state = join(storage, name, STATE_FILE)
     text = read_text(state)
     if text is None:
         return None
     try:
-        data = json.loads(text)["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        data = parse_json(text, "it")["config"]
+    except (AutopruneError, KeyError, TypeError) as exc:
         raise AutopruneError(f"{str(state)!r} is not a readable search state ({exc}); it cannot be resumed") from None
     try:
         return from_dict(SearchConfig, data, f"saved search {str(state)!r}")

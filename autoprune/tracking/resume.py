@@ -8,6 +8,7 @@ import json
 
 from ..contract import REPORTED
 from ..paths import join, read_text, texts, write_text
+from ..schema import parse_json
 
 
 def save_final(folder: str, trial_id: str, result: dict) -> None:
@@ -21,4 +22,7 @@ def has_final(folder: str, trial_id: str) -> bool:
 
 
 def load_finals(folder: str) -> dict[str, dict]:
-    return {name: json.loads(text) for name, text in texts(folder, ".json").items()}
+    return {
+        name: parse_json(text, f"trial record {join(folder, name + '.json')!r}")
+        for name, text in texts(folder, ".json").items()
+    }

@@ -151,7 +151,9 @@ def test_magnitude_l2_variant_squares(digits_dense):
 def test_diverging_finetune_is_reported(digits_task, digits_dense):
     model = copy.deepcopy(digits_dense)
     with pytest.raises(engine.TrainingDiverged, match="loss became"):
-        engine.train(model, digits_task, FinetuneConfig(epochs=1, lr=1e12), 0, torch.device("cpu"))
+        engine.train(
+            model, digits_task, FinetuneConfig(epochs=1, lr=1e6), 0, torch.device("cpu")
+        )  # the most --lr allows
 
 
 def test_saved_model_replays_exactly(tmp_path, digits_task, digits_dense, digits_dense_metrics, engine_cfg):

@@ -376,7 +376,9 @@ def test_loose_images_without_class_folders_are_an_error(tmp_path, write_image_f
 @pytest.mark.parametrize("size", [0, -4, 8, 15, True, 32.0, "32"])
 def test_bad_image_size_is_refused_when_the_config_is_built(tmp_path, size):
     """The schema (autoprune/schema.py) checks it, for the CLI, the Python API and model files."""
-    with pytest.raises(AutopruneError, match=rf"^--image-size must be an integer >= 16 \(or unset\), got {size!r}$"):
+    with pytest.raises(
+        AutopruneError, match=rf"^--image-size must be an integer >= 16, at most 4096 \(or unset\), got {size!r}$"
+    ):
         TaskConfig(name="imagefolder", data_dir=str(tmp_path), image_size=size)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from ...errors import AutopruneError
 from ...registry import Registry
+from ...schema import Spec
 from ..graph import PRUNABLE_TYPES, PrunableGraph
 
 Scores = dict[str, torch.Tensor]  # module name -> one score per element of its weight
@@ -48,19 +49,18 @@ class Criterion:
     structures: ClassVar[tuple[str, ...]] = ("channel", "unstructured")
     needs_data: ClassVar[bool] = False  # data-dependent criteria get ctx.data
     out_only: ClassVar[bool] = False  # channel reduction over output slices only
-    options: ClassVar[dict[str, Any]] = {}  # allowed options and their defaults
+    options: ClassVar[dict[str, Spec]] = {}  # each option's type and bounds
+    defaults: ClassVar[dict[str, Any]] = {}  # and its default
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             allowed = ", ".join(self.options) or "none"
             raise AutopruneError(f"criterion {self.name!r} has no option(s) {', '.join(unknown)}; allowed: {allowed}")
-        self.opts = {**self.options, **options}
-        for key, default in self.options.items():
-            value = self.opts[key]
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                    raise AutopruneError(f"criterion {self.name!r} option {key} must be a number > 0, got {value!r}")
+        self.opts = {
+            key: spec.check(options.get(key, self.defaults[key]), f"criterion {self.name!r} option {key}")
+            for key, spec in self.options.items()
+        }
 
     def score(self, ctx: ScoreContext) -> Scores:
         raise NotImplementedError

@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 from ...errors import AutopruneError
+from ...schema import integer, number
 from ..graph import NORM_TYPES
 from .base import Criterion, ScoreContext, Scores, register
+
+TEMPERATURE = number(0.0, low_open=True, most=1e6)  # a softmax temperature over scores
 
 
 def _loss_terms(model: nn.Module, data, temperature: float = 1.0):
@@ -111,7 +114,8 @@ class GraSPCriterion(_GradCriterion):
     Hessian-vector product. Signed; the lowest go first."""
 
     name = "grasp"
-    options = {"temperature": 200.0}
+    options = {"temperature": TEMPERATURE}
+    defaults = {"temperature": 200.0}
 
     def score(self, ctx: ScoreContext) -> Scores:
         names, params = _weights(ctx)
@@ -134,7 +138,8 @@ class FisherCriterion(_GradCriterion):
     come from torch.func (vmap over grad), in chunks sized to ``chunk_mb`` of memory."""
 
     name = "fisher"
-    options = {"chunk_mb": 256}
+    options = {"chunk_mb": number(0.0, low_open=True, most=65_536)}
+    defaults = {"chunk_mb": 256}
 
     def score(self, ctx: ScoreContext) -> Scores:
         from torch.func import functional_call, grad, vmap
@@ -175,7 +180,8 @@ class HutchinsonCriterion(_GradCriterion):
     divided by ``temperature``. Signed: negative curvature is pruned first."""
 
     name = "hutchinson"
-    options = {"probes": 10, "temperature": 200.0}
+    options = {"probes": integer(1, most=10_000), "temperature": TEMPERATURE}
+    defaults = {"probes": 10, "temperature": 200.0}
 
     def score(self, ctx: ScoreContext) -> Scores:
         self._check(ctx)

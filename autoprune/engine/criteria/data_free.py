@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 
 from ...errors import AutopruneError
+from ...schema import MAX_STEPS, integer
 from ..graph import NORM_TYPES
 from .base import Criterion, ScoreContext, Scores, register
 
@@ -29,12 +29,8 @@ class MagnitudeCriterion(Criterion):
     (p=1), or the squared L2 norm (p=2, the ``l2`` variant: same ranking as the L2 norm)."""
 
     name = "magnitude"
-    options = {"p": 1}
-
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        if self.opts["p"] not in (1, 2):
-            raise AutopruneError(f"magnitude option p must be 1 (L1) or 2 (L2), got {self.opts['p']!r}")
+    options = {"p": integer(1, 2)}  # 1: L1, 2: squared L2
+    defaults = {"p": 1}
 
     def score(self, ctx: ScoreContext) -> Scores:
         p = self.opts["p"]
@@ -98,7 +94,8 @@ class SynFlowCriterion(Criterion):
     budget solver removes them in the order the iteration did. The model is not touched."""
 
     name = "synflow"
-    options = {"rounds": 100}
+    options = {"rounds": integer(1, most=MAX_STEPS)}
+    defaults = {"rounds": 100}
 
     def score(self, ctx: ScoreContext) -> Scores:
         if ctx.example is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ...config import Budget
 from ...errors import AutopruneError
-from ...schema import integer
+from ...schema import MAX_STEPS, integer
 from ..graph import PrunableGraph, clone
 from ..hooks import ChannelMask, TrainHook
 from ..prune import mask_weights
@@ -86,7 +86,7 @@ class Gradual(Method):
 
     name = "gradual"
     summary = "Prune during fine-tuning on the cubic schedule (Zhu & Gupta 2017; Gale et al. 2019)."
-    options = {"iterations": integer(1, optional=True)}  # pruning steps
+    options = {"iterations": integer(1, most=MAX_STEPS, optional=True)}  # pruning steps
     defaults = {"iterations": 10}
     in_steps = True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from ...config import Budget
-from ...schema import integer
+from ...schema import MAX_STEPS, integer
 from ..graph import clone
 from ..stages import Pruned
 from .base import Method, floors, register, split
@@ -21,7 +21,7 @@ class Iterative(Method):
 
     name = "iterative"
     summary = "k rounds of prune-a-little -> fine-tune, reaching the budget at round k (Han et al. 2015)."
-    options = {"iterations": integer(1, optional=True)}  # k, the rounds
+    options = {"iterations": integer(1, most=MAX_STEPS, optional=True)}  # k, the rounds
     defaults = {"iterations": 3}
     in_steps = True
 

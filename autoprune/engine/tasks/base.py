@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ...config import TaskConfig
-from ...errors import AutopruneError
+from ...errors import AutopruneError, first_line
 from ...registry import Registry, load_object
 from ..models import torchvision_model_names
 
@@ -197,7 +197,12 @@ def get_task(config: TaskConfig) -> Task:
         builder = load_object(config.name, "task")
         if not callable(builder):
             raise AutopruneError(f"task {config.name!r} is not callable")
-        task = builder(config) if _takes_argument(builder) else builder()
+        try:
+            task = builder(config) if _takes_argument(builder) else builder()
+        except AutopruneError:
+            raise
+        except Exception as exc:  # the user's code: one line naming it, like a failing --space
+            raise AutopruneError(f"task {config.name!r} failed: {type(exc).__name__}: {first_line(exc)}") from exc
         if not isinstance(task, Task):
             raise AutopruneError(
                 f"task {config.name!r} must return autoprune.engine.tasks.Task, got {type(task).__name__}"
