@@ -10,8 +10,9 @@ from typing import Any
 from .config import Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
 
 
-def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> dict[str, Any]:
-    """``autoprune prune``: dense model -> engine -> DIR/summary.json, model.pt, policy.json."""
+def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, overwrite: bool = False) -> dict[str, Any]:
+    """``autoprune prune``: dense model -> engine -> DIR/summary.json, model.pt, policy.json.
+    ``out`` must be new or empty unless ``overwrite``."""
     from . import engine
     from .engine.checkpoint import architecture_key, reload_flags, save_model
     from .engine.preflight import preflight
@@ -22,7 +23,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path) -> d
     engine.check_policy(policy)
     check_task_config(cfg.task)
     engine.resolve_device(cfg.device)
-    check_output_dir(out, "--out")
+    check_output_dir(out, "--out", fresh=not overwrite)
     if not cfg.checkpoint:
         check_output_dir(engine.cache_dir(cfg), "--cache-dir" if cfg.cache_dir else "the dense-model cache")
     task = get_task(cfg.task)
@@ -112,12 +113,15 @@ def evaluate_job(
     return metrics
 
 
-def export_job(model_path: str, task: dict[str, Any], fmt: str, out: str | None) -> Path:
-    """``autoprune export``: the output location is checked before the model is rebuilt."""
+def export_job(model_path: str, task: dict[str, Any], fmt: str, out: str | None, overwrite: bool = False) -> Path:
+    """``autoprune export``: the output location is checked before the model is rebuilt; it
+    must not exist unless ``overwrite``."""
     from .engine.checkpoint import export_model, load_model
     from .paths import check_output_file
 
-    target = check_output_file(out or Path(model_path).with_suffix("." + fmt), "--out")
+    target = check_output_file(
+        Path(model_path).with_suffix("." + fmt) if out is None else out, "--out", fresh=not overwrite
+    )
     model, built, _ = load_model(model_path, task)
     return export_model(model, built.example_input(), target, fmt)
 

@@ -13,16 +13,27 @@ from pathlib import Path
 from .errors import AutopruneError
 
 
-def check_output_dir(path: str | Path, flag: str, target: Path | None = None) -> Path:
+def check_output_dir(path: str | Path, flag: str, target: Path | None = None, fresh: bool = False) -> Path:
     """``path`` is a writable folder, or one that can be created; returns it expanded.
-    ``target``: what the user named, if not the folder itself (a file in it)."""
+    ``target``: what the user named, if not the folder itself (a file in it). ``fresh``: the
+    folder must also be empty (or new): earlier results are never replaced without a word."""
+    if str(path) == "":
+        raise AutopruneError(f"{flag} is empty: name a folder")
     p = Path(path).expanduser()
+    _no_dangling_link(p, flag)
     target = target or p
     if p.exists():
         if not p.is_dir():
             if target == p:
                 raise AutopruneError(f"{flag} {str(p)!r} exists and is not a directory")
             raise AutopruneError(f"{flag} {str(target)!r} cannot be created: {str(p)!r} is a file, not a directory")
+        held = sorted(entry.name for entry in p.iterdir()) if fresh else []
+        if held:
+            shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+            raise AutopruneError(
+                f"{flag} {str(p)!r} already holds {shown}: choose a new or empty folder, or pass --overwrite "
+                "to write over it"
+            )
         _probe(p, target, flag)
         return p
     ancestor = _nearest_existing(p)
@@ -32,13 +43,24 @@ def check_output_dir(path: str | Path, flag: str, target: Path | None = None) ->
     return p
 
 
-def check_output_file(path: str | Path, flag: str) -> Path:
-    """``path`` can be written as a file (its folder exists and is writable, or can be created)."""
+def check_output_file(path: str | Path, flag: str, fresh: bool = False) -> Path:
+    """``path`` can be written as a file (its folder exists and is writable, or can be created);
+    ``fresh``: it must not exist yet."""
+    if str(path) == "":
+        raise AutopruneError(f"{flag} is empty: name a file")
     p = Path(path).expanduser()
+    _no_dangling_link(p, flag)
     if p.is_dir():
         raise AutopruneError(f"{flag} {str(p)!r} is a directory; give a file path, such as {str(p / 'model.pt2')!r}")
+    if fresh and p.exists():
+        raise AutopruneError(f"{flag} {str(p)!r} exists: choose another name, or pass --overwrite to replace it")
     check_output_dir(p.parent, flag, target=p)
     return p
+
+
+def _no_dangling_link(p: Path, flag: str) -> None:
+    if p.is_symlink() and not p.exists():
+        raise AutopruneError(f"{flag} {str(p)!r} is a link to {os.readlink(p)!r}, which does not exist")
 
 
 def _nearest_existing(p: Path) -> Path:

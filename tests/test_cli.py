@@ -210,6 +210,25 @@ def test_criterion_options_reach_the_criterion(cli_here, tmp_path):
     assert json.loads((out / "policy.json").read_text())["criterion_options"] == {"p": 2}
 
 
+def test_prune_and_export_write_over_earlier_results_only_when_told(cli_here, tmp_path):
+    out = tmp_path / "d"
+    prune = ["prune", "--finetune-epochs", "0", "--out", str(out)]
+    assert cli_here(*prune).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    again = cli_here(*prune, "--budget-flops", "0.6")
+    assert again.returncode == 2 and "already holds" in again.stderr and "--overwrite" in again.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing replaced
+    assert cli_here(*prune, "--budget-flops", "0.6", "--overwrite").returncode == 0
+    assert json.loads((out / "policy.json").read_text()) and (out / "model.pt").read_bytes() != before["model.pt"]
+    target = tmp_path / "m.pt2"
+    export = ["export", str(out / "model.pt"), "--out", str(target)]
+    assert cli_here(*export).returncode == 0
+    first = target.read_bytes()
+    refused = cli_here(*export)
+    assert refused.returncode == 2 and "exists" in refused.stderr and target.read_bytes() == first
+    assert cli_here(*export, "--overwrite").returncode == 0
+
+
 # Bad input (flags, policy files, checkpoints, model files) is tested table-driven in
 # tests/test_bad_input.py.
 
