@@ -18,11 +18,20 @@ Optuna and MLflow too.
 from __future__ import annotations
 
 import importlib
+import os
 
 from .config import Budget, EngineConfig, FinetuneConfig, MeasureConfig, Policy, SearchConfig, TaskConfig
 from .errors import AutopruneError
 
 __version__ = "0.1.0"
+
+# Quiet and private by default: the libraries' usage telemetry (MLflow 3's is on by default;
+# Ray's usage stats) stays off unless AUTOPRUNE_TELEMETRY=on lets each library decide. Set
+# here, before any of them is imported; Ray's workers and the UI server inherit it.
+TELEMETRY_SWITCH = "AUTOPRUNE_TELEMETRY"
+if os.environ.get(TELEMETRY_SWITCH, "").lower() not in ("1", "on", "true", "yes"):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 # name -> the module that defines it, imported on first use (module-level __getattr__)
 _LAZY = {

@@ -98,3 +98,21 @@ def test_prune_is_the_python_apis_one_call(engine_cfg, digits_dense):
     assert isinstance(result, autoprune.RunResult)
     assert result.pruned["flops_ratio"] <= budget.fraction + budget.tolerance
     assert "test_acc" not in result.pruned
+
+
+@pytest.mark.parametrize("switch, disabled", [(None, "true"), ("on", None)])
+def test_library_telemetry_is_off_unless_the_user_opts_in(switch, disabled):
+    """MLflow 3 sends usage telemetry by default: importing autoprune turns it (and Ray's
+    usage stats) off, unless AUTOPRUNE_TELEMETRY=on leaves the libraries to decide."""
+    import json
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "RAY_USAGE_STATS_ENABLED")}
+    if switch is not None:
+        env["AUTOPRUNE_TELEMETRY"] = switch
+    code = (
+        "import json, os, autoprune; "
+        "print(json.dumps([os.environ.get('MLFLOW_DISABLE_TELEMETRY'), os.environ.get('RAY_USAGE_STATS_ENABLED')]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [disabled, None if disabled is None else "0"]
