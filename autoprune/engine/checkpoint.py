@@ -63,8 +63,10 @@ def load_tensors(path: str | Path, what: str) -> Any:
     path = Path(path).expanduser()
     if path.is_dir():
         raise AutopruneError(f"{what} {str(path)!r} is a directory, not a file")
-    if not path.is_file():
+    if not path.exists():
         raise AutopruneError(f"{what} {str(path)!r} does not exist")
+    if not path.is_file():  # a device, a named pipe, a socket: reading one may never end
+        raise AutopruneError(f"{what} {str(path)!r} is not a regular file")
     if path.stat().st_size == 0:
         raise AutopruneError(f"{what} {str(path)!r} is empty (0 bytes)")
     try:
@@ -105,6 +107,9 @@ def load_state(model: nn.Module, state: Any, what: str) -> None:
     ]
     if problems:
         raise AutopruneError(f"{what} does not fit the model: " + "; ".join(problems))
+    broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:  # else every score and metric downstream is NaN, and the criterion gets the blame
+        raise AutopruneError(f"{what} holds NaN or infinite values: {_few(broken)}")
     try:
         model.load_state_dict(state)
     except Exception as exc:  # noqa: BLE001 - a module's own check of what it loads (versions, ...)
@@ -230,6 +235,8 @@ def task_for_model(record: TaskConfig, given: dict[str, Any], path: str | Path) 
             f"import code: name the task again with --task {record.name}"
         )
     if merged.name in DATA_TASKS and "data_dir" not in given:
+        if merged.name != record.name:  # the user named the task; its data is missing
+            raise AutopruneError(f"task {merged.name!r} needs --data-dir (a local directory; nothing is downloaded)")
         raise AutopruneError(
             f"{str(path)!r} was pruned on task {merged.name!r} (data in {record.data_dir!r}); a model file never "
             "makes autoprune read a directory: name the data again with --data-dir DIR"

@@ -133,8 +133,14 @@ class LatencyTable:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LatencyTable:
-        layers = {k: LayerLatency(**v) for k, v in data["layers"].items()}
-        return cls(**{**data, "layers": layers})
+        """A table as :meth:`to_dict` wrote it; ``ValueError`` on a damaged figure."""
+        table = cls(**{**data, "layers": {k: LayerLatency(**v) for k, v in data["layers"].items()}})
+        times = [t for layer in table.layers.values() for row in layer.ms for t in row] + table.dense_spread
+        widths = [w for layer in table.layers.values() for w in (*layer.cin, *layer.cout)]
+        finite = all(isinstance(x, (int, float)) and math.isfinite(x) for x in [table.dense_ms, *times, *table.fit])
+        if not (finite and table.dense_ms > 0 and min(times, default=0) >= 0 and min(widths, default=1) >= 1):
+            raise ValueError("a latency table holds a negative, zero or non-finite figure")
+        return table
 
 
 def module_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
@@ -190,8 +196,9 @@ def latency_table(
                 if log:
                     log(f"latency table: cached {path}")
                 return table
-        except (OSError, ValueError, TypeError, KeyError):
-            pass  # unreadable or from another version: built again below
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            if log:  # unreadable, damaged or from another version: built again below
+                log(f"latency table: the cached {path} cannot be used ({type(exc).__name__}); building it again")
     if log:
         log(f"latency table: timing the layers of the model on {key['device']} at batch {batch} (cached after)")
     table = build_table(model, input_shape, batch, threads, key)

@@ -3,6 +3,7 @@ otherwise, checked before it starts and stopped as a whole (its process group)."
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
@@ -25,8 +26,11 @@ def serve(tracking_uri: str | None, host: str, port: int) -> int:
     with socket.socket() as s:
         try:
             s.bind((host, port))
+        except socket.gaierror:
+            raise AutopruneError(f"--host {host!r} is not an address of this machine (e.g. 127.0.0.1)") from None
         except OSError as exc:
-            raise AutopruneError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port") from None
+            hint = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host and --port"
+            raise AutopruneError(f"cannot listen on {host}:{port} ({exc.strerror}); {hint}") from None
     try:  # the searches in the store, each a link to its runs table (the UI opens elsewhere)
         searches = search_experiments(uri)
     except Exception as exc:  # noqa: BLE001 - the server shows the store whatever this makes of it

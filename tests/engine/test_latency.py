@@ -75,12 +75,23 @@ def test_the_table_predicts_random_allocations_and_is_reused_from_the_cache(name
     assert not other.cached and other.key["batch"] == 2 and len(list(tmp_path.glob("latency-*.json"))) == 2
 
 
-def test_an_unreadable_cached_table_is_built_again(digits_task, digits_dense, tmp_path):
+@pytest.mark.parametrize("damage", ["not json", "negative", "zero dense", "infinite"])
+def test_an_unreadable_or_damaged_cached_table_is_built_again(digits_task, digits_dense, tmp_path, damage):
     table = latency_table(digits_dense, digits_task.input_shape, 1, 1, tmp_path)
     [path] = tmp_path.glob("latency-*.json")
-    path.write_text("{not json")
-    again = latency_table(digits_dense, digits_task.input_shape, 1, 1, tmp_path)
+    data = json.loads(path.read_text())
+    layer = next(iter(data["layers"].values()))
+    if damage == "negative":
+        layer["ms"][0][0] = -3.0
+    elif damage == "zero dense":
+        data["dense_ms"] = 0.0  # a prediction would divide by it
+    elif damage == "infinite":
+        data["fit"][0] = math.inf
+    path.write_text("{not json" if damage == "not json" else json.dumps(data))
+    said = []
+    again = latency_table(digits_dense, digits_task.input_shape, 1, 1, tmp_path, log=said.append)
     assert not again.cached and json.loads(path.read_text())["key"] == table.key
+    assert again.dense_ms > 0 and any("cannot be used" in line and str(path) in line for line in said), said
 
 
 def test_prediction_follows_the_kept_channels(digits_task, digits_dense):
