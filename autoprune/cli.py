@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import SCOPES, STRUCTURES
-from .errors import AutopruneError
+from .errors import AutopruneError, Terminated, on_sigterm, terminated
 from .flags import (
     budget_from_args,
     build_parser,
@@ -27,7 +27,8 @@ from .flags import (
 def cmd_prune(args: argparse.Namespace) -> int:
     from .jobs import prune_job
 
-    prune_job(engine_config(args), policy_from_args(args), budget_from_args(args), Path(args.out))
+    out = Path(args.out) if args.out else args.out  # Path("") would be the working directory
+    prune_job(engine_config(args), policy_from_args(args), budget_from_args(args), out, args.overwrite)
     return 0
 
 
@@ -58,7 +59,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .jobs import export_job
 
-    path = export_job(args.model_path, task_flags(args), args.format, args.out)
+    path = export_job(args.model_path, task_flags(args), args.format, args.out, args.overwrite)
     print(f"exported {args.format} to {path}")
     return 0
 
@@ -72,7 +73,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in CRITERIA.names():
             cls = CRITERIA.get(name)
             data = "data" if cls.needs_data else "data-free"
-            opts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cls.options.items())
+            opts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cls.defaults.items())
             print(
                 f"{name:11s} {'/'.join(cls.structures):21s} {data:10s} {opts or '-':26s} "
                 f"{(cls.__doc__ or '').strip().splitlines()[0]}"
@@ -138,14 +139,16 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    on_sigterm()
     try:
         return COMMANDS[args.command](args)
     except AutopruneError as exc:
         print(f"autoprune: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("autoprune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+        stopped = isinstance(exc, Terminated) or terminated()
+        print(f"autoprune: {'terminated' if stopped else 'interrupted'}", file=sys.stderr)
+        return 143 if stopped else 130
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0

@@ -5,18 +5,26 @@ from __future__ import annotations
 import sys
 import time
 
-from ..errors import AutopruneError
+from ..errors import AutopruneError, on_sigterm
 from ..rayenv import quiet_environment
 from .plan import Plan
 
 
 def connect(plan: Plan) -> None:
     """Start a local Ray instance sized to this machine, or join ``address``, and check
-    that the cluster can run a trial."""
+    that the cluster can run a trial. SIGTERM then stops the search as Ctrl-C does (Ray's
+    own handler would exit at once, leaving the runs RUNNING)."""
     quiet_environment()
     import ray
 
     common = dict(log_to_driver=False, logging_level="ERROR", configure_logging=True)
+    try:
+        _start(ray, plan, common)
+    finally:
+        on_sigterm()
+
+
+def _start(ray, plan: Plan, common: dict) -> None:
     if plan.address:
         _join(ray, plan.address, common)
         # No node able to run a trial is not an error yet: an autoscaler adds nodes for pending

@@ -125,6 +125,8 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             store.end_search_run(
                 plan.tracking_uri, run_id, "KILLED" if interrupted else "FAILED", None if interrupted else _cause(exc)
             )
+        with contextlib.suppress(Exception):  # trials cut short: not RUNNING (a resume runs them again)
+            store.end_trial_runs(plan.tracking_uri, experiment_id, run_id, "KILLED")
         if not (config.resume or has_snapshot(plan.path)):
             error = _before_first_snapshot(plan, exc)
             if error is not None:

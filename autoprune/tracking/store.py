@@ -254,6 +254,16 @@ def trial_runs(uri: str, experiment_id: str, parent: str) -> dict[str, Any]:
             return found
 
 
+def end_trial_runs(uri: str, experiment_id: str, parent: str, status: str) -> int:
+    """End the child runs of ``parent`` still RUNNING with ``status`` (the search stopped
+    under them); how many."""
+    mlflow = client(uri)
+    running = [r for r in trial_runs(uri, experiment_id, parent).values() if r.info.status == "RUNNING"]
+    for run in running:
+        mlflow.set_terminated(run.info.run_id, status=status)
+    return len(running)
+
+
 def drop_unfinished(uri: str, experiment_id: str, parent: str, known: set[str]) -> int:
     """Before a resume: delete the child runs an interrupted search left RUNNING (their
     trials run again from the start under fresh runs, so no epoch is logged twice), and the

@@ -426,3 +426,38 @@ def test_list_names_searchers_and_spaces(cli):
     assert {"tpe", "nsga2", "random", "grid", "amc"} <= set(SEARCHERS.names())
     spaces = cli("list", "spaces")
     assert [line.split()[0] for line in spaces.stdout.splitlines()][:3] == ["default", "criteria", "pai"]
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_stops_a_search_as_ctrl_c_does_and_leaves_no_run_running(sig, status, tmp_path, digits_dense):
+    """SIGTERM mid-search (a scheduler's or `kill`'s): exit 143, the resume line, no C++ stack
+    from Ray's own handler; Ctrl-C: 130. Either way the search run is KILLED and no trial run
+    is left RUNNING."""
+    exe = Path(sys.executable).with_name("autoprune")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = [str(exe), "search", "--name", "stop", "--storage", str(tmp_path / "st"), "--tracking-uri", uri]
+    args += ["--trials", "6", "--epochs", "4", "--concurrency", "1", "--searcher", "random", "--no-progress"]
+    log = tmp_path / "stop.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        running = False
+        while time.time() < deadline and proc.poll() is None and not running:
+            try:
+                runs = [r for r in _runs(uri, "stop") if r.data.tags.get("autoprune.role") == "trial"]
+            except Exception:  # noqa: BLE001 - the store or experiment may not exist yet
+                runs = []
+            running = any(r.info.status == "RUNNING" for r in runs) and (tmp_path / "st" / "stop").is_dir()
+            time.sleep(0.2)
+        assert running, log.read_text(errors="replace")[-3000:]
+        time.sleep(1.5)  # past Tune's first snapshot (every second)
+        proc.send_signal(sig)
+        assert proc.wait(timeout=120) == status, log.read_text(errors="replace")[-3000:]
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid, "no-such-folder")
+    output = log.read_text(errors="replace")
+    assert "--resume" in output and "SIGABRT" not in output and "Stack trace" not in output, output[-3000:]
+    statuses = {(r.data.tags.get("autoprune.role"), r.info.status) for r in _runs(uri, "stop")}
+    assert ("search", "KILLED") in statuses and not any(s == "RUNNING" for _, s in statuses), statuses
