@@ -38,6 +38,7 @@ def _json(name: str, data) -> callable:
 
 def _file(name: str, content: bytes = b"") -> callable:
     def setup(d: Path, model: Path) -> None:
+        (d / name).parent.mkdir(parents=True, exist_ok=True)
         (d / name).write_bytes(content)
 
     return setup
@@ -55,6 +56,17 @@ def _other_arch(d: Path, model: Path) -> None:
     from autoprune.engine.models import resnet20
 
     torch.save(resnet20().state_dict(), d / "r20.pt")
+
+
+def _nan_checkpoint(d: Path, model: Path) -> None:
+    """Dense weights of the default task's model, one tensor NaN (a diverged training run)."""
+    from autoprune.config import TaskConfig
+    from autoprune.engine.tasks import get_task
+
+    state = get_task(TaskConfig()).model_factory().state_dict()
+    first = next(k for k, v in state.items() if v.is_floating_point())
+    state[first] = torch.full_like(state[first], float("nan"))
+    torch.save(state, d / "nan.pt")
 
 
 def _edited_model(field: str, value) -> callable:
@@ -204,6 +216,8 @@ ROWS = [
         None,
     ),
     ("user-task-missing", [*PRUNE, "--task", "nosuchpkg.mod:fn"], ["nosuchpkg.mod"], None),
+    ("user-task-raises", [*PRUNE, "--task", "builtins:eval"], ["task 'builtins:eval' failed", "TypeError"], None),
+    ("user-task-raises-list", ["list", "groups", "--task", "builtins:eval"], ["task 'builtins:eval' failed"], None),
     (
         "imagefolder-model",
         [*PRUNE, "--task", "imagefolder", "--model", "nonet", "--data-dir", "{d}"],
@@ -217,9 +231,32 @@ ROWS = [
         ["probe", "probes", "temperature"],
         None,
     ),
-    ("option-range", [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "probes=0"], ["probes", "> 0"], None),
+    (
+        "option-range",
+        [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "probes=0"],
+        ["probes", ">= 1, at most 10000", "got 0"],
+        None,
+    ),
     ("option-form", [*PRUNE, "--criterion-option", "p"], ["KEY=VALUE"], None),
-    ("option-value", [*PRUNE, "--criterion-option", "p=3"], ["p must be 1", "2"], None),
+    ("option-value", [*PRUNE, "--criterion-option", "p=3"], ["option p", "an integer in [1, 2]", "got 3"], None),
+    # values past what is declared: int64, infinities, fractions for integers, rounds without end
+    ("seed-past-int64", [*PRUNE, "--seed", str(2**64)], ["--seed", "at most 4294967295"], None),
+    ("lr-huge", [*PRUNE, "--lr", "1e300"], ["--lr", "at most 1000000", "1e+300"], None),
+    ("iterations-past-int64", [*PRUNE, "--method", "iterative", "--iterations", str(10**23)], ["--iterations"], None),
+    ("threads-huge", [*PRUNE, "--threads", "100000"], ["--threads", "at most 1024"], None),
+    (
+        "option-infinite",
+        [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "temperature=Infinity"],
+        ["temperature", "'Infinity'"],
+        None,
+    ),
+    (
+        "option-fraction",
+        [*PRUNE, "--criterion", "hutchinson", "--criterion-option", "probes=2.5"],
+        ["probes", "an integer", "2.5"],
+        None,
+    ),
+    ("option-rounds", [*PRUNE, "--criterion", "synflow", "--criterion-option", "rounds=1e9"], ["rounds"], None),
     ("iterations", [*PRUNE, "--method", "iterative", "--iterations", "0"], ["--iterations", ">= 1", "0"], None),
     (
         "method-option-unknown",
@@ -271,6 +308,32 @@ ROWS = [
         _json("p.json", {"scope": "per_layer", "ratios": {"layers.0.conv1": "half"}}),
     ),
     ("policy-not-json", [*PRUNE, "--policy", "{d}/p.json"], ["not valid JSON", "p.json"], _json("p.json", "{no")),
+    ("policy-deep", [*PRUNE, "--policy", "{d}/p.json"], ["p.json", "nested"], _json("p.json", "[" * 10_000)),
+    (
+        "policy-digits",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["p.json", "not valid JSON", "digits"],
+        _json("p.json", '{"max_ratio": ' + "9" * 5_000 + "}"),
+    ),
+    (
+        "policy-not-utf8",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["p.json", "not UTF-8"],
+        _file("p.json", b'{"criterion": "\xff\xfe"}'),
+    ),
+    (
+        "policy-infinity",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["p.json", "Infinity is not JSON"],
+        _json("p.json", '{"max_ratio": Infinity}'),
+    ),
+    (
+        "policy-huge",
+        [*PRUNE, "--policy", "{d}/p.json"],
+        ["p.json", "at most 1048576"],
+        _file("p.json", b" " * (1 << 21)),
+    ),
+    ("criterion-huge", [*PRUNE, "--criterion", "x" * 5_000], ["--criterion", "at most 4096 characters"], None),
     (
         "policy-unknown-key",
         [*PRUNE, "--policy", "{d}/p.json"],
@@ -334,12 +397,50 @@ ROWS = [
         _code_pickle,
     ),
     ("checkpoint-other-model", [*PRUNE, "--checkpoint", "{d}/r20.pt"], ["missing", "unexpected", "shape"], _other_arch),
+    (
+        "checkpoint-nan",
+        [*PRUNE, "--checkpoint", "{d}/nan.pt"],
+        ["--checkpoint", "nan.pt", "holds NaN or infinite values"],
+        _nan_checkpoint,
+    ),
     # output locations
     ("out-unwritable", ["prune", "--out", "/proc/nonexist/out"], ["/proc/nonexist/out", "not writable"], None),
     ("out-is-a-file", ["prune", "--out", "{d}/f"], ["{d}/f", "not a directory"], _file("f", b"x")),
+    (
+        "out-holds-results",
+        ["prune", "--out", "{d}/prev"],
+        ["--out", "{d}/prev", "already holds summary.json", "--overwrite"],
+        _file("prev/summary.json", b"{}"),
+    ),
+    ("out-empty", ["prune", "--out", ""], ["--out is empty"], None),
+    (
+        "out-dangling-link",
+        ["prune", "--out", "{d}/link"],
+        ["{d}/link", "is a link to", "does not exist"],
+        lambda d, m: (d / "link").symlink_to(d / "nowhere"),
+    ),
+    (
+        "export-over-earlier-file",
+        ["export", "{d}/m.pt", "--out", "{d}/summary.json"],
+        ["{d}/summary.json", "exists", "--overwrite"],
+        lambda d, m: (shutil.copy(m, d / "m.pt"), (d / "summary.json").write_text("{}")),
+    ),
     ("cache-dir-is-a-file", [*PRUNE, "--cache-dir", "{d}/f"], ["--cache-dir", "not a directory"], _file("f", b"x")),
     # saved models
     ("model-absent", ["evaluate", "{d}/none.pt"], ["none.pt", "does not exist"], None),
+    ("model-is-a-device", ["evaluate", "/dev/zero"], ["/dev/zero", "not a regular file"], None),
+    (
+        "model-other-task-no-data",
+        ["evaluate", "{d}/m.pt", "--task", "cifar10"],
+        ["task 'cifar10' needs --data-dir"],
+        lambda d, m: shutil.copy(m, d / "m.pt"),
+    ),
+    (
+        "model-is-a-pipe",
+        ["evaluate", "{d}/fifo"],
+        ["fifo", "not a regular file"],
+        lambda d, m: os.mkfifo(d / "fifo"),
+    ),
     (
         "model-not-pruned",
         ["evaluate", "{d}/w.pt"],
@@ -459,6 +560,7 @@ ROWS = [
         None,
     ),
     ("amc-option-range", [*SEARCH, "--searcher", "amc", "--agent-option", "tau=2"], ["--agent-option", "tau"], None),
+    ("amc-option-nan", [*SEARCH, "--searcher", "amc", "--agent-option", "actor_lr=NaN"], ["actor_lr", "'NaN'"], None),
     ("amc-warmup", [*SEARCH, "--searcher", "amc", "--warmup-episodes", "-1"], ["--warmup-episodes", ">= 0"], None),
     ("search-resume-absent", [*SEARCH, "--name", "absent", "--resume"], ["no search named 'absent'"], None),
     ("search-resume-unnamed", [*SEARCH, "--resume"], ["--resume needs --name"], None),
@@ -496,6 +598,12 @@ ROWS = [
         "ui-port",
         ["ui", "--port", "70000", "--tracking-uri", "sqlite:///{d}/mlflow.db"],
         ["--port", "70000"],
+        lambda d, m: _empty_store(d),
+    ),
+    (
+        "ui-host",
+        ["ui", "--host", "not a host", "--tracking-uri", "sqlite:///{d}/mlflow.db"],
+        ["--host 'not a host'", "not an address"],
         lambda d, m: _empty_store(d),
     ),
 ]
