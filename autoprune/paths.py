@@ -171,6 +171,18 @@ def names(location: str) -> list[str]:
     return sorted(i.base_name for i in fs.get_file_info(pyarrow.fs.FileSelector(path, allow_not_found=True)))
 
 
+def remove_file(location: str) -> None:
+    """Remove the file at ``location`` if it is there."""
+    if not is_uri(location):
+        Path(location).unlink(missing_ok=True)
+        return
+    import pyarrow.fs
+
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.File:
+        fs.delete_file(path)
+
+
 def has_files(location: str) -> bool:
     """Whether the folder ``location`` exists and holds anything."""
     return bool(names(location))

@@ -170,13 +170,15 @@ def _name_and_settings(config: SearchConfig) -> tuple[str, str, str, SearchConfi
     """The search's name, its checked storage location and folder, and its settings: a
     resumed search's saved ones (only ``out``, ``address`` and the progress display may
     change); a new search's name must be free."""
-    from ..paths import check_location, has_files, join
+    from ..paths import check_location, join, names
+    from .lease import LEASE, check_free
 
     if config.resume and not config.name:
         raise AutopruneError("--resume needs --name: the name of the search to continue")
     name = config.name or datetime.now().strftime("search-%Y%m%d-%H%M%S")
     storage = check_location(config.storage, "--storage")
     path = join(storage, name)
+    check_free(name, path)  # a live search of this name: refused first, naming it
     if config.resume:
         saved = saved_config(name, config.storage)
         if saved is None:
@@ -190,7 +192,7 @@ def _name_and_settings(config: SearchConfig) -> tuple[str, str, str, SearchConfi
         config = dataclasses.replace(
             saved, resume=True, out=config.out or saved.out, address=config.address, progress=config.progress
         )
-    elif has_files(path):
+    elif set(names(path)) - {LEASE}:
         raise AutopruneError(
             f"a search named {name!r} already exists in {storage!r}; pass --resume to continue it, "
             "or choose another --name"

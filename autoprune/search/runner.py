@@ -26,6 +26,7 @@ from ..paths import is_uri, join, names, remove_dir, write_text
 from ..rayenv import quiet_environment
 from .final import Finish, finish, short_metrics
 from .hardware import node_tables, reachable, trial_latency_table
+from .lease import Lease
 from .plan import COMPLETED, STATE_FILE, Plan, prepare
 from .ray_connection import concurrency, connect
 from .results import SearchResult, read_records
@@ -41,12 +42,14 @@ def run_search(config: SearchConfig) -> SearchResult:
     say = print
     import ray
 
+    lease = Lease(plan.name, plan.path).take(say)  # one writer per name, until this search ends
     owned = not ray.is_initialized()  # a caller's own ray.init() is used as it is, and left running
     try:
         if owned:
             connect(plan)
         return _search(plan, say, t0, owned)
     finally:
+        lease.release()
         if owned and ray.is_initialized():
             ray.shutdown()  # stops the local instance; only disconnects from a cluster
 

@@ -461,3 +461,47 @@ def test_sigterm_stops_a_search_as_ctrl_c_does_and_leaves_no_run_running(sig, st
     assert "--resume" in output and "SIGABRT" not in output and "Stack trace" not in output, output[-3000:]
     statuses = {(r.data.tags.get("autoprune.role"), r.info.status) for r in _runs(uri, "stop")}
     assert ("search", "KILLED") in statuses and not any(s == "RUNNING" for _, s in statuses), statuses
+
+
+def test_one_search_per_name_and_a_dead_holders_lease_is_taken_over(tmp_path, digits_dense, cli, cli_here):
+    """A second search of a running search's name (new or --resume) is refused at once,
+    naming the first; once the first is killed, a resume takes its lease over and finishes."""
+    from autoprune.search.lease import LEASE
+
+    exe = Path(sys.executable).with_name("autoprune")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ray_tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")
+    args = ["search", "--name", "one", "--storage", str(tmp_path / "st"), "--tracking-uri", uri, "--trials", "3"]
+    args += ["--epochs", "2", "--final-epochs", "0", "--concurrency", "1", "--searcher", "random", "--no-progress"]
+    log = tmp_path / "first.log"
+    with log.open("wb") as out:
+        first = subprocess.Popen(
+            [str(exe), *args],
+            env={**os.environ, "RAY_TMPDIR": ray_tmp},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 300
+        running = False
+        while time.time() < deadline and first.poll() is None and not running:
+            try:
+                running = any(r.data.tags.get("autoprune.role") == "trial" for r in _runs(uri, "one"))
+            except Exception:  # noqa: BLE001 - the store or experiment may not exist yet
+                running = False
+            time.sleep(0.2)
+        assert running and (tmp_path / "st" / "one" / LEASE).is_file(), log.read_text(errors="replace")[-3000:]
+        time.sleep(1.5)  # past Tune's first snapshot
+        for extra in ([], ["--resume"]):
+            t0 = time.time()
+            second = cli_here(*args, *extra)
+            assert second.returncode == 2 and time.time() - t0 < 5, second.stderr
+            assert f"search 'one' is in use by pid {first.pid}" in second.stderr, second.stderr
+    finally:
+        _kill_tree(first.pid, ray_tmp)
+        first.wait(timeout=30)
+    resumed = cli(*args, "--resume", timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"held by pid {first.pid}" in resumed.stdout + resumed.stderr and "taking it over" in resumed.stdout
+    assert not (tmp_path / "st" / "one" / LEASE).exists()  # released at the end
