@@ -8,9 +8,10 @@ recalibration, no fine-tuning unless ``--epochs``). The trial prunes it, recalib
 takes the validation accuracy and reports the episode's ``reward`` (``autoprune.contract.SEARCHER_KEYS``).
 When a trial completes, the agent stores that episode's transitions with the reward and learns.
 Episodes run ``--concurrency`` at a time, so an episode may start before earlier ones have
-taught the agent anything; episodes that fail teach it nothing. Its state (networks,
-optimisers, replay buffer, noise schedule, baseline, episodes in flight) is saved with Tune's
-searcher state, so ``--resume`` goes on learning where it stopped.
+taught the agent anything; episodes that fail teach it nothing. Each trial's config carries
+its episode (the walk's transitions) as the searcher's data, so the search's record of the
+trial holds it: ``--resume`` replays the recorded episodes into a new agent, in the order
+they started, and goes on learning from there (:meth:`AMCSearch.tell_finished`).
 """
 
 from __future__ import annotations
@@ -94,17 +95,52 @@ class AMCSearch(Searcher):
         self.pending[trial_id] = transitions
         agent, walk = self.agent, self.walk
         policy = episode_policy(walk.ratios(), agent.criterion, agent.recalibrate_batches, walk.space.max_ratio)
-        return TrialConfig(policy).to_config()
+        return TrialConfig(policy, searcher={"episode": episode, "transitions": _plain(transitions)}).to_config()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         transitions = self.pending.pop(trial_id, None)
         if error or transitions is None or not result or result.get("reward") is None:
             return
-        with _one_thread():
-            stats = self.ddpg.learn(transitions, float(result["reward"]))
-        self.history.append({"reward": float(result["reward"]), **stats})
+        self._learn(transitions, float(result["reward"]))
 
-    # ---- Tune's searcher state (``--resume``): plain data, loaded with weights_only=True
+    def _learn(self, transitions: list, reward: float) -> None:
+        with _one_thread():
+            stats = self.ddpg.learn(transitions, reward)
+        self.history.append({"reward": reward, **stats})
+
+    def tell_finished(self, records: list[dict]) -> None:
+        """A resume: learn from the recorded episodes again (those that ended with a reward,
+        in the order they started), and go on with the next episode's noise."""
+        width = len(FEATURES)
+        for rec in records:
+            memo = rec["config"].get("searcher") or {}
+            reward = rec["report"].get("reward")
+            if rec["status"] == "failed" or reward is None:
+                continue
+            try:
+                steps = [
+                    (
+                        np.asarray(o, np.float32).reshape(width),
+                        float(a),
+                        np.asarray(n, np.float32).reshape(width),
+                        bool(d),
+                    )
+                    for o, a, n, d in memo["transitions"]
+                ]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise AutopruneError(
+                    f"trial record {rec['trial_id']!r} holds no episode the agent can learn from ({exc}); it was altered"
+                ) from None
+            if len(steps) != len(self.walk.space.groups):
+                raise AutopruneError(
+                    f"trial record {rec['trial_id']!r} holds an episode of {len(steps)} steps; this model has "
+                    f"{len(self.walk.space.groups)} channel groups"
+                )
+            self._learn(steps, float(reward))
+        self.started = max(self.started, len(records))
+
+    # ---- Tune's searcher state, written at its snapshots (a resume reads the trial records
+    # instead: tell_finished); plain data, loaded with weights_only=True
 
     def save(self, checkpoint_path: str) -> None:
         pending = {
@@ -123,6 +159,14 @@ class AMCSearch(Searcher):
             for t, steps in state["pending"].items()
         }
         self.history = list(state["history"])
+
+
+def _plain(transitions: list) -> list:
+    """An episode's transitions as JSON data: observation, action, next observation, done."""
+    return [
+        [np.asarray(o).astype(float).tolist(), float(a), np.asarray(n).astype(float).tolist(), bool(d)]
+        for o, a, n, d in transitions
+    ]
 
 
 def make_amc(ctx) -> AMCSearch:

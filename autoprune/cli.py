@@ -33,10 +33,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search.plan import saved_config
+    from .search.plan import check_named_code, saved_config
     from .search.runner import run_search
 
     base = saved_config(args.name, args.storage) if args.resume and args.name else None
+    if base is not None:  # code the saved settings name is imported only if this command line names it
+        check_named_code(search_config(args, None), base, args.name)
     run_search(search_config(args, base))
     return 0
 
@@ -137,10 +139,30 @@ COMMANDS = {
 }
 
 
+def check_temp_dir() -> None:
+    """``TMPDIR``, when set, is a folder that can be written: Ray and MLflow write there and
+    otherwise fail mid-way with an OSError (Python's own tempfile would quietly use /tmp)."""
+    import os
+    import tempfile
+
+    folder = os.environ.get("TMPDIR")
+    if not folder:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise AutopruneError(
+            f"TMPDIR {folder!r} cannot be written ({exc.strerror or exc}); set TMPDIR to a writable folder, or unset it"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     on_sigterm()
     try:
+        if args.command in ("prune", "search", "evaluate", "export", "ui"):
+            check_temp_dir()
         return COMMANDS[args.command](args)
     except AutopruneError as exc:
         print(f"autoprune: error: {exc}", file=sys.stderr)

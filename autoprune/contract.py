@@ -42,7 +42,7 @@ FINAL_KEYS = ("predicted_speedup", "latency_measured_ms", "engine_s", "report_s"
 FINAL = "final"  # the final report's marker
 # what a trial reports of its pruned model
 PRUNED_METRICS = ("val_acc", "val_loss", *COST_KEYS, *SEARCHER_KEYS, "predicted_speedup", "latency_measured_ms")
-# a final report as kept for replay on --resume (tracking.resume.save_final)
+# what a trial's record keeps of its last report (search.journal)
 REPORTED = (*EPOCH_KEYS, *COST_KEYS, *SEARCHER_KEYS, *FINAL_KEYS, "ratios", FINAL)
 
 
@@ -70,12 +70,16 @@ class TrialConfig:
     (the search sets the fine-tuning epochs itself). ``budget_fraction``: a budget below the
     search's own, in the search's budget kind (the multi-objective searchers vary it so the
     cost objective varies); None keeps the search's. ``space_error``: the search space failed
-    to propose a policy; the trial fails with this message instead of running.
+    to propose a policy; the trial fails with this message instead of running. ``searcher``:
+    what the searcher needs to be told of this trial again on ``--resume`` (plain JSON data:
+    Optuna's parameters and their distributions, the agent's episode); the trial ignores it, the
+    search keeps it in the trial's record (:mod:`autoprune.search.journal`).
     """
 
     policy: dict[str, Any] = field(default_factory=dict)
     budget_fraction: float | None = None
     space_error: str | None = None
+    searcher: dict[str, Any] | None = None
 
     def to_config(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -86,7 +90,7 @@ class TrialConfig:
         if unknown:
             raise AutopruneError(
                 f"a searcher handed the trial unknown key(s) {', '.join(unknown)}; "
-                "a trial config has policy, budget_fraction and space_error"
+                "a trial config has policy, budget_fraction, space_error and searcher"
             )
         policy = config.get("policy", {})
         if not isinstance(policy, dict):
@@ -95,10 +99,18 @@ class TrialConfig:
         if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
             raise AutopruneError(f"a trial config's budget_fraction must be in (0, 1], got {fraction!r}")
         error = config.get("space_error")
-        return cls(dict(policy), None if fraction is None else float(fraction), None if error is None else str(error))
+        memo = config.get("searcher")
+        if memo is not None and not isinstance(memo, dict):
+            raise AutopruneError(f"a trial config's searcher data must be a dict, got {type(memo).__name__}")
+        return cls(
+            dict(policy),
+            None if fraction is None else float(fraction),
+            None if error is None else str(error),
+            None if memo is None else dict(memo),
+        )
 
 
-TRIAL_CONFIG_KEYS = ("policy", "budget_fraction", "space_error")
+TRIAL_CONFIG_KEYS = ("policy", "budget_fraction", "space_error", "searcher")
 
 
 @dataclass

@@ -13,10 +13,17 @@ from pathlib import Path
 from .errors import AutopruneError
 
 
-def check_output_dir(path: str | Path, flag: str, target: Path | None = None, fresh: bool = False) -> Path:
+def check_output_dir(
+    path: str | Path,
+    flag: str,
+    target: Path | None = None,
+    fresh: bool = False,
+    instead: str = "pass --overwrite to write over it",
+) -> Path:
     """``path`` is a writable folder, or one that can be created; returns it expanded.
     ``target``: what the user named, if not the folder itself (a file in it). ``fresh``: the
-    folder must also be empty (or new): earlier results are never replaced without a word."""
+    folder must also be empty (or new): earlier results are never replaced without a word
+    (``instead``: what else the user may do)."""
     if str(path) == "":
         raise AutopruneError(f"{flag} is empty: name a folder")
     p = Path(path).expanduser()
@@ -30,10 +37,7 @@ def check_output_dir(path: str | Path, flag: str, target: Path | None = None, fr
         held = sorted(entry.name for entry in p.iterdir()) if fresh else []
         if held:
             shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
-            raise AutopruneError(
-                f"{flag} {str(p)!r} already holds {shown}: choose a new or empty folder, or pass --overwrite "
-                "to write over it"
-            )
+            raise AutopruneError(f"{flag} {str(p)!r} already holds {shown}: choose a new or empty folder, or {instead}")
         _probe(p, target, flag)
         return p
     ancestor = _nearest_existing(p)
@@ -117,14 +121,21 @@ def read_text(location: str) -> str | None:
     """The text of the file at ``location``; None if there is none."""
     if not is_uri(location):
         p = Path(location)
-        return p.read_text() if p.is_file() else None
+        return _decoded(p.read_bytes(), location) if p.is_file() else None
     import pyarrow.fs
 
     fs, path = _fs(location)
     if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(path) as f:
-        return f.read().decode()
+        return _decoded(f.read(), location)
+
+
+def _decoded(data: bytes, location: str) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise AutopruneError(f"{str(location)!r} is not UTF-8 text: it is damaged or was altered") from None
 
 
 def write_text(location: str, text: str) -> None:
@@ -147,7 +158,7 @@ def texts(location: str, suffix: str) -> dict[str, str]:
     """The files directly in the folder ``location`` whose names end with ``suffix``: name
     without the suffix -> text."""
     if not is_uri(location):
-        return {p.name[: -len(suffix)]: p.read_text() for p in Path(location).glob(f"*{suffix}")}
+        return {p.name[: -len(suffix)]: _decoded(p.read_bytes(), str(p)) for p in Path(location).glob(f"*{suffix}")}
     import pyarrow.fs
 
     fs, path = _fs(location)
@@ -156,7 +167,7 @@ def texts(location: str, suffix: str) -> dict[str, str]:
     for info in found:
         if info.type == pyarrow.fs.FileType.File and info.base_name.endswith(suffix):
             with fs.open_input_stream(info.path) as f:
-                out[info.base_name[: -len(suffix)]] = f.read().decode()
+                out[info.base_name[: -len(suffix)]] = _decoded(f.read(), join(location, info.base_name))
     return out
 
 
@@ -205,7 +216,13 @@ def check_location(location: str, flag: str, timeout_s: float = 60.0) -> str:
     for credentials without a network can wait for minutes). Returns the location, a local one
     absolute."""
     import threading
+    import urllib.request
 
+    if location.startswith("file://"):  # a local folder written as a URI
+        folder = urllib.request.url2pathname(location[len("file://") :])
+        if not folder.startswith("/"):
+            raise AutopruneError(f"{flag} {location!r} is not an absolute file:/// URI; give a folder")
+        location = folder
     if not is_uri(location):
         return str(check_output_dir(location, flag).resolve())
     outcome: list[BaseException | None] = []

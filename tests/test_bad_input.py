@@ -176,6 +176,29 @@ def _saved_search(d: Path, model: Path) -> None:
     (d / "res" / "old" / "autoprune-search.json").write_text(json.dumps({"config": saved}))
 
 
+def _saved_with(**files: bytes):
+    """An interrupted search's state (``_saved_search``) plus files under its folder, by
+    relative path (``trials__t1_json`` -> ``trials/t1.json``)."""
+
+    def setup(d: Path, model: Path) -> None:
+        _saved_search(d, model)
+        for name, data in files.items():
+            path = d / "res" / "old" / name.replace("__", "/").replace("_json", ".json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+
+    return setup
+
+
+def _saved_naming_code(d: Path, model: Path) -> None:
+    _saved_search(d, model)
+    state = d / "res" / "old" / "autoprune-search.json"
+    saved = json.loads(state.read_text())
+    saved["config"]["space"] = "evil:space"
+    state.write_text(json.dumps(saved))
+    (d / "evil.py").write_text(f"import os\nos.mkdir({str(d / 'imported')!r})\n")
+
+
 # ------------------------------------------------------------------ the table
 
 PRUNE = ["prune", "--out", "{d}/o"]
@@ -571,6 +594,42 @@ ROWS = [
         _saved_search,
     ),
     (
+        "search-resume-torn-record",
+        [*SEARCH, "--name", "old", "--resume"],
+        ["trial record", "trials/t1.json", "damaged or was altered", "move it away"],
+        _saved_with(trials__t1_json=b'{"kind": "autoprune.trial", "vers'),
+    ),
+    (
+        "search-resume-altered-record",
+        [*SEARCH, "--name", "old", "--resume"],
+        ["trials/t1.json", "not an autoprune trial record"],
+        _saved_with(trials__t1_json=b'{"kind": "x"}'),
+    ),
+    (
+        "search-resume-binary-record",
+        [*SEARCH, "--name", "old", "--resume"],
+        ["trials/t1.json", "not UTF-8 text"],
+        _saved_with(trials__t1_json=b"\xff\xfe\x00garbage"),
+    ),
+    (
+        "search-resume-torn-state",
+        [*SEARCH, "--name", "old", "--resume"],
+        ["autoprune-search.json", "not a readable search state"],
+        _saved_with(**{"autoprune-search_json": b'{"config": {"name'}),
+    ),
+    (
+        "search-resume-names-code",
+        [*SEARCH, "--name", "old", "--resume"],
+        ["saved with --space 'evil:space', code from a module", "add --space evil:space"],
+        _saved_naming_code,
+    ),
+    (
+        "search-resume-earlier-version",
+        [*SEARCH, "--name", "old", "--resume"],
+        ["made by an earlier autoprune", "start a new search"],
+        _saved_with(**{"completed-trials__t1_json": b"{}"}),
+    ),
+    (
         "search-storage-is-a-file",
         ["search", "--storage", "{d}/f", "--trials", "2"],
         ["--storage", "not a directory"],
@@ -578,6 +637,19 @@ ROWS = [
     ),
     ("search-out-unwritable", [*SEARCH, "--out", "/proc/nonexist/best"], ["--out", "not writable"], None),
     ("tracking-scheme", [*SEARCH, "--tracking-uri", "bogus://x/y"], ["'bogus://x/y'", "sqlite:///"], None),
+    (
+        "tracking-database-driver",
+        [*SEARCH, "--tracking-uri", "postgresql://me:secret@127.0.0.1/mlflow"],
+        ["'postgresql://me:***@127.0.0.1/mlflow'", "postgresql driver", "pip install"],
+        None,
+    ),
+    (
+        "search-out-holds-results",
+        [*SEARCH, "--out", "{d}/prev"],
+        ["--out", "already holds model.pt", "choose a new or empty folder"],
+        _file("prev/model.pt", b"x"),
+    ),
+    ("search-storage-file-uri-relative", [*SEARCH, "--storage", "file://res"], ["file:///", "absolute"], None),
     ("tracking-file-store", [*SEARCH, "--tracking-uri", "file:///proc/nonexist/mlruns"], ["file store"], None),
     ("tracking-down-server", [*SEARCH, "--tracking-uri", "http://127.0.0.1:1"], ["does not answer"], None),
     (
@@ -732,3 +804,15 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(
     assert not (d / MARKER).exists(), "a file ran code"
     assert not got["written"], f"written: {sorted(got['written'])}"
     assert got["running"] == 0
+
+
+@pytest.mark.parametrize("kind", ["missing", "a file"])
+def test_an_unwritable_temp_folder_is_one_line_before_any_work(kind, tmp_path, good_model, cli_here):
+    """Ray and MLflow write under TMPDIR and would fail mid-way: a TMPDIR that cannot be
+    written is refused first, naming it."""
+    folder = tmp_path / "tmp"
+    if kind == "a file":
+        folder.write_bytes(b"")
+    got = cli_here("evaluate", str(good_model), env={"TMPDIR": str(folder)})
+    assert got.returncode == 2 and len(got.stderr.strip().splitlines()) == 1, got.stderr
+    assert f"TMPDIR {str(folder)!r} cannot be written" in got.stderr

@@ -68,3 +68,11 @@ def test_a_storage_that_does_not_answer_is_refused_after_the_timeout():
         with pytest.raises(AutopruneError, match=r"--storage 's3://b/x.*' did not answer within 2 s"):
             check_location(f"s3://b/x?endpoint_override=http://127.0.0.1:{port}", "--storage", timeout_s=2)
         assert time.monotonic() - t0 < 10
+
+
+def test_a_file_uri_storage_is_the_local_folder(tmp_path):
+    """``--storage file:///abs`` is the folder /abs (not a folder named ``file:``); a relative
+    one is refused."""
+    assert check_location(f"file://{tmp_path}/res", "--storage") == str(tmp_path / "res")
+    with pytest.raises(AutopruneError, match="not an absolute file:/// URI"):
+        check_location("file://res", "--storage")

@@ -16,7 +16,6 @@ from pathlib import Path
 from ..contract import COST_KEYS, FINAL_KEYS, SEARCHER_KEYS, is_final, trial_label
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
-from ..tracking.resume import has_final, save_final
 from ..tracking.store import (
     ERROR,
     MAX_PARAM,
@@ -31,6 +30,7 @@ from ..tracking.store import (
     param_value,
     trial_runs,
 )
+from . import journal
 
 quiet_environment()
 from ray.tune import Callback  # noqa: E402
@@ -83,9 +83,8 @@ class TrialLogger(Callback):
 
     The callbacks run on Tune's event loop, and a trial waits there after every report (Tune
     resumes it only once the loop has handled the result). So the callbacks only note what
-    happened and when; one writer thread makes the store calls, in order. Tune saves its
-    experiment snapshot (what ``--resume`` restores) only after ``get_state``, which waits
-    until the writer has caught up, so a snapshot never claims more than the store holds.
+    happened and when; one writer thread makes the store calls, in order (``get_state``, which
+    Tune calls before its snapshots, waits until the writer has caught up).
 
     A child run is named after its trial (``channel/snip/global #7``: :func:`trial_label`,
     numbered in the order the trials started, after the runs already there on a resume). Per
@@ -93,16 +92,20 @@ class TrialLogger(Callback):
     known (also for a trial the scheduler stops later), and the final report's metrics are
     single values at step 0.
 
-    It is pickled with the Tuner (for ``--resume``), so it holds only the store's URI and run
-    ids, and finds the child run of a trial by its tag when it does not know it yet."""
+    Each trial that ends gets its record in the search folder (:mod:`.journal`: what
+    ``--resume`` reads) before its run is ended. Tune pickles the callback with the Tuner, so
+    it holds only the store's URI and run ids, and finds the child run of a trial by its tag
+    when it does not know it yet."""
 
-    def __init__(self, uri: str, experiment_id: str, parent: str, completed_dir: str) -> None:
+    def __init__(self, uri: str, experiment_id: str, parent: str, path: str) -> None:
         self.uri = uri
         self.experiment_id = experiment_id
         self.parent = parent
-        self.completed_dir = completed_dir  # last reports of ended trials by trial id, replayed on --resume
+        self.path = path  # the search's folder (or bucket URI): the trials' records go under it
         self._runs: dict[str, str] = {}
-        self._logged: set[str] = set()  # trials whose run was finished before a resume: not logged again
+        self._numbers: dict[str, int] = {}  # trial id -> its run's number
+        self._curves: dict[str, list[dict]] = {}  # trial id -> what its record keeps of each report
+        self._configs: dict[str, dict] = {}
         self._started: dict[str, float] = {}
         self._costs: dict[str, dict[str, float]] = {}  # the cost metrics logged per trial (logged once)
         self._next: int | None = None  # the number of the next new child run (read from the store first)
@@ -174,6 +177,8 @@ class TrialLogger(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._started[trial.trial_id] = time.time()
+        self._curves[trial.trial_id] = []
+        self._configs[trial.trial_id] = dict(trial.config)
         self._submit(self._start, trial.trial_id, dict(trial.config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -190,13 +195,23 @@ class TrialLogger(Callback):
         logged.update(once)
         if is_final(result):
             once.update({k: result.get(k) for k in FINAL_KEYS})
+        self._curves.setdefault(trial.trial_id, []).append(journal.curve_point(result))
         self._submit(self._result, trial.trial_id, metrics, once, tags, step, int(time.time() * 1000))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._submit(self._complete, trial.trial_id, dict(trial.last_result or {}), self._wall(trial))
+        result = dict(trial.last_result or {})
+        status = "completed" if is_final(result) else "stopped"  # stopped early by the scheduler
+        self._submit(self._ended, trial.trial_id, status, self._memo(trial, result, None), self._wall(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._submit(self._failed, trial.trial_id, trial_error(trial), self._wall(trial))
+        error = trial_error(trial)
+        memo = self._memo(trial, dict(trial.last_result or {}), error)
+        self._submit(self._ended, trial.trial_id, "failed", memo, self._wall(trial))
+
+    def _memo(self, trial, result: dict, error: str | None) -> tuple:
+        """What the trial's record needs, taken on Tune's loop: config, last report, curve, error."""
+        config = self._configs.pop(trial.trial_id, None) or dict(trial.config)
+        return config, result, self._curves.pop(trial.trial_id, []), error
 
     def _wall(self, trial) -> dict[str, float]:
         self._costs.pop(trial.trial_id, None)
@@ -226,16 +241,14 @@ class TrialLogger(Callback):
     def _start(self, trial_id: str, config: dict) -> None:
         old = self._find(trial_id)
         if old is not None:
-            if old.info.status == "FINISHED" and has_final(self.completed_dir, trial_id):
-                # ended (completed or stopped) just before an interruption, after Tune's last
-                # snapshot: the trial replays its recorded last report (see search.trial.run_trial); log nothing
-                self._runs[trial_id] = old.info.run_id
-                self._logged.add(trial_id)
-                return
-            # run again from scratch after an interruption: replace its run, so no epoch
-            # is logged twice and MLflow shows the outcome of this run
+            # run again from scratch (Tune retries a failed trial): replace its run, so no
+            # epoch is logged twice and MLflow shows the outcome of this run; ended first, so
+            # that the deleted run is not left RUNNING
+            if old.info.status == "RUNNING":
+                self.mlflow.set_terminated(old.info.run_id, status="KILLED")
             self.mlflow.delete_run(old.info.run_id)
         number = self._number(old)
+        self._numbers[trial_id] = number
         policy = config.get("policy", {})
         run = self.mlflow.create_run(
             self.experiment_id,
@@ -254,8 +267,6 @@ class TrialLogger(Callback):
         self.mlflow.log_dict(run_id, policy, "policy.json")
 
     def _run_id(self, trial_id: str) -> str | None:
-        if trial_id in self._logged:
-            return None
         if trial_id not in self._runs:
             run = self._find(trial_id)
             if run is None:
@@ -268,24 +279,25 @@ class TrialLogger(Callback):
         if run_id is not None:
             log(self.mlflow, run_id, metrics, tags=tags, step=step, at_ms=at_ms, once=once)
 
-    def _complete(self, trial_id: str, result: dict, wall: dict) -> None:
+    def _ended(self, trial_id: str, status: str, memo: tuple, wall: dict) -> None:
+        """A trial ended: its record first (what a resume keeps; the stopped trial's too,
+        else a resume would run it again), then its run (its cost was logged with its
+        reports; the per-group ratio charts are drawn once, when the search ends)."""
         run_id = self._run_id(trial_id)
         if run_id is None:
             return
-        final = is_final(result)  # else stopped early by the scheduler
-        # Kept for a resume (a stopped trial's too, else a resume would run it again), before
-        # the run is FINISHED: a resume replays it only if the run is (search.runner._replays).
-        save_final(self.completed_dir, trial_id, result)
-        # (its cost was logged with its reports; the per-group ratio charts are drawn once,
-        # when the search ends: charts.ratio_charts)
-        self._end(run_id, "FINISHED", wall, {}, {"autoprune.stopped_early": str(not final).lower()})
+        config, result, curve, error = memo
+        number = self._numbers.get(trial_id) or self._run_number(run_id)
+        journal.save(self.path, journal.record(trial_id, number, status, config, result, curve, error))
+        if status == "failed":
+            self.mlflow.log_text(run_id, error + "\n", "error.txt")
+            self._end(run_id, "FAILED", wall, {}, {ERROR: error[:MAX_PARAM]})
+        else:
+            self._end(run_id, "FINISHED", wall, {}, {"autoprune.stopped_early": str(status == "stopped").lower()})
 
-    def _failed(self, trial_id: str, message: str, wall: dict) -> None:
-        run_id = self._run_id(trial_id)
-        if run_id is None:
-            return
-        self.mlflow.log_text(run_id, message + "\n", "error.txt")
-        self._end(run_id, "FAILED", wall, {}, {ERROR: message[:MAX_PARAM]})
+    def _run_number(self, run_id: str) -> int:
+        tag = str(self.mlflow.get_run(run_id).data.tags.get(NUMBER, ""))
+        return int(tag) if tag.isdigit() else self._number(None)
 
     def _end(self, run_id: str, status: str, wall: dict, params: dict[str, str], tags: dict[str, str]) -> None:
         log(self.mlflow, run_id, params=params, tags=tags, once=wall)

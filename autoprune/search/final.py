@@ -8,10 +8,12 @@ import copy
 import dataclasses
 import io
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import Budget, Policy
@@ -81,12 +83,18 @@ def finish(f: Finish) -> SearchResult:
     kind = config.budget.kind
     goals = objectives(kind, plan.metric)
     front = pareto_front(f.records, goals if SEARCHERS.get(config.searcher).multi_objective else goals[:2])
-    plan.out.mkdir(parents=True, exist_ok=True)
-    best = best_within(f.records, kind, config.budget.fraction, plan.metric)
-    final = _rerun_best(f, best) if best is not None else None
-    model_path = plan.out / "model.pt" if final is not None else None
-    summary = build_summary(f, front, best, final, model_path)
-    summary.write(plan.out / "summary.json")
+    stage = plan.out.parent / f".{plan.out.name}.new-{os.getpid()}"  # written whole, then moved into place
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        best = best_within(f.records, kind, config.budget.fraction, plan.metric)
+        final = _rerun_best(f, best, stage) if best is not None else None
+        model_path = plan.out / "model.pt" if final is not None else None
+        summary = build_summary(f, front, best, final, model_path)
+        summary.write(stage / "summary.json")
+        publish(stage, plan.out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     _log_search_run(f, summary, front, best, final)
     store.client(plan.tracking_uri).set_terminated(f.run_id, status="FINISHED" if model_path else "FAILED")
     _say_outcome(f, summary, final, model_path)
@@ -109,9 +117,23 @@ def final_policy(best: TrialRecord, final_epochs: int) -> Policy:
     return Policy.from_dict({**best.policy, "finetune": {**best.policy.get("finetune", {}), "epochs": final_epochs}})
 
 
-def _rerun_best(f: Finish, best: TrialRecord):
+def publish(stage: Path, out: Path) -> None:
+    """Move the files of ``stage`` into ``out``, each replacing its earlier version at once
+    (``summary.json`` last), so that ``out`` holds an earlier best model whole until the new
+    one is whole; a file of ``out`` the new results lack (an earlier model) is removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    new = sorted((p.name for p in stage.iterdir() if p.is_file()), key=lambda name: name == "summary.json")
+    for name in new:
+        os.replace(stage / name, out / name)
+    for old in {"model.pt", "policy.json"} - set(new):
+        with contextlib.suppress(FileNotFoundError):
+            (out / old).unlink()
+
+
+def _rerun_best(f: Finish, best: TrialRecord, stage: Path):
     """Re-run the best trial's policy from the dense model for ``final_epochs``, test it once,
-    save ``model.pt`` and ``policy.json``, and log them to the search run (the engine's result)."""
+    save ``model.pt`` and ``policy.json`` into ``stage``, and log them to the search run (the
+    engine's result)."""
     from .. import engine
     from ..engine.checkpoint import architecture_key, save_model
     from ..tracking import store
@@ -126,7 +148,7 @@ def _rerun_best(f: Finish, best: TrialRecord):
     )
     final = engine.run(f.task, f.dense, policy, budget, cfg, f.dense_metrics, test=True, latency=f.latency)
     p = final.pruned
-    model_path = plan.out / "model.pt"
+    model_path = stage / "model.pt"
     save_model(
         model_path,
         final.model,
@@ -137,7 +159,7 @@ def _rerun_best(f: Finish, best: TrialRecord):
         {k: p.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
         architecture_key(f.dense),
     )
-    policy.to_json(plan.out / "policy.json")
+    policy.to_json(stage / "policy.json")
     mlflow = store.client(plan.tracking_uri)
     tags = {store.BEST_TRIAL_ID: best.trial_id}
     if best.run_id:
@@ -146,7 +168,7 @@ def _rerun_best(f: Finish, best: TrialRecord):
     numbers = {k: v for k, v in best_metrics(p).items() if isinstance(v, (int, float))}
     store.log(mlflow, f.run_id, once={f"best_{k}": v for k, v in numbers.items()}, tags=tags)
     mlflow.log_artifact(f.run_id, str(model_path), "best_model")
-    mlflow.log_artifact(f.run_id, str(plan.out / "policy.json"), "best_model")
+    mlflow.log_artifact(f.run_id, str(stage / "policy.json"), "best_model")
     log_best_model(
         plan.tracking_uri, f.experiment_id, f.run_id, final.model, f.task.example_input(2), f"autoprune-{plan.name}"
     )

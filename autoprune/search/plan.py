@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -15,7 +16,6 @@ from ..config import DEFAULT_EPOCHS, DEFAULT_STORAGE, STRUCTURES, SearchConfig
 from ..errors import AutopruneError
 
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
-COMPLETED = "completed-trials"  # final reports of completed trials, for --resume
 
 
 @dataclass(kw_only=True)
@@ -37,6 +37,7 @@ class Plan:
     epochs: int = DEFAULT_EPOCHS  # training epochs per trial (--epochs, or the searcher's default)
     metric: str = "val_acc"  # what picks the best trial: --metric, or an agent's reward
     storage: str = ""  # --storage, checked: an absolute folder or a bucket URI
+    finished: list[dict] = field(default_factory=list)  # a resume: the trials' records (search.journal), checked
 
 
 RESUME_MAY_CHANGE = ("name", "storage", "resume", "out", "address", "progress", "engine.progress")
@@ -61,6 +62,23 @@ def saved_config(name: str, storage: str) -> SearchConfig | None:
         raise AutopruneError(
             f"{str(state)!r} holds settings that are no longer valid ({exc}); it cannot be resumed"
         ) from None
+
+
+_CODE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")  # package.module:attribute
+
+
+def check_named_code(config: SearchConfig, saved: SearchConfig, name: str) -> None:
+    """A resume imports no module its command line does not name: a saved setting that names
+    code (``--space pkg.mod:fn``, ``--task pkg.mod:fn``) must be given again, as it was."""
+    from ..schema import flat_fields
+
+    mine = flat_fields(config)
+    for key, (value, flag) in flat_fields(saved).items():
+        if isinstance(value, str) and _CODE.match(value) and mine[key][0] != value:
+            raise AutopruneError(
+                f"search {name!r} was saved with {flag or key} {value!r}, code from a module; a resume imports only "
+                f"the code its command line names: add {flag or key} {value}"
+            )
 
 
 def resume_conflicts(config: SearchConfig, saved: SearchConfig) -> list[str]:
@@ -88,7 +106,7 @@ def prepare(config: SearchConfig) -> Plan:
     """Every check that needs no Ray, data or training: names, budget, resources on this
     machine, the output locations, the tracking store and the cluster address. A resumed
     search takes its saved configuration: only ``out``, ``address`` and the progress display
-    may change (Tune restores the rest from its own snapshot); other differences are refused."""
+    may change; other differences are refused. Its trials' records are read and checked here."""
     from autoprune.search_spaces import get_space
 
     from .. import engine
@@ -98,6 +116,7 @@ def prepare(config: SearchConfig) -> Plan:
     from .searchers import SEARCHERS, foreign_settings
 
     name, storage, path, config = _name_and_settings(config)
+    finished = _finished(name, path) if config.resume else []
     spec = SEARCHERS.get(config.searcher)
     space = get_space(config.space)
     check_task_config(config.engine.task)
@@ -133,7 +152,10 @@ def prepare(config: SearchConfig) -> Plan:
         )
     # the best model is written locally; with a bucket --storage it is also copied to <path>/best
     local = Path(DEFAULT_STORAGE).expanduser() / name if is_uri(path) else Path(path)
-    out = check_output_dir(Path(config.out).resolve() if config.out else local / "best", "--out")
+    # a new search's --out must be new or empty (a resume writes over its own best model)
+    asked = bool(config.out) and not config.resume
+    where = Path(config.out).resolve() if config.out else local / "best"
+    out = check_output_dir(where, "--out", fresh=asked, instead="leave --out out (NAME/best under --storage)")
     if not config.engine.checkpoint:
         check_output_dir(
             engine.cache_dir(config.engine), "--cache-dir" if config.engine.cache_dir else "the dense-model cache"
@@ -163,7 +185,21 @@ def prepare(config: SearchConfig) -> Plan:
         epochs=epochs,
         metric=spec.metric or config.metric,
         storage=storage,
+        finished=finished,
     )
+
+
+def _finished(name: str, path: str) -> list[dict]:
+    """The records of the trials a resumed search has finished, each checked (search.journal)."""
+    from ..paths import names
+    from . import journal
+
+    if journal.TRIALS not in names(path) and "completed-trials" in names(path):
+        raise AutopruneError(
+            f"search {name!r} was made by an earlier autoprune, whose resume read Ray Tune's pickles; this one reads "
+            "only its own trial records, which that search lacks: start a new search"
+        )
+    return journal.load(path)
 
 
 def _name_and_settings(config: SearchConfig) -> tuple[str, str, str, SearchConfig]:
@@ -183,6 +219,7 @@ def _name_and_settings(config: SearchConfig) -> tuple[str, str, str, SearchConfi
         saved = saved_config(name, config.storage)
         if saved is None:
             raise AutopruneError(f"no search named {name!r} to resume under {storage!r} ({STATE_FILE} missing)")
+        check_named_code(config, saved, name)
         conflicts = resume_conflicts(config, saved)
         if conflicts:
             raise AutopruneError(

@@ -1,5 +1,5 @@
-"""What a search produced: the trial records read back from Ray Tune, the best trial within
-budget, the Pareto front and the counts."""
+"""What a search produced: its trials as it recorded them, the best trial within budget, the
+Pareto front and the counts."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import METRIC_MODES, PRUNED_METRICS, TrialConfig, TrialRecord, is_final
-from ..tracking.store import NUMBER
+from ..contract import METRIC_MODES, TrialRecord
 
 
 @dataclass
@@ -82,53 +81,12 @@ def counts(records: list[TrialRecord]) -> dict[str, int]:
 
 
 def read_records(path: str, runs: dict[str, Any]) -> list[TrialRecord]:
-    """Every trial of the Tune experiment at ``path``, with its MLflow child run (``runs``:
-    trial id -> run), numbered as their runs are named (``#7``: the order the trials started,
-    continued across a resume; tag ``autoprune.trial_number``) and in that order. Trials
-    without a numbered run come last, in the order their runs started."""
-    from ray.tune import ExperimentAnalysis
+    """Every trial recorded in the search folder ``path`` (:mod:`.journal`), with its MLflow
+    child run (``runs``: trial id -> run), in the order the trials started (their runs'
+    numbers, ``#7``, continued across a resume)."""
+    from . import journal
 
-    from .callback import trial_error
-
-    records = []
-    trials = ExperimentAnalysis(path).trials
-
-    def tagged(t) -> int | None:
-        tag = str(runs[t.trial_id].data.tags.get(NUMBER, "")) if t.trial_id in runs else ""
-        return int(tag) if tag.isdigit() else None
-
-    def order(t) -> tuple:  # trial ids are random: by run number, then by when the runs started
-        run = runs.get(t.trial_id)
-        n = tagged(t)
-        return (n is None, n or 0, run.info.start_time if run else float("inf"), t.trial_id)
-
-    counted = 0
-    for trial in sorted(trials, key=order):
-        counted = tagged(trial) or counted + 1
-        number = counted - 1
-        last = trial.last_result or {}
-        if trial.status == "ERROR":
-            status = "failed"
-        elif trial.status == "TERMINATED" and is_final(last):
-            status = "completed"
-        elif trial.status == "TERMINATED":
-            status = "stopped"  # by the scheduler, before its final report
-        else:
-            status = trial.status.lower()
-        run = runs.get(trial.trial_id)
-        config = TrialConfig.from_config(trial.config)
-        records.append(
-            TrialRecord(
-                number=number,
-                trial_id=trial.trial_id,
-                status=status,
-                policy=config.policy,
-                budget_fraction=config.budget_fraction,
-                metrics={k: last[k] for k in (*PRUNED_METRICS, "engine_s", "epoch") if k in last},
-                ratios=last.get("ratios", {}),
-                node_id=last.get("node_id"),
-                error=trial_error(trial) if status == "failed" else None,
-                run_id=run.info.run_id if run else None,
-            )
-        )
-    return records
+    return [
+        journal.to_record(r, runs[r["trial_id"]].info.run_id if r["trial_id"] in runs else None)
+        for r in journal.load(path)
+    ]

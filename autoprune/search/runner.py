@@ -26,8 +26,9 @@ from ..paths import is_uri, join, names, remove_dir, write_text
 from ..rayenv import quiet_environment
 from .final import Finish, finish, short_metrics
 from .hardware import node_tables, reachable, trial_latency_table
+from .journal import TRIALS, TUNE
 from .lease import Lease
-from .plan import COMPLETED, STATE_FILE, Plan, prepare
+from .plan import STATE_FILE, Plan, prepare
 from .ray_connection import concurrency, connect
 from .results import SearchResult, read_records
 from .searchers import SEARCHERS, SearcherContext
@@ -45,7 +46,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     lease = Lease(plan.name, plan.path).take(say)  # one writer per name, until this search ends
     owned = not ray.is_initialized()  # a caller's own ray.init() is used as it is, and left running
     try:
-        if owned:
+        if owned and len(plan.finished) < plan.trials:  # a resume with no trial left needs no Ray
             connect(plan)
         return _search(plan, say, t0, owned)
     finally:
@@ -90,10 +91,12 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
         state = {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id}
         write_text(join(plan.path, STATE_FILE), json.dumps(state, indent=2) + "\n")
         try:
-            _tuner(plan, prep, experiment_id, run_id, say).fit()
+            tuner = _tuner(plan, prep, experiment_id, run_id, say)
+            if tuner is not None:
+                tuner.fit()
             close_writers()
         except BaseException:
-            if config.resume or has_snapshot(plan.path):
+            if config.resume or has_records(plan.path):
                 print(
                     f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
                     f"--storage '{plan.storage}' --resume",
@@ -130,8 +133,8 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
             )
         with contextlib.suppress(Exception):  # trials cut short: not RUNNING (a resume runs them again)
             store.end_trial_runs(plan.tracking_uri, experiment_id, run_id, "KILLED")
-        if not (config.resume or has_snapshot(plan.path)):
-            error = _before_first_snapshot(plan, exc)
+        if not (config.resume or has_records(plan.path)):
+            error = _before_first_record(plan, exc)
             if error is not None:
                 raise error from exc
         raise
@@ -154,14 +157,16 @@ def _prepare(plan: Plan, say) -> Prepared:
         plan.grid = get_space(config.space).grid(table)
         size = math.prod(len(v) for v in plan.grid.values())
         plan.trials = min(config.trials or size, size)
-    workers = concurrency(plan)
+    import ray
+
+    workers = concurrency(plan) if ray.is_initialized() else plan.config.concurrency or 1
     dense = engine.dense_model(task, config.engine, log=say)
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
     latency, trial_device, floor = trial_latency_table(dense, task, config, say)
     tables = {}
     if latency is not None:
         tables[device_name(trial_device)] = {"table": latency, "node_id": None}
-        if plan.address:  # each kind of hardware the cluster's nodes have; the budget must fit all
+        if plan.address and ray.is_initialized():  # each kind of hardware the nodes have; the budget must fit all
             found = node_tables(dense, task, config, say)
             floor = max([floor, *(reachable(t["table"], dense, task, config, name) for name, t in found.items())])
             tables.update(found)
@@ -197,7 +202,7 @@ def _saved_settings(plan: Plan, workers: int) -> dict[str, Any]:
 
 def _trial_setup(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, hooks) -> TrialSetup:
     """What every trial needs, put once in Ray's object store: the task, the dense weights
-    and metrics, the budget and resources, the latency tables, a resume's replays."""
+    and metrics, the budget and resources, the latency tables."""
     from ..engine.checkpoint import cpu_state
 
     config = plan.config
@@ -211,15 +216,16 @@ def _trial_setup(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, ho
         cpus_per_trial=config.cpus_per_trial,
         gpus_per_trial=config.gpus_per_trial,
         latency=prep.latency,
-        replay=_replays(plan, experiment_id, run_id) if config.resume else {},
         on_pruned=hooks.trial_hook(config, prep.latency),
         tables={name: t["table"] for name, t in prep.tables.items()},
     )
 
 
 def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
-    """The Ray Tune Tuner of the search: restored from its snapshot on a resume, else new,
-    with the searcher, the scheduler and the callbacks; the trials' setup in the object store."""
+    """A new Ray Tune Tuner for the trials still to run (None: none are), with the searcher
+    (told the finished trials again on a resume), the scheduler and the callbacks; the
+    trials' setup in the object store. Tune writes under ``<search>/tune``, which is never
+    read back (:mod:`.journal`)."""
     import ray
     from ray import tune
 
@@ -228,28 +234,27 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
     from .progress import ClusterWatch, ProgressLine
 
     config = plan.config
-    restore = config.resume and tune.Tuner.can_restore(plan.path)
-    if config.resume:
-        from ray.tune import ExperimentAnalysis
-
-        known = {t.trial_id for t in ExperimentAnalysis(plan.path).trials} if restore else set()
-        store.drop_unfinished(plan.tracking_uri, experiment_id, run_id, known)
+    done = plan.finished
+    if config.resume:  # runs of trials without a record are run again, under new runs
+        store.keep_recorded(plan.tracking_uri, experiment_id, run_id, {r["trial_id"]: r["status"] for r in done})
+    left = plan.trials - len(done)
     spec = SEARCHERS.get(config.searcher)
     hooks = spec.hooks()
+    described = hooks.describe(config)
+    what = f", {described}" if described else f" on space {config.space!r}"
+    kept = f"; {len(done)} finished before, {max(left, 0)} to run" if config.resume else ""
+    say(
+        f"search {plan.name!r}: {plan.trials} trials ({config.searcher}{what}, "
+        f"{plan.epochs} epoch(s) each, {prep.workers} at a time, scheduler {plan.scheduler}), "
+        f"budget {config.budget.kind} {config.budget.fraction:g}{kept}"
+    )
+    if left <= 0:
+        return None
     setup = _trial_setup(plan, prep, experiment_id, run_id, hooks)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, setup_ref=[ray.put(setup)]),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
-    described = hooks.describe(config)
-    what = f", {described}" if described else f" on space {config.space!r}"
-    say(
-        f"search {plan.name!r}: {plan.trials} trials ({config.searcher}{what}, "
-        f"{plan.epochs} epoch(s) each, {prep.workers} at a time, scheduler {plan.scheduler}), "
-        f"budget {config.budget.kind} {config.budget.fraction:g}"
-    )
-    if restore:
-        return tune.Tuner.restore(plan.path, trainable=trainable, resume_unfinished=True, resume_errored=False)
     ctx = SearcherContext(
         table=prep.table,
         budget=config.budget,
@@ -261,40 +266,55 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
         fraction_floor=min(prep.floor * 1.01, config.budget.fraction),
         extra=hooks.context(config, prep.dense, prep.task, prep.latency),
     )
+    searcher = spec.make(ctx)
+    if done:
+        tell_finished(searcher, done, config.searcher)
     scheduler = None
     if plan.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.epochs, grace_period=1, reduction_factor=2)
+    remove_dir(join(plan.path, TUNE))  # an earlier run's Tune files: never read
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            search_alg=spec.make(ctx),
+            search_alg=searcher,
             scheduler=scheduler,
             metric=None if spec.multi_objective else plan.metric,
             mode=None if spec.multi_objective else METRIC_MODES[plan.metric],
-            num_samples=plan.trials,
+            num_samples=left,
             max_concurrent_trials=prep.workers,
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(
-            name=plan.name,
-            storage_path=plan.storage,
+            name=TUNE,
+            storage_path=plan.path,
             verbose=0,
             failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[
-                TrialLogger(plan.tracking_uri, experiment_id, run_id, join(plan.path, COMPLETED)),
-                ProgressLine(plan.trials, config.progress),
+                TrialLogger(plan.tracking_uri, experiment_id, run_id, plan.path),
+                ProgressLine(left, config.progress),
                 ClusterWatch(config.cpus_per_trial, config.gpus_per_trial, config.node_wait),
             ],
         ),
     )
 
 
-def has_snapshot(path: str) -> bool:
-    """Whether Ray Tune has written an experiment snapshot (what ``--resume`` restores) at ``path``."""
-    return any(n.startswith("experiment_state-") and n.endswith(".json") for n in names(path))
+def tell_finished(searcher, records: list[dict], name: str) -> None:
+    """Tell a resumed search's searcher its finished trials (their records), so that it goes on
+    from them: every registered searcher has ``tell_finished`` (the conformance tests check)."""
+    tell = getattr(searcher, "tell_finished", None)
+    if tell is None:
+        raise AutopruneError(
+            f"searcher {name!r} cannot be told earlier trials (it has no tell_finished): not resumable"
+        )
+    tell(records)
+
+
+def has_records(path: str) -> bool:
+    """Whether any trial of the search at ``path`` has ended and been recorded (what ``--resume`` keeps)."""
+    return bool(names(join(path, TRIALS)))
 
 
 def _cause(exc: BaseException) -> str:
@@ -302,10 +322,10 @@ def _cause(exc: BaseException) -> str:
     return first_line(exc) if isinstance(exc, AutopruneError) else f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def _before_first_snapshot(plan: Plan, exc: BaseException) -> AutopruneError | None:
-    """A new search that ended before Tune's first snapshot has nothing to resume: its folder
-    (what it wrote: the saved settings, an empty ``tuner.pkl``) is removed, so its name is
-    free again, and the error becomes one line. Its MLflow run stays, ended with the reason."""
+def _before_first_record(plan: Plan, exc: BaseException) -> AutopruneError | None:
+    """A new search that ended before any trial was recorded has nothing to resume: its folder
+    (what it wrote: the saved settings, Tune's files) is removed, so its name is free again,
+    and the error becomes one line. Its MLflow run stays, ended with the reason."""
     remove_dir(plan.path)
     if isinstance(exc, KeyboardInterrupt):
         print(f"search {plan.name!r} interrupted before its first trial; nothing to resume", file=sys.stderr)
@@ -314,15 +334,3 @@ def _before_first_snapshot(plan: Plan, exc: BaseException) -> AutopruneError | N
         f"search {plan.name!r} failed before its first trial: {_cause(exc)}. Nothing was kept under "
         f"{plan.path!r} (the name is free again); the MLflow search run is FAILED with this reason"
     )
-
-
-def _replays(plan: Plan, experiment_id: str, run_id: str) -> dict[str, dict]:
-    """The last reports of trials that ended after Tune's last snapshot, to replay on a
-    resume: only those whose child run is FINISHED (the report is kept just before the run
-    is ended; an interruption in between leaves the run RUNNING, and the trial runs again)."""
-    from ..tracking import store
-    from ..tracking.resume import load_finals
-
-    runs = store.trial_runs(plan.tracking_uri, experiment_id, run_id)
-    kept = load_finals(join(plan.path, COMPLETED))
-    return {t: report for t, report in kept.items() if t in runs and runs[t].info.status == "FINISHED"}

@@ -200,15 +200,34 @@ class PolicyOptunaSearch(PortableState, OptunaSearch):
     the step they reached and then their last value. A trial is early-stopped when it
     finished without error and without its final report (``contract.is_final``). It is
     pickled with the Tuner (for ``--resume``), so it lives at module level, and pickles
-    whatever sampler it wraps (:class:`PortableState`)."""
+    whatever sampler it wraps (:class:`PortableState`); a resume does not read that pickle
+    back, but tells a new searcher the finished trials (:meth:`tell_finished`)."""
 
     def suggest(self, trial_id: str):
-        """The :class:`TrialConfig` the space returned. Ray's ``OptunaSearch`` also copies every
+        """The :class:`TrialConfig` the space returned, with the Optuna trial's parameters, their
+        distributions and its system attributes as the searcher's data (what
+        :meth:`tell_finished` reads back on a resume). Ray's ``OptunaSearch`` also copies every
         raw Optuna parameter into the config; they are all in the policy already."""
         config = super().suggest(trial_id)
         if not isinstance(config, dict):
             return config  # None (wait) or Searcher.FINISHED
-        return {k: v for k, v in config.items() if k in TRIAL_CONFIG_KEYS}
+        out = {k: v for k, v in config.items() if k in TRIAL_CONFIG_KEYS}
+        out["searcher"] = _optuna_memo(self._ot_study, self._ot_trials[trial_id])
+        return out
+
+    def tell_finished(self, records: list[dict]) -> None:
+        """Add a resumed search's finished trials (:mod:`autoprune.search.journal` records) to the
+        study, as they ended: complete with their value(s), pruned (stopped by the scheduler)
+        with their per-epoch values, or failed. The sampler then goes on from them."""
+        metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+        for rec in records:
+            try:
+                self._ot_study.add_trial(_frozen(rec, metrics, isinstance(self.metric, list)))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise AutopruneError(
+                    f"trial record {rec['trial_id']!r} cannot be told to the searcher ({type(exc).__name__}: {exc}); "
+                    "it was altered, or the search space changed since"
+                ) from None
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         stopped = (
@@ -225,6 +244,63 @@ class PolicyOptunaSearch(PortableState, OptunaSearch):
         # an exhausted GridSampler calls Study.stop() in tell, which only works inside optimize()
         with contextlib.suppress(RuntimeError):
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+
+
+def _optuna_memo(study, trial) -> dict[str, Any]:
+    """What a resume needs to add an Optuna trial to a new study: its parameters, their
+    distributions (Optuna's JSON) and its system attributes (a grid sampler's grid point,
+    NSGA-II's generation), all plain JSON."""
+    from optuna.distributions import distribution_to_json
+
+    attrs = study._storage.get_trial_system_attrs(trial._trial_id)
+    return {
+        "params": dict(trial.params),
+        "distributions": {k: distribution_to_json(d) for k, d in trial.distributions.items()},
+        "system_attrs": {k: v for k, v in attrs.items() if _is_json(v)},
+    }
+
+
+def _is_json(value: Any) -> bool:
+    import json
+
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _frozen(rec: dict, metrics: list[str], multi: bool):
+    """The Optuna trial of a record, as it ended (see :meth:`PolicyOptunaSearch.tell_finished`)."""
+    from optuna.distributions import json_to_distribution
+
+    memo = rec["config"].get("searcher") or {}
+    distributions = {k: json_to_distribution(v) for k, v in dict(memo.get("distributions", {})).items()}
+    report, curve = rec["report"], rec["curve"]
+    values = [report.get(m) for m in metrics]
+    points = [p for p in curve if metrics[0] in p and "training_iteration" in p]
+    steps = {} if multi else {int(p["training_iteration"]): p[metrics[0]] for p in points}
+    state = TrialState.FAIL
+    # as the live searcher tells them: a multi-objective trial stopped early is complete with its last values
+    ended = ("completed", "stopped") if multi else ("completed",)
+    if rec["status"] in ended and all(v is not None for v in values):
+        state = TrialState.COMPLETE
+    elif rec["status"] == "stopped" and not multi:
+        state = TrialState.PRUNED
+    if state == TrialState.COMPLETE:
+        value = {"values": values} if multi else {"value": values[0]}
+    elif state == TrialState.PRUNED and steps:
+        value = {"value": steps[max(steps)]}
+    else:
+        value = {}
+    return optuna.trial.create_trial(
+        state=state,
+        params=dict(memo.get("params", {})),
+        distributions=distributions,
+        system_attrs=dict(memo.get("system_attrs", {})),
+        intermediate_values=steps or None,
+        **value,
+    )
 
 
 def _optuna(ctx: SearcherContext, sampler, multi_objective: bool = False) -> Any:

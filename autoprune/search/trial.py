@@ -28,8 +28,6 @@ class TrialSetup:
     cpus_per_trial: float
     gpus_per_trial: float
     latency: Any = None  # the hardware's engine.LatencyTable for the dense model (predictions)
-    replay: dict[str, dict] = field(default_factory=dict)  # resume: final reports of trials that ended
-    # after Tune's last snapshot; they are reported again instead of re-run
     on_pruned: Any = None  # the searcher's trial hook (SearcherHooks.trial_hook): extra report keys once pruned
     tables: dict[str, Any] = field(default_factory=dict)  # hardware (engine.measure.device_name) -> its
     # LatencyTable, each built on a node of that kind (search.hardware); trials predict with their own
@@ -111,10 +109,6 @@ def run_trial(config: dict, setup_ref: list) -> None:
     from .. import engine
 
     setup, dense = _setup(setup_ref[0])
-    replay = setup.replay.get(tune.get_context().get_trial_id())
-    if replay is not None:
-        tune.report(replay)
-        return
     trial = TrialConfig.from_config(config)
     if trial.space_error is not None:
         raise AutopruneError(f"the search space failed: {trial.space_error}")

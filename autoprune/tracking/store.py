@@ -50,7 +50,7 @@ def check_tracking_uri(uri: str) -> None:
     is not an MLflow store or lies where nothing can be written, a file store MLflow 3 refuses."""
     from ..paths import check_output_dir
 
-    scheme = uri.partition("://")[0] if "://" in uri else ""
+    scheme = uri.partition("://")[0].partition("+")[0] if "://" in uri else ""  # postgresql+psycopg2: postgresql
     if scheme not in STORE_SCHEMES:
         raise AutopruneError(
             f"--tracking-uri {uri!r} is not a tracking store MLflow can open; use sqlite:///path/mlflow.db, "
@@ -75,6 +75,8 @@ def check_tracking_uri(uri: str) -> None:
         check_output_dir(path.parent, "--tracking-uri")
         if path.is_file() and path.stat().st_size > 0:
             _check_sqlite_store(path, uri)
+    elif scheme in ("postgresql", "mysql", "mssql"):
+        _check_driver(uri, scheme)
     elif scheme == "file":
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
             raise AutopruneError(
@@ -82,6 +84,38 @@ def check_tracking_uri(uri: str) -> None:
                 "sqlite:///path/mlflow.db, or set MLFLOW_ALLOW_FILE_STORE=true to use it anyway"
             )
         check_output_dir(urllib.request.url2pathname(uri[len("file://") :]), "--tracking-uri")
+
+
+_DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "MySQLdb": "mysqlclient"}  # module: package
+
+
+def _check_driver(uri: str, scheme: str) -> None:
+    """A database store needs its Python driver, which MLflow does not install; without it
+    MLflow fails only once the search has started."""
+    import sqlalchemy
+
+    try:
+        url = sqlalchemy.engine.make_url(uri)
+        url.get_dialect().import_dbapi()
+    except ImportError as exc:
+        driver = str(getattr(exc, "name", None) or exc)
+        package = _DRIVERS.get(driver.partition(".")[0], driver)
+        raise AutopruneError(
+            f"--tracking-uri {_shown(uri)!r} needs the {scheme} driver {driver!r}, which is not installed: "
+            f"pip install {package!r}, or use sqlite:///path/mlflow.db"
+        ) from None
+    except (sqlalchemy.exc.ArgumentError, ValueError) as exc:
+        raise AutopruneError(f"--tracking-uri {_shown(uri)!r} is not a database URI ({exc})") from None
+
+
+def _shown(uri: str) -> str:
+    """A database URI without its password."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(uri).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - shown as given
+        return uri
 
 
 def _check_sqlite_store(path: Path, uri: str) -> None:
@@ -264,20 +298,26 @@ def end_trial_runs(uri: str, experiment_id: str, parent: str, status: str) -> in
     return len(running)
 
 
-def drop_unfinished(uri: str, experiment_id: str, parent: str, known: set[str]) -> int:
-    """Before a resume: delete the child runs an interrupted search left RUNNING (their
-    trials run again from the start under fresh runs, so no epoch is logged twice), and the
-    runs of trials Tune's last snapshot does not know (``known``: they will not be resumed;
-    new trials take their place)."""
+def keep_recorded(uri: str, experiment_id: str, parent: str, recorded: dict[str, str]) -> int:
+    """Before a resume: the child runs of trials the search recorded (``recorded``: trial id ->
+    ``completed``, ``stopped`` or ``failed``) are kept, ended as their record says if an
+    interruption came between the record and the run's end; every other child run (a trial
+    cut short: it runs again from the start, under a new run) is ended KILLED and deleted, so
+    no epoch is logged twice. Returns how many were deleted."""
     mlflow = client(uri)
-    stale = [
-        r
-        for tid, r in trial_runs(uri, experiment_id, parent).items()
-        if r.info.status not in ("FINISHED", "FAILED") or tid not in known
-    ]
-    for run in stale:
+    deleted = 0
+    for trial_id, run in trial_runs(uri, experiment_id, parent).items():
+        status = recorded.get(trial_id)
+        if status is not None:
+            ended = "FAILED" if status == "failed" else "FINISHED"
+            if run.info.status != ended:
+                mlflow.set_terminated(run.info.run_id, status=ended)
+            continue
+        if run.info.status == "RUNNING":
+            mlflow.set_terminated(run.info.run_id, status="KILLED")
         mlflow.delete_run(run.info.run_id)
-    return len(stale)
+        deleted += 1
+    return deleted
 
 
 SYSTEM_METRICS_S = 10.0  # how often the search run samples CPU, memory, disk, network (and GPU)

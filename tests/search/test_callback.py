@@ -9,7 +9,7 @@ from autoprune.rayenv import quiet_environment
 
 quiet_environment()  # token authentication, before the callback imports Ray
 
-from autoprune.search import callback  # noqa: E402
+from autoprune.search import callback, journal  # noqa: E402
 from autoprune.tracking import store  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def uri(tmp_path_factory) -> str:
 
 def _logger(uri: str, tmp_path):
     experiment_id, parent = store.open_search_run(uri, tmp_path.name, {}, resume=False)
-    logger = callback.TrialLogger(uri, experiment_id, parent, str(tmp_path / "completed"))
+    logger = callback.TrialLogger(uri, experiment_id, parent, str(tmp_path))
     return experiment_id, parent, logger
 
 
@@ -94,7 +94,11 @@ def test_trial_logger_writes_off_tunes_loop_and_the_snapshot_waits_for_it(uri, t
         [(step, _)] = _history(uri, run.info.run_id, key)
         assert step == 0, key
     assert run.data.tags["autoprune.stopped_early"] == "false"
-    assert (tmp_path / "completed" / "t1.json").is_file()  # kept for a resume
+    # the search's own record of it (what a resume reads), with its number and per-report curve
+    [rec] = journal.load(str(tmp_path))
+    assert (rec["trial_id"], rec["number"], rec["status"], rec["error"]) == ("t1", 1, "completed", None)
+    assert [p["val_acc"] for p in rec["curve"]] == [0.8, 0.9] and rec["report"]["final"] is True
+    assert rec["config"] == trial.config
     logger.close()
     assert not callback._WRITERS
 
@@ -103,7 +107,7 @@ def test_trial_logger_store_errors_reach_tunes_loop(uri, tmp_path):
     from autoprune.errors import AutopruneError
 
     _, parent = store.open_search_run(uri, tmp_path.name, {}, resume=False)
-    logger = callback.TrialLogger(uri, "424242", parent, str(tmp_path / "completed"))  # no such experiment
+    logger = callback.TrialLogger(uri, "424242", parent, str(tmp_path))  # no such experiment
     logger.on_trial_start(0, [], _Trial("t1"))
     with pytest.raises(AutopruneError, match="MLflow logging to sqlite:///.* failed"):
         logger.flush()
@@ -125,10 +129,29 @@ def test_a_stopped_trial_gets_its_cost_once_and_no_final_metrics(uri, tmp_path):
     assert _history(uri, run.info.run_id, "val_acc") == [(1, 0.7)]
     assert "predicted_speedup" not in run.data.metrics and "latency_measured_ms" not in run.data.metrics
     assert [s for s, _ in _history(uri, run.info.run_id, "trial_wall_s")] == [0]
-    # its last report is kept too: a resume replays it instead of running the trial again
-    from autoprune.tracking.resume import load_finals
+    # it is recorded too: a resume counts it as ended, instead of running it again
+    [rec] = journal.load(str(tmp_path))
+    assert rec["status"] == "stopped" and rec["report"]["val_acc"] == 0.7
 
-    assert load_finals(str(tmp_path / "completed"))["s1"]["val_acc"] == 0.7
+
+def test_a_failed_trial_is_recorded_and_a_retried_trial_leaves_no_run_running(uri, tmp_path):
+    """Tune retries a failed trial (--max-failures): its earlier run is ended KILLED before it is
+    deleted (MLflow keeps deleted runs, and would keep them RUNNING); the last failure is recorded."""
+    from mlflow.entities import ViewType
+
+    experiment_id, parent, logger = _logger(uri, tmp_path)
+    trial = _Trial("f1", {})
+    for _ in range(3):  # the first try and two retries
+        logger.on_trial_start(0, [], trial)
+    trial.pickled_error_file = None
+    logger.on_trial_error(0, [], trial)
+    logger.close()
+    every = _client(uri).search_runs([experiment_id], run_view_type=ViewType.ALL)
+    tries = [r for r in every if r.data.tags.get(store.PARENT) == parent]  # deleted ones too
+    assert len(tries) == 3 and not [r for r in tries if r.info.status == "RUNNING"]
+    assert store.trial_runs(uri, experiment_id, parent)["f1"].info.status == "FAILED"
+    [rec] = journal.load(str(tmp_path))
+    assert rec["status"] == "failed" and rec["error"] == "unknown error" and rec["number"] == 1
 
 
 def test_a_report_before_pruning_logs_no_cost(uri, tmp_path):
@@ -160,7 +183,7 @@ def test_child_runs_are_named_and_numbered_by_what_they_are(uri, tmp_path):
 
     # a resumed search (a fresh logger, as unpickled by Tune): new trials continue the
     # numbering; a trial run again from scratch keeps its number under a fresh run
-    resumed = callback.TrialLogger(uri, experiment_id, parent, str(tmp_path / "completed"))
+    resumed = callback.TrialLogger(uri, experiment_id, parent, str(tmp_path))
     resumed.on_trial_start(0, [], _Trial("t1", policy=policies[1]))
     resumed.on_trial_start(0, [], _Trial("t9", policy=policies[0]))
     resumed.close()

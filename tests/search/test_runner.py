@@ -202,11 +202,11 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, engine_cfg
 
 
 @pytest.mark.parametrize("error", [OSError("No space left on device\nmore"), KeyboardInterrupt()])
-def test_a_search_that_ends_before_its_first_snapshot_leaves_its_name_free(
+def test_a_search_that_ends_before_its_first_record_leaves_its_name_free(
     error, tmp_path, engine_cfg, digits_dense, monkeypatch, capsys
 ):
     """Whatever ends a search ends its MLflow run (FAILED with the reason, or KILLED), never
-    left RUNNING; before Tune's first snapshot there is nothing to resume, so the error is
+    left RUNNING; before any trial is recorded there is nothing to resume, so the error is
     one line, no resume hint is printed, and the name is free for a new search."""
     import autoprune
     from autoprune.errors import AutopruneError
@@ -285,11 +285,41 @@ def _kill_tree(pid: int, ray_tmp: str) -> None:
             pass
 
 
+def _recorded(storage: str, name: str) -> list[str]:
+    """The trials a search recorded as ended (search.journal): what a resume keeps."""
+    from autoprune.paths import join, names
+
+    return [n.removesuffix(".json") for n in names(join(storage, name, "trials")) if n.endswith(".json")]
+
+
+def _run_until(args: list[str], env: dict, log: Path, storage: str, recorded: int, cwd=None) -> None:
+    """Start a search and kill it (SIGKILL, with its Ray processes) once ``recorded`` trials
+    are recorded; it must not have ended by itself first."""
+    ray_tmp = env["RAY_TMPDIR"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    seen = 0
+    try:
+        deadline = time.time() + 400  # a loaded 2-core machine with the bucket is slow
+        while time.time() < deadline and proc.poll() is None and seen < recorded:
+            try:
+                seen = len(_recorded(storage, "kill"))
+            except Exception:  # noqa: BLE001 - the folder may not exist yet
+                seen = 0
+            time.sleep(0.2)
+    finally:
+        _kill_tree(proc.pid, ray_tmp)
+        proc.wait(timeout=30)
+    assert recorded <= seen < 5, f"not killed mid-way ({seen} recorded): {log.read_text(errors='replace')[-3000:]}"
+
+
 @pytest.mark.parametrize("where", ["folder", "bucket"])
 def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_path, engine_cfg, digits_dense, request):
-    """Killed mid-way, resumed from its --storage: a folder, or an S3 bucket, in which case the
-    resume runs with another HOME and working folder, so all it has is the bucket (and the
-    MLflow store, which on a cluster is the server on the head)."""
+    """Killed with SIGKILL mid-way (three times in a row, in a folder), resumed from its own
+    records each time, it ends with exactly the trials it was asked for: each recorded trial
+    kept as it was, none run twice, no run left RUNNING. From a bucket, the resume runs with
+    another HOME and working folder, so all it has is the bucket (and the MLflow store, which
+    on a cluster is the server on the head)."""
     from autoprune.paths import join, read_text
 
     exe = Path(sys.executable).with_name("autoprune")
@@ -301,84 +331,29 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_pat
         bucket = request.getfixturevalue("s3")
         storage = bucket.uri("kill", "results")
         env.update(bucket.env, HOME=str(tmp_path))
-    args = [
-        str(exe),
-        "search",
-        "--name",
-        "kill",
-        "--storage",
-        storage,
-        "--tracking-uri",
-        uri,
-        "--trials",
-        "5",
-        "--epochs",
-        "1",
-        "--final-epochs",
-        "1",
-        "--concurrency",
-        "1",
-        "--searcher",
-        "random",
-        "--budget-flops",
-        "0.5",
-        "--no-progress",
-    ]
-    log = tmp_path / "killed.log"  # a file, not a pipe nobody reads while the driver writes
-    with log.open("wb") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    finished_before = 0
-    try:
-        deadline = time.time() + 400  # a loaded 2-core machine with the bucket is slow
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                runs = [r for r in _runs(uri, "kill") if r.data.tags.get("autoprune.role") == "trial"]
-            except Exception:  # noqa: BLE001 - the store or experiment may not exist yet
-                runs = []
-            finished_before = sum(r.info.status == "FINISHED" for r in runs)
-            if finished_before >= 2:
-                break
-            time.sleep(0.2)
-    finally:
-        _kill_tree(proc.pid, ray_tmp)
-        proc.wait(timeout=30)
-    output = log.read_text(errors="replace")[-3000:]
-    assert 2 <= finished_before < 5, f"the driver was not killed mid-way ({finished_before} finished): {output}"
-    from autoprune.rayenv import quiet_environment
-
-    quiet_environment()
-    from ray.tune import ExperimentAnalysis
-
-    # Tune's last snapshot decides what a resume keeps: a run that finished after it belongs
-    # to a trial the resumed search does not know, so it is deleted and its place taken by a
-    # new trial (README, Resume). Everything the snapshot knew as finished must be kept as is.
-    known = {t.trial_id for t in ExperimentAnalysis(join(storage, "kill")).trials}
-    before = {
-        r.data.tags["autoprune.trial_id"]: r
-        for r in _runs(uri, "kill")
-        if r.data.tags.get("autoprune.role") == "trial"
-        and r.info.status == "FINISHED"
-        and r.data.tags["autoprune.trial_id"] in known
-    }
-    assert before, f"the snapshot knew no finished trial (it knew {sorted(known)}): {output}"
+    args = [str(exe), "search", "--name", "kill", "--storage", storage, "--tracking-uri", uri, "--trials", "5"]
+    args += ["--epochs", "1", "--final-epochs", "1", "--concurrency", "1", "--searcher", "random"]
+    args += ["--budget-flops", "0.5", "--no-progress"]
+    resume = [str(exe), "search", "--name", "kill", "--storage", storage, "--resume", "--no-progress"]
+    kept: dict[str, str] = {}  # trial id -> its run, for every trial recorded before a kill
+    for k, target in enumerate([2] if where == "bucket" else [1, 2, 3]):
+        _run_until(resume if k else args, env, tmp_path / f"killed{k}.log", storage, target)
+        for r in _runs(uri, "kill"):
+            tid = r.data.tags.get("autoprune.trial_id")
+            if tid in _recorded(storage, "kill"):
+                assert kept.setdefault(tid, r.info.run_id) == r.info.run_id  # kept, not run again
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     if where == "bucket":
         env["HOME"] = str(elsewhere)
-    resumed = subprocess.run(
-        [str(exe), "search", "--name", "kill", "--storage", storage, "--resume", "--no-progress"],
-        env=env,
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    resumed = subprocess.run(resume, env=env, cwd=elsewhere, capture_output=True, text=True, timeout=400)
     try:
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     finally:
         _kill_tree(-1, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert f"{len(kept)} finished before" in resumed.stdout, resumed.stdout
     summary = json.loads(read_text(join(storage, "kill", "best", "summary.json")))
     assert summary["trials"]["total"] == 5 and summary["trials"]["failed"] == 0
     runs = _runs(uri, "kill")
@@ -386,15 +361,75 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_pat
     children = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     ids = [r.data.tags["autoprune.trial_id"] for r in children]
-    assert len(children) == 5 and len(set(ids)) == 5
+    assert len(children) == 5 and len(set(ids)) == 5 and set(ids) == set(_recorded(storage, "kill"))
     assert all(r.info.status == "FINISHED" for r in children)
+    assert not [r for r in _runs(uri, "kill", deleted=True) if r.info.status == "RUNNING"]
+    assert sorted(int(r.data.tags["autoprune.trial_number"]) for r in children) == [1, 2, 3, 4, 5]
     c = _client(uri)
     for r in children:  # no epoch logged twice
         steps = [m.step for m in c.get_metric_history(r.info.run_id, "val_acc")]
         assert len(steps) == len(set(steps))
-    for trial_id, run in before.items():  # finished trials were kept, not re-run
+    for trial_id, run_id in kept.items():  # recorded trials were kept, not re-run
         [now] = [r for r in children if r.data.tags["autoprune.trial_id"] == trial_id]
-        assert now.info.run_id == run.info.run_id and now.info.end_time == run.info.end_time
+        assert now.info.run_id == run_id
+
+
+class _Payload:
+    """A pickle that, when loaded, creates the folder ``marker``: what an attacker who can
+    write the storage folder would put in Ray Tune's pickles."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_resume_reads_only_its_own_records_and_runs_no_code_from_storage(tmp_path, digits_dense, cli):
+    """Tampered Tune pickles (``tuner.pkl``, ``searcher-state-*.pkl``) are never loaded; a saved
+    setting naming a module is imported only if the command line names it again; a torn trial
+    record is refused by name before any work, and the earlier best model is left byte for byte."""
+    import pickle
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = tmp_path / "st"
+    args = ["search", "--name", "s1", "--storage", str(storage), "--tracking-uri", uri, "--trials", "2"]
+    args += ["--epochs", "1", "--final-epochs", "0", "--searcher", "random", "--no-progress"]
+    first = cli(*args, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = storage / "s1"
+    marker = tmp_path / "ran"
+    tune_files = [folder / "tune" / "tuner.pkl", *(folder / "tune").glob("searcher-state-*.pkl")]
+    tune_files += [folder / "tuner.pkl", folder / "searcher-state-2026-12-04_00-00-00.pkl"]
+    for f in tune_files:
+        f.write_bytes(pickle.dumps(_Payload(marker)))
+    resume = ["search", "--name", "s1", "--storage", str(storage), "--resume", "--no-progress"]
+    again = cli(*resume, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "2 finished before, 0 to run" in again.stdout and not marker.exists()
+
+    (tmp_path / "evil.py").write_text(
+        f"import os\nos.mkdir({str(marker)!r})\ndef space(trial, table):\n    return {{}}\n"
+    )
+    state = folder / "autoprune-search.json"
+    saved = json.loads(state.read_text())
+    saved["config"]["space"] = "evil:space"
+    state.write_text(json.dumps(saved))
+    refused = cli(*resume, env={"PYTHONPATH": str(tmp_path)})
+    assert refused.returncode == 2 and not marker.exists(), refused.stderr
+    assert "saved with --space 'evil:space', code from a module" in refused.stderr
+    assert "add --space evil:space" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    state.write_text(json.dumps({**saved, "config": {**saved["config"], "space": "default"}}))
+
+    best = {p.name: p.read_bytes() for p in (folder / "best").iterdir()}
+    assert {"model.pt", "summary.json", "policy.json"} <= set(best)
+    [record, *_] = sorted((folder / "trials").glob("*.json"))
+    with record.open("r+b") as f:
+        f.truncate(100)
+    torn = cli(*resume)
+    assert torn.returncode == 2 and len(torn.stderr.strip().splitlines()) == 1, torn.stderr
+    assert f"trial record {str(record)!r} is damaged or was altered" in torn.stderr
+    assert {p.name: p.read_bytes() for p in (folder / "best").iterdir()} == best
 
 
 def test_more_gpus_than_the_machine_has_fails_before_any_trial(cli, tmp_path):
@@ -448,10 +483,10 @@ def test_sigterm_stops_a_search_as_ctrl_c_does_and_leaves_no_run_running(sig, st
                 runs = [r for r in _runs(uri, "stop") if r.data.tags.get("autoprune.role") == "trial"]
             except Exception:  # noqa: BLE001 - the store or experiment may not exist yet
                 runs = []
-            running = any(r.info.status == "RUNNING" for r in runs) and (tmp_path / "st" / "stop").is_dir()
+            # a trial running with one recorded before it: there is something to resume
+            running = any(r.info.status == "RUNNING" for r in runs) and _recorded(str(tmp_path / "st"), "stop")
             time.sleep(0.2)
         assert running, log.read_text(errors="replace")[-3000:]
-        time.sleep(1.5)  # past Tune's first snapshot (every second)
         proc.send_signal(sig)
         assert proc.wait(timeout=120) == status, log.read_text(errors="replace")[-3000:]
     finally:
@@ -459,7 +494,7 @@ def test_sigterm_stops_a_search_as_ctrl_c_does_and_leaves_no_run_running(sig, st
             _kill_tree(proc.pid, "no-such-folder")
     output = log.read_text(errors="replace")
     assert "--resume" in output and "SIGABRT" not in output and "Stack trace" not in output, output[-3000:]
-    statuses = {(r.data.tags.get("autoprune.role"), r.info.status) for r in _runs(uri, "stop")}
+    statuses = {(r.data.tags.get("autoprune.role"), r.info.status) for r in _runs(uri, "stop", deleted=True)}
     assert ("search", "KILLED") in statuses and not any(s == "RUNNING" for _, s in statuses), statuses
 
 
@@ -492,7 +527,6 @@ def test_one_search_per_name_and_a_dead_holders_lease_is_taken_over(tmp_path, di
                 running = False
             time.sleep(0.2)
         assert running and (tmp_path / "st" / "one" / LEASE).is_file(), log.read_text(errors="replace")[-3000:]
-        time.sleep(1.5)  # past Tune's first snapshot
         for extra in ([], ["--resume"]):
             t0 = time.time()
             second = cli_here(*args, *extra)

@@ -62,6 +62,7 @@ def _check(trial: TrialConfig, table) -> Policy:
 def _report(epoch: int, final: bool, acc: float) -> dict:
     row = {"epoch": epoch, "val_acc": acc, "loss": 1.0 - acc, "node_id": "n", "training_iteration": epoch}
     row.update(flops=5e5, params=1e4, flops_ratio=0.49, params_ratio=0.5, ratios={}, recal_acc=acc, reward=acc)
+    row.update(latency_predicted_ms=2.0 - acc)
     if final:
         row.update(predicted_speedup=1.3, latency_measured_ms=1.1, engine_s=1.0, report_s=0.0, **{FINAL: True})
     return row
@@ -98,6 +99,51 @@ def test_searcher_keeps_the_contract(name, table, tmp_path):
         assert _suggest(restored, "t4") == _suggest(searcher, "t4")
     else:
         _check(_suggest(restored, "t4"), table)
+
+
+@pytest.mark.parametrize("name", SEARCHERS.names())
+def test_searcher_is_told_a_resumed_searchs_records(name, table, tmp_path):
+    """A resume builds a new searcher and tells it the finished trials from the search's own
+    records (never from Tune's pickles): each registered searcher takes them, written and read
+    back through the journal, and goes on from where the first one was."""
+    from autoprune.search import journal
+
+    spec = SEARCHERS.get(name)
+    first = spec.make(_context(name, table))
+    configs = [first.suggest(f"t{i}") for i in range(4)]
+    outcomes = [  # completed, stopped by the scheduler after an epoch, failed, completed
+        ("completed", [_report(1, False, 0.8), _report(2, True, 0.9)]),
+        ("stopped", [_report(1, False, 0.5)]),
+        ("failed", []),
+        ("completed", [_report(1, False, 0.6), _report(2, True, 0.7)]),
+    ]
+    for i, (status, reports) in enumerate(outcomes):
+        for report in reports:  # Tune hands the searcher every report, the last one too
+            first.on_trial_result(f"t{i}", report)
+        first.on_trial_complete(f"t{i}", result=reports[-1] if reports else None, error=status == "failed")
+        curve = [journal.curve_point(r) for r in reports]
+        error = "RuntimeError: boom" if status == "failed" else None
+        rec = journal.record(f"t{i}", i + 1, status, configs[i], reports[-1] if reports else {}, curve, error)
+        journal.save(str(tmp_path), rec)
+    records = journal.load(str(tmp_path))
+    assert [r["trial_id"] for r in records] == ["t0", "t1", "t2", "t3"]
+
+    second = spec.make(_context(name, table))
+    second.tell_finished(records)
+    if isinstance(first, AMCSearch):  # the same episodes learned, the next one numbered after them
+        assert second.started == first.started == 4
+        assert [h["reward"] for h in second.history] == [h["reward"] for h in first.history]
+        assert second.ddpg.baseline == pytest.approx(first.ddpg.baseline)
+    else:
+
+        def told(s):
+            return [(t.state, t.values, t.intermediate_values, t.params) for t in s._ot_study.trials]
+
+        assert told(second) == told(first)
+    _check(_suggest(second, "t4"), table)
+    if spec.needs_grid:  # a grid point already run is not proposed again
+        attrs = second._ot_study._storage.get_trial_system_attrs(second._ot_trials["t4"]._trial_id)
+        assert attrs["grid_id"] not in [r["config"]["searcher"]["system_attrs"]["grid_id"] for r in records]
 
 
 @pytest.mark.parametrize("name", SEARCHERS.names())
@@ -190,7 +236,7 @@ def test_optuna_searchers_learn_what_the_trials_reported(table, tmp_path):
 def test_trial_config_refuses_what_the_contract_does_not_have():
     from autoprune.errors import AutopruneError
 
-    with pytest.raises(AutopruneError, match="unknown key.*lr.*policy, budget_fraction and space_error"):
+    with pytest.raises(AutopruneError, match="unknown key.*lr.*policy, budget_fraction, space_error and searcher"):
         TrialConfig.from_config({"policy": {}, "lr": 0.1})
     with pytest.raises(AutopruneError, match="budget_fraction must be in"):
         TrialConfig.from_config({"budget_fraction": 1.5})
