@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
+from .errors import AutopruneError
 
 
 def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, overwrite: bool = False) -> dict[str, Any]:
@@ -61,19 +63,32 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
         "device": str(next(result.model.parameters()).device),
         "wall_time_s": time.perf_counter() - t0,
     }
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    save_model(
-        out / "model.pt",
-        result.model,
-        cfg.task,
-        policy.structure,
-        result.history,
-        policy.to_dict(),
-        {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
-        architecture_key(dense),
-    )
-    policy.to_json(out / "policy.json")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    written: list[Path] = []
+    try:
+        save_model(
+            out / "model.pt",
+            result.model,
+            cfg.task,
+            policy.structure,
+            result.history,
+            policy.to_dict(),
+            {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
+            architecture_key(dense),
+        )
+        written.append(out / "model.pt")
+        policy.to_json(out / "policy.json")
+        written.append(out / "policy.json")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except BaseException as exc:  # a full disk: no half of a result is left, nor a folder this run made
+        for path in [*written, out / "summary.json"]:
+            path.unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise AutopruneError(f"{str(out)!r} could not be written: {exc.strerror or exc}") from None
+        raise
     print()
     print(comparison(result.dense, result.pruned))
     note = latency_note(result.latency_checks, budget)

@@ -31,3 +31,30 @@ def quiet_environment() -> None:
     warnings.filterwarnings("ignore", message=".*reported value is ignored.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
     warnings.filterwarnings("ignore", category=FutureWarning, module="ray")
+
+
+def check_token() -> None:
+    """The Ray token this process would present (``RAY_AUTH_TOKEN``, else the file
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), where there is one, is a token: one
+    word of printable ASCII. Ray aborts the process with a gRPC assertion on anything else."""
+    from pathlib import Path
+
+    from .errors import AutopruneError
+
+    where, token = "RAY_AUTH_TOKEN", os.environ.get("RAY_AUTH_TOKEN")
+    if token is None:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+        if not path.is_file():
+            return  # Ray makes one
+        where = str(path)
+        data = path.read_bytes()[:65537]
+        try:
+            token = data.decode("ascii")
+        except UnicodeDecodeError:
+            token = "\x00"
+    word = token.strip()
+    if not (8 <= len(word) <= 65536 and word.isprintable() and len(word.split()) == 1):
+        raise AutopruneError(
+            f"the Ray token in {where!r} is not a token (one word of printable ASCII); fix or remove it (Ray then "
+            "makes a new one for a local instance), or set RAY_AUTH_TOKEN to the cluster's token"
+        )

@@ -15,6 +15,7 @@ import os
 import pickle
 import shutil
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,24 @@ def _saved_search(d: Path, model: Path) -> None:
     )
     (d / "res" / "old").mkdir(parents=True)
     (d / "res" / "old" / "autoprune-search.json").write_text(json.dumps({"config": saved}))
+
+
+def _home_file(name: str, content: bytes):
+    """A file in the row's home folder (``HOME``)."""
+
+    def setup(d: Path, model: Path) -> None:
+        path = d.parent / "home" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+
+    return setup
+
+
+def _long_history(d: Path, model: Path) -> None:
+    """The good model file with its pruning history's first step repeated 200,000 times."""
+    blob = torch.load(model, weights_only=True)
+    blob["history"] = [blob["history"][0]] * 200_000
+    torch.save(blob, d / "long.pt")
 
 
 def _saved_with(**files: bytes):
@@ -538,6 +557,18 @@ ROWS = [
         None,
     ),
     ("search-address", [*SEARCH, "--address", "127.0.0.1:1"], ["no Ray cluster answers at --address"], None),
+    (
+        "model-history-too-long",
+        ["evaluate", "{d}/long.pt"],
+        ["pruning history of 200000 steps", "altered"],
+        _long_history,
+    ),
+    (
+        "search-ray-token-garbage",
+        [*SEARCH, "--trials", "2"],
+        ["Ray token", ".ray/auth_token", "not a token"],
+        _home_file(".ray/auth_token", b"\x00\xffnot a token\n"),
+    ),
     ("search-nsga2-asha", [*SEARCH, "--searcher", "nsga2", "--scheduler", "asha"], ["use --scheduler none"], None),
     ("search-grid-space", [*SEARCH, "--searcher", "grid"], ["needs a space with a grid"], None),
     (
@@ -816,3 +847,56 @@ def test_an_unwritable_temp_folder_is_one_line_before_any_work(kind, tmp_path, g
     got = cli_here("evaluate", str(good_model), env={"TMPDIR": str(folder)})
     assert got.returncode == 2 and len(got.stderr.strip().splitlines()) == 1, got.stderr
     assert f"TMPDIR {str(folder)!r} cannot be written" in got.stderr
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\n\r\n", None])
+def test_an_address_where_something_else_listens_is_refused_in_seconds(reply, tmp_path, cli_here):
+    """Something that is not a Ray head (a web server; a service that says nothing) at
+    --address: one line within 15 s, where Ray itself would retry for minutes."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(100)
+            if reply:
+                conn.sendall(reply)
+            time.sleep(5 if reply is None else 0)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    t0 = time.time()
+    try:
+        got = cli_here("search", "--storage", str(tmp_path / "res"), "--address", f"127.0.0.1:{port}")
+    finally:
+        server.close()
+    assert got.returncode == 2 and time.time() - t0 < 15, got.stderr
+    assert f"--address '127.0.0.1:{port}' answers, but not as a Ray head" in got.stderr
+    assert len(got.stderr.strip().splitlines()) == 1 and not (tmp_path / "res").exists()
+
+
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_half_result(tmp_path, digits_dense, engine_cfg):
+    """The pruned model cannot be written (a file size limit stands in for a full disk: the
+    write fails after its first bytes, as it does when the disk fills): one line naming the
+    file, and no output folder left behind."""
+    import resource
+    import subprocess
+    import sys
+
+    def limit() -> None:  # model.pt is about 350 KB; the dense model is read from the cache
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    exe = Path(sys.executable).with_name("autoprune")
+    out = tmp_path / "o"
+    args = [str(exe), "prune", "--out", str(out), "--finetune-epochs", "1", "--cache-dir", engine_cfg.cache_dir]
+    got = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert got.returncode == 2 and len(got.stderr.strip().splitlines()) == 1, got.stderr[-2000:]
+    assert f"{str(out / 'model.pt')!r} could not be written" in got.stderr and "Traceback" not in got.stderr
+    assert not out.exists()

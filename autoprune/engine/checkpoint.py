@@ -53,8 +53,26 @@ def atomic_save(obj: Any, path: Path) -> None:
     try:
         torch.save(obj, tmp)
         tmp.replace(path)
+    except (OSError, RuntimeError) as exc:  # torch reports a failed write as RuntimeError("[enforce fail ...")
+        if isinstance(exc, RuntimeError) and "enforce fail" not in str(exc) and "write" not in str(exc):
+            raise
+        raise AutopruneError(f"{str(path)!r} could not be written: {write_failure(exc, path.parent)}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_failure(exc: BaseException, folder: Path) -> str:
+    """Why a write failed, in words: the OS's reason, or (torch's own errors say little) the
+    free space left where it was written."""
+    import shutil
+
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "the write failed"
+    return f"the write failed with {free / 2**20:.1f} MiB free there (a full disk, or a file size limit)"
 
 
 def load_tensors(path: str | Path, what: str) -> Any:
@@ -253,6 +271,19 @@ def reload_flags(task: TaskConfig) -> str:
     return flags
 
 
+def check_history_length(history: list, model, path: str | Path) -> None:
+    """A pruning history removes each channel (or head) of the model at most once: more steps
+    or indices than the model's weights have rows and columns come from an altered file, whose
+    replay would only keep the loader busy."""
+    capacity = sum(sum(p.shape[:2]) for p in model.parameters() if p.dim() >= 1)
+    removed = sum(len(step[2]) for step in history)
+    if len(history) > capacity or removed > capacity:
+        raise AutopruneError(
+            f"{str(path)!r} holds a pruning history of {len(history)} steps removing {removed} channels, more than "
+            f"the model has ({capacity}): it was altered"
+        )
+
+
 def load_model(path: str | Path, task: TaskConfig | dict[str, Any] | None = None):
     """Rebuild a saved pruned model: (model, task, record). ``task`` is what the user names:
     a whole :class:`TaskConfig`, or only some of its fields (a dict; the CLI's flags)."""
@@ -272,6 +303,7 @@ def load_model(path: str | Path, task: TaskConfig | dict[str, Any] | None = None
     if record.arch is not None and architecture_key(model) != record.arch:
         raise AutopruneError(other)
     if record.history:
+        check_history_length(record.history, model, path)
         try:
             replay_history(model, built.example_input(), record.history)
         except Exception:  # noqa: BLE001 - the history names layers this model does not have

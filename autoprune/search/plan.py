@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_EPOCHS, DEFAULT_STORAGE, STRUCTURES, SearchConfig
 from ..errors import AutopruneError
+from ..rayenv import check_token
 
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
 
@@ -162,6 +163,7 @@ def prepare(config: SearchConfig) -> Plan:
         )
     tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
     store.check_tracking_uri(tracking_uri)
+    check_token()
     address = config.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         _check_address(address)
@@ -282,9 +284,32 @@ def _check_address(address: str) -> None:
     if not sep or not port.isdigit():
         raise AutopruneError(f"--address {address!r} must be host:port (a Ray head's GCS address) or auto")
     try:
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=3).close()
+        speaks = _speaks_grpc(host or "127.0.0.1", int(port))
     except OSError as exc:
         raise AutopruneError(
             f"no Ray cluster answers at --address {address!r} ({exc}); start one with "
             "`ray start --head`, or leave --address out for a local instance"
         ) from None
+    if not speaks:
+        raise AutopruneError(
+            f"--address {address!r} answers, but not as a Ray head (its GCS speaks gRPC; this does not): give the "
+            "address `ray start --head` printed, or leave --address out for a local instance"
+        )
+
+
+def _speaks_grpc(host: str, port: int, timeout_s: float = 3.0) -> bool:
+    """Whether ``host:port`` answers an HTTP/2 connection preface with a SETTINGS frame, as
+    every gRPC server (a Ray head's GCS, its client server) does at once; Ray itself would
+    retry something else for minutes. OSError: nothing accepts connections there."""
+    with socket.create_connection((host, port), timeout=timeout_s) as conn:
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        head = b""
+        try:
+            while len(head) < 9:
+                chunk = conn.recv(9 - len(head))
+                if not chunk:
+                    break
+                head += chunk
+        except OSError:  # no answer within the timeout
+            return False
+    return len(head) == 9 and head[3] == 4
