@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -159,6 +160,7 @@ def check_temp_dir() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    os.umask(os.umask(0o077) | 0o077)  # results, mlflow.db (MLflow 3 keeps secrets there): this user's alone
     on_sigterm()
     try:
         if args.command in ("prune", "search", "evaluate", "export", "ui"):

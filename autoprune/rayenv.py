@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
+
+from . import errors
 
 
 def quiet_environment() -> None:
@@ -58,3 +62,29 @@ def check_token() -> None:
             f"the Ray token in {where!r} is not a token (one word of printable ASCII); fix or remove it (Ray then "
             "makes a new one for a local instance), or set RAY_AUTH_TOKEN to the cluster's token"
         )
+
+
+SOCKET_PATH_MAX = 107  # bytes in an AF_UNIX socket path (Linux)
+
+
+def private_temp_dir(create: bool = True) -> str:
+    """Where a local instance keeps its session (sockets, logs, object spill): a folder of
+    this user's alone (mode 0700) under ``RAY_TMPDIR`` or the temporary folder, not Ray's
+    shared, world-writable ``/tmp/ray``."""
+    root = Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    folder = root / f"ap-ray-{os.getuid()}"
+    longest = len(str(folder / "ray" / "session_2026-12-04_23-19-27_514872_4194304" / "sockets" / "plasma_store"))
+    if longest > SOCKET_PATH_MAX:
+        raise errors.AutopruneError(
+            f"the temporary folder {str(root)!r} is too deep for Ray's sockets (their paths under it would be "
+            f"{longest} bytes; at most {SOCKET_PATH_MAX}): set RAY_TMPDIR to a shorter folder, such as /tmp"
+        )
+    if not create:
+        return str(folder / "ray")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    info = folder.lstat()
+    if folder.is_symlink() or info.st_uid != os.getuid():
+        raise errors.AutopruneError(f"{str(folder)!r} belongs to another user; set RAY_TMPDIR to a folder of your own")
+    if info.st_mode & 0o077:
+        folder.chmod(0o700)
+    return str(folder / "ray")  # Ray makes its own folder world-writable; this one's parent keeps others out

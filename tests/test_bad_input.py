@@ -900,3 +900,12 @@ def test_a_full_disk_while_saving_is_one_line_and_leaves_no_half_result(tmp_path
     assert got.returncode == 2 and len(got.stderr.strip().splitlines()) == 1, got.stderr[-2000:]
     assert f"{str(out / 'model.pt')!r} could not be written" in got.stderr and "Traceback" not in got.stderr
     assert not out.exists()
+
+
+def test_a_temp_folder_too_deep_for_rays_sockets_is_one_line_before_ray(tmp_path, cli_here):
+    deep = tmp_path / ("d" * 60)
+    deep.mkdir()
+    got = cli_here("search", "--storage", str(tmp_path / "res"), "--trials", "2", env={"RAY_TMPDIR": str(deep)})
+    assert got.returncode == 2 and len(got.stderr.strip().splitlines()) == 1, got.stderr
+    assert "too deep for Ray's sockets" in got.stderr and "RAY_TMPDIR" in got.stderr
+    assert not (tmp_path / "res").exists() and not (deep / f"ap-ray-{os.getuid()}").exists()

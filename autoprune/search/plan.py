@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_EPOCHS, DEFAULT_STORAGE, STRUCTURES, SearchConfig
 from ..errors import AutopruneError
-from ..rayenv import check_token
+from ..rayenv import check_token, private_temp_dir
 
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
 
@@ -169,6 +169,7 @@ def prepare(config: SearchConfig) -> Plan:
         _check_address(address)
     local_cpus = local_gpus = 0
     if not address:
+        private_temp_dir(create=False)  # Ray's sockets fit under it
         local_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         local_gpus = gpu_count()
         check_fits(config, local_cpus, local_gpus, "this machine")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from ..errors import AutopruneError, on_sigterm
-from ..rayenv import quiet_environment
+from ..rayenv import private_temp_dir, quiet_environment
 from .plan import Plan
 
 
@@ -39,7 +42,52 @@ def _start(ray, plan: Plan, common: dict) -> None:
                 file=sys.stderr,
             )
         return
-    ray.init(address="local", num_cpus=plan.local_cpus, num_gpus=plan.local_gpus, include_dashboard=False, **common)
+    with no_usage_server():
+        ray.init(
+            address="local",
+            num_cpus=plan.local_cpus,
+            num_gpus=plan.local_gpus,
+            include_dashboard=False,
+            _temp_dir=private_temp_dir(),
+            **common,
+        )
+
+
+def stop() -> None:
+    """Stop (or, on a cluster, leave) Ray; a local instance's session folder goes with it."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    session = node.get_session_dir_path() if node is not None and node.head else None
+    ray.shutdown()
+    if session and Path(session).name.startswith("session_"):
+        shutil.rmtree(session, ignore_errors=True)
+        latest = Path(session).parent / "session_latest"
+        if latest.is_symlink() and not latest.exists():
+            latest.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def no_usage_server():
+    """A local instance without its dashboard process. With the dashboard off, Ray still
+    starts that process for one module, its usage statistics, which (even with statistics
+    disabled) probes the AWS, Azure and GCP metadata addresses to name the cloud it runs on.
+    Nothing of a search needs the process, so it is not started."""
+    from ray._private import node
+
+    original = node.Node.start_api_server
+
+    def start_api_server(self, *, include_dashboard, raise_on_failure):
+        if include_dashboard:
+            return original(self, include_dashboard=include_dashboard, raise_on_failure=raise_on_failure)
+        self._webui_url = None
+        return None
+
+    node.Node.start_api_server = start_api_server
+    try:
+        yield
+    finally:
+        node.Node.start_api_server = original
 
 
 CLIENT_ATTEMPTS = 3  # Ray Client connections tried before the search gives up

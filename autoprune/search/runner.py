@@ -29,7 +29,7 @@ from .hardware import node_tables, reachable, trial_latency_table
 from .journal import TRIALS, TUNE
 from .lease import Lease
 from .plan import STATE_FILE, Plan, prepare
-from .ray_connection import concurrency, connect
+from .ray_connection import concurrency, connect, stop
 from .results import SearchResult, read_records
 from .searchers import SEARCHERS, SearcherContext
 from .trial import TrialSetup, run_trial
@@ -52,7 +52,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     finally:
         lease.release()
         if owned and ray.is_initialized():
-            ray.shutdown()  # stops the local instance; only disconnects from a cluster
+            stop()  # stops the local instance (its session folder removed); only disconnects from a cluster
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,8 +104,8 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
                 )
             raise
         records = read_records(plan.path, store.trial_runs(plan.tracking_uri, experiment_id, run_id))
-        if owned:
-            ray.shutdown()  # before the final run: its latency is measured on an otherwise idle machine
+        if owned and ray.is_initialized():
+            stop()  # before the final run: its latency is measured on an otherwise idle machine
         return finish(
             Finish(
                 plan=plan,
