@@ -4,7 +4,15 @@ from __future__ import annotations
 
 
 class AutopruneError(Exception):
-    """Something the user asked for is wrong; the message says what and what is allowed."""
+    """Something the user asked for is wrong; the message says what and what is allowed. It
+    is one line whatever it quotes: a line break or other control character in a name taken
+    from a file or a flag is written as an escape (``\\n``)."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        text = str(message)
+        if not text.isprintable():
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        super().__init__(text, *args)
 
 
 class Terminated(KeyboardInterrupt):

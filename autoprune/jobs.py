@@ -16,7 +16,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     """``autoprune prune``: dense model -> engine -> DIR/summary.json, model.pt, policy.json.
     ``out`` must be new or empty unless ``overwrite``."""
     from . import engine
-    from .engine.checkpoint import architecture_key, reload_flags, save_model
+    from .engine.checkpoint import architecture_key, reload_flags
     from .engine.preflight import preflight
     from .engine.tasks import check_task_config, get_task
     from .paths import check_output_dir
@@ -63,32 +63,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
         "device": str(next(result.model.parameters()).device),
         "wall_time_s": time.perf_counter() - t0,
     }
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    try:
-        save_model(
-            out / "model.pt",
-            result.model,
-            cfg.task,
-            policy.structure,
-            result.history,
-            policy.to_dict(),
-            {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
-            architecture_key(dense),
-        )
-        written.append(out / "model.pt")
-        policy.to_json(out / "policy.json")
-        written.append(out / "policy.json")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    except BaseException as exc:  # a full disk: no half of a result is left, nor a folder this run made
-        for path in [*written, out / "summary.json"]:
-            path.unlink(missing_ok=True)
-        if made:
-            shutil.rmtree(out, ignore_errors=True)
-        if isinstance(exc, OSError):
-            raise AutopruneError(f"{str(out)!r} could not be written: {exc.strerror or exc}") from None
-        raise
+    _write_results(out, result, cfg, policy, summary, architecture_key(dense))
     print()
     print(comparison(result.dense, result.pruned))
     note = latency_note(result.latency_checks, budget)
@@ -102,6 +77,39 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     print(f"\nwrote {out / 'model.pt'}, {out / 'policy.json'}, {out / 'summary.json'}")
     print(f"reload it with: autoprune evaluate {out / 'model.pt'}{reload_flags(cfg.task)}")
     return summary
+
+
+def _write_results(out: Path, result, cfg: EngineConfig, policy: Policy, summary: dict, arch) -> None:
+    """``model.pt``, ``policy.json`` and ``summary.json`` into ``out``; on a failed write (a
+    full disk) no half of a result is left, nor a folder this run made."""
+    from .engine.checkpoint import save_model
+
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        save_model(
+            out / "model.pt",
+            result.model,
+            cfg.task,
+            policy.structure,
+            result.history,
+            policy.to_dict(),
+            {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
+            arch,
+        )
+        written.append(out / "model.pt")
+        policy.to_json(out / "policy.json")
+        written.append(out / "policy.json")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except BaseException as exc:  # a full disk: no half of a result is left, nor a folder this run made
+        for path in [*written, out / "summary.json"]:
+            path.unlink(missing_ok=True)
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise AutopruneError(f"{str(out)!r} could not be written: {exc.strerror or exc}") from None
+        raise
 
 
 def evaluate_job(
@@ -137,6 +145,11 @@ def export_job(model_path: str, task: dict[str, Any], fmt: str, out: str | None,
     target = check_output_file(
         Path(model_path).with_suffix("." + fmt) if out is None else out, "--out", fresh=not overwrite
     )
+    if out is not None and fmt == "pt2" and not target.name.endswith(".pt2"):
+        raise AutopruneError(
+            f"--out {str(target)!r} must end in .pt2: torch.export's archives are read back (torch.export.load) by "
+            "that name"
+        )
     model, built, _ = load_model(model_path, task)
     return export_model(model, built.example_input(), target, fmt)
 

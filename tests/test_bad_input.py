@@ -261,6 +261,12 @@ ROWS = [
     ("user-task-raises", [*PRUNE, "--task", "builtins:eval"], ["task 'builtins:eval' failed", "TypeError"], None),
     ("user-task-raises-list", ["list", "groups", "--task", "builtins:eval"], ["task 'builtins:eval' failed"], None),
     (
+        "user-task-raises-search",
+        [*SEARCH, "--trials", "2", "--task", "builtins:eval"],
+        ["task 'builtins:eval' failed", "TypeError"],
+        None,
+    ),
+    (
         "imagefolder-model",
         [*PRUNE, "--task", "imagefolder", "--model", "nonet", "--data-dir", "{d}"],
         ["nonet", "resnet18"],
@@ -557,6 +563,12 @@ ROWS = [
         None,
     ),
     ("search-address", [*SEARCH, "--address", "127.0.0.1:1"], ["no Ray cluster answers at --address"], None),
+    (
+        "export-pt2-name",
+        ["export", "{d}/m.pt", "--out", "{d}/m.bin"],
+        ["--out", "m.bin", "must end in .pt2"],
+        lambda d, m: shutil.copy(m, d / "m.pt"),
+    ),
     (
         "model-history-too-long",
         ["evaluate", "{d}/long.pt"],

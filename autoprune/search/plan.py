@@ -112,7 +112,6 @@ def prepare(config: SearchConfig) -> Plan:
 
     from .. import engine
     from ..engine.tasks import check_task_config
-    from ..paths import check_output_dir, is_uri
     from ..tracking import store
     from .searchers import SEARCHERS, foreign_settings
 
@@ -151,16 +150,7 @@ def prepare(config: SearchConfig) -> Plan:
             f"--scheduler asha stops trials on one metric; searcher {config.searcher!r} optimises several: "
             "use --scheduler none"
         )
-    # the best model is written locally; with a bucket --storage it is also copied to <path>/best
-    local = Path(DEFAULT_STORAGE).expanduser() / name if is_uri(path) else Path(path)
-    # a new search's --out must be new or empty (a resume writes over its own best model)
-    asked = bool(config.out) and not config.resume
-    where = Path(config.out).resolve() if config.out else local / "best"
-    out = check_output_dir(where, "--out", fresh=asked, instead="leave --out out (NAME/best under --storage)")
-    if not config.engine.checkpoint:
-        check_output_dir(
-            engine.cache_dir(config.engine), "--cache-dir" if config.engine.cache_dir else "the dense-model cache"
-        )
+    out = _outputs(config, name, path)
     tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
     store.check_tracking_uri(tracking_uri)
     check_token()
@@ -190,6 +180,24 @@ def prepare(config: SearchConfig) -> Plan:
         storage=storage,
         finished=finished,
     )
+
+
+def _outputs(config: SearchConfig, name: str, path: str) -> Path:
+    """The checked ``--out`` (and the dense-model cache). The best model is written locally;
+    with a bucket ``--storage`` it is also copied to ``<path>/best``. A new search's ``--out``
+    must be new or empty (a resume writes over its own best model)."""
+    from .. import engine
+    from ..paths import check_output_dir, is_uri
+
+    local = Path(DEFAULT_STORAGE).expanduser() / name if is_uri(path) else Path(path)
+    asked = bool(config.out) and not config.resume
+    where = Path(config.out).resolve() if config.out else local / "best"
+    out = check_output_dir(where, "--out", fresh=asked, instead="leave --out out (NAME/best under --storage)")
+    if not config.engine.checkpoint:
+        check_output_dir(
+            engine.cache_dir(config.engine), "--cache-dir" if config.engine.cache_dir else "the dense-model cache"
+        )
+    return out
 
 
 def _finished(name: str, path: str) -> list[dict]:

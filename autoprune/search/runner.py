@@ -41,6 +41,9 @@ def run_search(config: SearchConfig) -> SearchResult:
     quiet_environment()  # before anything imports ray
     plan = prepare(config)
     say = print
+    from ..engine.tasks import get_task
+
+    task = get_task(config.engine.task)  # a user task that fails does so before anything is written
     import ray
 
     lease = Lease(plan.name, plan.path).take(say)  # one writer per name, until this search ends
@@ -48,7 +51,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     try:
         if owned and len(plan.finished) < plan.trials:  # a resume with no trial left needs no Ray
             connect(plan)
-        return _search(plan, say, t0, owned)
+        return _search(plan, say, t0, owned, task)
     finally:
         lease.release()
         if owned and ray.is_initialized():
@@ -70,14 +73,14 @@ class Prepared:
     workers: int  # trials at a time
 
 
-def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
+def _search(plan: Plan, say, t0: float, owned: bool, task) -> SearchResult:
     import ray
 
     from ..tracking import store
     from .callback import close_writers
 
     config = plan.config
-    prep = _prepare(plan, say)
+    prep = _prepare(plan, say, task)
     saved = _saved_settings(plan, prep.workers)
     experiment_id, run_id = store.open_search_run(
         plan.tracking_uri, plan.name, store.flat_params("", saved, skip=store.SEARCH_NOISE), config.resume
@@ -140,7 +143,7 @@ def _search(plan: Plan, say, t0: float, owned: bool) -> SearchResult:
         raise
 
 
-def _prepare(plan: Plan, say) -> Prepared:
+def _prepare(plan: Plan, say, task) -> Prepared:
     """The task, its layer table (and a grid searcher's grid), the dense model trained or
     loaded once and measured, and the latency tables of the hardware the trials run on."""
     from autoprune.search_spaces import get_space
@@ -148,10 +151,8 @@ def _prepare(plan: Plan, say) -> Prepared:
     from .. import engine
     from ..engine.layers import layer_table
     from ..engine.measure import device_name
-    from ..engine.tasks import get_task
 
     config = plan.config
-    task = get_task(config.engine.task)
     table = layer_table(task, plan.structures)
     if SEARCHERS.get(config.searcher).needs_grid:
         plan.grid = get_space(config.space).grid(table)

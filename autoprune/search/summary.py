@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AutopruneError
+from ..schema import MAX_DOCUMENT_BYTES, read_json
 
 SCHEMA_VERSION = 1  # raised when a key changes meaning or goes; adding an optional key keeps it
 OPTIONAL = ("agent", "latency_table", "latency_tables")  # written only when the search has them
@@ -57,9 +58,11 @@ class SearchSummary:
         """The summary at ``path``; an :class:`AutopruneError` naming the file if it is not one
         this version of autoprune wrote or can read."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            with Path(path).open("rb") as f:
+                raw = f.read(MAX_DOCUMENT_BYTES + 1)
+        except OSError as exc:
             raise AutopruneError(f"{str(path)!r} is not a readable search summary ({exc})") from None
+        data = read_json(raw, f"search summary {str(path)!r}")
         if not isinstance(data, dict):
             raise AutopruneError(f"{str(path)!r} is not a search summary (not a JSON object)")
         version = data.get("schema_version")

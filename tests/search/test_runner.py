@@ -197,6 +197,10 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, engine_cfg
     failed = [r for r in runs if r.info.status == "FAILED"]
     assert len(runs) == 3 and len(failed) == 1
     assert "fpgm" in failed[0].data.tags["autoprune.error"]
+    # Tune ran the failing trial again (--max-failures 2): the runs of its earlier tries were
+    # replaced, ended KILLED first; nothing is left RUNNING, deleted runs included
+    every = _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "fails", deleted=True)
+    assert len(every) > len(runs) + 1 and not [r for r in every if r.info.status == "RUNNING"]
     [record] = [r for r in result.trials if r.status == "failed"]
     assert "fpgm" in record.error and record.run_id == failed[0].info.run_id
 
