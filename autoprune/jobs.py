@@ -19,7 +19,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     from .engine.checkpoint import architecture_key, reload_flags
     from .engine.preflight import preflight
     from .engine.tasks import check_task_config, get_task
-    from .paths import check_output_dir
+    from .paths import check_free_space, check_output_dir
     from .report import comparison, latency_note
 
     engine.check_policy(policy)
@@ -29,7 +29,8 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     if not cfg.checkpoint:
         check_output_dir(engine.cache_dir(cfg), "--cache-dir" if cfg.cache_dir else "the dense-model cache")
     task = get_task(cfg.task)
-    preflight(task, policy, budget)
+    size = preflight(task, policy, budget)
+    check_free_space(out, 2 * size + (1 << 20), "--out")  # model.pt and its temporary copy, at most
     t0 = time.perf_counter()
     dense = engine.dense_model(task, cfg)
     dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True, latency=False)  # timed by run

@@ -264,3 +264,16 @@ def upload_dir(folder: Path, location: str) -> None:
     fs, path = _fs(location)
     fs.create_dir(path, recursive=True)
     pyarrow.fs.copy_files(str(folder), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def check_free_space(folder: str | Path, need: int, flag: str) -> None:
+    """The disk under ``folder`` (or its nearest existing parent) has ``need`` bytes free:
+    what a run will write there is known before its work starts, and a full disk then says
+    so at once instead of after the work."""
+    where = _nearest_existing(Path(folder).expanduser())
+    free = shutil.disk_usage(where).free
+    if free < need:
+        raise AutopruneError(
+            f"{flag} {str(folder)!r}: the disk has {free / 2**20:.1f} MiB free, and the results need about "
+            f"{need / 2**20:.1f} MiB; free some space or choose another folder"
+        )

@@ -244,6 +244,12 @@ ROWS = [
     ),
     ("budget-latency-above-1", [*PRUNE, "--budget-latency", "2"], ["--budget-latency", "(0, 1]"], None),
     ("latency-batch-0", [*PRUNE, "--budget-latency", "0.5", "--latency-batch", "0"], ["--latency-batch", ">= 1"], None),
+    (
+        "latency-batch-huge",
+        [*PRUNE, "--budget-latency", "0.5", "--latency-batch", "100000"],
+        ["--latency-batch", "at most 65536"],
+        None,
+    ),
     ("budget-two-kinds", [*PRUNE, "--budget-flops", "0.5", "--budget-latency", "0.5"], ["not allowed with"], None),
     # names
     ("criterion", [*PRUNE, "--criterion", "psychic"], ["psychic", "magnitude", "random"], None),
@@ -563,6 +569,13 @@ ROWS = [
         None,
     ),
     ("search-address", [*SEARCH, "--address", "127.0.0.1:1"], ["no Ray cluster answers at --address"], None),
+    (
+        "evaluate-device-meta",
+        ["evaluate", "{d}/m.pt", "--device", "meta"],
+        ["'meta' is not supported", "cuda:N"],
+        lambda d, m: shutil.copy(m, d / "m.pt"),
+    ),
+    ("prune-device-xla", [*PRUNE, "--device", "xla"], ["'xla' is not supported"], None),
     (
         "export-pt2-name",
         ["export", "{d}/m.pt", "--out", "{d}/m.bin"],

@@ -76,3 +76,15 @@ def test_a_file_uri_storage_is_the_local_folder(tmp_path):
     assert check_location(f"file://{tmp_path}/res", "--storage") == str(tmp_path / "res")
     with pytest.raises(AutopruneError, match="not an absolute file:/// URI"):
         check_location("file://res", "--storage")
+
+
+def test_free_space_is_checked_against_what_a_run_will_write(tmp_path):
+    """The disk's real free space, read where the folder will be (its nearest existing parent)."""
+    import shutil
+
+    from autoprune.paths import check_free_space
+
+    free = shutil.disk_usage(tmp_path).free
+    check_free_space(tmp_path / "new" / "out", 1 << 20, "--out")
+    with pytest.raises(AutopruneError, match=r"--out .*MiB free, and the results need about"):
+        check_free_space(tmp_path / "new" / "out", free + (1 << 40), "--out")

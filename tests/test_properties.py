@@ -1,8 +1,8 @@
-"""Property-based checks, driven by hypothesis: every flag of ``prune`` and ``search`` with
-generated values, and the loaders of what autoprune reads back (a policy file, a search
+"""Property-based checks, driven by hypothesis: every value-taking flag of every subcommand
+with generated values, and the loaders of what autoprune reads back (a policy file, a search
 summary, a model file, a trial record) with generated documents. Whatever comes in: no
-traceback, a result or one AutopruneError (exit 2 for the CLI), and nothing written when it
-refuses.
+traceback, a result (exit 0) or one AutopruneError (exit 2 and one line for the CLI), and
+nothing written when it refuses.
 
 Two profiles (``AUTOPRUNE_HYPOTHESIS``): ``ci`` (the default, a few dozen examples per
 property, in the suite) and ``long`` (10,000 per property; run by hand, its figures are in the README)."""
@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,11 @@ settings.register_profile(
     "long", max_examples=10_000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 settings.load_profile(os.environ.get("AUTOPRUNE_HYPOTHESIS", "ci"))
+if os.environ.get("AUTOPRUNE_HYPOTHESIS_EXAMPLES"):  # a profile's count, overridden
+    settings.register_profile(
+        "chosen", settings(settings(), max_examples=int(os.environ["AUTOPRUNE_HYPOTHESIS_EXAMPLES"]))
+    )
+    settings.load_profile("chosen")
 
 # ------------------------------------------------------------------ values
 
@@ -77,7 +84,9 @@ def _value_flags(command: str) -> list[str]:
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    skip = {"--out", "--storage", "--name", "--address", "--help", "--tracking-uri"}
+    skip = {"--out", "--storage", "--name", "--address", "--help"}
+    if command != "ui":  # the UI's store is the value it is about; the others' is guarded
+        skip.add("--tracking-uri")
     return sorted(
         a.option_strings[-1]
         for a in sub._actions
@@ -86,33 +95,66 @@ def _value_flags(command: str) -> list[str]:
 
 
 def _argv(command: str, flag: str, value: str, d: Path) -> list[str]:
-    """One generated flag value, with guards that make a valid command stop at its last check
-    instead of working: prune into a folder that holds results; search needing more GPUs (or
-    CPUs) than this machine has."""
+    """One generated flag value, with guards that make a valid command that would work for
+    long (or serve) stop at its last check instead: prune into a folder that holds results;
+    search needing more GPUs (or CPUs) than this machine has; the UI on a port in use or a
+    host that is not one. evaluate, export and list run (exit 0) when the value is valid."""
     if command == "prune":
         return ["prune", flag, value, "--out", str(d / "held")]
-    guard = ["--cpus-per-trial", "100000"] if flag == "--gpus-per-trial" else ["--gpus-per-trial", "1000"]
-    store = ["--storage", str(d / "res"), "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}"]
-    return ["search", flag, value, *guard, *store]
+    if command == "search":
+        guard = ["--cpus-per-trial", "100000"] if flag == "--gpus-per-trial" else ["--gpus-per-trial", "1000"]
+        store = ["--storage", str(d / "res"), "--tracking-uri", f"sqlite:///{d / 'mlflow.db'}"]
+        return ["search", flag, value, *guard, *store]
+    if command == "ui":
+        guard = ["--port", str(_BUSY.getsockname()[1])] if flag == "--host" else ["--host", "256.256.256.256"]
+        return ["ui", flag, value, *guard]
+    if command == "list":
+        return ["list", "groups", flag, value]
+    return [command, str(d / "model.pt"), flag, value]
 
 
-@pytest.mark.parametrize("command", ["prune", "search"])
-def test_every_flag_with_any_value_is_a_result_or_one_line(command, tmp_path, cli_here, monkeypatch):
+_BUSY = socket.create_server(("127.0.0.1", 0))  # a port in use, for the UI's guard
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, digits_task, digits_dense, engine_cfg) -> Path:
+    """A real pruned model file, as `autoprune prune` writes it."""
+    from autoprune import engine
+    from autoprune.config import Budget, FinetuneConfig, Policy
+    from autoprune.engine.checkpoint import architecture_key, save_model
+
+    policy = Policy(finetune=FinetuneConfig(epochs=0))
+    metrics = engine.measure_model(digits_dense, digits_task, engine_cfg.measure, latency=False)
+    result = engine.run(digits_task, digits_dense, policy, Budget(), engine_cfg, metrics)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    arch = architecture_key(digits_dense)
+    save_model(path, result.model, engine_cfg.task, "channel", result.history, policy.to_dict(), {}, arch)
+    return path
+
+
+@pytest.mark.parametrize("command", ["prune", "search", "evaluate", "export", "list", "ui"])
+def test_every_flag_with_any_value_is_a_result_or_one_line(command, tmp_path, cli_here, monkeypatch, model_file):
+    from autoprune.tracking import store
+
     flags = _value_flags(command)
-    assert len(flags) > 20  # the generated parser's flags, not a hand-kept list
+    assert len(flags) >= {"prune": 20, "search": 20, "ui": 2}.get(command, 3)  # the parser's, not a hand-kept list
     (tmp_path / "held").mkdir()
     (tmp_path / "held" / "model.pt").write_bytes(b"earlier results")
+    shutil.copy(model_file, tmp_path / "model.pt")
+    if command == "ui":
+        store.client(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the store the UI serves by default
     monkeypatch.setenv("AUTOPRUNE_CACHE", str(tmp_path / "cache"))
 
     @given(flag=st.sampled_from(flags), value=VALUES)
     def check(flag: str, value: str) -> None:
         before = _files(tmp_path)
         got = cli_here(*_argv(command, flag, value, tmp_path), cwd=tmp_path)
-        assert got.returncode == 2, (flag, value, got.stdout[-500:], got.stderr[-2000:])
-        lines = got.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("autoprune: "), (flag, value, got.stderr[-2000:])
-        assert "Traceback" not in got.stderr
-        assert _files(tmp_path) == before, (flag, value, _files(tmp_path) - before)
+        assert got.returncode in (0, 2), (flag, value, got.returncode, got.stderr[-2000:])
+        assert "Traceback" not in got.stderr, (flag, value, got.stderr[-2000:])
+        if got.returncode == 2:
+            lines = got.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("autoprune: "), (flag, value, got.stderr[-2000:])
+            assert _files(tmp_path) == before, (flag, value, _files(tmp_path) - before)
 
     check()
 

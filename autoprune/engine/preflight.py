@@ -14,10 +14,11 @@ from .solver import solve_channels
 from .stages import channel_problem, check_budget, leave_kept, score, solve_unstructured
 
 
-def preflight(task, policy: Policy, budget: Budget) -> None:
+def preflight(task, policy: Policy, budget: Budget) -> int:
     """Checks on an untrained model, before training or data-heavy work: the model runs on
     the task's input, the dependency graph handles every layer, per-layer names exist, and
-    the budget is reachable (it depends on the structure and ``max_ratio`` alone)."""
+    the budget is reachable (it depends on the structure and ``max_ratio`` alone). Returns
+    the dense model's size in bytes (its parameters and buffers): a pruned one is smaller."""
     example = task.example_input()
     try:  # building it too: a model whose windows or embeddings need another size says so there
         model = task.model_factory().eval()
@@ -29,14 +30,16 @@ def preflight(task, policy: Policy, budget: Budget) -> None:
             f"({first_line(exc, 120)}); it may need another --image-size"
         ) from None
     check_budget(policy, budget)
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     scores = score(model, Policy(criterion="magnitude", structure=policy.structure), None, 0)
     if policy.structure != "channel":  # the solver also checks per_layer names against the maskable layers
         solve_unstructured(model, task, policy, budget, scores, measure(model, task.input_shape, None, False))
-        return
+        return size
     graph = PrunableGraph(model, example, embedding=policy.embedding)
     graph = leave_kept(graph, model, policy, example)
     graph.dry_run()
     names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph)
     if budget.kind == "latency":
-        return  # reachable or not is known once the latency table is built (on the trained model's device)
+        return size  # reachable or not is known once the latency table is built (on the trained model's device)
     solve_channels(names, sizes, channel, policy, budget, costs.cost, (costs.total_flops, costs.total_params))
+    return size

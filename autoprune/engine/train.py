@@ -33,10 +33,14 @@ def resolve_device(device: str | None) -> torch.device:
     if device:
         try:
             dev = torch.device(device)
-        except RuntimeError:
+        except (RuntimeError, ValueError, TypeError):
             raise AutopruneError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+        if dev.type not in ("cpu", "cuda"):  # meta, xla, mps, ...: not what autoprune runs on
+            raise AutopruneError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise AutopruneError(f"device {device!r} asked for, but no CUDA GPU is available")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise AutopruneError(f"device {device!r}: this machine has {torch.cuda.device_count()} GPU(s)")
         return dev
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 

@@ -22,7 +22,7 @@ from typing import Any
 from ..config import SearchConfig
 from ..contract import METRIC_MODES
 from ..errors import AutopruneError, first_line
-from ..paths import is_uri, join, names, remove_dir, write_text
+from ..paths import check_free_space, is_uri, join, names, remove_dir, write_text
 from ..rayenv import quiet_environment
 from .final import Finish, finish, short_metrics
 from .hardware import node_tables, reachable, trial_latency_table
@@ -162,6 +162,8 @@ def _prepare(plan: Plan, say, task) -> Prepared:
 
     workers = concurrency(plan) if ray.is_initialized() else plan.config.concurrency or 1
     dense = engine.dense_model(task, config.engine, log=say)
+    size = sum(t.numel() * t.element_size() for t in (*dense.parameters(), *dense.buffers()))
+    check_free_space(plan.out, 2 * size + (1 << 20), "--out")  # before the trials: the best model fits
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
     latency, trial_device, floor = trial_latency_table(dense, task, config, say)
     tables = {}

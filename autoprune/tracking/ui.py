@@ -26,7 +26,7 @@ def serve(tracking_uri: str | None, host: str, port: int) -> int:
     with socket.socket() as s:
         try:
             s.bind((host, port))
-        except socket.gaierror:
+        except (socket.gaierror, UnicodeError, TypeError, ValueError):  # not a name, or not one an OS can encode
             raise AutopruneError(f"--host {host!r} is not an address of this machine (e.g. 127.0.0.1)") from None
         except OSError as exc:
             hint = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host and --port"
