@@ -29,7 +29,7 @@ def _holder(path: str) -> dict | None:
     """The current holder's record; None when there is none (or it is unreadable)."""
     try:
         data = json.loads(read_text(join(path, LEASE)) or "null")
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError, AutopruneError):  # torn, binary or absurdly nested
         return None
     return data if isinstance(data, dict) and {"host", "pid", "since", "beat"} <= set(data) else None
 
