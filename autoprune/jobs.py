@@ -29,8 +29,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     if not cfg.checkpoint:
         check_output_dir(engine.cache_dir(cfg), "--cache-dir" if cfg.cache_dir else "the dense-model cache")
     task = get_task(cfg.task)
-    size = preflight(task, policy, budget)
-    check_free_space(out, 2 * size + (1 << 20), "--out")  # model.pt and its temporary copy, at most
+    check_free_space(out, preflight(task, policy, budget), "--out")
     t0 = time.perf_counter()
     dense = engine.dense_model(task, cfg)
     dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True, latency=False)  # timed by run

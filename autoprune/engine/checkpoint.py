@@ -45,6 +45,13 @@ def cpu_state(model: nn.Module) -> OrderedDict:
     return out
 
 
+def room_to_save(model: torch.nn.Module) -> int:
+    """Bytes that saving ``model`` (or a pruned copy, which is smaller) needs on disk at most:
+    its tensors twice (the file and its temporary copy, :func:`atomic_save`) and 1 MiB."""
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return 2 * size + (1 << 20)
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """Write ``obj`` with ``torch.save`` to a temporary file, then rename it into place: an
     interrupted run never leaves a torn file."""

@@ -8,6 +8,7 @@ import torch
 
 from ..config import Budget, Policy
 from ..errors import AutopruneError, first_line
+from .checkpoint import room_to_save
 from .graph import PrunableGraph
 from .measure import measure
 from .solver import solve_channels
@@ -18,7 +19,7 @@ def preflight(task, policy: Policy, budget: Budget) -> int:
     """Checks on an untrained model, before training or data-heavy work: the model runs on
     the task's input, the dependency graph handles every layer, per-layer names exist, and
     the budget is reachable (it depends on the structure and ``max_ratio`` alone). Returns
-    the dense model's size in bytes (its parameters and buffers): a pruned one is smaller."""
+    the disk space that saving the model needs (``checkpoint.room_to_save``)."""
     example = task.example_input()
     try:  # building it too: a model whose windows or embeddings need another size says so there
         model = task.model_factory().eval()
@@ -30,7 +31,7 @@ def preflight(task, policy: Policy, budget: Budget) -> int:
             f"({first_line(exc, 120)}); it may need another --image-size"
         ) from None
     check_budget(policy, budget)
-    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    size = room_to_save(model)
     scores = score(model, Policy(criterion="magnitude", structure=policy.structure), None, 0)
     if policy.structure != "channel":  # the solver also checks per_layer names against the maskable layers
         solve_unstructured(model, task, policy, budget, scores, measure(model, task.input_shape, None, False))

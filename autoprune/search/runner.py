@@ -149,6 +149,7 @@ def _prepare(plan: Plan, say, task) -> Prepared:
     from autoprune.search_spaces import get_space
 
     from .. import engine
+    from ..engine.checkpoint import room_to_save
     from ..engine.layers import layer_table
     from ..engine.measure import device_name
 
@@ -162,8 +163,7 @@ def _prepare(plan: Plan, say, task) -> Prepared:
 
     workers = concurrency(plan) if ray.is_initialized() else plan.config.concurrency or 1
     dense = engine.dense_model(task, config.engine, log=say)
-    size = sum(t.numel() * t.element_size() for t in (*dense.parameters(), *dense.buffers()))
-    check_free_space(plan.out, 2 * size + (1 << 20), "--out")  # before the trials: the best model fits
+    check_free_space(plan.out, room_to_save(dense), "--out")  # before the trials: the best model fits
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
     latency, trial_device, floor = trial_latency_table(dense, task, config, say)
     tables = {}
