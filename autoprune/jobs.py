@@ -24,12 +24,12 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
 
     engine.check_policy(policy)
     check_task_config(cfg.task)
-    engine.resolve_device(cfg.device)
+    device = engine.resolve_device(cfg.device)
     check_output_dir(out, "--out", fresh=not overwrite)
     if not cfg.checkpoint:
         check_output_dir(engine.cache_dir(cfg), "--cache-dir" if cfg.cache_dir else "the dense-model cache")
     task = get_task(cfg.task)
-    check_free_space(out, preflight(task, policy, budget), "--out")
+    check_free_space(out, preflight(task, policy, budget, cfg.measure.latency_batch, device), "--out")
     t0 = time.perf_counter()
     dense = engine.dense_model(task, cfg)
     dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True, latency=False)  # timed by run

@@ -222,6 +222,7 @@ def _saved_naming_code(d: Path, model: Path) -> None:
 
 PRUNE = ["prune", "--out", "{d}/o"]
 SEARCH = ["search", "--storage", "{d}/res"]
+IMAGES = ["--task", "imagefolder", "--data-dir", "{d}/img"]
 
 ROWS = [
     # budgets
@@ -249,6 +250,15 @@ ROWS = [
         [*PRUNE, "--budget-latency", "0.5", "--latency-batch", "100000"],
         ["--latency-batch", "at most 65536"],
         None,
+    ),
+    *(
+        (
+            f"latency-batch-past-memory-{cmd[0]}",
+            [*cmd, *IMAGES, "--model", "resnet18", "--budget-latency", "0.5", "--latency-batch", "65536"],
+            ["--latency-batch 65536 needs about", "GiB free", "use --latency-batch"],
+            _image_folder(2),
+        )
+        for cmd in (PRUNE, SEARCH)
     ),
     ("budget-two-kinds", [*PRUNE, "--budget-flops", "0.5", "--budget-latency", "0.5"], ["not allowed with"], None),
     # names

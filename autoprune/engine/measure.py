@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..config import MeasureConfig
+from ..errors import AutopruneError
 from .graph import PRUNABLE_TYPES
 
 
@@ -165,6 +166,57 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], batch: int, confi
     return side_by_side([model], input_shape, batch, config)[0].median_ms
 
 
+def forward_bytes(model: nn.Module, example: torch.Tensor) -> int:
+    """Bytes one sample's forward pass may hold at once, estimated from a pass over
+    ``example`` (one sample): the input plus three times the largest output of any layer
+    (the output being written, the input it is read from, a residual kept aside)."""
+    largest = [0]
+
+    def hook(_m, _i, out) -> None:
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                largest[0] = max(largest[0], t.numel() * t.element_size())
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return example.numel() * example.element_size() + 3 * largest[0]
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the memory the
+    operating system reports available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def check_latency_batch(model: nn.Module, example: torch.Tensor, batch: int, device: torch.device) -> None:
+    """Refuse a ``--latency-batch`` whose forward pass cannot fit in ``device``'s free memory
+    (:func:`forward_bytes` per sample), before any training: the timing would otherwise fail
+    on an allocation after the work."""
+    per_sample = forward_bytes(model, example)
+    free = free_memory(device)
+    if batch * per_sample > 0.8 * free:
+        fits = max(1, int(0.8 * free // max(per_sample, 1)))
+        raise AutopruneError(
+            f"--latency-batch {batch} needs about {batch * per_sample / 2**30:.1f} GiB for one forward pass of "
+            f"this model ({per_sample / 2**20:.2f} MiB a sample), and {device} has {free / 2**30:.1f} GiB free; "
+            f"use --latency-batch {fits} or less"
+        )
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch failing to allocate (a GPU's or the CPU allocator's)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
+
+
 @dataclass
 class Timed:
     """One model's latency from :func:`side_by_side`."""
@@ -180,15 +232,21 @@ def side_by_side(
     interleaved in one run (:func:`time_interleaved`, ``config.repeats`` rounds after
     ``config.warmup`` untimed passes), torch's threads fixed to ``config.threads`` on CPU."""
     device = model_device(models[0])
-    x = torch.randn(batch, *input_shape, device=device)
     modes = [m.training for m in models]
     for m in models:
         m.eval()
     try:
+        x = torch.randn(batch, *input_shape, device=device)
         with timing_threads(device, config.threads):
             samples = time_interleaved(
                 [partial(m, x) for m in models], device, config.warmup, config.repeats, config.seconds
             )
+    except RuntimeError as exc:  # torch.OutOfMemoryError is one
+        if not out_of_memory(exc):
+            raise
+        raise AutopruneError(
+            f"timing a batch of {batch} ran out of memory on {device}; use a smaller --latency-batch"
+        ) from None
     finally:
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -10,15 +10,16 @@ from ..config import Budget, Policy
 from ..errors import AutopruneError, first_line
 from .checkpoint import room_to_save
 from .graph import PrunableGraph
-from .measure import measure
+from .measure import check_latency_batch, measure
 from .solver import solve_channels
 from .stages import channel_problem, check_budget, leave_kept, score, solve_unstructured
 
 
-def preflight(task, policy: Policy, budget: Budget) -> int:
+def preflight(task, policy: Policy, budget: Budget, latency_batch: int = 1, device=None) -> int:
     """Checks on an untrained model, before training or data-heavy work: the model runs on
     the task's input, the dependency graph handles every layer, per-layer names exist, and
-    the budget is reachable (it depends on the structure and ``max_ratio`` alone). Returns
+    the budget is reachable (it depends on the structure and ``max_ratio`` alone), and a
+    ``latency_batch`` fits in ``device``'s memory (:func:`check_latency_batch`). Returns
     the disk space that saving the model needs (``checkpoint.room_to_save``)."""
     example = task.example_input()
     try:  # building it too: a model whose windows or embeddings need another size says so there
@@ -31,6 +32,7 @@ def preflight(task, policy: Policy, budget: Budget) -> int:
             f"({first_line(exc, 120)}); it may need another --image-size"
         ) from None
     check_budget(policy, budget)
+    check_latency_batch(model, example, latency_batch, device or torch.device("cpu"))
     size = room_to_save(model)
     scores = score(model, Policy(criterion="magnitude", structure=policy.structure), None, 0)
     if policy.structure != "channel":  # the solver also checks per_layer names against the maskable layers

@@ -44,6 +44,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     from ..engine.tasks import get_task
 
     task = get_task(config.engine.task)  # a user task that fails does so before anything is written
+    _check_latency_batch(task, config)
     import ray
 
     lease = Lease(plan.name, plan.path).take(say)  # one writer per name, until this search ends
@@ -56,6 +57,18 @@ def run_search(config: SearchConfig) -> SearchResult:
         lease.release()
         if owned and ray.is_initialized():
             stop()  # stops the local instance (its session folder removed); only disconnects from a cluster
+
+
+def _check_latency_batch(task, config: SearchConfig) -> None:
+    """A ``--latency-batch`` above one must fit in the driver device's memory (it times the
+    dense and the final model there), checked before the lease, Ray and training."""
+    from ..engine import resolve_device
+    from ..engine.measure import check_latency_batch
+
+    batch = config.engine.measure.latency_batch
+    if batch > 1:
+        model = task.model_factory().eval()
+        check_latency_batch(model, task.example_input(), batch, resolve_device(config.engine.device))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,8 +7,16 @@ import torch
 from torch import nn
 
 from autoprune.config import MeasureConfig
-from autoprune.engine.measure import count_params, effective_flops, flops_by_module, measure
+from autoprune.engine.measure import (
+    count_params,
+    effective_flops,
+    flops_by_module,
+    forward_bytes,
+    measure,
+    side_by_side,
+)
 from autoprune.engine.prune import fold_masks, mask_weights
+from autoprune.errors import AutopruneError
 
 
 def net() -> nn.Sequential:
@@ -63,3 +71,25 @@ def test_a_timing_stops_at_its_time_cap_after_three_rounds():
     floor = time_interleaved(calls, torch.device("cpu"), warmup=1, rounds=50, seconds=0.0)
     assert len(floor[0]) == MIN_ROUNDS  # a cap already passed still leaves the minimum
     assert len(time_interleaved(calls, torch.device("cpu"), warmup=0, rounds=4)[0]) == 4  # no cap
+
+
+def test_forward_bytes_counts_the_input_and_the_largest_output_by_hand():
+    x = torch.zeros(1, 2, 6, 6)
+    largest = 4 * 4 * 4 * 4  # the conv's (and relu's) 4 x 4 x 4 float output
+    assert forward_bytes(net().eval(), x) == x.numel() * 4 + 3 * largest
+
+
+class Hungry(nn.Module):
+    """Runs out of memory the way torch does past a batch of 4."""
+
+    def forward(self, x):
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+        return x.sum(dim=1)
+
+
+def test_running_out_of_memory_while_timing_names_the_latency_batch():
+    config = MeasureConfig(warmup=1, repeats=3)
+    assert side_by_side([Hungry()], (3,), 4, config)[0].median_ms >= 0
+    with pytest.raises(AutopruneError, match="batch of 8 ran out of memory.*smaller --latency-batch"):
+        side_by_side([Hungry()], (3,), 8, config)
