@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -68,3 +69,38 @@ def test_a_holder_that_is_gone_is_taken_over_and_a_live_one_refused(tmp_path, ho
         assert json.loads((tmp_path / "n" / LEASE).read_text())["pid"] == os.getpid()
     finally:
         lease.release()
+
+
+@pytest.mark.parametrize("where", ["takeover", "bucket"])
+def test_two_searches_taking_one_lease_at_once_leave_exactly_one_holder(tmp_path, where):
+    """A dead holder's lease taken over by two at once, or a new lease on storage without an
+    exclusive create (a URI): the last writer holds it, the other is refused naming it."""
+    folder = tmp_path / "n"
+    if where == "takeover":
+        _write(folder, host="elsewhere", pid=1, beat=time.time() - 2 * STALE_S)
+        path = str(folder)
+    else:
+        path = folder.as_uri()  # through pyarrow's filesystem, as a bucket is
+    start, outcome = threading.Barrier(2), []
+
+    def take() -> None:
+        lease = Lease("n", path)
+        start.wait()
+        try:
+            outcome.append(lease.take(lambda line: None))
+        except AutopruneError as exc:
+            outcome.append(exc)
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    [held] = [o for o in outcome if isinstance(o, Lease)]
+    [refused] = [o for o in outcome if isinstance(o, AutopruneError)]
+    try:
+        assert json.loads((folder / LEASE).read_text())["token"] == held.record["token"]
+        assert f"in use by pid {os.getpid()}" in str(refused)
+    finally:
+        held.release()
+    assert not (folder / LEASE).exists()
