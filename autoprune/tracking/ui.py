@@ -48,16 +48,23 @@ def serve(tracking_uri: str | None, host: str, port: int) -> int:
         "server",
         "--backend-store-uri",
         uri,
+        "--registry-store-uri",
+        uri,
         "--host",
         host,
         "--port",
         str(port),
         "--workers",
         "1",
+        "--uvicorn-opts",
+        "--log-level warning",  # errors still show; one INFO line a request does not
     ]
     # MLflow's background job runners (GenAI evaluation jobs) are not needed to browse runs
     # and cost seven processes; the server gets its own process group, stopped as a whole.
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # Deprecation notices of MLflow's own dependencies are not the user's to act on.
+    quiet = ["ignore::DeprecationWarning", "ignore:starlette.middleware.wsgi is deprecated"]
+    warnings = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS"), *quiet]))
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "PYTHONWARNINGS": warnings}
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
 
     def stop(*_):

@@ -48,6 +48,8 @@ def test_search_and_ui_print_the_link_to_the_runs_table(viewed, ui):
     assert f"autoprune ui --tracking-uri {viewed.uri}" in viewed.printed
     assert "http://127.0.0.1:5000" + LINK.format(eid) in viewed.printed  # `autoprune ui`'s defaults
     assert f"view: http://127.0.0.1:{ui.port}" + LINK.format(eid) in ui.printed
+    # quiet: no dependency's deprecation notice, no log line a request, no registry-store note
+    assert not any(word in ui.printed for word in ("Warning", "INFO", "Registry store")), ui.printed
     # the link opens the UI: the part before '#' is the server's root, the UI page
     with urllib.request.urlopen(ui.base + "/", timeout=20) as reply:
         page = reply.read().decode(errors="replace")
