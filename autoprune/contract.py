@@ -127,6 +127,7 @@ class TrialRecord:
     node_id: str | None = None
     error: str | None = None
     run_id: str | None = None  # its MLflow child run
+    baseline: str | None = None  # the baseline it ran (search.baselines: uniform, global), None if sampled
 
     @property
     def label(self) -> str:

@@ -15,6 +15,12 @@ space is ``package.module:function`` with the same signature.
 Parameter names must differ between branches whose choices differ (Optuna fixes a
 parameter's distribution on first use), hence ``criterion_channel`` beside
 ``criterion_unstructured``.
+
+The fine-tuning recipe (learning rate, schedule) is the search's, not the policy's: the
+built-in spaces leave it to ``--lr`` and the other fine-tuning flags, so trials differ in how
+they prune, not in how they train (a learning rate sampled per trial lets the search pick
+the trial that trained best over the one that pruned best). A space may still search it:
+return ``"finetune": {"lr": trial.suggest_float("lr", 1e-3, 0.1, log=True)}``.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ if TYPE_CHECKING:
 Space = Callable[[Any, "LayerTable"], dict]
 SPACES: Registry[Space] = Registry("search space")
 
-LR_RANGE = (1e-3, 0.1)  # fine-tuning learning rate, sampled log-uniformly
 RATIO_RANGE = (0.0, 0.8)  # per-group pruned fraction before the solver scales it to the budget
 
 
@@ -67,15 +72,13 @@ def _ratios(trial, table: LayerTable, structure: str) -> dict[str, float]:
 @SPACES.register("default")
 def default(trial, table: LayerTable) -> dict:
     """Structure (those the search allows), criterion (every one that supports the
-    structure), scope, a per-group allocation when the scope is per_layer, BN warm-up and the
-    fine-tuning learning rate."""
+    structure), scope, a per-group allocation when the scope is per_layer, and BN warm-up."""
     structure = trial.suggest_categorical("structure", list(table.structures))
     policy: dict[str, Any] = {
         "structure": structure,
         "criterion": trial.suggest_categorical(f"criterion_{structure}", criteria_for(structure)),
         "scope": trial.suggest_categorical("scope", ["global", "local", "per_layer"]),
         "bn_warmup": trial.suggest_categorical("bn_warmup", [True, False]),
-        "finetune": {"lr": trial.suggest_float("lr", *LR_RANGE, log=True)},
     }
     if policy["scope"] == "per_layer":
         policy["ratios"] = _ratios(trial, table, structure)

@@ -164,6 +164,7 @@ def viewed(tmp_path_factory, engine_cfg, digits_dense) -> Viewed:
         trials=6,
         epochs=2,
         final_epochs=1,
+        scheduler="asha",  # on, so the stopped trials' path is exercised too
         storage=str(tmp / "results"),
         tracking_uri=uri,
         # the default's 20 timed rounds and more, not the suite's quick 5: the test of its best

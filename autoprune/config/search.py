@@ -138,7 +138,8 @@ SEARCH_HELP = {  # the flags' help, beside their field
     "need sparse kernels or hardware to run faster) or any (both), in spaces that sample the structure",
     "metric": "what the searchers optimise: val_acc (default) or val_loss (when accuracy saturates); "
     "ties go to the lower predicted latency",
-    "scheduler": "asha stops weak trials early (default; none for nsga2 and grid)",
+    "scheduler": "none (default: every trial runs its epochs) or asha (stops weak trials after half their "
+    "epochs; one metric only)",
     "resume": "continue the interrupted search --name with its saved settings (only --out, --address and "
     "--no-progress may differ)",
 }
@@ -179,6 +180,23 @@ class SearchConfig:
         ),
         10,
     )  # the best policy is re-run from the dense model
+    final_top_k: int = checked(
+        integer(
+            1,
+            most=100,
+            flag="--final-top-k",
+            help="the best trials re-run for --final-epochs before the winner is chosen (default %(default)s)",
+        ),
+        3,
+    )  # short trials rank policies loosely; the winner is chosen on final-length runs (search.verdict)
+    matched_baseline: bool = checked(
+        boolean(
+            flag="--matched-baseline",
+            help="fine-tune uniform pruning for the search's total epochs and report the winner against it "
+            "(default on)",
+        ),
+        True,
+    )  # what the search gained over more fine-tuning of the simplest policy
     concurrency: int | None = checked(
         integer(
             1,
@@ -248,7 +266,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         validate(self, "search")
 
-    def resolved(self, trials: int | None = None, epochs: int | None = None, scheduler: str = "asha") -> SearchConfig:
+    def resolved(self, trials: int | None = None, epochs: int | None = None, scheduler: str = "none") -> SearchConfig:
         """This config with its unset defaults filled in, after the searcher's own (its
         ``SearcherSpec``'s trials, epochs and scheduler): trials and epochs fall back to
         DEFAULT_TRIALS and DEFAULT_EPOCHS; trials of 0 epochs run no scheduler."""

@@ -16,14 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import Budget, Policy
+from ..config import Budget
 from ..contract import TrialRecord, objectives
 from ..errors import AutopruneError
 from ..paths import is_uri, join, upload_dir
 from .plan import MASKS_NOTE, Plan
-from .results import SearchResult, best_within, counts, pareto_front
+from .ranking import resolution_points, standard_error
+from .results import SearchResult, counts, pareto_front
 from .searchers import SEARCHERS
 from .summary import SearchSummary
+from .verdict import against_uniform, choose, final_policy
 
 
 def short_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -87,10 +89,11 @@ def finish(f: Finish) -> SearchResult:
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
     try:
-        best = best_within(f.records, kind, config.budget.fraction, plan.metric)
+        best, reruns = choose(f)
         final = _rerun_best(f, best, stage) if best is not None else None
         model_path = plan.out / "model.pt" if final is not None else None
-        summary = build_summary(f, front, best, final, model_path)
+        extra = against_uniform(f, final, reruns) if final is not None and config.matched_baseline else {}
+        summary = build_summary(f, front, best, final, model_path, extra)
         summary.write(stage / "summary.json")
         publish(stage, plan.out)
     finally:
@@ -110,11 +113,6 @@ def finish(f: Finish) -> SearchResult:
         plan.tracking_uri,
         summary.wall_time_s,
     )
-
-
-def final_policy(best: TrialRecord, final_epochs: int) -> Policy:
-    """The best trial's policy, fine-tuned for ``final_epochs``: what the final run re-runs."""
-    return Policy.from_dict({**best.policy, "finetune": {**best.policy.get("finetune", {}), "epochs": final_epochs}})
 
 
 def publish(stage: Path, out: Path) -> None:
@@ -175,12 +173,14 @@ def _rerun_best(f: Finish, best: TrialRecord, stage: Path):
     return final
 
 
-def build_summary(f: Finish, front: list[TrialRecord], best: TrialRecord | None, final, model_path) -> SearchSummary:
+def build_summary(
+    f: Finish, front: list[TrialRecord], best: TrialRecord | None, final, model_path, more: dict | None = None
+) -> SearchSummary:
     """The search's :class:`SearchSummary`: the settings that shaped it, the trial counts, the
     dense model, the best trial's re-run (``final``; its dense figures timed beside it), the
     Pareto front and the latency tables the trials predicted with."""
     plan, config = f.plan, f.plan.config
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = dict(more or {})
     extra.update(SEARCHERS.get(config.searcher).hooks().summary(config))
     if f.latency is not None:
         extra["latency_table"] = {
@@ -193,12 +193,22 @@ def build_summary(f: Finish, front: list[TrialRecord], best: TrialRecord | None,
             name: {"node_id": t["node_id"], "dense_ms": t["table"].dense_ms, "cached": t["table"].cached}
             for name, t in (f.tables or {}).items()
         }
+    if plan.metric == "reward":  # an agent's learning curve: its reward per episode, in order
+        extra["reward_curve"] = [r.metrics.get("reward") for r in sorted(f.records, key=lambda r: r.number)]
+    n_val = len(f.task.val)
+    if n_val and f.dense_metrics.get("val_acc") is not None:
+        extra["validation"] = {
+            "samples": n_val,
+            "resolves_points": round(resolution_points(f.dense_metrics["val_acc"], n_val), 3),
+        }
     best_fields = None
     if final is not None:
         best_fields = {
             "trial_id": best.trial_id,
             "policy": final.policy.to_dict(),  # the policy the re-run ran
             "search_val_acc": best.metrics["val_acc"],
+            "search_val_se": standard_error(best.metrics["val_acc"], n_val) if n_val else None,
+            "baseline": best.baseline,  # the baseline it is (uniform, global), or None when sampled
             **best_metrics(final.pruned),
             "latency_checks": final.latency_checks,
             "ratios": final.ratios,
@@ -292,6 +302,14 @@ def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
         )
     say(f"\ndense against the best policy, re-run for {config.final_epochs} epoch(s), timed side by side:")
     say(comparison(final.dense, final.pruned))
+    if summary.best and summary.best.get("baseline"):
+        say(
+            f"the best policy is the {summary.best['baseline']} baseline itself: no sampled policy beat it by more "
+            "than the validation split's noise"
+        )
+    if summary.uniform_matched:
+        u = summary.uniform_matched
+        say(f"{u['verdict']} (uniform: test {100 * u['test_acc']:.2f}%)")
     checked = latency_note(final.latency_checks, final.budget)
     if checked:
         say(checked)

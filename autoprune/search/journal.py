@@ -152,4 +152,5 @@ def to_record(rec: dict, run_id: str | None) -> TrialRecord:
         node_id=report.get("node_id") if isinstance(report.get("node_id"), str) else None,
         error=rec["error"] if rec["status"] == "failed" else None,
         run_id=run_id,
+        baseline=(config.searcher or {}).get("baseline"),
     )

@@ -46,10 +46,16 @@ def pareto_front(records: list[TrialRecord], goals: tuple[tuple[str, str], ...])
     return front
 
 
-def best_within(records: list[TrialRecord], kind: str, fraction: float, metric: str = "val_acc") -> TrialRecord | None:
+def best_within(
+    records: list[TrialRecord], kind: str, fraction: float, metric: str = "val_acc", n_val: int | None = None
+) -> TrialRecord | None:
     """The completed trial within budget with the best ``metric`` (highest validation
     accuracy, or lowest validation loss); ties go to the lower predicted latency, then the
-    lower cost, then the earlier trial."""
+    lower cost, then the earlier trial. With ``n_val`` (the validation split's size) and
+    accuracy as the metric, trials within the noise of the best (:func:`.ranking.tied`) are
+    ties too, and go to the simplest policy among them (:func:`.ranking.simplicity`)."""
+    from .ranking import simplicity, tied
+
     done = [
         r
         for r in records
@@ -60,15 +66,20 @@ def best_within(records: list[TrialRecord], kind: str, fraction: float, metric: 
     if not done:
         return None
     sign = 1.0 if METRIC_MODES[metric] == "max" else -1.0
-    return max(
-        done,
-        key=lambda r: (
+
+    def order(r: TrialRecord) -> tuple:
+        return (
             sign * r.metrics[metric],
             -r.metrics.get("latency_predicted_ms", math.inf),
             -r.metrics[f"{kind}_ratio"],
             -r.number,
-        ),
-    )
+        )
+
+    best = max(done, key=order)
+    if metric != "val_acc" or not n_val:
+        return best
+    level = [r for r in done if tied(r.metrics[metric], best.metrics[metric], n_val)]
+    return max(level, key=lambda r: (-simplicity(r.policy), *order(r)))
 
 
 def counts(records: list[TrialRecord]) -> dict[str, int]:

@@ -29,6 +29,7 @@ from .hardware import node_tables, reachable, trial_latency_table
 from .journal import TRIALS, TUNE
 from .lease import Lease
 from .plan import STATE_FILE, Plan, prepare
+from .ranking import split_warning
 from .ray_connection import concurrency, connect, stop
 from .results import SearchResult, read_records
 from .searchers import SEARCHERS, SearcherContext
@@ -165,19 +166,23 @@ def _prepare(plan: Plan, say, task) -> Prepared:
     from ..engine.checkpoint import room_to_save
     from ..engine.layers import layer_table
     from ..engine.measure import device_name
+    from .baselines import BASELINES
 
     config = plan.config
     table = layer_table(task, plan.structures)
     if SEARCHERS.get(config.searcher).needs_grid:
         plan.grid = get_space(config.space).grid(table)
         size = math.prod(len(v) for v in plan.grid.values())
-        plan.trials = min(config.trials or size, size)
+        plan.trials = min(config.trials or size, size) + len(BASELINES)  # every cell, after the baselines
     import ray
 
     workers = concurrency(plan) if ray.is_initialized() else plan.config.concurrency or 1
     dense = engine.dense_model(task, config.engine, log=say)
     check_free_space(plan.out, room_to_save(dense), "--out")  # before the trials: the best model fits
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
+    warning = split_warning(dense_metrics["val_acc"], len(task.val)) if config.metric == "val_acc" else None
+    if warning:
+        say(warning)
     latency, trial_device, floor = trial_latency_table(dense, task, config, say)
     tables = {}
     if latency is not None:
@@ -271,25 +276,14 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
         tune.with_parameters(run_trial, setup_ref=[ray.put(setup)]),
         {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial},
     )
-    ctx = SearcherContext(
-        table=prep.table,
-        budget=config.budget,
-        seed=config.engine.seed,
-        trials=plan.trials,
-        space=config.space,
-        grid=plan.grid,
-        metric=config.metric,
-        fraction_floor=min(prep.floor * 1.01, config.budget.fraction),
-        extra=hooks.context(config, prep.dense, prep.task, prep.latency),
-    )
-    searcher = spec.make(ctx)
-    if done:
-        tell_finished(searcher, done, config.searcher)
+    searcher = _searcher(plan, prep, hooks, done)
     scheduler = None
     if plan.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=plan.epochs, grace_period=1, reduction_factor=2)
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration", max_t=plan.epochs, grace_period=asha_grace(plan.epochs), reduction_factor=2
+        )
     remove_dir(join(plan.path, TUNE))  # an earlier run's Tune files: never read
     return tune.Tuner(
         trainable,
@@ -315,6 +309,39 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
             ],
         ),
     )
+
+
+def _searcher(plan: Plan, prep: Prepared, hooks, done: list[dict]):
+    """The search's searcher: its first trials the baselines (where the searcher takes them),
+    told a resumed search's finished trials."""
+    from .baselines import WithBaselines, baseline_names
+
+    config = plan.config
+    spec = SEARCHERS.get(config.searcher)
+    ctx = SearcherContext(
+        table=prep.table,
+        budget=config.budget,
+        seed=config.engine.seed,
+        trials=plan.trials,
+        space=config.space,
+        grid=plan.grid,
+        metric=config.metric,
+        fraction_floor=min(prep.floor * 1.01, config.budget.fraction),
+        extra=hooks.context(config, prep.dense, prep.task, prep.latency),
+    )
+    searcher = spec.make(ctx)
+    if spec.baselines:  # the first trials: uniform and global magnitude pruning
+        searcher = WithBaselines(searcher, plan.structures[0], baseline_names(plan.trials))
+    if done:
+        tell_finished(searcher, done, config.searcher)
+    return searcher
+
+
+def asha_grace(epochs: int) -> int:
+    """ASHA's grace period: half a trial's epochs (at least one). A trial stopped after one
+    epoch of several is judged on how fast it recovers, which ranks learning rates and luck
+    more than policies."""
+    return max(1, epochs // 2)
 
 
 def tell_finished(searcher, records: list[dict], name: str) -> None:

@@ -89,13 +89,14 @@ class SearcherHooks:
 class SearcherSpec:
     make: Callable[[SearcherContext], Any]  # -> a ray.tune.search.Searcher
     multi_objective: bool = False  # optimises contract.objectives(budget kind) and returns a Pareto front
-    scheduler: str = "asha"  # the default --scheduler
+    scheduler: str = "none"  # the default --scheduler (early stopping ranks on a short run's noise)
     needs_grid: bool = False
     summary: str = ""  # one line for `autoprune list`
     trials: int | None = None  # the default --trials (None: config.DEFAULT_TRIALS; SearchConfig.resolved)
     epochs: int | None = None  # the default --epochs (None: config.DEFAULT_EPOCHS)
     metric: str | None = None  # the report key that picks the best trial, if the searcher decides it (else --metric)
     hooks_at: str | None = None  # "package.module:object", its SearcherHooks, imported when a search uses them
+    baselines: bool = True  # its first trials are search.baselines' (uniform, global magnitude)
 
     def hooks(self) -> SearcherHooks:
         """Its :class:`SearcherHooks` (imported now, where they live elsewhere), or the default."""
@@ -358,6 +359,7 @@ SEARCHERS.register("amc")(
         epochs=0,
         metric="reward",
         hooks_at="autoprune.agents.searcher:AMC_HOOKS",
+        baselines=False,  # its episodes are ranked on their reward, which a baseline trial has not
         summary="AMC: a DDPG agent allocates channels per group",
     )
 )

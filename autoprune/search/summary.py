@@ -13,7 +13,13 @@ from ..errors import AutopruneError
 from ..schema import MAX_DOCUMENT_BYTES, read_json
 
 SCHEMA_VERSION = 1  # raised when a key changes meaning or goes; adding an optional key keeps it
-OPTIONAL = ("agent", "latency_table", "latency_tables")  # written only when the search has them
+OPTIONAL = (
+    "agent",
+    "latency_table",
+    "latency_tables",
+    "validation",
+    "uniform_matched",
+)  # written only when the search has them
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +44,13 @@ class SearchSummary:
     agent: dict[str, Any] | None = None  # an agent's settings (config.AgentConfig)
     latency_table: dict[str, Any] | None = None  # this machine's latency table: device, batch, threads, dense_ms
     latency_tables: dict[str, dict] | None = None  # per kind of hardware: the node it was built on, dense_ms
+    # the validation split that ranked the trials: samples, and the difference (points) it resolves at
+    # the dense model's accuracy; closer trials were ties, given to the simpler policy (search.ranking)
+    validation: dict[str, Any] | None = None
+    # uniform pruning fine-tuned for the search's total epochs (policy, epochs, val_acc, test_acc, the
+    # budget's ratio), the best model's test gain over it (points, se_points, beyond_noise) and a verdict
+    uniform_matched: dict[str, Any] | None = None
+    reward_curve: list[float | None] | None = None  # an agent's reward per episode, in the order they ran
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,12 +43,17 @@ def search_note(
         )
     else:
         name = f"[{best.label}]({run_link(experiment_id, best.run_id)})" if best.run_id else best.label
+        what = f"the uniform-pruning baseline ({best.baseline})" if best.baseline else "sampled"
         lines.append(
-            f"**Best: {name}** (Ray trial `{best.trial_id}`): "
-            f"the highest validation accuracy ({pct(best.metrics.get('val_acc'))} after the search's epochs) of "
-            f"the {within_budget} completed trial(s) within the budget; it was then re-run from the dense model "
-            f"for {final_epochs} epoch(s) and tested once (the table)."
+            f"**Best: {name}** (Ray trial `{best.trial_id}`, {what}): "
+            f"validation accuracy {pct(best.metrics.get('val_acc'))} after the search's epochs, chosen among "
+            f"the {within_budget} completed trial(s) within the budget (trials within the validation split's "
+            "noise of the best are ties, given to the simpler policy; the top ones re-run at the final length); "
+            f"it was then re-run from the dense model for {final_epochs} epoch(s) and tested once (the table)."
         )
+        matched = summary.get("uniform_matched")
+        if matched:
+            lines += ["", f"**{matched['verdict'][0].upper()}{matched['verdict'][1:]}.**"]
     lines += [
         "",
         f"- **budget**: {kind} at most {budget['fraction']:g} of dense",
@@ -58,44 +63,31 @@ def search_note(
         f"- **task**: {summary.get('task', '?')} ({summary.get('model', '?')})",
     ]
     if best is not None and pruned is not None:
-        d_lat, p_lat = dense.get("latency_measured_ms"), pruned.get("latency_measured_ms")
-        rows = [
-            (
-                "validation accuracy",
-                pct(dense.get("val_acc")),
-                pct(pruned.get("val_acc")),
-                _diff(dense, pruned, "val_acc"),
-            ),
-            (
-                "test accuracy",
-                pct(dense.get("test_acc")),
-                pct(pruned.get("test_acc")),
-                _diff(dense, pruned, "test_acc"),
-            ),
-            (
-                "FLOPs",
-                fmt_count(dense.get("flops")),
-                fmt_count(pruned.get("flops")),
-                _ratio(dense.get("flops"), pruned.get("flops")),
-            ),
-            (
-                "params",
-                fmt_count(dense.get("params")),
-                fmt_count(pruned.get("params")),
-                _ratio(dense.get("params"), pruned.get("params")),
-            ),
-            (
-                "latency, timed side by side",
-                "-" if d_lat is None else f"{d_lat:.3f} ms",
-                "-" if p_lat is None else f"{p_lat:.3f} ms",
-                _ratio(d_lat, p_lat),
-            ),
-            ("speed-up", "1.00x", "-" if pruned.get("speedup") is None else f"{pruned['speedup']:.2f}x", ""),
-        ]
+        rows = _rows(dense, pruned)
         lines += ["", "| | dense | best | best / dense |", "|---|---:|---:|---:|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     lines += ["", "Charts: `accuracy_vs_cost.png`, `criteria.png`; the model: `best_model/` and the Models tab."]
     return "\n".join(lines) + "\n"
+
+
+def _rows(dense: dict[str, Any], pruned: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """The description's table: dense against the best model."""
+    d_lat, p_lat = dense.get("latency_measured_ms"), pruned.get("latency_measured_ms")
+    return [
+        ("validation accuracy", pct(dense.get("val_acc")), pct(pruned.get("val_acc")), _diff(dense, pruned, "val_acc")),
+        ("test accuracy", pct(dense.get("test_acc")), pct(pruned.get("test_acc")), _diff(dense, pruned, "test_acc")),
+        *(
+            (name, fmt_count(dense.get(key)), fmt_count(pruned.get(key)), _ratio(dense.get(key), pruned.get(key)))
+            for name, key in (("FLOPs", "flops"), ("params", "params"))
+        ),
+        (
+            "latency, timed side by side",
+            "-" if d_lat is None else f"{d_lat:.3f} ms",
+            "-" if p_lat is None else f"{p_lat:.3f} ms",
+            _ratio(d_lat, p_lat),
+        ),
+        ("speed-up", "1.00x", "-" if pruned.get("speedup") is None else f"{pruned['speedup']:.2f}x", ""),
+    ]
 
 
 def _diff(dense: dict[str, Any], pruned: dict[str, Any], key: str) -> str:

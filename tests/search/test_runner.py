@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from autoprune.config import Budget, SearchConfig
+from autoprune.search.ranking import simplicity, standard_error, tied
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +102,7 @@ def test_search_logs_one_parent_and_a_child_per_trial(searched):
     assert parent.data.tags["autoprune.best_run_id"] in {c.info.run_id for c in children}
 
 
-def test_search_summary_and_best_model_reproduce(searched, engine_cfg):
+def test_search_summary_and_best_model_reproduce(searched, viewed, engine_cfg):
     from autoprune.jobs import evaluate_job
 
     tmp, result = searched
@@ -130,7 +131,27 @@ def test_search_summary_and_best_model_reproduce(searched, engine_cfg):
     }
     assert summary["mlflow"]["experiment_id"] == result.experiment_id
     completed = [r for r in result.trials if r.status == "completed"]
-    assert best["search_val_acc"] == max(r.metrics["val_acc"] for r in completed)
+    # the best trial, or one within the validation split's noise of it with a simpler policy
+    top, n_val = max(r.metrics["val_acc"] for r in completed), summary["validation"]["samples"]
+    level = [r for r in completed if tied(r.metrics["val_acc"], top, n_val)]
+    assert tied(best["search_val_acc"], top, n_val) and n_val == 432
+    assert simplicity(best["policy"]) == min(simplicity(r.policy) for r in level)
+    assert best["search_val_se"] == pytest.approx(standard_error(best["search_val_acc"], n_val))
+    # the baselines ran first, each once, under the search's budget and epochs
+    first = sorted(result.trials, key=lambda r: r.number)[:2]
+    assert [(r.baseline, r.policy["scope"], r.policy["criterion"]) for r in first] == [
+        ("uniform", "local", "magnitude"),
+        ("global", "global", "magnitude"),
+    ]
+    assert [r.baseline for r in result.trials].count(None) == 4
+    # the winner against uniform pruning fine-tuned for the search's whole compute
+    matched = summary["uniform_matched"]
+    spent = sum(r.metrics.get("epoch", 0) for r in result.trials)
+    assert matched["policy"]["scope"] == "local" and matched["epochs"] > spent
+    gain = matched["gain"]
+    assert gain["points"] == pytest.approx(100 * (best["test_acc"] - matched["test_acc"]), abs=1e-3)
+    assert gain["se_points"] > 0 and matched["verdict"] in viewed.printed
+    assert ("no gain" in matched["verdict"]) == (not gain["beyond_noise"])
     assert all(r.metrics["flops_ratio"] <= 0.5 + 1e-9 for r in completed)
     metrics = evaluate_job(best["model_path"], None, "cpu", None)
     assert metrics["test_acc"] == pytest.approx(best["test_acc"], abs=1e-12)
@@ -186,16 +207,16 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, engine_cfg
     (tmp_path / "user_spaces_fail.py").write_text(textwrap.dedent(SPACES))
     monkeypatch.syspath_prepend(str(tmp_path))
     result = autoprune.run_search(
-        _config(tmp_path, "fails", engine_cfg, trials=3, searcher="random", space="user_spaces_fail:one_fails")
-    )
+        _config(tmp_path, "fails", engine_cfg, trials=4, searcher="random", space="user_spaces_fail:one_fails")
+    )  # the two baselines, then the space's trials 0 and 1
     summary = json.loads((result.out / "summary.json").read_text())
-    assert summary["trials"] == {"total": 3, "completed": 2, "stopped_early": 0, "failed": 1}
+    assert summary["trials"] == {"total": 4, "completed": 3, "stopped_early": 0, "failed": 1}
     assert summary["best"]["policy"]["criterion"] in ("magnitude", "random")
     runs = [
         r for r in _runs(f"sqlite:///{tmp_path / 'mlflow.db'}", "fails") if r.data.tags["autoprune.role"] == "trial"
     ]
     failed = [r for r in runs if r.info.status == "FAILED"]
-    assert len(runs) == 3 and len(failed) == 1
+    assert len(runs) == 4 and len(failed) == 1
     assert "fpgm" in failed[0].data.tags["autoprune.error"]
     # Tune ran the failing trial again (--max-failures 2): the runs of its earlier tries were
     # replaced, ended KILLED first; nothing is left RUNNING, deleted runs included
@@ -360,6 +381,12 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_pat
     assert f"{len(kept)} finished before" in resumed.stdout, resumed.stdout
     summary = json.loads(read_text(join(storage, "kill", "best", "summary.json")))
     assert summary["trials"]["total"] == 5 and summary["trials"]["failed"] == 0
+    from autoprune.search import journal
+    from autoprune.search.baselines import baseline_of
+
+    # each baseline ran once, across the kills and resumes
+    ran = sorted(b for b in (baseline_of(r["config"]) for r in journal.load(join(storage, "kill"))) if b)
+    assert ran == ["global", "uniform"]
     runs = _runs(uri, "kill")
     parents = [r for r in runs if r.data.tags.get("autoprune.role") == "search"]
     children = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]

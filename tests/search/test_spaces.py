@@ -56,7 +56,9 @@ def test_default_space_covers_all_criteria_and_scopes(table):
     assert {p.criterion for p in got} == set(criteria_for("channel")) | set(criteria_for("unstructured"))
     assert {p.scope for p in got} == {"global", "local", "per_layer"}
     assert {p.structure for p in got} == {"channel", "unstructured"}
-    assert len({p.finetune.lr for p in got}) == len(got) and all(1e-3 <= p.finetune.lr <= 0.1 for p in got)
+    # the learning rate is the recipe's, not sampled: every policy fine-tunes at the default
+    assert {p.finetune.lr for p in got} == {Policy().finetune.lr}
+    assert all("finetune" not in fields for _, fields in _policies(SPACES.get("default"), table, 20))
 
 
 def test_structure_can_be_pinned(table):
@@ -182,3 +184,54 @@ def test_multi_objective_budgets_stay_above_what_the_policies_can_reach(table):
     budget = Budget("latency", 0.8)
     fractions = [define_by_run("default", table, budget, study.ask(), floor=0.6)["budget_fraction"] for _ in range(20)]
     assert all(0.6 <= f <= 0.8 for f in fractions) and min(fractions) < 0.65
+
+
+def test_trials_within_the_noise_of_the_best_go_to_the_simplest_policy():
+    from autoprune.contract import TrialRecord
+    from autoprune.search.results import best_within
+
+    def rec(i, acc, policy):
+        return TrialRecord(i, str(i), "completed", policy, None, {"val_acc": acc, "flops_ratio": 0.5}, {})
+
+    uniform = {"scope": "local", "criterion": "magnitude"}
+    glob = {"scope": "global", "criterion": "magnitude"}
+    tuned = {"scope": "per_layer", "criterion": "fpgm", "ratios": {"a": 0.3}}
+    records = [rec(0, 0.950, uniform), rec(1, 0.955, glob), rec(2, 0.960, tuned)]
+    assert best_within(records, "flops", 0.5).trial_id == "2"  # no split size: the highest
+    # 1 point apart on 400 samples is noise (2 SE of the difference ~ 3 points): the uniform one
+    assert best_within(records, "flops", 0.5, n_val=400).trial_id == "0"
+    # on 100,000 samples the same points are signal: the best stands
+    assert best_within(records, "flops", 0.5, n_val=100_000).trial_id == "2"
+    # beyond the noise of the uniform one but not of the global one: the global one
+    records[0].metrics["val_acc"] = 0.90
+    assert best_within(records, "flops", 0.5, n_val=2_000).trial_id == "1"
+    # loss is not an accuracy: no binomial noise, the lowest loss as before
+    for r, loss in zip(records, (0.3, 0.2, 0.1)):
+        r.metrics["val_loss"] = loss
+    assert best_within(records, "flops", 0.5, "val_loss", n_val=400).trial_id == "2"
+
+
+def test_the_split_warning_names_the_resolution_and_the_size_that_resolves_one_point():
+    from autoprune.search.ranking import resolution_points, split_warning, standard_error
+
+    assert standard_error(0.98, 400) == pytest.approx(0.007)
+    assert standard_error(1.0, 100) > 0  # a perfect score is not exact
+    assert resolution_points(0.98, 400) == pytest.approx(100 * 2 * 2**0.5 * 0.007)
+    warning = split_warning(0.98, 400)
+    assert "400 samples" in warning and "2.0 points" in warning and "about 1568 samples" in warning
+    assert split_warning(0.98, 1600) is None
+
+
+def test_simplicity_orders_scope_first_then_magnitude_before_other_criteria():
+    from autoprune.search.ranking import simplicity
+
+    order = [
+        {"scope": "local", "criterion": "magnitude"},
+        {"scope": "local", "criterion": "synflow"},
+        {"scope": "global", "criterion": "magnitude"},
+        {"scope": "global", "criterion": "taylor"},
+        {"scope": "per_layer", "criterion": "magnitude", "ratios": {"a": 0.2}},
+        {"scope": "local", "criterion": "fpgm", "method": "gradual"},
+    ]
+    ranks = [simplicity(p) for p in order]
+    assert ranks == sorted(ranks) and ranks[0] < ranks[1] < ranks[2] < ranks[3] < ranks[4] <= ranks[5]

@@ -67,6 +67,7 @@ def test_the_best_trial_is_tagged_and_the_search_run_says_why(viewed, runs):
         == viewed.result.summary["best"]["trial_id"]
     )
     note = tags["mlflow.note.content"]
+    assert viewed.result.summary["uniform_matched"]["verdict"][1:] in note  # what the search gained, or not
     assert f"[{best['info']['run_name']}](#/experiments/{eid}/runs/{best['info']['run_id']})" in note
     for row in ("| validation accuracy |", "| test accuracy |", "| FLOPs |", "| params |", "| latency", "| speed-up |"):
         assert row in note, row

@@ -1,0 +1,159 @@
+"""How the end of a search decides, and what it says the search was worth.
+
+Trials are short; the saved model is fine-tuned for ``final_epochs``. A policy that leads
+after a few epochs need not lead after many, so the top trials (``--final-top-k``) are re-run
+at the final length from the dense model and the winner is picked on those runs (ties within
+the validation split's noise going to the simpler policy, :mod:`.ranking`). Then the uniform
+baseline is fine-tuned for as many epochs as the whole search spent (its trials, these
+re-runs and the final run), and the winner's test accuracy is set against it: more tuning is
+only worth it if it beats more fine-tuning of the simplest policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ..config import Budget, Policy
+from ..contract import TrialRecord
+from .baselines import BASELINES, UNIFORM
+from .ranking import TIE_SE, standard_error
+from .results import best_within
+
+
+def top_trials(records: list[TrialRecord], kind: str, fraction: float, metric: str, k: int) -> list[TrialRecord]:
+    """The ``k`` best completed trials within budget by ``metric`` (best first)."""
+    from ..contract import METRIC_MODES
+
+    done = [
+        r
+        for r in records
+        if r.status == "completed"
+        and r.metrics.get(f"{kind}_ratio", math.inf) <= fraction + 1e-9
+        and r.metrics.get(metric) is not None
+    ]
+    sign = -1.0 if METRIC_MODES[metric] == "max" else 1.0
+    return sorted(done, key=lambda r: (sign * r.metrics[metric], r.number))[:k]
+
+
+def rerun_at_final_length(f, candidates: list[TrialRecord]) -> list[TrialRecord]:
+    """Each candidate's policy re-run from the dense model for ``final_epochs`` (validation
+    only; no timing), as a record with the re-run's figures in place of the trial's."""
+    from .. import engine
+
+    config = f.plan.config
+    cfg = dataclasses.replace(config.engine, train_epochs=config.final_epochs)
+    out = []
+    for rec in candidates:
+        budget = Budget(config.budget.kind, rec.budget_fraction or config.budget.fraction, config.budget.tolerance)
+        result = engine.run(
+            f.task,
+            f.dense,
+            final_policy(rec, config.final_epochs),
+            budget,
+            cfg,
+            f.dense_metrics,
+            latency=f.latency,
+            measure_latency=False,
+        )
+        metrics = {**rec.metrics, **{k: v for k, v in result.pruned.items() if isinstance(v, (int, float))}}
+        out.append(dataclasses.replace(rec, metrics=metrics))
+        f.say(
+            f"  {rec.label}: val {100 * rec.metrics['val_acc']:.2f}% after {rec.metrics.get('epoch', 0)} epoch(s), "
+            f"{100 * result.pruned['val_acc']:.2f}% after {config.final_epochs}"
+        )
+    return out
+
+
+def search_epochs(records: list[TrialRecord], reruns: int, final_epochs: int) -> int:
+    """The fine-tuning epochs a search spent: every trial's, the final-length re-runs' and the
+    final run's."""
+    return int(sum(r.metrics.get("epoch") or 0 for r in records)) + (reruns + 1) * final_epochs
+
+
+def matched_uniform(f, epochs: int, structure: str) -> dict[str, Any]:
+    """The uniform baseline fine-tuned for ``epochs`` (the search's whole compute), tested."""
+    from .. import engine
+
+    config = f.plan.config
+    policy = Policy.from_dict({**BASELINES[UNIFORM], "structure": structure, "finetune": {"epochs": epochs}})
+    cfg = dataclasses.replace(config.engine, train_epochs=epochs)
+    result = engine.run(
+        f.task,
+        f.dense,
+        policy,
+        config.budget,
+        cfg,
+        f.dense_metrics,
+        test=True,
+        latency=f.latency,
+        measure_latency=False,
+    )
+    p = result.pruned
+    return {
+        "policy": policy.to_dict(),
+        "epochs": epochs,
+        **{k: p[k] for k in ("val_acc", "test_acc", f"{config.budget.kind}_ratio") if p.get(k) is not None},
+    }
+
+
+def gain(best_test: float, uniform_test: float, n_test: int) -> dict[str, Any]:
+    """The winner's test accuracy against the matched-compute uniform baseline's: the
+    difference and its standard error (points), and whether it is beyond the noise."""
+    points = 100.0 * (best_test - uniform_test)
+    se = 100.0 * math.hypot(standard_error(best_test, n_test), standard_error(uniform_test, n_test))
+    return {"points": round(points, 3), "se_points": round(se, 3), "beyond_noise": abs(points) >= TIE_SE * se}
+
+
+def gain_sentence(g: dict[str, Any], epochs: int) -> str:
+    """One line for the terminal, the summary and the MLflow description."""
+    figure = f"{g['points']:+.1f} ± {g['se_points']:.1f} points"
+    if g["beyond_noise"] and g["points"] > 0:
+        return f"search gained {figure} over uniform pruning at matched compute ({epochs} epochs)"
+    if g["beyond_noise"]:
+        return f"search lost {figure} against uniform pruning at matched compute ({epochs} epochs)"
+    return f"no gain over uniform pruning at matched compute ({epochs} epochs): {figure}, within the noise"
+
+
+def final_policy(best: TrialRecord, final_epochs: int) -> Policy:
+    """The best trial's policy, fine-tuned for ``final_epochs``: what the final run re-runs."""
+    return Policy.from_dict({**best.policy, "finetune": {**best.policy.get("finetune", {}), "epochs": final_epochs}})
+
+
+def choose(f) -> tuple[TrialRecord | None, int]:
+    """The best trial within budget (ties within the validation noise to the simpler policy),
+    chosen among the top ``final_top_k`` re-run at the final length when they are several;
+    with the number of re-runs."""
+    plan, config = f.plan, f.plan.config
+    kind, n_val = config.budget.kind, len(f.task.val)
+    best = best_within(f.records, kind, config.budget.fraction, plan.metric, n_val=n_val)
+    if best is None or plan.metric != "val_acc" or config.final_top_k < 2 or config.final_epochs < 1:
+        return best, 0
+    top = top_trials(f.records, kind, config.budget.fraction, plan.metric, config.final_top_k)
+    top += [r for r in f.records if r in (best, *_uniform(f.records, kind, config.budget.fraction)) and r not in top]
+    if len(top) < 2:
+        return best, 0
+    f.say(f"re-running the top {len(top)} trials for {config.final_epochs} epoch(s) to choose the best:")
+    reran = rerun_at_final_length(f, top)
+    chosen = best_within(reran, kind, config.budget.fraction + 1.0, plan.metric, n_val=n_val)  # all were in budget
+    return next(r for r in top if r.trial_id == chosen.trial_id), len(top)
+
+
+def _uniform(records: list[TrialRecord], kind: str, fraction: float) -> list[TrialRecord]:
+    return [
+        r
+        for r in records
+        if r.baseline == UNIFORM and r.status == "completed" and r.metrics.get(f"{kind}_ratio", 2.0) <= fraction + 1e-9
+    ]
+
+
+def against_uniform(f, final, reruns: int) -> dict[str, Any]:
+    """The uniform baseline fine-tuned for the search's whole compute, and the winner's gain
+    over it (summary.json's ``uniform_matched``)."""
+    config = f.plan.config
+    epochs = search_epochs(f.records, reruns, config.final_epochs)
+    f.say(f"fine-tuning uniform pruning for {epochs} epochs, the search's whole compute, to compare:")
+    uniform = matched_uniform(f, epochs, final.policy.structure)
+    g = gain(final.pruned["test_acc"], uniform["test_acc"], len(f.task.test))
+    return {"uniform_matched": {**uniform, "gain": g, "verdict": gain_sentence(g, epochs)}}
