@@ -43,7 +43,8 @@ class Walk:
     """One episode's bookkeeping over ``space``'s groups, in network order: ``reset`` gives the
     first observation, ``step(action)`` clips the action to the legal range (so the finished
     allocation meets ``kind`` at ``target``, as ``space`` estimates it), applies it and gives
-    the next observation. The static features are min-max normalised over the groups; the FLOPs
+    the next observation; the finished allocation is then scaled back until it uses the
+    budget (:meth:`_filled`). The static features are min-max normalised over the groups; the FLOPs
     already removed is a share of the dense FLOPs, the previous action a share of channels."""
 
     def __init__(self, space: AllocationSpace, kind: str, target: float) -> None:
@@ -77,7 +78,8 @@ class Walk:
         return len(self.counts) == self.steps
 
     def reset(self) -> np.ndarray:
-        self.counts: list[int] = []
+        self.counts: list[int] = []  # channels each group loses (once done: filled to the budget)
+        self.proposed: list[int] = []  # once done: the counts as the clipped actions gave them
         self.actions: list[float] = []  # as proposed, before the clip
         self.ranges: list[tuple[float, float]] = []  # each step's legal range of pruned fractions
         return self.observation()
@@ -108,7 +110,46 @@ class Walk:
         self.counts.append(k)
         self.actions.append(action)
         self.ranges.append((lo / size, hi / size))
+        if self.done:
+            self.proposed = list(self.counts)
+            self.counts = self._filled(self.counts)
         return self.observation(), k / size
+
+    def _filled(self, counts: list[int]) -> list[int]:
+        """The finished allocation scaled back toward the dense model until it uses the
+        budget: every group's count times the smallest ``a`` in [0, 1] (rounded up to whole
+        channels) whose allocation still meets the target. The agent proposes the shape of the
+        allocation and the budget sets its size, so no episode keeps less than it may (AMC's
+        budget-constrained actions, completed to the exact budget)."""
+
+        def scaled(a: float) -> list[int]:
+            return [math.ceil(a * k - 1e-9) for k in counts]
+
+        def meets(a: float) -> bool:
+            return self.space.fraction(self.kind, scaled(a)) <= self.target
+
+        if not meets(1.0):  # a latency table's estimate that does not fall everywhere: as chosen
+            return counts
+        lo, hi = 0.0, 1.0  # lo misses the target (or is the dense model), hi meets it
+        if meets(0.0):
+            return scaled(0.0)
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if meets(mid) else (mid, hi)
+        return self._topped_up(scaled(hi))
+
+    def _topped_up(self, counts: list[int]) -> list[int]:
+        """Whole channels given back, group by group, while the allocation meets the target:
+        each group keeps the fewest removals that still do (one bisection per group)."""
+        counts = list(counts)
+        for i in range(len(counts)):
+            lo, hi = -1, counts[i]  # counts[i] = hi meets the target; lo is below any count
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                trial = [*counts[:i], mid, *counts[i + 1 :]]
+                lo, hi = (lo, mid) if self.space.fraction(self.kind, trial) <= self.target else (mid, hi)
+            counts[i] = hi
+        return counts
 
     def ratios(self) -> dict[str, float]:
         """Pruned fraction per group (``Policy.ratios`` with ``exact``)."""
