@@ -140,7 +140,7 @@ def _cell(args, task_name: str, fraction: float, seed: int, root: Path) -> dict:
         if matched:
             row[f"{searcher}_matched"] = (100 * matched["test_acc"], matched["epochs"])
             row[f"{searcher}_verdict"] = matched["verdict"]
-            row[f"{searcher}_baseline"] = best.get("baseline")
+            row[f"{searcher}_baseline"] = best.get("baseline") or best.get("source") == "uniform_matched"
         if args.rank and searcher == "tpe" and seed == args.seeds[0]:
             row["rank"] = _rank(args, result, task, dense, metrics, final_cfg)
             if args.rank_before:
@@ -174,7 +174,7 @@ def _report(args, rows: dict) -> None:
             baselines = sum(1 for c in cells if c.get(f"{s}_baseline"))
             print(
                 f"  {s} minus uniform at its matched compute ({cells[0][f'{s}_matched'][1]} epochs, "
-                f"{_mean_std(matched)}): {_mean_std(diffs)} points; a baseline won {baselines} of {len(cells)}; "
+                f"{_mean_std(matched)}): {_mean_std(diffs)} points; a baseline (or uniform at matched compute) won {baselines} of {len(cells)}; "
                 f"wall {statistics.mean(c[f'{s}_s'] for c in cells):.0f} s"
             )
             for c in cells:

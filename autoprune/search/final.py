@@ -90,9 +90,14 @@ def finish(f: Finish) -> SearchResult:
     stage.mkdir(parents=True)
     try:
         best, reruns = choose(f)
-        final = _rerun_best(f, best, stage) if best is not None else None
+        final = _rerun_best(f, best) if best is not None else None
+        extra: dict[str, Any] = {}
+        if final is not None and config.matched_baseline:
+            uniform, extra, kept = against_uniform(f, final, reruns)
+            final = uniform if kept else final  # more fine-tuning of the simplest policy did as well
+        if final is not None:
+            _save_best(f, best, final, stage)
         model_path = plan.out / "model.pt" if final is not None else None
-        extra = against_uniform(f, final, reruns) if final is not None and config.matched_baseline else {}
         summary = build_summary(f, front, best, final, model_path, extra)
         summary.write(stage / "summary.json")
         publish(stage, plan.out)
@@ -128,15 +133,12 @@ def publish(stage: Path, out: Path) -> None:
             (out / old).unlink()
 
 
-def _rerun_best(f: Finish, best: TrialRecord, stage: Path):
-    """Re-run the best trial's policy from the dense model for ``final_epochs``, test it once,
-    save ``model.pt`` and ``policy.json`` into ``stage``, and log them to the search run (the
-    engine's result)."""
+def _rerun_best(f: Finish, best: TrialRecord):
+    """Re-run the best trial's policy from the dense model for ``final_epochs``, test it once
+    and time it beside the dense model (the engine's result)."""
     from .. import engine
-    from ..engine.checkpoint import architecture_key, save_model
-    from ..tracking import store
 
-    plan, config = f.plan, f.plan.config
+    config = f.plan.config
     policy = final_policy(best, config.final_epochs)
     budget = Budget(config.budget.kind, best.budget_fraction or config.budget.fraction, config.budget.tolerance)
     cfg = dataclasses.replace(config.engine, train_epochs=config.final_epochs)
@@ -144,8 +146,16 @@ def _rerun_best(f: Finish, best: TrialRecord, stage: Path):
         f"best trial {best.trial_id} (val {100 * best.metrics['val_acc']:.2f}%): re-running it for "
         f"{config.final_epochs} epoch(s) and testing it"
     )
-    final = engine.run(f.task, f.dense, policy, budget, cfg, f.dense_metrics, test=True, latency=f.latency)
-    p = final.pruned
+    return engine.run(f.task, f.dense, policy, budget, cfg, f.dense_metrics, test=True, latency=f.latency)
+
+
+def _save_best(f: Finish, best: TrialRecord, final, stage: Path) -> None:
+    """Save the final model (``model.pt``, ``policy.json``) into ``stage`` and log it to the
+    search run, tagging the best trial."""
+    from ..engine.checkpoint import architecture_key, save_model
+    from ..tracking import store
+
+    plan, config, policy, p = f.plan, f.plan.config, final.policy, final.pruned
     model_path = stage / "model.pt"
     save_model(
         model_path,
@@ -170,7 +180,6 @@ def _rerun_best(f: Finish, best: TrialRecord, stage: Path):
     log_best_model(
         plan.tracking_uri, f.experiment_id, f.run_id, final.model, f.task.example_input(2), f"autoprune-{plan.name}"
     )
-    return final
 
 
 def build_summary(
@@ -209,6 +218,9 @@ def build_summary(
             "search_val_acc": best.metrics["val_acc"],
             "search_val_se": standard_error(best.metrics["val_acc"], n_val) if n_val else None,
             "baseline": best.baseline,  # the baseline it is (uniform, global), or None when sampled
+            # what model.pt is: the best trial re-run for final_epochs, or uniform pruning fine-tuned for
+            # the search's whole compute, when no trial beat it beyond the validation noise
+            "source": "uniform_matched" if (more or {}).get("uniform_matched", {}).get("returned") else "trial",
             **best_metrics(final.pruned),
             "latency_checks": final.latency_checks,
             "ratios": final.ratios,
@@ -300,7 +312,12 @@ def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
         raise AutopruneError(
             f"no trial completed ({summary.trials['failed']} failed; first error: {first}); see {summary_path}"
         )
-    say(f"\ndense against the best policy, re-run for {config.final_epochs} epoch(s), timed side by side:")
+    what = (
+        f"uniform pruning fine-tuned for {summary.uniform_matched['epochs']} epochs"
+        if summary.best and summary.best["source"] == "uniform_matched"
+        else f"the best policy, re-run for {config.final_epochs} epoch(s)"
+    )
+    say(f"\ndense against {what}, timed side by side:")
     say(comparison(final.dense, final.pruned))
     if summary.best and summary.best.get("baseline"):
         say(

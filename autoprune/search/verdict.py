@@ -18,7 +18,7 @@ from typing import Any
 from ..config import Budget, Policy
 from ..contract import TrialRecord
 from .baselines import BASELINES, UNIFORM
-from .ranking import TIE_SE, standard_error
+from .ranking import TIE_SE, standard_error, tied
 from .results import best_within
 
 
@@ -72,30 +72,15 @@ def search_epochs(records: list[TrialRecord], reruns: int, final_epochs: int) ->
     return int(sum(r.metrics.get("epoch") or 0 for r in records)) + (reruns + 1) * final_epochs
 
 
-def matched_uniform(f, epochs: int, structure: str) -> dict[str, Any]:
-    """The uniform baseline fine-tuned for ``epochs`` (the search's whole compute), tested."""
+def matched_uniform(f, epochs: int, structure: str):
+    """The uniform baseline fine-tuned for ``epochs`` (the search's whole compute), tested and
+    timed beside the dense model (the engine's result: it may become the search's model)."""
     from .. import engine
 
     config = f.plan.config
     policy = Policy.from_dict({**BASELINES[UNIFORM], "structure": structure, "finetune": {"epochs": epochs}})
     cfg = dataclasses.replace(config.engine, train_epochs=epochs)
-    result = engine.run(
-        f.task,
-        f.dense,
-        policy,
-        config.budget,
-        cfg,
-        f.dense_metrics,
-        test=True,
-        latency=f.latency,
-        measure_latency=False,
-    )
-    p = result.pruned
-    return {
-        "policy": policy.to_dict(),
-        "epochs": epochs,
-        **{k: p[k] for k in ("val_acc", "test_acc", f"{config.budget.kind}_ratio") if p.get(k) is not None},
-    }
+    return engine.run(f.task, f.dense, policy, config.budget, cfg, f.dense_metrics, test=True, latency=f.latency)
 
 
 def gain(best_test: float, uniform_test: float, n_test: int) -> dict[str, Any]:
@@ -148,12 +133,27 @@ def _uniform(records: list[TrialRecord], kind: str, fraction: float) -> list[Tri
     ]
 
 
-def against_uniform(f, final, reruns: int) -> dict[str, Any]:
-    """The uniform baseline fine-tuned for the search's whole compute, and the winner's gain
-    over it (summary.json's ``uniform_matched``)."""
+def against_uniform(f, final, reruns: int) -> tuple[Any, dict[str, Any], bool]:
+    """The uniform baseline fine-tuned for the search's whole compute, against the best
+    trial's final run on validation accuracy: (its engine result, summary.json's
+    ``uniform_matched``, whether it is returned instead). It is, unless the best trial beat
+    it by more than the validation noise: a search never returns less than the simplest
+    policy given the same compute."""
     config = f.plan.config
     epochs = search_epochs(f.records, reruns, config.final_epochs)
     f.say(f"fine-tuning uniform pruning for {epochs} epochs, the search's whole compute, to compare:")
     uniform = matched_uniform(f, epochs, final.policy.structure)
-    g = gain(final.pruned["test_acc"], uniform["test_acc"], len(f.task.test))
-    return {"uniform_matched": {**uniform, "gain": g, "verdict": gain_sentence(g, epochs)}}
+    u, w = uniform.pruned, final.pruned
+    returned = not (w["val_acc"] > u["val_acc"] and not tied(w["val_acc"], u["val_acc"], len(f.task.val)))
+    g = gain(w["test_acc"], u["test_acc"], len(f.task.test))
+    figures = {k: u[k] for k in ("val_acc", "test_acc", f"{config.budget.kind}_ratio") if u.get(k) is not None}
+    verdict = gain_sentence(g, epochs)
+    if returned:
+        verdict = (
+            f"no policy beat uniform pruning fine-tuned for {epochs} epochs (the search's whole compute) beyond the "
+            f"validation noise: it is the search's model (the best trial re-run for {config.final_epochs} "
+            f"epoch(s): {g['points']:+.1f} ± {g['se_points']:.1f} test points against it)"
+        )
+        g = {**g, "points": 0.0, "beyond_noise": False, "best_trial_points": g["points"]}
+    matched = {"policy": uniform.policy.to_dict(), "epochs": epochs, **figures, "gain": g, "verdict": verdict}
+    return uniform, {"uniform_matched": {**matched, "returned": returned}}, returned
