@@ -22,7 +22,7 @@ from ..errors import AutopruneError
 from ..paths import is_uri, join, upload_dir
 from .plan import MASKS_NOTE, Plan
 from .ranking import resolution_points, standard_error
-from .results import SearchResult, counts, pareto_front
+from .results import SearchResult, completed_within, counts, pareto_front
 from .searchers import SEARCHERS
 from .summary import SearchSummary
 from .verdict import against_uniform, choose, final_policy
@@ -259,10 +259,7 @@ def _log_search_run(f: Finish, summary: SearchSummary, front: list[TrialRecord],
     mlflow.log_artifact(f.run_id, str(plan.out / "summary.json"))
     if is_uri(plan.path):  # the best model outlives this machine too
         upload_dir(plan.out, join(plan.path, "best"))
-    within = sum(
-        r.status == "completed" and r.metrics.get(f"{kind}_ratio", 2.0) <= config.budget.fraction + 1e-9
-        for r in f.records
-    )
+    within = len(completed_within(f.records, kind, config.budget.fraction))
     note = search_note(
         summary.to_dict(),
         final.dense if final else f.dense_metrics,

@@ -46,6 +46,20 @@ def pareto_front(records: list[TrialRecord], goals: tuple[tuple[str, str], ...])
     return front
 
 
+def completed_within(
+    records: list[TrialRecord], kind: str, fraction: float, metric: str | None = None
+) -> list[TrialRecord]:
+    """The completed trials within the budget (``kind`` at most ``fraction`` of dense) that
+    reported ``metric`` (any, when None), in their order."""
+    return [
+        r
+        for r in records
+        if r.status == "completed"
+        and r.metrics.get(f"{kind}_ratio", math.inf) <= fraction + 1e-9
+        and (metric is None or r.metrics.get(metric) is not None)
+    ]
+
+
 def best_within(
     records: list[TrialRecord], kind: str, fraction: float, metric: str = "val_acc", n_val: int | None = None
 ) -> TrialRecord | None:
@@ -56,13 +70,7 @@ def best_within(
     ties too, and go to the simplest policy among them (:func:`.ranking.simplicity`)."""
     from .ranking import simplicity, tied
 
-    done = [
-        r
-        for r in records
-        if r.status == "completed"
-        and r.metrics.get(f"{kind}_ratio", math.inf) <= fraction + 1e-9
-        and r.metrics.get(metric) is not None
-    ]
+    done = completed_within(records, kind, fraction, metric)
     if not done:
         return None
     sign = 1.0 if METRIC_MODES[metric] == "max" else -1.0

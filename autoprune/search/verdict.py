@@ -19,20 +19,14 @@ from ..config import Budget, Policy
 from ..contract import TrialRecord
 from .baselines import BASELINES, UNIFORM
 from .ranking import TIE_SE, standard_error, tied
-from .results import best_within
+from .results import best_within, completed_within
 
 
 def top_trials(records: list[TrialRecord], kind: str, fraction: float, metric: str, k: int) -> list[TrialRecord]:
     """The ``k`` best completed trials within budget by ``metric`` (best first)."""
     from ..contract import METRIC_MODES
 
-    done = [
-        r
-        for r in records
-        if r.status == "completed"
-        and r.metrics.get(f"{kind}_ratio", math.inf) <= fraction + 1e-9
-        and r.metrics.get(metric) is not None
-    ]
+    done = completed_within(records, kind, fraction, metric)
     sign = -1.0 if METRIC_MODES[metric] == "max" else 1.0
     return sorted(done, key=lambda r: (sign * r.metrics[metric], r.number))[:k]
 
@@ -126,11 +120,7 @@ def choose(f) -> tuple[TrialRecord | None, int]:
 
 
 def _uniform(records: list[TrialRecord], kind: str, fraction: float) -> list[TrialRecord]:
-    return [
-        r
-        for r in records
-        if r.baseline == UNIFORM and r.status == "completed" and r.metrics.get(f"{kind}_ratio", 2.0) <= fraction + 1e-9
-    ]
+    return [r for r in completed_within(records, kind, fraction) if r.baseline == UNIFORM]
 
 
 def against_uniform(f, final, reruns: int) -> tuple[Any, dict[str, Any], bool]:
