@@ -7,7 +7,9 @@ of ``bench/seq1d.py`` that nothing here was tuned on), FLOPs budget (``--budgets
 * ``uniform``: uniform magnitude pruning (``local`` scope) fine-tuned ``--final-epochs``;
 * ``global``: global magnitude pruning, the same;
 * ``tpe``, ``random``, ``amc``: ``autoprune search`` with that searcher (``--trials``
-  trials; the AMC agent its ``--episodes``), its final model as the search saved it;
+  trials; the AMC agent its ``--episodes``, by default its own per-group count), its final
+  model as the search saved it (for AMC also its mean reward per quarter of the episodes and
+  its best episode's use of the budget);
 * ``matched``: uniform pruning fine-tuned for every epoch the TPE search spent (its trials,
   re-runs and final run), as the search reports it (``uniform_matched``).
 
@@ -69,7 +71,7 @@ def _search(args, task_cfg: TaskConfig, fraction: float, seed: int, searcher: st
         name=name,
         searcher=searcher,
         budget=Budget("flops", fraction),
-        trials=args.episodes if searcher == "amc" else args.trials,
+        trials=args.episodes if searcher == "amc" else args.trials,  # amc: None, its default (per group)
         epochs=None if searcher == "amc" else args.epochs,
         final_epochs=args.final_epochs,
         storage=str(root / "results"),
@@ -110,6 +112,18 @@ def _rank(args, result, task, dense, metrics, cfg) -> tuple[float, int]:
     return _spearman(trial_acc, final_acc), len(trial_acc)
 
 
+def _agent(result) -> dict:
+    """The AMC agent's learning: mean reward per quarter of its episodes, and how close its
+    best episode came to the budget (its FLOPs ratio over the budget fraction)."""
+    curve = [r for r in result.summary.get("reward_curve") or [] if r is not None]
+    q = max(1, len(curve) // 4)
+    quarters = [statistics.mean(curve[i * q : (i + 1) * q]) for i in range(4) if curve[i * q : (i + 1) * q]]
+    done = [r for r in result.trials if r.status == "completed" and r.metrics.get("reward") is not None]
+    best = max(done, key=lambda r: r.metrics["reward"])
+    used = best.metrics["flops_ratio"] / result.summary["budget"]["fraction"]
+    return {"episodes": len(curve), "quarters": quarters, "used": used}
+
+
 def _mean_std(values: list[float]) -> str:
     if len(values) < 2:
         return f"{values[0]:.2f}" if values else "-"
@@ -141,6 +155,8 @@ def _cell(args, task_name: str, fraction: float, seed: int, root: Path) -> dict:
             row[f"{searcher}_matched"] = (100 * matched["test_acc"], matched["epochs"])
             row[f"{searcher}_verdict"] = matched["verdict"]
             row[f"{searcher}_baseline"] = best.get("baseline") or best.get("source") == "uniform_matched"
+        if searcher == "amc":
+            row["amc_curve"] = _agent(result)
         if args.rank and searcher == "tpe" and seed == args.seeds[0]:
             row["rank"] = _rank(args, result, task, dense, metrics, final_cfg)
             if args.rank_before:
@@ -179,6 +195,14 @@ def _report(args, rows: dict) -> None:
             )
             for c in cells:
                 print(f"    {c[f'{s}_verdict']}")
+        if "amc_curve" in cells[0]:
+            for c in cells:
+                a = c["amc_curve"]
+                print(
+                    f"  amc: {a['episodes']} episodes, mean reward per quarter "
+                    + " → ".join(f"{x:.3f}" for x in a["quarters"])
+                    + f"; best episode used {100 * a['used']:.1f}% of the budget"
+                )
         for key in ("rank", "rank_before"):
             for c in cells:
                 if key in c:
@@ -195,7 +219,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--searchers", nargs="+", default=["tpe", "random", "amc"])
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--episodes", type=int, default=40)
+    parser.add_argument("--episodes", type=int, default=None, help="AMC's (default: the searcher's own)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--final-epochs", type=int, default=10)
     parser.add_argument("--rank", action="store_true", help="trial-vs-final rank correlation (first seed's TPE)")
@@ -214,7 +238,8 @@ def main() -> None:
                     cell = _cell(args, task_name, fraction, seed, Path(tmp))
                     rows.setdefault((task_name, fraction), []).append(cell)
                     print(f"done: {task_name} {fraction:g} seed {seed}", file=sys.stderr, flush=True)
-    _report(args, rows)
+                _report(args, {(task_name, fraction): rows[(task_name, fraction)]})  # each budget once it is done
+                sys.stdout.flush()
 
 
 if __name__ == "__main__":

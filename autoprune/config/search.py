@@ -132,7 +132,7 @@ SEARCH_HELP = {  # the flags' help, beside their field
     "name": "the search's name: results folder and MLflow experiment (default search-<date>-<time>)",
     "searcher": "tpe (default), nsga2 (Pareto front of accuracy, FLOPs, latency), random, grid or amc (a DDPG agent)",
     "space": "default (default), criteria, pai or package.module:function",
-    "trials": f"trials (amc: episodes) to run (default {DEFAULT_TRIALS}; amc 40; grid: its size)",
+    "trials": f"trials (amc: episodes) to run (default {DEFAULT_TRIALS}; amc 8 per prunable group, at least 40; grid: its size)",
     "epochs": f"training epochs per trial (default {DEFAULT_EPOCHS}; amc 0)",
     "structure": "channel (default: channels removed, a really faster model), unstructured (weight masks: they "
     "need sparse kernels or hardware to run faster) or any (both), in spaces that sample the structure",
@@ -189,6 +189,17 @@ class SearchConfig:
         ),
         3,
     )  # short trials rank policies loosely; the winner is chosen on final-length runs (search.verdict)
+    final_seeds: int | None = checked(
+        integer(
+            1,
+            most=10,
+            optional=True,
+            flag="--final-seeds",
+            help="seeds each of those re-runs averages over (default: as many, up to 3, as cost no more "
+            "epochs than the trials did)",
+        ),
+        None,
+    )  # one seed's re-run carries its own training noise; None: search.verdict.rerun_seeds
     matched_baseline: bool = checked(
         boolean(
             flag="--matched-baseline",

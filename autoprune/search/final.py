@@ -91,9 +91,10 @@ def finish(f: Finish) -> SearchResult:
     try:
         best, reruns = choose(f)
         final = _rerun_best(f, best) if best is not None else None
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"final_reruns": reruns} if reruns else {}
         if final is not None and config.matched_baseline:
-            uniform, extra, kept = against_uniform(f, final, reruns)
+            uniform, matched, kept = against_uniform(f, final, reruns)
+            extra.update(matched)
             final = uniform if kept else final  # more fine-tuning of the simplest policy did as well
         if final is not None:
             _save_best(f, best, final, stage)

@@ -170,10 +170,13 @@ def _prepare(plan: Plan, say, task) -> Prepared:
 
     config = plan.config
     table = layer_table(task, plan.structures)
-    if SEARCHERS.get(config.searcher).needs_grid:
+    spec = SEARCHERS.get(config.searcher)
+    if spec.needs_grid:
         plan.grid = get_space(config.space).grid(table)
         size = math.prod(len(v) for v in plan.grid.values())
         plan.trials = min(config.trials or size, size) + len(BASELINES)  # every cell, after the baselines
+    elif config.trials is None:
+        plan.trials = spec.default_trials(plan.trials, len(table.groups))
     import ray
 
     workers = concurrency(plan) if ray.is_initialized() else plan.config.concurrency or 1

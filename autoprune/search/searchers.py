@@ -93,10 +93,15 @@ class SearcherSpec:
     needs_grid: bool = False
     summary: str = ""  # one line for `autoprune list`
     trials: int | None = None  # the default --trials (None: config.DEFAULT_TRIALS; SearchConfig.resolved)
+    trials_per_group: int = 0  # the default --trials grows to this many per prunable group of the model
     epochs: int | None = None  # the default --epochs (None: config.DEFAULT_EPOCHS)
     metric: str | None = None  # the report key that picks the best trial, if the searcher decides it (else --metric)
     hooks_at: str | None = None  # "package.module:object", its SearcherHooks, imported when a search uses them
     baselines: bool = True  # its first trials are search.baselines' (uniform, global magnitude)
+
+    def default_trials(self, trials: int, groups: int) -> int:
+        """Its trials when ``--trials`` is not given, for a model of ``groups`` prunable groups."""
+        return max(trials, self.trials_per_group * groups)
 
     def hooks(self) -> SearcherHooks:
         """Its :class:`SearcherHooks` (imported now, where they live elsewhere), or the default."""
@@ -356,6 +361,7 @@ SEARCHERS.register("amc")(
         _amc,
         scheduler="none",
         trials=40,
+        trials_per_group=8,  # AMC's agent acts once per group: longer episodes need more of them to learn
         epochs=0,
         metric="reward",
         hooks_at="autoprune.agents.searcher:AMC_HOOKS",

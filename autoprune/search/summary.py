@@ -19,6 +19,7 @@ OPTIONAL = (
     "latency_tables",
     "validation",
     "uniform_matched",
+    "final_reruns",
 )  # written only when the search has them
 
 
@@ -51,6 +52,9 @@ class SearchSummary:
     # budget's ratio), the best model's test gain over it (points, se_points, beyond_noise) and a verdict
     uniform_matched: dict[str, Any] | None = None
     reward_curve: list[float | None] | None = None  # an agent's reward per episode, in the order they ran
+    # the top trials re-run at the final length before the winner was chosen: epochs, seeds, and
+    # each one's mean validation accuracy over those seeds by trial id
+    final_reruns: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

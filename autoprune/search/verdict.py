@@ -2,8 +2,9 @@
 
 Trials are short; the saved model is fine-tuned for ``final_epochs``. A policy that leads
 after a few epochs need not lead after many, so the top trials (``--final-top-k``) are re-run
-at the final length from the dense model and the winner is picked on those runs (ties within
-the validation split's noise going to the simpler policy, :mod:`.ranking`). Then the uniform
+at the final length from the dense model, on as many seeds as the trials' compute pays for
+(``--final-seeds``), and the winner is picked on those runs (ties within the validation
+split's noise going to the simpler policy, :mod:`.ranking`). Then the uniform
 baseline is fine-tuned for as many epochs as the whole search spent (its trials, these
 re-runs and the final run), and the winner's test accuracy is set against it: more tuning is
 only worth it if it beats more fine-tuning of the simplest policy.
@@ -31,9 +32,18 @@ def top_trials(records: list[TrialRecord], kind: str, fraction: float, metric: s
     return sorted(done, key=lambda r: (sign * r.metrics[metric], r.number))[:k]
 
 
-def rerun_at_final_length(f, candidates: list[TrialRecord]) -> list[TrialRecord]:
-    """Each candidate's policy re-run from the dense model for ``final_epochs`` (validation
-    only; no timing), as a record with the re-run's figures in place of the trial's."""
+def rerun_seeds(records: list[TrialRecord], candidates: int, final_epochs: int, most: int = 3) -> int:
+    """How many seeds each final-length re-run averages over when ``--final-seeds`` is not
+    set: as many (up to ``most``) as keep the re-runs' epochs within the trials' own."""
+    trial_epochs = sum(r.metrics.get("epoch") or 0 for r in records)
+    per_seed = max(1, candidates * final_epochs)
+    return max(1, min(most, int(trial_epochs // per_seed)))
+
+
+def rerun_at_final_length(f, candidates: list[TrialRecord], seeds: int = 1) -> list[TrialRecord]:
+    """Each candidate's policy re-run from the dense model for ``final_epochs`` on ``seeds``
+    seeds (validation only; no timing), as a record with the runs' mean figures in place of the
+    trial's."""
     from .. import engine
 
     config = f.plan.config
@@ -41,21 +51,25 @@ def rerun_at_final_length(f, candidates: list[TrialRecord]) -> list[TrialRecord]
     out = []
     for rec in candidates:
         budget = Budget(config.budget.kind, rec.budget_fraction or config.budget.fraction, config.budget.tolerance)
-        result = engine.run(
-            f.task,
-            f.dense,
-            final_policy(rec, config.final_epochs),
-            budget,
-            cfg,
-            f.dense_metrics,
-            latency=f.latency,
-            measure_latency=False,
-        )
-        metrics = {**rec.metrics, **{k: v for k, v in result.pruned.items() if isinstance(v, (int, float))}}
-        out.append(dataclasses.replace(rec, metrics=metrics))
+        runs = []
+        for s in range(seeds):
+            result = engine.run(
+                f.task,
+                f.dense,
+                final_policy(rec, config.final_epochs),
+                budget,
+                dataclasses.replace(cfg, seed=cfg.seed + s),
+                f.dense_metrics,
+                latency=f.latency,
+                measure_latency=False,
+            )
+            runs.append({k: v for k, v in result.pruned.items() if isinstance(v, (int, float))})
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0] if all(k in r for r in runs)}
+        out.append(dataclasses.replace(rec, metrics={**rec.metrics, **mean}))
+        each = ", ".join(f"{100 * r['val_acc']:.2f}" for r in runs)
         f.say(
             f"  {rec.label}: val {100 * rec.metrics['val_acc']:.2f}% after {rec.metrics.get('epoch', 0)} epoch(s), "
-            f"{100 * result.pruned['val_acc']:.2f}% after {config.final_epochs}"
+            f"{100 * mean['val_acc']:.2f}% after {config.final_epochs}" + (f" (seeds: {each})" if seeds > 1 else "")
         )
     return out
 
@@ -100,37 +114,45 @@ def final_policy(best: TrialRecord, final_epochs: int) -> Policy:
     return Policy.from_dict({**best.policy, "finetune": {**best.policy.get("finetune", {}), "epochs": final_epochs}})
 
 
-def choose(f) -> tuple[TrialRecord | None, int]:
+def choose(f) -> tuple[TrialRecord | None, dict[str, Any] | None]:
     """The best trial within budget (ties within the validation noise to the simpler policy),
     chosen among the top ``final_top_k`` re-run at the final length when they are several;
-    with the number of re-runs."""
+    with the re-runs (summary.json's ``final_reruns``; None when there were none)."""
     plan, config = f.plan, f.plan.config
     kind, n_val = config.budget.kind, len(f.task.val)
     best = best_within(f.records, kind, config.budget.fraction, plan.metric, n_val=n_val)
     if best is None or plan.metric != "val_acc" or config.final_top_k < 2 or config.final_epochs < 1:
-        return best, 0
+        return best, None
     top = top_trials(f.records, kind, config.budget.fraction, plan.metric, config.final_top_k)
     top += [r for r in f.records if r in (best, *_uniform(f.records, kind, config.budget.fraction)) and r not in top]
     if len(top) < 2:
-        return best, 0
-    f.say(f"re-running the top {len(top)} trials for {config.final_epochs} epoch(s) to choose the best:")
-    reran = rerun_at_final_length(f, top)
+        return best, None
+    seeds = config.final_seeds or rerun_seeds(f.records, len(top), config.final_epochs)
+    on = f" on {seeds} seeds" if seeds > 1 else ""
+    f.say(f"re-running the top {len(top)} trials for {config.final_epochs} epoch(s){on} to choose the best:")
+    reran = rerun_at_final_length(f, top, seeds)
     chosen = best_within(reran, kind, config.budget.fraction + 1.0, plan.metric, n_val=n_val)  # all were in budget
-    return next(r for r in top if r.trial_id == chosen.trial_id), len(top)
+    runs = {"epochs": config.final_epochs, "seeds": seeds, "val_acc": {r.trial_id: r.metrics["val_acc"] for r in reran}}
+    return next(r for r in top if r.trial_id == chosen.trial_id), runs
+
+
+def reruns_of(runs: dict[str, Any] | None) -> int:
+    """How many final-length runs :func:`choose` made (its candidates times their seeds)."""
+    return len(runs["val_acc"]) * runs["seeds"] if runs else 0
 
 
 def _uniform(records: list[TrialRecord], kind: str, fraction: float) -> list[TrialRecord]:
     return [r for r in completed_within(records, kind, fraction) if r.baseline == UNIFORM]
 
 
-def against_uniform(f, final, reruns: int) -> tuple[Any, dict[str, Any], bool]:
+def against_uniform(f, final, reruns: dict[str, Any] | None) -> tuple[Any, dict[str, Any], bool]:
     """The uniform baseline fine-tuned for the search's whole compute, against the best
     trial's final run on validation accuracy: (its engine result, summary.json's
     ``uniform_matched``, whether it is returned instead). It is, unless the best trial beat
     it by more than the validation noise: a search never returns less than the simplest
     policy given the same compute."""
     config = f.plan.config
-    epochs = search_epochs(f.records, reruns, config.final_epochs)
+    epochs = search_epochs(f.records, reruns_of(reruns), config.final_epochs)
     f.say(f"fine-tuning uniform pruning for {epochs} epochs, the search's whole compute, to compare:")
     uniform = matched_uniform(f, epochs, final.policy.structure)
     u, w = uniform.pruned, final.pruned

@@ -15,7 +15,7 @@ from autoprune.engine.layers import layer_table  # noqa: E402
 from autoprune.engine.tasks import get_task  # noqa: E402
 from autoprune.search.baselines import BASELINES, WithBaselines, baseline_names, baseline_of  # noqa: E402
 from autoprune.search.searchers import SEARCHERS, SearcherContext  # noqa: E402
-from autoprune.search.verdict import gain, gain_sentence, search_epochs  # noqa: E402
+from autoprune.search.verdict import gain, gain_sentence, rerun_seeds, search_epochs  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,20 @@ def test_the_search_epochs_count_every_trial_the_reruns_and_the_final_run():
     records = [TrialRecord(i, str(i), "completed", {}, None, {"epoch": e}, {}) for i, e in enumerate((3, 3, 1))]
     records.append(TrialRecord(3, "3", "failed", {}, None, {}, {}))
     assert search_epochs(records, reruns=4, final_epochs=10) == 7 + 5 * 10
+
+
+def test_the_final_reruns_take_as_many_seeds_as_the_trials_epochs_pay_for():
+    from autoprune.contract import TrialRecord
+
+    records = [TrialRecord(i, str(i), "completed", {}, None, {"epoch": 3}, {}) for i in range(20)]  # 60 epochs
+    assert rerun_seeds(records, candidates=4, final_epochs=10) == 1  # 40 epochs a seed: one fits in 60
+    assert rerun_seeds(records, candidates=3, final_epochs=10) == 2
+    assert rerun_seeds(records, candidates=2, final_epochs=5) == 3  # at most three
+    assert rerun_seeds(records[:2], candidates=4, final_epochs=10) == 1  # never none
+
+
+def test_the_agents_default_episodes_grow_with_the_models_groups(table):
+    amc, tpe = SEARCHERS.get("amc"), SEARCHERS.get("tpe")
+    assert len(table.groups) == 6 and amc.default_trials(40, len(table.groups)) == 48
+    assert amc.default_trials(40, 3) == 40  # never fewer than its floor
+    assert tpe.default_trials(20, 50) == 20  # the samplers' trials do not depend on the model

@@ -18,6 +18,7 @@ import pytest
 
 from autoprune.config import Budget, SearchConfig
 from autoprune.search.ranking import simplicity, standard_error, tied
+from autoprune.search.verdict import rerun_seeds
 
 pytestmark = pytest.mark.slow
 
@@ -148,10 +149,19 @@ def test_search_summary_and_best_model_reproduce(searched, viewed, engine_cfg):
         ("uniform", "local", "magnitude"),
     ]
     assert [r.baseline for r in result.trials].count(None) == 4
+    # the candidates were re-run on as many seeds as the trials' epochs paid for (here more than one)
+    reran = summary["final_reruns"]
+    spent = sum(r.metrics.get("epoch", 0) for r in result.trials)
+    assert reran["epochs"] == 1 and chosen.trial_id in reran["val_acc"]
+    assert set(reran["val_acc"]) <= {r.trial_id for r in candidates}
+    assert reran["seeds"] == rerun_seeds(result.trials, len(reran["val_acc"]), 1) >= 2
+    assert f"for 1 epoch(s) on {reran['seeds']} seeds to choose the best" in viewed.printed
+    top_rerun = max(reran["val_acc"].values())
+    assert tied(reran["val_acc"][chosen.trial_id], top_rerun, n_val)  # the winner is the best re-run, or tied
     # the winner against uniform pruning fine-tuned for the search's whole compute
     matched = summary["uniform_matched"]
-    spent = sum(r.metrics.get("epoch", 0) for r in result.trials)
-    assert matched["policy"]["scope"] == "local" and matched["epochs"] > spent
+    assert matched["policy"]["scope"] == "local"
+    assert matched["epochs"] == spent + (len(reran["val_acc"]) * reran["seeds"] + 1) * 1
     gain = matched["gain"]
     assert gain["points"] == pytest.approx(100 * (best["test_acc"] - matched["test_acc"]), abs=1e-3)
     assert gain["se_points"] > 0 and matched["verdict"] in viewed.printed
