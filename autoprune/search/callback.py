@@ -17,6 +17,7 @@ from ..contract import COST_KEYS, FINAL_KEYS, SEARCHER_KEYS, is_final, trial_lab
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
 from ..tracking.store import (
+    BASELINE,
     ERROR,
     MAX_PARAM,
     NODE_ID,
@@ -31,6 +32,7 @@ from ..tracking.store import (
     trial_runs,
 )
 from . import journal
+from .baselines import baseline_of
 
 quiet_environment()
 from ray.tune import Callback  # noqa: E402
@@ -250,15 +252,18 @@ class TrialLogger(Callback):
         number = self._number(old)
         self._numbers[trial_id] = number
         policy = config.get("policy", {})
+        baseline = baseline_of(config)
+        label = trial_label(policy if isinstance(policy, dict) else {}, number)
         run = self.mlflow.create_run(
             self.experiment_id,
-            run_name=trial_label(policy if isinstance(policy, dict) else {}, number),
+            run_name=f"{baseline} baseline: {label}" if baseline else label,
             tags={
                 PARENT: self.parent,
                 ROLE: "trial",
                 TRIAL_ID: trial_id,
                 NUMBER: str(number),
                 "ray.trial_id": trial_id,
+                **({BASELINE: baseline} if baseline else {}),
             },
         )
         run_id = run.info.run_id

@@ -18,6 +18,7 @@ ROLE = "autoprune.role"  # "search" (the parent run) or "trial"
 TRIAL_ID = "autoprune.trial_id"  # the Ray Tune trial id of a child run
 NUMBER = "autoprune.trial_number"  # the order the trials started in, from 1 (the run name's "#7")
 NODE_ID = "autoprune.node_id"
+BASELINE = "autoprune.baseline"  # on a baseline trial's run: "uniform" or "global" (search.baselines)
 BEST = "autoprune.best"  # "true" on the child run of the trial the search picked
 BEST_RUN_ID = "autoprune.best_run_id"  # on the search run: that child run
 BEST_TRIAL_ID = "autoprune.best_trial_id"  # on the search run: its Ray Tune trial id

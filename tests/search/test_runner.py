@@ -72,6 +72,13 @@ def test_search_logs_one_parent_and_a_child_per_trial(searched):
     assert parent.info.status == "FINISHED"
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
     assert len({c.data.tags["autoprune.trial_id"] for c in children}) == 6
+    # the two baselines are told apart in the runs table: tagged, and named for what they are
+    baselines = {c.data.tags["autoprune.baseline"]: c for c in children if "autoprune.baseline" in c.data.tags}
+    assert sorted(baselines) == ["global", "uniform"]
+    for name, run in baselines.items():
+        scope = "local" if name == "uniform" else "global"
+        assert run.info.run_name.startswith(f"{name} baseline: channel/magnitude/{scope} #")
+    assert not any(c.info.run_name.startswith(("uniform", "global")) for c in children if c not in baselines.values())
     c = _client(uri)
     stopped = 0
     for child in children:
