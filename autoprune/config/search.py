@@ -132,7 +132,7 @@ SEARCH_HELP = {  # the flags' help, beside their field
     "name": "the search's name: results folder and MLflow experiment (default search-<date>-<time>)",
     "searcher": "tpe (default), nsga2 (Pareto front of accuracy, FLOPs, latency), random, grid or amc (a DDPG agent)",
     "space": "default (default), criteria, pai or package.module:function",
-    "trials": f"trials (amc: episodes) to run (default {DEFAULT_TRIALS}; amc 8 per prunable group, at least 40; grid: its size)",
+    "trials": f"trials (amc: episodes) to run (default {DEFAULT_TRIALS}; amc 25 per prunable group, at least 40; grid: its size)",
     "epochs": f"training epochs per trial (default {DEFAULT_EPOCHS}; amc 0)",
     "structure": "channel (default: channels removed, a really faster model), unstructured (weight masks: they "
     "need sparse kernels or hardware to run faster) or any (both), in spaces that sample the structure",

@@ -361,7 +361,7 @@ SEARCHERS.register("amc")(
         _amc,
         scheduler="none",
         trials=40,
-        trials_per_group=8,  # AMC's agent acts once per group: longer episodes need more of them to learn
+        trials_per_group=25,  # AMC's agent acts once per group: longer episodes need more of them to learn
         epochs=0,
         metric="reward",
         hooks_at="autoprune.agents.searcher:AMC_HOOKS",

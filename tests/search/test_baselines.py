@@ -96,6 +96,6 @@ def test_the_final_reruns_take_as_many_seeds_as_the_trials_epochs_pay_for():
 
 def test_the_agents_default_episodes_grow_with_the_models_groups(table):
     amc, tpe = SEARCHERS.get("amc"), SEARCHERS.get("tpe")
-    assert len(table.groups) == 6 and amc.default_trials(40, len(table.groups)) == 48
-    assert amc.default_trials(40, 3) == 40  # never fewer than its floor
+    assert len(table.groups) == 6 and amc.default_trials(40, len(table.groups)) == 150
+    assert amc.default_trials(40, 1) == 40  # never fewer than its floor
     assert tpe.default_trials(20, 50) == 20  # the samplers' trials do not depend on the model
