@@ -131,14 +131,16 @@ class TrialRecord:
 
     @property
     def label(self) -> str:
-        """What the trial is, for people: ``channel/snip/global #7``."""
-        return trial_label(self.policy, self.number + 1)
+        """What the trial is, for people: ``channel/snip/global #7`` (its MLflow run's name)."""
+        return trial_label(self.policy, self.number + 1, self.baseline)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def trial_label(policy: dict[str, Any], number: int) -> str:
-    """``channel/snip/global #7`` for the ``number``-th trial (counted from 1)."""
+def trial_label(policy: dict[str, Any], number: int, baseline: str | None = None) -> str:
+    """``channel/snip/global #7`` for the ``number``-th trial (counted from 1); a baseline
+    trial's says so: ``uniform baseline: channel/magnitude/local #1``."""
     what = "/".join(str(policy[k]) for k in ("structure", "criterion", "scope") if policy.get(k))
-    return f"{what or 'trial'} #{number}"
+    label = f"{what or 'trial'} #{number}"
+    return f"{baseline} baseline: {label}" if baseline else label

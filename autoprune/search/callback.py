@@ -253,10 +253,9 @@ class TrialLogger(Callback):
         self._numbers[trial_id] = number
         policy = config.get("policy", {})
         baseline = baseline_of(config)
-        label = trial_label(policy if isinstance(policy, dict) else {}, number)
         run = self.mlflow.create_run(
             self.experiment_id,
-            run_name=f"{baseline} baseline: {label}" if baseline else label,
+            run_name=trial_label(policy if isinstance(policy, dict) else {}, number, baseline),
             tags={
                 PARENT: self.parent,
                 ROLE: "trial",

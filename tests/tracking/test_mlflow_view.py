@@ -80,9 +80,9 @@ def test_the_best_trial_is_tagged_and_the_search_run_says_why(viewed, runs):
 def test_child_runs_are_named_by_what_they_are(runs):
     _, children = runs
     names = sorted(c["info"]["run_name"] for c in children)
-    assert all(re.fullmatch(r"(channel|unstructured)/[a-z_0-9]+/(global|local|per_layer) #[1-6]", n) for n in names), (
-        names
-    )
+    form = r"((uniform|global) baseline: )?(channel|unstructured)/[a-z_0-9]+/(global|local|per_layer) #[1-6]"
+    assert all(re.fullmatch(form, n) for n in names), names
+    assert sum(" baseline: " in n for n in names) == 2  # the baselines say what they are
     assert sorted(int(n.rsplit("#", 1)[1]) for n in names) == [1, 2, 3, 4, 5, 6]
     for c in children:
         tags = _tags(c)
