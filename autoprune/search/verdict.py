@@ -35,9 +35,13 @@ def top_trials(records: list[TrialRecord], kind: str, fraction: float, metric: s
 def rerun_seeds(records: list[TrialRecord], candidates: int, final_epochs: int, most: int = 3) -> int:
     """How many seeds each final-length re-run averages over when ``--final-seeds`` is not
     set: as many (up to ``most``) as keep the re-runs' epochs within the trials' own."""
-    trial_epochs = sum(r.metrics.get("epoch") or 0 for r in records)
     per_seed = max(1, candidates * final_epochs)
-    return max(1, min(most, int(trial_epochs // per_seed)))
+    return max(1, min(most, trial_epochs(records) // per_seed))
+
+
+def trial_epochs(records: list[TrialRecord]) -> int:
+    """The fine-tuning epochs the trials themselves ran."""
+    return int(sum(r.metrics.get("epoch") or 0 for r in records))
 
 
 def rerun_at_final_length(f, candidates: list[TrialRecord], seeds: int = 1) -> list[TrialRecord]:
@@ -77,7 +81,7 @@ def rerun_at_final_length(f, candidates: list[TrialRecord], seeds: int = 1) -> l
 def search_epochs(records: list[TrialRecord], reruns: int, final_epochs: int) -> int:
     """The fine-tuning epochs a search spent: every trial's, the final-length re-runs' and the
     final run's."""
-    return int(sum(r.metrics.get("epoch") or 0 for r in records)) + (reruns + 1) * final_epochs
+    return trial_epochs(records) + (reruns + 1) * final_epochs
 
 
 def matched_uniform(f, epochs: int, structure: str):
