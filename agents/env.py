@@ -106,7 +106,7 @@ class PruningEnv(gymnasium.Env):
     engine's seed, which always trains the dense model).
 
     ``info``: every step has ``ratio`` (the fraction applied) and ``legal`` (the range it was
-    clipped to); the last step adds ``val_acc``, ``flops``, ``flops_ratio``, ``params_ratio``,
+    clipped to); the last step adds the task's metric (``val_acc``), ``flops``, ``flops_ratio``, ``params_ratio``,
     ``ratios`` (applied fraction per group), ``actions`` (as proposed) and, when a latency
     table exists (``acc_latency`` or a latency budget), ``latency_predicted_ms`` and ``latency_ratio``
     (predicted).
@@ -212,7 +212,7 @@ class PruningEnv(gymnasium.Env):
                 measure_latency=False,
             )
         pruned = result.pruned
-        out = {k: float(pruned[k]) for k in ("val_acc", "flops", "flops_ratio", "params_ratio")}
+        out = {k: float(pruned[k]) for k in (self.task.metric_key(), "flops", "flops_ratio", "params_ratio")}
         if self.latency is not None:
             out["latency_predicted_ms"] = float(pruned["latency_predicted_ms"])
             out["latency_ratio"] = float(pruned["latency_ratio"])
@@ -221,8 +221,10 @@ class PruningEnv(gymnasium.Env):
         return out
 
     def reward_of(self, metrics: dict[str, Any]) -> float:
-        """The episode's reward from its final metrics (``val_acc``, ``flops``, ``latency_predicted_ms``)."""
-        return self.reward_spec(metrics["val_acc"], metrics.get("flops"), metrics.get("latency_predicted_ms"))
+        """The episode's reward from its final metrics (the task's, e.g. ``val_acc``; ``flops``,
+        ``latency_predicted_ms``)."""
+        score = metrics[self.task.metric_key()]
+        return self.reward_spec(score, metrics.get("flops"), metrics.get("latency_predicted_ms"))
 
     @property
     def target_ms(self) -> float | None:

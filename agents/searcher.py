@@ -180,7 +180,7 @@ def make_amc(ctx) -> AMCSearch:
 @dataclasses.dataclass(frozen=True)
 class EpisodeScore:
     """What an AMC trial reports once its model is pruned (the searcher's trial hook):
-    ``recal_acc``, the validation accuracy of the pruned model with its BN statistics
+    ``recal_acc``, the task's validation metric (accuracy, mean IoU) of the pruned model with its BN statistics
     recalibrated by the engine, before any fine-tuning, and the episode's ``reward`` from it."""
 
     reward: RewardSpec
@@ -188,7 +188,7 @@ class EpisodeScore:
     def __call__(self, model, task, cost: dict[str, Any], device) -> dict[str, float]:
         from autoprune.engine.train import evaluate
 
-        acc = evaluate(model, task.loader("val", device=device), device)
+        acc = evaluate(model, task.loader("val", device=device), device, task)
         return {"recal_acc": acc, "reward": self.reward(acc, cost["flops"], cost.get("latency_predicted_ms"))}
 
 
@@ -211,12 +211,20 @@ class AMCHooks(SearcherHooks):
                 "--space is for the Optuna searchers"
             )
         engine.check_policy(Policy(criterion=config.agent.criterion))
-        if config.metric != "val_acc":
+        if config.metric is not None:
             raise AutopruneError(
                 f"searcher {config.searcher!r} picks its best episode by its reward (--reward); "
                 "--metric is for the others"
             )
         ddpg_config(config.agent, trials)  # checks --agent-option
+
+    def check_task(self, config, task) -> None:
+        """The reward is built on a metric in 0..1 where higher is better (accuracy, mean IoU)."""
+        if task.metric.mode != "max" or not task.metric.percent:
+            raise AutopruneError(
+                f"searcher {config.searcher!r} rewards a metric in 0..1 where higher is better (accuracy, mean "
+                f"IoU); task {task.name!r} reports {task.metric_key()}: use --searcher tpe, random, nsga2 or grid"
+            )
 
     def context(self, config, dense, task, latency) -> dict[str, Any]:
         from autoprune.config import Policy

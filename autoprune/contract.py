@@ -29,7 +29,8 @@ from typing import Any
 
 from .errors import AutopruneError
 
-# per epoch
+# per epoch (the task's metric: val_acc for classification, its own val_<name> otherwise, see
+# task_metric_keys; these tuples name accuracy's)
 EPOCH_KEYS = ("epoch", "val_acc", "val_loss", "loss", "node_id")
 # the pruned model's cost: known once pruning is done, reported from then on (latency predicted)
 COST_KEYS = ("flops", "params", "flops_ratio", "params_ratio", "latency_predicted_ms", "latency_ratio")
@@ -51,15 +52,71 @@ def is_final(report: dict[str, Any] | None) -> bool:
     return bool(report) and report.get(FINAL) is True
 
 
-# what a search may optimise (--metric; an agent's search: its reward), and which way
-METRIC_MODES = {"val_acc": "max", "val_loss": "min", "reward": "max"}
+# A task's metric (engine.tasks.Metric) is reported as ``val_<name>`` and ``test_<name>``;
+# the default, accuracy, as val_acc and test_acc. Which way each name is better, and whether it
+# reads as a percentage: the built-ins here, a task's own declared when the task is built
+# (declare_metric), so every process that builds or reads the task knows it.
+METRIC_NAMES: dict[str, tuple[str, bool]] = {
+    "acc": ("max", True),
+    "miou": ("max", True),
+    "rmse": ("min", False),
+    "mae": ("min", False),
+    "loss": ("min", False),
+}
+SCORE = "acc"  # the default task metric's name
+# what a search may optimise besides a task metric (an agent's search: its reward), and which way
+METRIC_MODES = {"val_loss": "min", "reward": "max"}
+
+
+def declare_metric(name: str, mode: str, percent: bool = False) -> None:
+    """Make a task metric's direction known: ``mode`` is "max" (higher is better) or "min"."""
+    if mode not in ("max", "min"):
+        raise AutopruneError(f"metric {name!r}: mode must be 'max' or 'min', got {mode!r}")
+    known = METRIC_NAMES.get(name)
+    if known is not None and known[0] != mode:
+        raise AutopruneError(
+            f"metric name {name!r} is taken by a metric where {known[0]} is better; give this one another name"
+        )
+    METRIC_NAMES[name] = (mode, bool(percent))
+
+
+def task_metric_keys(report: dict[str, Any]) -> list[str]:
+    """The task metrics a report holds on the validation split (``val_acc``, ``val_rmse`` ...)."""
+    return [k for k in report if k.startswith("val_") and k != "val_loss" and k[4:] in METRIC_NAMES]
+
+
+def _metric_name(key: str) -> str:
+    return key.split("_", 1)[1] if key.startswith(("val_", "test_", "search_val_")) else key
+
+
+def metric_mode(key: str) -> str:
+    """ "max" or "min": which way ``key`` (``val_acc``, ``test_rmse``, ``reward`` ...) is better."""
+    if key in METRIC_MODES:
+        return METRIC_MODES[key]
+    known = METRIC_NAMES.get(_metric_name(key))
+    if known is None:
+        raise AutopruneError(f"unknown metric {key!r}; known: {', '.join(sorted(METRIC_NAMES))}")
+    return known[0]
+
+
+def better(key: str, a: float, b: float) -> bool:
+    """Whether ``a`` is strictly better than ``b`` by ``key``'s direction."""
+    return a > b if metric_mode(key) == "max" else a < b
+
+
+def show_metric(key: str, value: float | None) -> str:
+    """``value`` of ``key`` for people: ``98.52%`` for a percentage metric, else 4 significant digits."""
+    if value is None:
+        return "-"
+    known = METRIC_NAMES.get(_metric_name(key))
+    return f"{100 * value:.2f}%" if known is not None and known[1] else f"{value:.4g}"
 
 
 def objectives(kind: str, metric: str = "val_acc") -> tuple[tuple[str, str], ...]:
     """The multi-objective searchers' goals: the metric, the budget's cost fraction and the
     predicted latency (for a latency budget: the FLOPs fraction instead)."""
     third = "flops_ratio" if kind == "latency" else "latency_predicted_ms"
-    return ((metric, METRIC_MODES[metric]), (f"{kind}_ratio", "min"), (third, "min"))
+    return ((metric, metric_mode(metric)), (f"{kind}_ratio", "min"), (third, "min"))
 
 
 @dataclass(frozen=True)

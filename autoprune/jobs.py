@@ -50,6 +50,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     summary = {
         "task": task.name,
         "model": task.model_name,
+        "metric": task.metric_info(),
         "policy": policy.to_dict(),
         "budget": {"kind": budget.kind, "fraction": budget.fraction},
         "ratios": result.ratios,
@@ -83,6 +84,7 @@ def _write_results(out: Path, result, cfg: EngineConfig, policy: Policy, summary
     """``model.pt``, ``policy.json`` and ``summary.json`` into ``out``; on a failed write (a
     full disk) no half of a result is left, nor a folder this run made."""
     from .engine.checkpoint import save_model
+    from .report import metric_keys
 
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,7 @@ def _write_results(out: Path, result, cfg: EngineConfig, policy: Policy, summary
             policy.structure,
             result.history,
             policy.to_dict(),
-            {k: result.pruned.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
+            {k: result.pruned.get(k) for k in (*metric_keys(result.pruned), "flops", "params")},
             arch,
         )
         written.append(out / "model.pt")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .contract import METRIC_NAMES, show_metric
+
 if TYPE_CHECKING:
     from .contract import TrialRecord
 
@@ -35,20 +37,41 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def metric_keys(metrics: dict[str, Any]) -> list[str]:
+    """The task metrics in ``metrics`` (``val_acc``, ``test_miou`` ...), validation first."""
+    found = [k for k in metrics if k.startswith(("val_", "test_")) and k.split("_", 1)[1] in METRIC_NAMES]
+    found = [k for k in found if not k.endswith("_loss")]
+    return sorted(found, key=lambda k: (not k.startswith("val_"), k))
+
+
+def metric_label(key: str) -> str:
+    """``val_acc`` -> ``val accuracy``; ``test_rmse`` -> ``test rmse``."""
+    split, name = key.split("_", 1)
+    return f"{split} {METRIC_WORDS.get(name, name)}"
+
+
+METRIC_WORDS = {"acc": "accuracy", "miou": "mean IoU", "rmse": "RMSE", "mae": "MAE"}
+
+
+def metric_difference(key: str, before: float | None, after: float | None) -> str:
+    if before is None or after is None:
+        return ""
+    if METRIC_NAMES[key.split("_", 1)[1]][1]:
+        return f"{100 * (after - before):+.2f} pts"
+    return f"{after - before:+.4g}"
+
+
 def comparison(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
-    """Dense-vs-pruned table: accuracy, FLOPs, params, latency per batch size, speed-up."""
+    """Dense-vs-pruned table: the task's metric, FLOPs, params, latency per batch size, speed-up."""
 
     def ratio(key: str) -> str:
         d, p = dense.get(key), pruned.get(key)
         return f"{p / d:.3f}x" if d and p is not None else ""
 
     rows = [["metric", "dense", "pruned", "pruned/dense"]]
-    for key, label in (("val_acc", "val accuracy"), ("test_acc", "test accuracy")):
-        if key in dense or key in pruned:
-            diff = ""
-            if dense.get(key) is not None and pruned.get(key) is not None:
-                diff = f"{100 * (pruned[key] - dense[key]):+.2f} pts"
-            rows.append([label, pct(dense.get(key)), pct(pruned.get(key)), diff])
+    for key in metric_keys({**dense, **pruned}):
+        d, p = dense.get(key), pruned.get(key)
+        rows.append([metric_label(key), show_metric(key, d), show_metric(key, p), metric_difference(key, d, p)])
     rows.append(["FLOPs", fmt_count(dense.get("flops")), fmt_count(pruned.get("flops")), ratio("flops")])
     rows.append(["params", fmt_count(dense.get("params")), fmt_count(pruned.get("params")), ratio("params")])
     rows += _latency_rows(dense.get("latency_ms_by_batch", {}), pruned)
@@ -77,9 +100,8 @@ def _latency_rows(dense_by_batch: dict[str, float], pruned: dict[str, Any]) -> l
 
 def single(metrics: dict[str, Any]) -> str:
     rows = [["metric", "value"]]
-    for key, label in (("val_acc", "val accuracy"), ("test_acc", "test accuracy")):
-        if key in metrics:
-            rows.append([label, pct(metrics[key])])
+    for key in metric_keys(metrics):
+        rows.append([metric_label(key), show_metric(key, metrics[key])])
     rows.append(["FLOPs", fmt_count(metrics.get("flops"))])
     rows.append(["params", fmt_count(metrics.get("params"))])
     if "dense_latency_ms_by_batch" in metrics:  # timed side by side with the dense architecture
@@ -91,24 +113,28 @@ def single(metrics: dict[str, Any]) -> str:
     return table(rows)
 
 
-def trials_table(records: list[TrialRecord], kind: str, metric: str = "val_acc", top: int = 5) -> str:
-    """The best completed trials of a search by ``metric`` (accuracy down the table, or loss
-    up), and how many completed, stopped or failed."""
-    from .contract import METRIC_MODES
+def trials_table(
+    records: list[TrialRecord], kind: str, metric: str = "val_acc", top: int = 5, score: str | None = None
+) -> str:
+    """The best completed trials of a search by ``metric`` (the best first), with the task's
+    validation metric ``score`` (default: ``metric``, or val_acc for a loss or a reward), and
+    how many completed, stopped or failed."""
+    from .contract import metric_mode
 
-    sign = -1.0 if METRIC_MODES[metric] == "max" else 1.0
+    score = score or (metric if metric.startswith("val_") and metric != "val_loss" else "val_acc")
+    sign = -1.0 if metric_mode(metric) == "max" else 1.0
     done = sorted(
         (r for r in records if r.status == "completed" and r.metrics.get(metric) is not None),
         key=lambda r: sign * r.metrics[metric],
     )
-    rows = [["trial", "policy", "val accuracy", f"{kind} ratio", "predicted latency", "predicted speed-up"]]
+    rows = [["trial", "policy", metric_label(score), f"{kind} ratio", "predicted latency", "predicted speed-up"]]
     for r in done[:top]:
         p, m = r.policy, r.metrics
         rows.append(
             [
                 f"#{r.number + 1} {r.trial_id}",
                 "/".join(str(p.get(k, "-")) for k in ("structure", "criterion", "scope")),
-                pct(m["val_acc"]),
+                show_metric(score, m.get(score)),
                 f"{m[f'{kind}_ratio']:.3f}",
                 _ms(m.get("latency_predicted_ms")),
                 f"{m['predicted_speedup']:.2f}x" if m.get("predicted_speedup") else "-",

@@ -72,7 +72,10 @@ class TaskConfig:
     """Which task, model and data; resolved by :func:`autoprune.engine.tasks.get_task`."""
 
     name: str = checked(
-        text(flag="--task", help="digits, cifar10, imagefolder or package.module:function (default %(default)s)"),
+        text(
+            flag="--task",
+            help="digits, cifar10, imagefolder, shapes, diabetes, tokens or package.module:function (default %(default)s)",
+        ),
         "digits",
     )
     model: str | None = checked(
@@ -90,7 +93,7 @@ class TaskConfig:
             most=MAX_IMAGE_SIZE,
             optional=True,
             flag="--image-size",
-            help=f"imagefolder input resolution (default {IMAGE_SIZE})",
+            help=f"imagefolder (default {IMAGE_SIZE}) and shapes (default 64) input resolution",
         ),
         None,
     )  # None: resolved()

@@ -21,7 +21,7 @@ from ..schema import (
     unit_interval,
     validate,
 )
-from .policy import METRICS, SEARCH_STRUCTURES, Budget
+from .policy import SEARCH_STRUCTURES, Budget
 from .run import EngineConfig
 
 SCHEDULERS = ("asha", "none")
@@ -136,8 +136,9 @@ SEARCH_HELP = {  # the flags' help, beside their field
     "epochs": f"training epochs per trial (default {DEFAULT_EPOCHS}; amc 0)",
     "structure": "channel (default: channels removed, a really faster model), unstructured (weight masks: they "
     "need sparse kernels or hardware to run faster) or any (both), in spaces that sample the structure",
-    "metric": "what the searchers optimise: val_acc (default) or val_loss (when accuracy saturates); "
-    "ties go to the lower predicted latency",
+    "metric": "what the searchers optimise: the task's metric on the validation split (default: val_acc, "
+    "val_miou, val_rmse, ... as the task reports it) or val_loss (when the metric saturates); ties go to the "
+    "lower predicted latency",
     "scheduler": "none (default: every trial runs its epochs) or asha (stops weak trials after half their "
     "epochs; one metric only)",
     "resume": "continue the interrupted search --name with its saved settings (only --out, --address and "
@@ -168,9 +169,9 @@ class SearchConfig:
     structure: str | None = checked(
         choice(SEARCH_STRUCTURES, optional=True, flag="--structure", help=SEARCH_HELP["structure"]), None
     )  # what spaces that sample the structure may choose
-    metric: str = checked(
-        choice(METRICS, flag="--metric", help=SEARCH_HELP["metric"]), "val_acc"
-    )  # accuracy (up) or loss (down); ties: lower predicted latency
+    metric: str | None = checked(
+        text(optional=True, flag="--metric", help=SEARCH_HELP["metric"]), None
+    )  # None: the task's metric (its own direction); val_loss (down); ties: lower predicted latency
     final_epochs: int = checked(
         integer(
             0,

@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import AutopruneError
 from .costs import CostModel
 from .graph import NORM_TYPES, PRUNABLE_TYPES, PrunableGraph
+from .inputs import model_input, shape_key
 from .measure import device_name, model_device, quartiles, time_interleaved, timing_threads
 
 VERSION = 4  # bump when the table's layout or method changes: older cache files are rebuilt
@@ -162,7 +163,7 @@ def table_key(model: nn.Module, input_shape: tuple[int, ...], device: torch.devi
     return {
         "version": VERSION,
         "architecture": architecture_key(model),
-        "input_shape": list(input_shape),
+        "input_shape": shape_key(input_shape),
         "device": device_name(device),
         "batch": batch,
         "threads": threads if device.type == "cpu" else None,
@@ -342,7 +343,7 @@ def build_table(model: nn.Module, input_shape: tuple[int, ...], batch: int, thre
     was_training = model.training
     model.eval()
     try:
-        example = torch.zeros(1, *input_shape, device=device)
+        example = model_input(input_shape, 1, device, zeros=True)
         graph = _graph(model, example)
         axes = _pruned_axes(graph)
         layers = {}
@@ -362,7 +363,7 @@ def build_table(model: nn.Module, input_shape: tuple[int, ...], batch: int, thre
                         keep = CALIBRATION[i] if i < len(CALIBRATION) else rng.uniform(0.1, 1.0)
                         plan[g.name] = rng.permutation(g.size)[: g.size - max(1, int(round(keep * g.size)))]
                     variants.append(prune_channels(model, example, plan)[0].eval())
-            x = torch.randn(batch, *input_shape, device=device)
+            x = model_input(input_shape, batch, device)
             samples = time_interleaved([partial(v, x) for v in variants], device, WARMUP, 2 * ROUNDS)
     finally:
         model.train(was_training)

@@ -26,6 +26,7 @@ from torch import nn
 from ..config import MeasureConfig
 from ..errors import AutopruneError
 from .graph import PRUNABLE_TYPES
+from .inputs import model_input
 
 
 @contextlib.contextmanager
@@ -236,7 +237,7 @@ def side_by_side(
     for m in models:
         m.eval()
     try:
-        x = torch.randn(batch, *input_shape, device=device)
+        x = model_input(input_shape, batch, device)
         with timing_threads(device, config.threads):
             samples = time_interleaved(
                 [partial(m, x) for m in models], device, config.warmup, config.repeats, config.seconds
@@ -296,6 +297,6 @@ class Cost:
 def measure(model: nn.Module, input_shape: tuple[int, ...], config: MeasureConfig, latency: bool = True) -> Cost:
     """FLOPs, parameters and (optionally) latency of ``model`` on its device."""
     device = model_device(model)
-    example = torch.zeros(1, *input_shape, device=device)
+    example = model_input(input_shape, 1, device, zeros=True)
     lat = {b: latency_ms(model, input_shape, b, config) for b in config.batch_sizes} if latency else {}
     return Cost(effective_flops(model, example), count_params(model), lat)

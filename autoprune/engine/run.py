@@ -29,7 +29,7 @@ class RunResult:
     budget: Budget
     history: list  # replayable channel-pruning history ([] for unstructured)
     ratios: dict[str, float]
-    dense: dict[str, Any]  # flops, params, latency_measured_ms, val_acc (test_acc when asked)
+    dense: dict[str, Any]  # flops, params, latency_measured_ms, val_<metric> (test_<metric> when asked)
     pruned: dict[str, Any]  # the same, plus flops_ratio, params_ratio, speedup
     epochs: list[dict[str, float]] = field(default_factory=list)  # fine-tuning, per epoch
     collapse: dict[str, Any] = field(default_factory=dict)  # see collapse_report
@@ -48,14 +48,15 @@ def measure_model(
     model: nn.Module, task: Task, config: MeasureConfig, test: bool = False, latency: bool = True
 ) -> dict[str, Any]:
     """Cost (FLOPs, params and, with ``latency``, latency at each of ``config.batch_sizes``)
-    and validation accuracy of a model; test accuracy only when ``test`` (the final report)."""
+    and the task's validation metric (``val_<name>``, e.g. ``val_acc``) of a model; its test
+    metric only when ``test`` (the final report)."""
     cost = measure(model, task.input_shape, _with_latency_batch(config), latency=latency)
     device = model_device(model)
-    out = {**cost.to_dict(), "val_acc": evaluate(model, task.loader("val", device=device))}
+    out = {**cost.to_dict(), task.metric_key(): evaluate(model, task.loader("val", device=device), task=task)}
     if latency:
         out["latency_measured_ms"] = cost.latency_ms[config.latency_batch]
     if test:
-        out["test_acc"] = evaluate(model, task.loader("test", device=device))
+        out[task.metric_key("test")] = evaluate(model, task.loader("test", device=device), task=task)
     return out
 
 

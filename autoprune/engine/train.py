@@ -16,10 +16,12 @@ from ..config import EngineConfig, FinetuneConfig
 from ..errors import AutopruneError
 from .checkpoint import architecture_key, atomic_save, cpu_state, load_state, load_tensors
 from .hooks import Hooks, TrainHook
-from .models import all_tensors
+from .inputs import batch_len, to_device
+from .models import first_tensor
 from .tasks import Task
+from .tasks.metrics import Accuracy
 
-EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, {"val_acc": ..., "loss": ...})
+EpochCallback = Callable[[int, dict[str, float]], None]  # (epoch, {"val_acc": ..., "loss": ...}): the task's metric key
 
 
 class TrainingDiverged(AutopruneError):
@@ -53,41 +55,39 @@ def seed_everything(seed: int) -> None:
 # ------------------------------------------------------------------ training and evaluation
 
 
-def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> float:
-    """Top-1 accuracy (a fraction in 0..1) of ``model`` on ``loader``."""
-    return accuracy_and_loss(model, loader, device)[0]
+def evaluate(model: nn.Module, loader, device: torch.device | None = None, task: Task | None = None) -> float:
+    """The task's metric of ``model`` on ``loader`` (without a task: top-1 accuracy, a
+    fraction in 0..1)."""
+    return metric_and_loss(model, loader, device, task)[0]
 
 
-def accuracy_and_loss(model: nn.Module, loader, device: torch.device | None = None) -> tuple[float, float]:
-    """Top-1 accuracy (a fraction in 0..1) and mean cross-entropy of ``model`` on ``loader``."""
+def metric_and_loss(
+    model: nn.Module, loader, device: torch.device | None = None, task: Task | None = None
+) -> tuple[float, float]:
+    """The task's metric and its mean loss per sample of ``model`` on ``loader`` (without a
+    task: top-1 accuracy and mean cross-entropy)."""
     device = device or next(model.parameters()).device
+    metric = task.metric if task is not None else Accuracy()
+    predict = task.prediction if task is not None else first_tensor
     was_training = model.training
     model.eval()
-    correct = total = 0
+    metric.reset()
+    total = 0
     loss = 0.0
     with torch.inference_mode():
         for x, y in loader:
-            out = model(x.to(device)).float()
-            y = y.to(out.device)
-            loss += nn.functional.cross_entropy(out, y, reduction="sum").double()
-            correct += (out.argmax(1) == y).sum()
-            total += len(y)
+            x, y = to_device(x, device), to_device(y, device)
+            out = model(x)
+            n = batch_len(x, y)
+            pred = predict(out).float()
+            if task is not None and task.loss is not None:
+                loss += float(task.loss(out, y)) * n
+            else:
+                loss += float(nn.functional.cross_entropy(pred, y, reduction="sum").double())
+            metric.update(pred, y)
+            total += n
     model.train(was_training)
-    return int(correct) / max(total, 1), float(loss) / max(total, 1)
-
-
-AUX_WEIGHT = 0.3  # GoogLeNet's weight for its auxiliary classifiers' losses
-
-
-def training_loss(loss_fn, output, y: torch.Tensor) -> torch.Tensor:
-    """The loss of a train-mode output: the main output's, plus ``AUX_WEIGHT`` times each
-    auxiliary classifier's (googlenet, inception_v3 return them beside the logits in training)."""
-    outs = all_tensors(output)
-    loss = loss_fn(outs[0], y)
-    for aux in outs[1:]:
-        if aux.shape == outs[0].shape:
-            loss = loss + AUX_WEIGHT * loss_fn(aux, y)
-    return loss
+    return metric.compute(), loss / max(total, 1)
 
 
 def lr_at(step: int, total: int, peak: float, schedule: str) -> float:
@@ -116,7 +116,8 @@ def train(
     on_epoch: EpochCallback | None = None,
     hooks: TrainHook | Iterable[TrainHook] | None = None,
 ) -> list[dict[str, float]]:
-    """SGD with momentum and the configured schedule; validation accuracy after every epoch.
+    """SGD with momentum and the configured schedule (or the task's own optimiser, and its
+    train step), the task's validation metric and loss after every epoch.
     ``hooks`` (see :mod:`autoprune.engine.hooks`) run, in order, before each step's forward
     pass, after its backward pass and after each epoch (before ``on_epoch``)."""
     if cfg.epochs == 0:
@@ -124,39 +125,43 @@ def train(
     loader = task.loader("train", shuffle=True, seed=seed, device=device)
     val_loader = task.loader("val", device=device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    loss_fn = nn.CrossEntropyLoss()
-    hooks = Hooks.of(hooks)
     total = cfg.epochs * len(loader)
+    opt, scheduler = make_optimizer(task, params, cfg, total)
+    hooks = Hooks.of(hooks)
     history = []
     step = 0
     bar = _progress(total, desc, progress)
+    key = task.metric_key()
     try:
         for epoch in range(cfg.epochs):
             model.train()
             running, seen = 0.0, 0
             for x, y in loader:
                 hooks.on_step_start(step, total)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total, cfg.lr, cfg.schedule)
-                x, y = x.to(device), y.to(device)
-                loss = training_loss(loss_fn, model(x), y)
+                if task.optimizer is None:
+                    for group in opt.param_groups:
+                        group["lr"] = lr_at(step, total, cfg.lr, cfg.schedule)
+                x, y = to_device(x, device), to_device(y, device)
+                opt.zero_grad(set_to_none=True)
+                loss = task.train_step(model, x, y) if task.train_step else task.loss_of(model(x), y, train=True)
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(
                         f"{desc}: the loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate"
                     )
-                opt.zero_grad(set_to_none=True)
                 loss.backward()
                 hooks.after_backward(step, total)
                 opt.step()
-                running += loss.item() * len(y)
-                seen += len(y)
+                if scheduler is not None:
+                    scheduler.step()
+                n = batch_len(x, y)
+                running += loss.item() * n
+                seen += n
                 step += 1
                 bar.update(1)
-            val_acc, val_loss = accuracy_and_loss(model, val_loader, device)
-            metrics = {"loss": running / max(seen, 1), "val_acc": val_acc, "val_loss": val_loss}
+            score, val_loss = metric_and_loss(model, val_loader, device, task)
+            metrics = {"loss": running / max(seen, 1), key: score, "val_loss": val_loss}
             bar.set_postfix(
-                epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{metrics['loss']:.3f}", val_acc=f"{metrics['val_acc']:.3f}"
+                {"epoch": f"{epoch + 1}/{cfg.epochs}", "loss": f"{metrics['loss']:.3f}", key: f"{score:.3f}"}
             )
             history.append(metrics)
             hooks.on_epoch_end(epoch, metrics)
@@ -165,6 +170,21 @@ def train(
     finally:
         bar.close()
     return history
+
+
+def make_optimizer(task: Task, params: list, cfg: FinetuneConfig, total: int):
+    """The optimiser (and a scheduler, or None) of a training run: the task's own
+    (``Task.optimizer``), else SGD with momentum whose learning rate :func:`train` sets each step."""
+    if task.optimizer is None:
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay), None
+    made = task.optimizer(params, lr=cfg.lr, total_steps=total)
+    opt, scheduler = made if isinstance(made, tuple) else (made, None)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise AutopruneError(
+            f"task {task.name!r}: optimizer(params, lr, total_steps) must return a torch.optim.Optimizer or "
+            f"(optimizer, scheduler), got {type(made).__name__}"
+        )
+    return opt, scheduler
 
 
 # ------------------------------------------------------------------ the dense model

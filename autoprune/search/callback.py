@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..contract import COST_KEYS, FINAL_KEYS, SEARCHER_KEYS, is_final, trial_label
+from ..contract import COST_KEYS, FINAL_KEYS, SEARCHER_KEYS, is_final, task_metric_keys, trial_label
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
 from ..tracking.store import (
@@ -37,7 +37,7 @@ from .baselines import baseline_of
 quiet_environment()
 from ray.tune import Callback  # noqa: E402
 
-EPOCH_METRICS = ("val_acc", "val_loss", "loss")  # a series over the epochs (step: the epoch)
+EPOCH_METRICS = ("val_loss", "loss")  # a series over the epochs (step: the epoch), with the task's metric
 REALISED = "realised_pruned_fraction"  # metric prefix: the pruned fraction a trial reached per group or layer
 POLICY = "policy"  # param prefix: the policy fields the searcher chose (``policy.ratios.<group>``: requested)
 
@@ -90,7 +90,7 @@ class TrialLogger(Callback):
 
     A child run is named after its trial (``channel/snip/global #7``: :func:`trial_label`,
     numbered in the order the trials started, after the runs already there on a resume). Per
-    epoch it gets ``val_acc`` and ``loss`` (step: the epoch); the pruned model's cost, once
+    epoch it gets the task's metric (``val_acc``, ``val_rmse`` ...) and ``loss`` (step: the epoch); the pruned model's cost, once
     known (also for a trial the scheduler stops later), and the final report's metrics are
     single values at step 0.
 
@@ -186,7 +186,7 @@ class TrialLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         tags = {NODE_ID: result["node_id"]} if result.get("node_id") and step <= 1 else None
-        metrics = {k: result.get(k) for k in EPOCH_METRICS}
+        metrics = {k: result.get(k) for k in (*EPOCH_METRICS, *task_metric_keys(result))}
         # the cost once it is known (and again only if it changed), the final metrics at the end
         logged = self._costs.setdefault(trial.trial_id, {})
         once = {

@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import io
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Budget
-from ..contract import TrialRecord, objectives
+from ..contract import TrialRecord, objectives, show_metric
 from ..errors import AutopruneError
 from ..paths import is_uri, join, upload_dir
+from ..report import metric_keys
+from .best_model import log_best_model
 from .plan import MASKS_NOTE, Plan
 from .ranking import resolution_points, standard_error
 from .results import SearchResult, completed_within, counts, pareto_front
@@ -29,7 +28,9 @@ from .verdict import against_uniform, choose, final_policy
 
 
 def short_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: metrics[k] for k in ("val_acc", "test_acc", "flops", "params", "latency_measured_ms") if k in metrics}
+    """The task's metrics (``val_acc``, ``test_acc`` ...), FLOPs, parameters and latency of ``metrics``."""
+    keys = (*metric_keys(metrics), "flops", "params", "latency_measured_ms")
+    return {k: metrics[k] for k in keys if k in metrics}
 
 
 @dataclass(kw_only=True)
@@ -53,8 +54,6 @@ class Finish:
 # the final run's figures summary.json keeps of the best model (latency: the table's prediction
 # and the side-by-side timing against the dense model on the idle machine)
 BEST_KEYS = (
-    "val_acc",
-    "test_acc",
     "flops",
     "params",
     "flops_ratio",
@@ -72,8 +71,8 @@ BEST_KEYS = (
 
 
 def best_metrics(pruned: dict[str, Any]) -> dict[str, Any]:
-    """:data:`BEST_KEYS` of an engine run's ``pruned`` figures."""
-    return {k: pruned[k] for k in BEST_KEYS if pruned.get(k) is not None}
+    """The task's metrics and :data:`BEST_KEYS` of an engine run's ``pruned`` figures."""
+    return {k: pruned[k] for k in (*metric_keys(pruned), *BEST_KEYS) if pruned.get(k) is not None}
 
 
 def finish(f: Finish) -> SearchResult:
@@ -144,7 +143,8 @@ def _rerun_best(f: Finish, best: TrialRecord):
     budget = Budget(config.budget.kind, best.budget_fraction or config.budget.fraction, config.budget.tolerance)
     cfg = dataclasses.replace(config.engine, train_epochs=config.final_epochs)
     f.say(
-        f"best trial {best.trial_id} (val {100 * best.metrics['val_acc']:.2f}%): re-running it for "
+        f"best trial {best.trial_id} ({f.plan.score} {show_metric(f.plan.score, best.metrics.get(f.plan.score))}): "
+        f"re-running it for "
         f"{config.final_epochs} epoch(s) and testing it"
     )
     return engine.run(f.task, f.dense, policy, budget, cfg, f.dense_metrics, test=True, latency=f.latency)
@@ -165,7 +165,7 @@ def _save_best(f: Finish, best: TrialRecord, final, stage: Path) -> None:
         policy.structure,
         final.history,
         policy.to_dict(),
-        {k: p.get(k) for k in ("val_acc", "test_acc", "flops", "params")},
+        {k: p.get(k) for k in (*metric_keys(p), "flops", "params")},
         architecture_key(f.dense),
     )
     policy.to_json(stage / "policy.json")
@@ -179,7 +179,13 @@ def _save_best(f: Finish, best: TrialRecord, final, stage: Path) -> None:
     mlflow.log_artifact(f.run_id, str(model_path), "best_model")
     mlflow.log_artifact(f.run_id, str(stage / "policy.json"), "best_model")
     log_best_model(
-        plan.tracking_uri, f.experiment_id, f.run_id, final.model, f.task.example_input(2), f"autoprune-{plan.name}"
+        plan.tracking_uri,
+        f.experiment_id,
+        f.run_id,
+        final.model,
+        f.task.example_input(2),
+        f"autoprune-{plan.name}",
+        f.task.prediction,
     )
 
 
@@ -205,8 +211,9 @@ def build_summary(
         }
     if plan.metric == "reward":  # an agent's learning curve: its reward per episode, in order
         extra["reward_curve"] = [r.metrics.get("reward") for r in sorted(f.records, key=lambda r: r.number)]
-    n_val = len(f.task.val)
-    if n_val and f.dense_metrics.get("val_acc") is not None:
+    n_val, score = len(f.task.val), plan.score
+    extra["task_metric"] = f.task.metric_info()
+    if n_val and score == "val_acc" and f.dense_metrics.get("val_acc") is not None:
         extra["validation"] = {
             "samples": n_val,
             "resolves_points": round(resolution_points(f.dense_metrics["val_acc"], n_val), 3),
@@ -216,8 +223,8 @@ def build_summary(
         best_fields = {
             "trial_id": best.trial_id,
             "policy": final.policy.to_dict(),  # the policy the re-run ran
-            "search_val_acc": best.metrics["val_acc"],
-            "search_val_se": standard_error(best.metrics["val_acc"], n_val) if n_val else None,
+            f"search_{score}": best.metrics.get(score),
+            "search_val_se": standard_error(best.metrics[score], n_val) if n_val and score == "val_acc" else None,
             "baseline": best.baseline,  # the baseline it is (uniform, global), or None when sampled
             # what model.pt is: the best trial re-run for final_epochs, or uniform pruning fine-tuned for
             # the search's whole compute, when no trial beat it beyond the validation noise
@@ -281,10 +288,13 @@ def _log_search_run(f: Finish, summary: SearchSummary, front: list[TrialRecord],
             config.budget.fraction,
             kind,
             flops_panel=SEARCHERS.get(config.searcher).multi_objective,
+            score=plan.score,
         ),
         "accuracy_vs_cost.png",
     )
-    mlflow.log_figure(f.run_id, charts.criteria_chart(f.records, f.dense_metrics.get("val_acc")), "criteria.png")
+    mlflow.log_figure(
+        f.run_id, charts.criteria_chart(f.records, f.dense_metrics.get(plan.score), plan.score), "criteria.png"
+    )
     if f.system_metrics is not None:
         f.system_metrics.stop()
 
@@ -300,7 +310,7 @@ def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
     kind = config.budget.kind
     summary_path = plan.out / "summary.json"
     say("")
-    say(trials_table(f.records, kind, plan.metric))
+    say(trials_table(f.records, kind, plan.metric, score=plan.score))
     if model_path is None:
         if summary.trials["completed"]:
             raise AutopruneError(
@@ -324,7 +334,8 @@ def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
         )
     if summary.uniform_matched:
         u = summary.uniform_matched
-        say(f"{u['verdict']} (uniform: test {100 * u['test_acc']:.2f}%)")
+        test = plan.score.replace("val_", "test_", 1)
+        say(f"{u['verdict']} (uniform: {test.replace('_', ' ')} {show_metric(test, u.get(test))})")
     checked = latency_note(final.latency_checks, final.budget)
     if checked:
         say(checked)
@@ -339,51 +350,6 @@ def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
     else:
         say(f"browse the trials: autoprune ui{_ui_flag(plan.tracking_uri)}")
         say(f"  then open {store.runs_link(f.experiment_id)}")
-
-
-def log_best_model(uri: str, experiment_id: str, run_id: str, model, example, registered_name: str) -> str | None:
-    """Log ``model`` as the MLflow model ``best_model`` of the search run (traced on
-    ``example``: MLflow's pt2 format) and register it as ``registered_name``, so it is in the
-    Models tab and the registry. Returns its ``models:/`` URI, or None (with a warning on
-    stderr) when MLflow cannot log it: the search's own model.pt is what it produced."""
-    import mlflow
-    import mlflow.pytorch
-    import torch
-    import torchvision
-    from mlflow.tracking import fluent
-
-    def pin(module) -> str:
-        return f"{module.__name__}=={module.__version__.split('+')[0]}"
-
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
-    saved_uri, saved_experiment = mlflow.get_tracking_uri(), getattr(fluent, "_active_experiment_id", None)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            mlflow.set_tracking_uri(uri)
-            mlflow.set_experiment(experiment_id=experiment_id)  # else the logged model lands in experiment 0
-            info = mlflow.pytorch.log_model(
-                copy.deepcopy(model).cpu().eval(),  # traced on the CPU, as the example is
-                name="best_model",
-                input_example=example.cpu().numpy(),
-                registered_model_name=registered_name,
-                pip_requirements=[pin(torch), pin(torchvision)],  # inferring them takes seconds
-                run_id=run_id,
-            )
-        return info.model_uri
-    except Exception as exc:  # noqa: BLE001 - the model is saved as model.pt whatever MLflow makes of it
-        print(
-            f"warning: the best model was not logged as an MLflow model ({type(exc).__name__}: {exc})", file=sys.stderr
-        )
-        return None
-    finally:  # the fluent API's state as it was (a Python API caller may use it)
-        with contextlib.suppress(Exception):
-            mlflow.set_tracking_uri(saved_uri)
-            fluent._active_experiment_id = saved_experiment
-            for key, value in saved_env.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def _ui_flag(uri: str) -> str:

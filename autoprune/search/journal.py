@@ -16,7 +16,7 @@ import math
 import re
 from typing import Any
 
-from ..contract import PRUNED_METRICS, REPORTED, TrialConfig, TrialRecord
+from ..contract import PRUNED_METRICS, REPORTED, TrialConfig, TrialRecord, task_metric_keys
 from ..errors import AutopruneError
 from ..paths import join, texts, write_text
 from ..schema import parse_json
@@ -42,7 +42,7 @@ def record(trial_id: str, number: int, status: str, config: dict, report: dict, 
         "number": number,
         "status": status,
         "config": config,
-        "report": {k: report[k] for k in REPORTED if k in report},
+        "report": {k: report[k] for k in (*REPORTED, *task_metric_keys(report)) if k in report},
         "curve": curve,
         "error": error,
     }
@@ -50,7 +50,7 @@ def record(trial_id: str, number: int, status: str, config: dict, report: dict, 
 
 def curve_point(result: dict) -> dict[str, Any]:
     """What a record keeps of one report, for the searcher (an Optuna trial's intermediate values)."""
-    return {k: result[k] for k in CURVE_KEYS if _number(result.get(k))}
+    return {k: result[k] for k in (*CURVE_KEYS, *task_metric_keys(result)) if _number(result.get(k))}
 
 
 def save(path: str, rec: dict) -> None:
@@ -117,19 +117,22 @@ def _problem(rec: Any, name: str) -> str | None:
     except AutopruneError as exc:
         return str(exc)
     report, curve = rec["report"], rec["curve"]
-    if not isinstance(report, dict) or set(report) - set(REPORTED):
+    if not isinstance(report, dict) or set(report) - set(REPORTED) - set(task_metric_keys(report)):
         return "its report holds keys a trial does not report"
-    if any(not _number(report[k]) for k in PRUNED_METRICS if report.get(k) is not None):
+    if any(not _number(report[k]) for k in (*PRUNED_METRICS, *task_metric_keys(report)) if report.get(k) is not None):
         return "its report holds a metric that is not a finite number"
     ratios = report.get("ratios", {})
     if not isinstance(ratios, dict) or not all(_number(v) for v in ratios.values()):
         return "its ratios are not numbers"
     if not isinstance(curve, list) or len(curve) > MAX_CURVE:
         return "its curve is not a list of reports"
-    if not all(isinstance(p, dict) and set(p) <= set(CURVE_KEYS) and all(map(_number, p.values())) for p in curve):
+    if not all(
+        isinstance(p, dict) and set(p) - set(task_metric_keys(p)) <= set(CURVE_KEYS) and all(map(_number, p.values()))
+        for p in curve
+    ):
         return "its curve holds something other than numbers"
-    if rec["status"] == "completed" and not _number(report.get("val_acc")):
-        return "it is completed without a validation accuracy"
+    if rec["status"] == "completed" and not any(_number(report[k]) for k in task_metric_keys(report)):
+        return "it is completed without the task's validation metric"
     return None
 
 
@@ -147,7 +150,11 @@ def to_record(rec: dict, run_id: str | None) -> TrialRecord:
         status=rec["status"],
         policy=config.policy,
         budget_fraction=config.budget_fraction,
-        metrics={k: report[k] for k in (*PRUNED_METRICS, "engine_s", "epoch") if report.get(k) is not None},
+        metrics={
+            k: report[k]
+            for k in (*PRUNED_METRICS, *task_metric_keys(report), "engine_s", "epoch")
+            if report.get(k) is not None
+        },
         ratios=dict(report.get("ratios") or {}),
         node_id=report.get("node_id") if isinstance(report.get("node_id"), str) else None,
         error=rec["error"] if rec["status"] == "failed" else None,

@@ -36,7 +36,8 @@ class Plan:
     local_cpus: int = 0
     local_gpus: int = 0
     epochs: int = DEFAULT_EPOCHS  # training epochs per trial (--epochs, or the searcher's default)
-    metric: str = "val_acc"  # what picks the best trial: --metric, or an agent's reward
+    metric: str = "val_acc"  # what picks the best trial: --metric, the task's metric, or an agent's reward
+    score: str = "val_acc"  # the task's metric on the validation split (val_acc, val_miou, val_rmse ...)
     storage: str = ""  # --storage, checked: an absolute folder or a bucket URI
     finished: list[dict] = field(default_factory=list)  # a resume: the trials' records (search.journal), checked
 
@@ -176,10 +177,29 @@ def prepare(config: SearchConfig) -> Plan:
         local_cpus=local_cpus,
         local_gpus=local_gpus,
         epochs=epochs,
-        metric=spec.metric or config.metric,
+        metric=spec.metric or config.metric or "val_acc",  # the task's metric once it is built (resolve_metric)
         storage=storage,
         finished=finished,
     )
+
+
+def resolve_metric(plan: Plan, task) -> None:
+    """Set what picks the best trial and the task's metric once the task is built: ``--metric``
+    must be the task's (``val_acc`` for classification, ``val_miou``, ``val_rmse`` ...) or
+    ``val_loss``; without it, the task's metric (in its own direction)."""
+    from .searchers import SEARCHERS
+
+    spec = SEARCHERS.get(plan.config.searcher)
+    score = task.metric_key()
+    asked = plan.config.metric
+    allowed = (score, "val_loss")
+    if asked is not None and asked not in allowed:
+        raise AutopruneError(
+            f"unknown --metric {asked!r} for task {task.name!r}, which reports {score}; choose one of "
+            f"{', '.join(repr(a) for a in allowed)}"
+        )
+    plan.score = score
+    plan.metric = spec.metric or asked or score
 
 
 def _outputs(config: SearchConfig, name: str, path: str) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..contract import is_final
+from ..contract import is_final, metric_mode, show_metric
 from ..rayenv import quiet_environment
 
 quiet_environment()
@@ -20,13 +20,14 @@ def _clock(seconds: float) -> str:
 
 class ProgressLine(Callback):
     """One live line in place of Tune's tables: trials done / running / failed, the best
-    validation accuracy so far, elapsed and estimated remaining time. On a terminal it is
+    value of the task's validation metric so far, elapsed and estimated remaining time. On a terminal it is
     rewritten in place; otherwise a line is printed whenever a trial ends. Counts come from
     Tune's trial list, so they stay right after ``--resume``."""
 
-    def __init__(self, total: int, enabled: bool = True) -> None:
+    def __init__(self, total: int, enabled: bool = True, score: str = "val_acc") -> None:
         self.total = total
         self.enabled = enabled
+        self.score, self.mode = score, metric_mode(score)  # the task's metric, and which way is better
         self.setup()
 
     def setup(self, **info) -> None:
@@ -38,8 +39,13 @@ class ProgressLine(Callback):
         done = sum(t.status == "TERMINATED" for t in trials)
         failed = sum(t.status == "ERROR" for t in trials)
         running = sum(t.status == "RUNNING" for t in trials)
-        accs = [t.last_result["val_acc"] for t in trials if t.status == "TERMINATED" and is_final(t.last_result)]
-        best = f"best val {100 * max(accs):.2f}%" if accs else "best val -"
+        scores = [
+            t.last_result[self.score]
+            for t in trials
+            if t.status == "TERMINATED" and is_final(t.last_result) and self.score in t.last_result
+        ]
+        top = (max if self.mode == "max" else min)(scores) if scores else None
+        best = f"best {self.score.replace('_', ' ')} {show_metric(self.score, top)}"
         elapsed = time.time() - self.t0
         left = max(0, self.total - done - failed)
         if not left:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..contract import METRIC_MODES, TrialRecord
+from ..contract import TrialRecord, metric_mode
 
 
 @dataclass
@@ -73,7 +73,7 @@ def best_within(
     done = completed_within(records, kind, fraction, metric)
     if not done:
         return None
-    sign = 1.0 if METRIC_MODES[metric] == "max" else -1.0
+    sign = 1.0 if metric_mode(metric) == "max" else -1.0
 
     def order(r: TrialRecord) -> tuple:
         return (

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import SearchConfig
-from ..contract import METRIC_MODES
+from ..contract import metric_mode
 from ..errors import AutopruneError, first_line
 from ..paths import check_free_space, is_uri, join, names, remove_dir, write_text
 from ..rayenv import quiet_environment
@@ -28,7 +28,7 @@ from .final import Finish, finish, short_metrics
 from .hardware import node_tables, reachable, trial_latency_table
 from .journal import TRIALS, TUNE
 from .lease import Lease
-from .plan import STATE_FILE, Plan, prepare
+from .plan import STATE_FILE, Plan, prepare, resolve_metric
 from .ranking import split_warning
 from .ray_connection import concurrency, connect, stop
 from .results import SearchResult, read_records
@@ -45,6 +45,8 @@ def run_search(config: SearchConfig) -> SearchResult:
     from ..engine.tasks import get_task
 
     task = get_task(config.engine.task)  # a user task that fails does so before anything is written
+    resolve_metric(plan, task)
+    SEARCHERS.get(config.searcher).hooks().check_task(config, task)
     _check_latency_batch(task, config)
     import ray
 
@@ -183,7 +185,7 @@ def _prepare(plan: Plan, say, task) -> Prepared:
     dense = engine.dense_model(task, config.engine, log=say)
     check_free_space(plan.out, room_to_save(dense), "--out")  # before the trials: the best model fits
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
-    warning = split_warning(dense_metrics["val_acc"], len(task.val)) if config.metric == "val_acc" else None
+    warning = split_warning(dense_metrics["val_acc"], len(task.val)) if plan.metric == "val_acc" else None
     if warning:
         say(warning)
     latency, trial_device, floor = trial_latency_table(dense, task, config, say)
@@ -233,7 +235,7 @@ def _trial_setup(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, ho
     return TrialSetup(
         task=prep.task,
         dense_state=cpu_state(prep.dense),
-        dense_metrics={k: v for k, v in prep.dense_metrics.items() if k != "test_acc"},
+        dense_metrics={k: v for k, v in prep.dense_metrics.items() if not k.startswith("test_")},
         budget=config.budget,
         epochs=plan.epochs,
         engine=config.engine,
@@ -294,7 +296,7 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
             search_alg=searcher,
             scheduler=scheduler,
             metric=None if spec.multi_objective else plan.metric,
-            mode=None if spec.multi_objective else METRIC_MODES[plan.metric],
+            mode=None if spec.multi_objective else metric_mode(plan.metric),
             num_samples=left,
             max_concurrent_trials=prep.workers,
             reuse_actors=True,
@@ -307,7 +309,7 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[
                 TrialLogger(plan.tracking_uri, experiment_id, run_id, plan.path),
-                ProgressLine(left, config.progress),
+                ProgressLine(left, config.progress, plan.score),
                 ClusterWatch(config.cpus_per_trial, config.gpus_per_trial, config.node_wait),
             ],
         ),
@@ -328,7 +330,7 @@ def _searcher(plan: Plan, prep: Prepared, hooks, done: list[dict]):
         trials=plan.trials,
         space=config.space,
         grid=plan.grid,
-        metric=config.metric,
+        metric=plan.metric,
         fraction_floor=min(prep.floor * 1.01, config.budget.fraction),
         extra=hooks.context(config, prep.dense, prep.task, prep.latency),
     )

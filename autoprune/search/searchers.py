@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from ..config import Budget
-from ..contract import METRIC_MODES, TRIAL_CONFIG_KEYS, TrialConfig, is_final, objectives
+from ..contract import TRIAL_CONFIG_KEYS, TrialConfig, is_final, metric_mode, objectives
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
 from ..registry import Registry, load_object
@@ -46,7 +46,7 @@ class SearcherContext:
     trials: int
     space: str = "default"
     grid: dict[str, list] | None = None
-    metric: str = "val_acc"  # what to optimise: contract.METRIC_MODES
+    metric: str = "val_acc"  # what to optimise: the task's metric or val_loss (contract.metric_mode)
     fraction_floor: float = 0.0  # the smallest budget fraction the policies can reach (a latency budget's)
     extra: dict[str, Any] = field(default_factory=dict)  # SearcherHooks.context's
 
@@ -61,6 +61,9 @@ class SearcherHooks:
 
     def check(self, config: Any, structures: tuple[str, ...], trials: int) -> None:
         """Before Ray starts: raise an AutopruneError for settings it cannot search with."""
+
+    def check_task(self, config: Any, task: Any) -> None:
+        """Once the task is built, before Ray starts: raise an AutopruneError for a task it cannot search."""
 
     def context(self, config: Any, dense: Any, task: Any, latency: Any) -> dict[str, Any]:
         """In the driver, with the dense model: what its factory needs beyond the
@@ -315,7 +318,7 @@ def _optuna(ctx: SearcherContext, sampler, multi_objective: bool = False) -> Any
         goals = objectives(ctx.budget.kind, ctx.metric)
         metric, mode = [m for m, _ in goals], [d for _, d in goals]
     else:
-        metric, mode = ctx.metric, METRIC_MODES[ctx.metric]
+        metric, mode = ctx.metric, metric_mode(ctx.metric)
     space = partial(define_by_run, ctx.space, ctx.table, budget, floor=ctx.fraction_floor)
     return PolicyOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..contract import declare_metric
 from ..errors import AutopruneError
 from ..schema import MAX_DOCUMENT_BYTES, read_json
 
@@ -20,6 +21,7 @@ OPTIONAL = (
     "validation",
     "uniform_matched",
     "final_reruns",
+    "task_metric",
 )  # written only when the search has them
 
 
@@ -32,12 +34,14 @@ class SearchSummary:
     searcher: str
     space: str
     structures: list[str]  # what the trials pruned: channel, unstructured
-    metric: str  # what picked the best trial (val_acc, val_loss, or an agent's reward)
+    metric: str  # what picked the best trial (the task's metric: val_acc, val_rmse ...; val_loss; an agent's reward)
     scheduler: str  # asha or none
     task: str
     model: str
     trials: dict[str, int]  # total, completed, stopped_early, failed
-    dense: dict[str, float]  # the dense model: val_acc, test_acc, flops, params, latency_measured_ms
+    dense: dict[
+        str, float
+    ]  # the dense model: its task metrics (val_acc, test_acc ...), flops, params, latency_measured_ms
     best: dict[str, Any] | None  # the best trial re-run for final_epochs; None if no trial fits the budget
     pareto: list[dict[str, Any]]  # the trials on the Pareto front of accuracy and cost, with their policies
     mlflow: dict[str, str]  # tracking_uri, experiment_id, run_id of the search run
@@ -55,6 +59,9 @@ class SearchSummary:
     # the top trials re-run at the final length before the winner was chosen: epochs, seeds, and
     # each one's mean validation accuracy over those seeds by trial id
     final_reruns: dict[str, Any] | None = None
+    # the task's metric: its name, key (val_acc, val_miou, val_rmse ...), mode (max or min) and whether
+    # it reads as a percentage
+    task_metric: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,4 +99,11 @@ class SearchSummary:
         missing = sorted(n for n in names - set(data) if n not in OPTIONAL)
         if unknown or missing:
             raise AutopruneError(f"{str(path)!r} is not a search summary (unknown keys {unknown}, missing {missing})")
+        metric = data.get("task_metric")
+        if (
+            isinstance(metric, dict)
+            and metric.get("mode") in ("max", "min")
+            and str(metric.get("name", "")).isidentifier()
+        ):
+            declare_metric(metric["name"], metric["mode"], bool(metric.get("percent")))  # its direction, for readers
         return cls(**data)

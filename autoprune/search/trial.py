@@ -133,7 +133,7 @@ def run_trial(config: dict, setup_ref: list) -> None:
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         row = {
             "epoch": epoch + 1,
-            "val_acc": metrics["val_acc"],
+            setup.task.metric_key(): metrics[setup.task.metric_key()],
             "val_loss": metrics["val_loss"],
             "loss": metrics["loss"],
             "node_id": node,
@@ -196,7 +196,7 @@ def final_metrics(result, task, last: dict[str, Any], cfg: EngineConfig) -> dict
         **{k: p[k] for k in ("flops", "params", "flops_ratio", "params_ratio")},
         "latency_predicted_ms": p.get("latency_predicted_ms"),
         "latency_ratio": p.get("latency_ratio"),
-        "val_acc": p["val_acc"],
+        task.metric_key(): p[task.metric_key()],
         "val_loss": last.get("val_loss"),
         "predicted_speedup": p.get("predicted_speedup"),
         "latency_measured_ms": latency_ms(result.model, task.input_shape, cfg.measure.latency_batch, cfg.measure),

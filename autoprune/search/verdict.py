@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from ..config import Budget, Policy
-from ..contract import TrialRecord
+from ..contract import TrialRecord, better, metric_mode, show_metric
 from .baselines import BASELINES, UNIFORM
 from .ranking import TIE_SE, standard_error, tied
 from .results import best_within, completed_within
@@ -25,10 +25,10 @@ from .results import best_within, completed_within
 
 def top_trials(records: list[TrialRecord], kind: str, fraction: float, metric: str, k: int) -> list[TrialRecord]:
     """The ``k`` best completed trials within budget by ``metric`` (best first)."""
-    from ..contract import METRIC_MODES
+    from ..contract import metric_mode
 
     done = completed_within(records, kind, fraction, metric)
-    sign = -1.0 if METRIC_MODES[metric] == "max" else 1.0
+    sign = -1.0 if metric_mode(metric) == "max" else 1.0
     return sorted(done, key=lambda r: (sign * r.metrics[metric], r.number))[:k]
 
 
@@ -70,10 +70,12 @@ def rerun_at_final_length(f, candidates: list[TrialRecord], seeds: int = 1) -> l
             runs.append({k: v for k, v in result.pruned.items() if isinstance(v, (int, float))})
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0] if all(k in r for r in runs)}
         out.append(dataclasses.replace(rec, metrics={**rec.metrics, **mean}))
-        each = ", ".join(f"{100 * r['val_acc']:.2f}" for r in runs)
+        key = f.plan.score
+        each = ", ".join(show_metric(key, r[key]) for r in runs)
         f.say(
-            f"  {rec.label}: val {100 * rec.metrics['val_acc']:.2f}% after {rec.metrics.get('epoch', 0)} epoch(s), "
-            f"{100 * mean['val_acc']:.2f}% after {config.final_epochs}" + (f" (seeds: {each})" if seeds > 1 else "")
+            f"  {rec.label}: {key} {show_metric(key, rec.metrics.get(key))} after {rec.metrics.get('epoch', 0)} "
+            f"epoch(s), {show_metric(key, mean[key])} after {config.final_epochs}"
+            + (f" (seeds: {each})" if seeds > 1 else "")
         )
     return out
 
@@ -95,17 +97,34 @@ def matched_uniform(f, epochs: int, structure: str):
     return engine.run(f.task, f.dense, policy, config.budget, cfg, f.dense_metrics, test=True, latency=f.latency)
 
 
-def gain(best_test: float, uniform_test: float, n_test: int) -> dict[str, Any]:
-    """The winner's test accuracy against the matched-compute uniform baseline's: the
-    difference and its standard error (points), and whether it is beyond the noise."""
+def gain(best_test: float, uniform_test: float, n_test: int, key: str = "test_acc") -> dict[str, Any]:
+    """The winner's test metric against the matched-compute uniform baseline's: the
+    improvement (accuracy: points, with its standard error, and whether it is beyond the
+    noise; another metric: in its own units, positive when better, ``se_points`` None: no
+    noise model, so any difference counts)."""
+    if key != "test_acc":
+        diff = best_test - uniform_test if metric_mode(key) == "max" else uniform_test - best_test
+        return {"points": round(diff, 6), "se_points": None, "beyond_noise": diff != 0, "metric": key}
     points = 100.0 * (best_test - uniform_test)
     se = 100.0 * math.hypot(standard_error(best_test, n_test), standard_error(uniform_test, n_test))
     return {"points": round(points, 3), "se_points": round(se, 3), "beyond_noise": abs(points) >= TIE_SE * se}
 
 
+def tied_on(key: str, a: float, b: float, n: int) -> bool:
+    """Whether two validation figures of ``key`` are within the split's noise: accuracy's
+    binomial noise (:func:`.ranking.tied`); another metric has no noise model, only equality ties."""
+    return tied(a, b, n) if key == "val_acc" else a == b
+
+
+def _figure(g: dict[str, Any]) -> str:
+    if g.get("se_points") is None:
+        return f"{g['points']:+.4g} {g.get('metric', '').replace('_', ' ')}".rstrip()
+    return f"{g['points']:+.1f} ± {g['se_points']:.1f} points"
+
+
 def gain_sentence(g: dict[str, Any], epochs: int) -> str:
     """One line for the terminal, the summary and the MLflow description."""
-    figure = f"{g['points']:+.1f} ± {g['se_points']:.1f} points"
+    figure = _figure(g)
     if g["beyond_noise"] and g["points"] > 0:
         return f"search gained {figure} over uniform pruning at matched compute ({epochs} epochs)"
     if g["beyond_noise"]:
@@ -125,7 +144,7 @@ def choose(f) -> tuple[TrialRecord | None, dict[str, Any] | None]:
     plan, config = f.plan, f.plan.config
     kind, n_val = config.budget.kind, len(f.task.val)
     best = best_within(f.records, kind, config.budget.fraction, plan.metric, n_val=n_val)
-    if best is None or plan.metric != "val_acc" or config.final_top_k < 2 or config.final_epochs < 1:
+    if best is None or plan.metric != plan.score or config.final_top_k < 2 or config.final_epochs < 1:
         return best, None
     top = top_trials(f.records, kind, config.budget.fraction, plan.metric, config.final_top_k)
     top += [r for r in f.records if r in (best, *_uniform(f.records, kind, config.budget.fraction)) and r not in top]
@@ -136,13 +155,16 @@ def choose(f) -> tuple[TrialRecord | None, dict[str, Any] | None]:
     f.say(f"re-running the top {len(top)} trials for {config.final_epochs} epoch(s){on} to choose the best:")
     reran = rerun_at_final_length(f, top, seeds)
     chosen = best_within(reran, kind, config.budget.fraction + 1.0, plan.metric, n_val=n_val)  # all were in budget
-    runs = {"epochs": config.final_epochs, "seeds": seeds, "val_acc": {r.trial_id: r.metrics["val_acc"] for r in reran}}
+    score = plan.score
+    runs = {"epochs": config.final_epochs, "seeds": seeds, score: {r.trial_id: r.metrics[score] for r in reran}}
     return next(r for r in top if r.trial_id == chosen.trial_id), runs
 
 
 def reruns_of(runs: dict[str, Any] | None) -> int:
     """How many final-length runs :func:`choose` made (its candidates times their seeds)."""
-    return len(runs["val_acc"]) * runs["seeds"] if runs else 0
+    if not runs:
+        return 0
+    return len(next(v for v in runs.values() if isinstance(v, dict))) * runs["seeds"]
 
 
 def _uniform(records: list[TrialRecord], kind: str, fraction: float) -> list[TrialRecord]:
@@ -160,15 +182,16 @@ def against_uniform(f, final, reruns: dict[str, Any] | None) -> tuple[Any, dict[
     f.say(f"fine-tuning uniform pruning for {epochs} epochs, the search's whole compute, to compare:")
     uniform = matched_uniform(f, epochs, final.policy.structure)
     u, w = uniform.pruned, final.pruned
-    returned = not (w["val_acc"] > u["val_acc"] and not tied(w["val_acc"], u["val_acc"], len(f.task.val)))
-    g = gain(w["test_acc"], u["test_acc"], len(f.task.test))
-    figures = {k: u[k] for k in ("val_acc", "test_acc", f"{config.budget.kind}_ratio") if u.get(k) is not None}
+    val, test = f.plan.score, f.plan.score.replace("val_", "test_", 1)
+    returned = not (better(val, w[val], u[val]) and not tied_on(val, w[val], u[val], len(f.task.val)))
+    g = gain(w[test], u[test], len(f.task.test), test)
+    figures = {k: u[k] for k in (val, test, f"{config.budget.kind}_ratio") if u.get(k) is not None}
     verdict = gain_sentence(g, epochs)
     if returned:
         verdict = (
-            f"no policy beat uniform pruning fine-tuned for {epochs} epochs (the search's whole compute) beyond the "
-            f"validation noise: it is the search's model (the best trial re-run for {config.final_epochs} "
-            f"epoch(s): {g['points']:+.1f} ± {g['se_points']:.1f} test points against it)"
+            f"no policy beat uniform pruning fine-tuned for {epochs} epochs (the search's whole compute) "
+            f"{'beyond the validation noise' if val == 'val_acc' else 'on the validation split'}: it is the search's model (the best trial re-run for {config.final_epochs} "
+            f"epoch(s): {_figure(g)} against it)"
         )
         g = {**g, "points": 0.0, "beyond_noise": False, "best_trial_points": g["points"]}
     matched = {"policy": uniform.policy.to_dict(), "epochs": epochs, **figures, "gain": g, "verdict": verdict}

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..contract import TrialRecord
-from ..report import fmt_count, pct
+from ..contract import TrialRecord, show_metric
+from ..report import fmt_count, metric_difference, metric_keys, metric_label
 
 
 def _ratio(dense: float | None, best: float | None) -> str:
@@ -46,7 +46,7 @@ def search_note(
         what = f"the uniform-pruning baseline ({best.baseline})" if best.baseline else "sampled"
         lines.append(
             f"**Best: {name}** (Ray trial `{best.trial_id}`, {what}): "
-            f"validation accuracy {pct(best.metrics.get('val_acc'))} after the search's epochs, chosen among "
+            f"{_score_phrase(best.metrics)} after the search's epochs, chosen among "
             f"the {within_budget} completed trial(s) within the budget (trials within the validation split's "
             "noise of the best are ties, given to the simpler policy; the top ones re-run at the final length); "
             f"it was then re-run from the dense model for {final_epochs} epoch(s) and tested once (the table)."
@@ -74,8 +74,10 @@ def _rows(dense: dict[str, Any], pruned: dict[str, Any]) -> list[tuple[str, str,
     """The description's table: dense against the best model."""
     d_lat, p_lat = dense.get("latency_measured_ms"), pruned.get("latency_measured_ms")
     return [
-        ("validation accuracy", pct(dense.get("val_acc")), pct(pruned.get("val_acc")), _diff(dense, pruned, "val_acc")),
-        ("test accuracy", pct(dense.get("test_acc")), pct(pruned.get("test_acc")), _diff(dense, pruned, "test_acc")),
+        *(
+            (_long(k), show_metric(k, dense.get(k)), show_metric(k, pruned.get(k)), _diff(dense, pruned, k))
+            for k in metric_keys({**dense, **pruned})
+        ),
         *(
             (name, fmt_count(dense.get(key)), fmt_count(pruned.get(key)), _ratio(dense.get(key), pruned.get(key)))
             for name, key in (("FLOPs", "flops"), ("params", "params"))
@@ -91,5 +93,15 @@ def _rows(dense: dict[str, Any], pruned: dict[str, Any]) -> list[tuple[str, str,
 
 
 def _diff(dense: dict[str, Any], pruned: dict[str, Any], key: str) -> str:
-    d, p = dense.get(key), pruned.get(key)
-    return "" if d is None or p is None else f"{100 * (p - d):+.2f} pts"
+    return metric_difference(key, dense.get(key), pruned.get(key))
+
+
+def _score_phrase(metrics: dict[str, Any]) -> str:
+    """``val accuracy 98.52%``: the task's validation metric of a trial."""
+    keys = [k for k in metric_keys(metrics) if k.startswith("val_")]
+    return f"{_long(keys[0])} {show_metric(keys[0], metrics[keys[0]])}" if keys else "no validation metric"
+
+
+def _long(key: str) -> str:
+    """``val_acc`` -> ``validation accuracy``."""
+    return metric_label(key).replace("val ", "validation ", 1)

@@ -1,4 +1,4 @@
-"""The best model as an MLflow model of the search run (``search.final.log_best_model``):
+"""The best model as an MLflow model of the search run (``search.best_model.log_best_model``):
 logged and registered quietly, and a failure only warns (the search's model.pt is the product)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _model():
 def test_the_best_model_is_logged_into_the_search_run_and_registered(search_run, capfd, monkeypatch):
     import torch
 
-    from autoprune.search.final import log_best_model
+    from autoprune.search.best_model import log_best_model
     from autoprune.tracking import store
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -48,7 +48,7 @@ def test_a_model_mlflow_cannot_log_only_warns(search_run, capsys, monkeypatch):
     import mlflow.pytorch
     import torch
 
-    from autoprune.search.final import log_best_model
+    from autoprune.search.best_model import log_best_model
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot export this model")

@@ -33,6 +33,8 @@ class ScoreContext:
     structure: str = "channel"  # what the scores will prune: "channel" or "unstructured"
     example: torch.Tensor | None = None  # one input batch (data-free criteria use its shape)
     density: float | None = None  # fraction of weights expected to survive (synflow's schedule)
+    loss: Any = None  # the task's own loss(outputs, target); None: cross-entropy of the prediction
+    predict: Any = None  # the task's prediction of the model's outputs (Task.prediction); None: the first tensor
 
 
 class Criterion:

@@ -12,19 +12,28 @@ from torch import nn
 from ...errors import AutopruneError
 from ...schema import integer, number
 from ..graph import NORM_TYPES
+from ..inputs import batch_len, to_device
+from ..models import first_tensor
 from .base import Criterion, ScoreContext, Scores, register
 
 TEMPERATURE = number(0.0, low_open=True, most=1e6)  # a softmax temperature over scores
 
 
-def _loss_terms(model: nn.Module, data, temperature: float = 1.0):
-    """The weighted cross-entropy of each scoring batch; the terms sum to the mean loss over
-    all scoring samples (logits divided by ``temperature``)."""
+def _loss_terms(model: nn.Module, data, temperature: float = 1.0, loss=None, predict=None):
+    """The weighted loss of each scoring batch; the terms sum to the mean loss over all
+    scoring samples. The default loss is cross-entropy of the logits divided by
+    ``temperature``; a task's own ``loss(outputs, target)`` is taken as it is."""
     device = next(model.parameters()).device
-    n = sum(len(y) for _, y in data)
+    n = sum(batch_len(x, y) for x, y in data)
     for x, y in data:
-        x, y = x.to(device), y.to(device)
-        yield nn.functional.cross_entropy(model(x) / temperature, y) * (len(y) / n)
+        x, y = to_device(x, device), to_device(y, device)
+        yield _loss(model(x), y, temperature, loss, predict) * (batch_len(x, y) / n)
+
+
+def _loss(outputs, y, temperature: float, loss, predict) -> torch.Tensor:
+    if loss is not None:
+        return loss(outputs, y)
+    return nn.functional.cross_entropy((predict or first_tensor)(outputs) / temperature, y)
 
 
 class _GradCriterion(Criterion):
@@ -54,7 +63,7 @@ class _GradCriterion(Criterion):
         self._check(ctx)
         total = [torch.zeros_like(p) for p in params]
         with self._trainable(params):
-            for loss in _loss_terms(ctx.model, ctx.data, temperature):
+            for loss in _loss_terms(ctx.model, ctx.data, temperature, ctx.loss, ctx.predict):
                 for acc, g in zip(total, torch.autograd.grad(loss, params)):
                     acc += g
         return total
@@ -123,7 +132,7 @@ class GraSPCriterion(_GradCriterion):
         g = self.gradient(ctx, params, temp)
         hg = [torch.zeros_like(p) for p in params]
         with self._trainable(params):
-            for loss in _loss_terms(ctx.model, ctx.data, temp):
+            for loss in _loss_terms(ctx.model, ctx.data, temp, ctx.loss, ctx.predict):
                 first = torch.autograd.grad(loss, params, create_graph=True)
                 dot = sum((a * b).sum() for a, b in zip(first, g))
                 for acc, h in zip(hg, torch.autograd.grad(dot, params)):
@@ -154,7 +163,7 @@ class FisherCriterion(_GradCriterion):
 
         def loss_one(w, x, y):
             out = functional_call(model, {**rest, **w}, (x.unsqueeze(0),))
-            return nn.functional.cross_entropy(out, y.unsqueeze(0))
+            return _loss(out, y.unsqueeze(0), 1.0, ctx.loss, ctx.predict)
 
         per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
         nbytes = sum(w.numel() * w.element_size() for w in weights.values())  # one sample's gradients
@@ -195,7 +204,7 @@ class HutchinsonCriterion(_GradCriterion):
             return [(torch.randint(0, 2, p.shape, generator=gen) * 2 - 1).to(p) for p in params]
 
         with self._trainable(params):
-            for loss in _loss_terms(ctx.model, ctx.data, temp):
+            for loss in _loss_terms(ctx.model, ctx.data, temp, ctx.loss, ctx.predict):
                 first = torch.autograd.grad(loss, params, create_graph=True)
                 for i in range(probes):
                     z = probe(i)

@@ -70,7 +70,16 @@ class MethodContext:
 
     def score(self, model, density: float):
         example = self.task.example_input().to(self.device)
-        return score(model, self.policy, self.data, self.cfg.seed, example=example, density=density)
+        return score(
+            model,
+            self.policy,
+            self.data,
+            self.cfg.seed,
+            example=example,
+            density=density,
+            loss=self.task.loss,
+            predict=self.task.prediction,
+        )
 
     def reached(self, model) -> float:
         """The model's cost as a fraction of the dense cost (effective FLOPs for masks;

@@ -19,6 +19,8 @@ def score(
     seed: int,
     example: torch.Tensor | None = None,
     density: float | None = None,
+    loss=None,
+    predict=None,
 ) -> crit.Scores:
     """Per-weight scores of the conv/linear layers (and, for some criteria, norm layers) by
     the policy's criterion. A model carrying weight masks is scored as a folded copy."""
@@ -38,6 +40,8 @@ def score(
         structure=policy.structure,
         example=example,
         density=density,
+        loss=loss,
+        predict=predict,
     )
     try:
         scores = criterion.score(ctx)

@@ -10,6 +10,7 @@ from torch import nn
 from ...config import Policy
 from .. import criteria as crit
 from ..tasks import Task, labels_of
+from ..tasks.metrics import Accuracy
 
 
 def warmup_on(policy: Policy) -> bool:
@@ -20,18 +21,25 @@ def warmup_on(policy: Policy) -> bool:
 
 
 def scoring_batches(task: Task, per_class: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed, seeded subset of the training split: ``per_class`` samples of every class."""
-    labels = labels_of(task.train)
+    """A fixed, seeded subset of the training split as ``(inputs, target)`` batches:
+    ``per_class`` samples of every class for a classification task, else ``per_class``
+    times ten samples drawn at random."""
+    from torch.utils.data import default_collate
+
     rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        picked.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist())
+    labels = labels_of(task.train, task.target_key) if isinstance(task.metric, Accuracy) else None
+    if labels is not None and labels.ndim == 1 and labels.dtype.kind in "iu":
+        picked = []
+        for c in np.unique(labels):
+            idx = np.flatnonzero(labels == c)
+            picked.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist())
+    else:
+        n = len(task.train)
+        picked = rng.choice(n, size=min(n, 10 * per_class), replace=False).tolist()
     picked.sort()
-    xs, ys = zip(*(task.train[i] for i in picked))
-    x, y = torch.stack(list(xs)), torch.as_tensor(ys)
+    samples = [task.train[i] for i in picked]
     b = task.batch_size
-    return [(x[i : i + b], y[i : i + b]) for i in range(0, len(y), b)]
+    return [tuple(task.split(default_collate(samples[i : i + b]))) for i in range(0, len(samples), b)]
 
 
 def bn_warmup(model: nn.Module, batches, device: torch.device) -> None:

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,14 +16,41 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from ...config import TaskConfig
+from ...contract import declare_metric
 from ...errors import AutopruneError, first_line
 from ...registry import Registry, load_object
-from ..models import torchvision_model_names
+from ..inputs import model_input
+from ..models import all_tensors, first_tensor, torchvision_model_names
+from .metrics import Accuracy, Metric
 
 
 @dataclass
 class Task:
-    """Everything the engine needs to know about a problem."""
+    """Everything the engine needs to know about a problem.
+
+    The defaults are classification: cross-entropy, accuracy, batches ``(inputs, labels)``,
+    a model returning logits, and autoprune's SGD recipe. A task of another kind, or one with
+    its own recipe, sets what differs:
+
+    * ``loss(outputs, target) -> tensor``: ``outputs`` as the model returns them (a tensor, a
+      tuple, a dict or an output object), ``target`` the batch's target; the default is
+      cross-entropy on the prediction (plus ``AUX_WEIGHT`` times each auxiliary output's in
+      training: googlenet, inception, segmentation heads' ``aux``);
+    * ``metric``: a :class:`~autoprune.engine.tasks.metrics.Metric` (name, direction),
+      accumulated over a split; reported as ``val_<name>`` / ``test_<name>`` and what the
+      search ranks on;
+    * ``output``: which of the model's outputs is the prediction (a key, an index or a
+      function of the outputs); default the first tensor (a dict's first value: a
+      torchvision segmentation model's ``out``, a HuggingFace output's ``logits``);
+    * ``input_key`` / ``target_key``: where a batch holds its inputs and target (a tuple's
+      index, a dict's key);
+    * ``train_step(model, inputs, target) -> loss``: the user's own forward pass and loss
+      (augmentation, label smoothing, mixed precision); autoprune still zeroes the gradients,
+      calls backward, runs the pruning method's hooks and steps the optimiser;
+    * ``optimizer(params, lr, total_steps) -> optimizer`` (or ``(optimizer, scheduler)``,
+      the scheduler stepped once per step): the user's optimiser and schedule, for the dense
+      training and every fine-tuning.
+    """
 
     name: str  # task name, recorded in saved models
     model_name: str  # model name within the task
@@ -30,28 +58,102 @@ class Task:
     train: Dataset  # fine-tuning and scoring data
     val: Dataset  # decisions (search, model selection)
     test: Dataset  # the final report only
-    input_shape: tuple[int, ...]  # one sample's shape, e.g. (1, 8, 8)
-    num_classes: int
+    input_shape: tuple[int, ...]  # one sample's shape, e.g. (1, 8, 8); Tokens((64,), vocab) for token ids
+    num_classes: int = 0  # classes of a classification task (0: not one)
     train_epochs: int = 0  # default dense training epochs (0: use the untrained model)
     train_lr: float = 0.1  # dense training peak learning rate (SGD, cosine)
     batch_size: int = 64
     options: dict = field(default_factory=dict)  # what rebuilds this task (saved with models)
+    metric: Metric = field(default_factory=Accuracy)
+    loss: Callable[[Any, Any], torch.Tensor] | None = None
+    output: str | int | Callable[[Any], torch.Tensor] | None = None
+    input_key: str | int = 0
+    target_key: str | int = 1
+    train_step: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None
+    optimizer: Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, Metric):
+            raise AutopruneError(
+                f"task {self.name!r}: metric must be an autoprune Metric (Accuracy, MeanIoU, RMSE, MAE or a "
+                f"subclass), got {type(self.metric).__name__}"
+            )
+        name = str(getattr(self.metric, "name", ""))
+        if not name.isidentifier() or name != name.lower():
+            raise AutopruneError(f"task {self.name!r}: a metric's name must be a lower-case identifier, got {name!r}")
+        for what in ("loss", "output", "train_step", "optimizer"):
+            value = getattr(self, what)
+            if what != "output" and value is not None and not callable(value):
+                raise AutopruneError(f"task {self.name!r}: {what} must be callable, got {type(value).__name__}")
+        declare_metric(name, self.metric.mode, self.metric.percent)
+        if (self.input_key, self.target_key) == (0, 1) and isinstance(_first_sample(self.train), dict):
+            raise AutopruneError(
+                f"task {self.name!r}: its samples are dicts; set input_key and target_key to the keys of the "
+                "model's input and the target"
+            )
+
+    def metric_key(self, split: str = "val") -> str:
+        """``val_<metric name>`` (or ``test_...``): the key the task's metric is reported under."""
+        return f"{split}_{self.metric.name}"
+
+    def metric_info(self) -> dict[str, Any]:
+        """The metric as summaries record it: its name, its keys and which way is better."""
+        m = self.metric
+        return {"name": m.name, "key": self.metric_key(), "mode": m.mode, "percent": m.percent}
 
     def loader(self, split: str, shuffle: bool = False, seed: int = 0, device: torch.device | None = None):
-        """Batches of ``split``, shuffled by ``seed``. An in-memory dataset (the built-in
-        ones) on ``device`` is batched where it lies: it is copied there once per process and
-        indexed in place, in the order a DataLoader with the same seed gives. Other datasets
-        (image folders), and CIFAR-10 on the CPU, go through a DataLoader."""
+        """Batches of ``split`` as ``(inputs, target)`` pairs, shuffled by ``seed``. An
+        in-memory dataset (the built-in ones) on ``device`` is batched where it lies: it is
+        copied there once per process and indexed in place, in the order a DataLoader with
+        the same seed gives. Other datasets (image folders, dict samples), and CIFAR-10 on the
+        CPU, go through a DataLoader."""
         dataset = {"train": self.train, "val": self.val, "test": self.test}[split]
         generator = torch.Generator().manual_seed(seed) if shuffle else None
-        if device is not None:
+        pairs = (self.input_key, self.target_key) == (0, 1)  # batches already are (inputs, target)
+        if device is not None and pairs:
             held = on_device(self, split, dataset, torch.device(device))
             if held is not None:
                 return TensorBatches(*held, self.batch_size, generator)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, generator=generator)
+        return loader if pairs else Pairs(loader, self)
+
+    def split(self, batch) -> tuple[Any, Any]:
+        """``(inputs, target)`` of a batch (or one sample)."""
+        try:
+            return batch[self.input_key], batch[self.target_key]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise AutopruneError(
+                f"task {self.name!r}: a batch of type {type(batch).__name__} has no input {self.input_key!r} and "
+                f"target {self.target_key!r} ({type(exc).__name__}: {exc}); set the task's input_key and target_key"
+            ) from None
+
+    def prediction(self, outputs) -> torch.Tensor:
+        """The tensor of the model's ``outputs`` that the metric reads (see ``output``)."""
+        if callable(self.output):
+            return self.output(outputs)
+        if self.output is not None:
+            if isinstance(self.output, str) and not isinstance(outputs, dict):
+                return getattr(outputs, self.output)
+            return outputs[self.output]
+        found = first_tensor(outputs)
+        if found is None:
+            raise AutopruneError(
+                f"task {self.name!r}: the model returned {type(outputs).__name__} with no tensor in it; "
+                "set the task's output (a key, an index or a function) to pick the prediction"
+            )
+        return found
+
+    def loss_of(self, outputs, target, train: bool = False) -> torch.Tensor:
+        """The task's loss of ``outputs`` against ``target`` (in training the default loss
+        adds auxiliary outputs' losses, see :func:`training_loss`)."""
+        if self.loss is not None:
+            return self.loss(outputs, target)
+        if train and self.output is None:
+            return training_loss(nn.functional.cross_entropy, outputs, target)
+        return nn.functional.cross_entropy(self.prediction(outputs).float(), target)
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        return torch.randn(batch, *self.input_shape, generator=torch.Generator().manual_seed(0))
+        return model_input(self.input_shape, batch, generator=torch.Generator().manual_seed(0))
 
     def key(self, extra: dict) -> str:
         """A short hash identifying (task, model, options, extra): the dense-model cache key."""
@@ -61,6 +163,42 @@ class Task:
             default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _first_sample(dataset: Dataset):
+    try:
+        return dataset[0] if len(dataset) else None
+    except Exception:  # the user's dataset: whatever it raises, the loader will raise it again
+        return None
+
+
+AUX_WEIGHT = 0.3  # GoogLeNet's weight for its auxiliary classifiers' losses
+
+
+def training_loss(loss_fn, output, y: torch.Tensor) -> torch.Tensor:
+    """The loss of a train-mode output: the main output's, plus ``AUX_WEIGHT`` times each
+    auxiliary output's of the same shape (googlenet, inception_v3 return auxiliary
+    classifiers beside the logits in training; segmentation models an ``aux`` map)."""
+    outs = all_tensors(output)
+    loss = loss_fn(outs[0].float(), y)
+    for aux in outs[1:]:
+        if aux.shape == outs[0].shape:
+            loss = loss + AUX_WEIGHT * loss_fn(aux.float(), y)
+    return loss
+
+
+class Pairs:
+    """A DataLoader's batches as ``(inputs, target)`` pairs (:meth:`Task.split`)."""
+
+    def __init__(self, loader: DataLoader, task: Task) -> None:
+        self.loader, self.task = loader, task
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield self.task.split(batch)
 
 
 class TensorBatches:
@@ -121,16 +259,17 @@ def _as_tensors(dataset: Dataset, large: bool):
     return None
 
 
-def labels_of(dataset: Dataset) -> np.ndarray:
-    """Class labels of every sample, without decoding images where the dataset knows them."""
+def labels_of(dataset: Dataset, key: str | int = 1) -> np.ndarray:
+    """Class labels of every sample (``sample[key]``), without decoding images where the
+    dataset knows them."""
     if isinstance(dataset, Subset):
-        return labels_of(dataset.dataset)[np.asarray(dataset.indices)]
+        return labels_of(dataset.dataset, key)[np.asarray(dataset.indices)]
     if isinstance(dataset, TensorDataset):
         return dataset.tensors[1].numpy()
     targets = getattr(dataset, "targets", None)
     if targets is not None:
         return np.asarray(targets)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))])
+    return np.asarray([int(dataset[i][key]) for i in range(len(dataset))])
 
 
 def stratified_split(
