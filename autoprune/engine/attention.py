@@ -46,6 +46,7 @@ class _Opaque(torch.autograd.Function):
 class _Leaf:
     _opaque = False
     qkv_name, proj_name = "qkv", "proj"  # the packed input projection and the output projection
+    embedding_group = False  # whether the embedding width around it may be a group (ViT's)
 
     def _run(self, fn, x: torch.Tensor) -> torch.Tensor:
         if not self._opaque:
@@ -58,7 +59,7 @@ class _Leaf:
 @contextlib.contextmanager
 def opaque(model: nn.Module):
     """Within: every attention module of ``model`` is one node to a tracer."""
-    leaves = [m for m in model.modules() if isinstance(m, ATTENTION_TYPES)]
+    leaves = [m for m in model.modules() if isinstance(m, _Leaf)]
     for m in leaves:
         m._opaque = True
     try:
@@ -72,6 +73,8 @@ class Attention(_Leaf, nn.Module):
     """Self-attention with packed ``qkv`` and ``proj`` in place of ViT's
     ``nn.MultiheadAttention`` (called ``(x, x, x, need_weights=False)``, returns
     ``(out, None)``). The number of heads is ``qkv.out_features // (3 * head_dim)``."""
+
+    embedding_group = True
 
     def __init__(self, dim: int, num_heads: int, bias: bool = True, dropout: float = 0.0) -> None:
         super().__init__()
@@ -270,9 +273,15 @@ _MAXVIT, MaxVitAttention = _maxvit_attention_class()
 ATTENTION_TYPES = (Attention, WindowAttention, WindowAttentionV2, MaxVitAttention)
 
 
+CONVERSIONS: list = []  # in-place conversions of other libraries' layers; :mod:`.zoo` registers its own
+
+
 def prunable_form(model: nn.Module) -> nn.Module:
     """In place: torchvision's attention modules become head-prunable ones computing the
-    same outputs. Models without them are returned unchanged."""
+    same outputs, and the conversions in ``CONVERSIONS`` run (timm's and HuggingFace's
+    layers: :mod:`.zoo`). Models without such modules are returned unchanged."""
+    for convert in CONVERSIONS:
+        convert(model)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.MultiheadAttention) and (new := Attention.of(child)) is not None:
@@ -310,7 +319,12 @@ def attention_pruners() -> dict:
             return layer.qkv.in_features
 
     pruner = AttentionPruner()
-    return {t: pruner for t in ATTENTION_TYPES}
+    types, queue = set(), list(ATTENTION_TYPES)
+    while queue:  # subclasses too (:mod:`.zoo`'s): torch-pruning looks pruners up by exact class
+        t = queue.pop()
+        types.add(t)
+        queue += t.__subclasses__()
+    return {t: pruner for t in types}
 
 
 def head_rows(module: nn.Module) -> tuple[list[int], list[int], list[int], list[int]]:
@@ -343,6 +357,8 @@ def prune_heads(module: nn.Module, heads: Sequence[int]) -> None:
     elif isinstance(module, (WindowAttention, MaxVitAttention)):
         table = module.relative_position_bias_table
         module.relative_position_bias_table = nn.Parameter(table.data[:, keep].clone())
+    elif hasattr(module, "drop_head_params"):  # per-head parameters of :mod:`.zoo`'s attention
+        module.drop_head_params(keep)
 
 
 def attention_flops(inputs, outputs) -> int:

@@ -20,6 +20,7 @@ from ..errors import AutopruneError, first_line
 from .attention import ATTENTION_TYPES, EMBEDDING, HEADS, attention_pruners, head_rows, opaque, prune_heads
 from .models import classifier_layer, first_tensor, in_mode, output_layers, train_batch
 from .probe import bounded, channel_shuffles
+from .zoo import check_attention
 
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -123,7 +124,9 @@ class PrunableGraph:
         group too; off, as a policy has it by default, it is left alone."""
         self.model = model
         self.example_input = example_input
+        check_attention(model)
         names = {m: n for n, m in model.named_modules()}
+        self.model_names = names
         with bounded(f"tracing {type(model).__name__}'s channel groups"):
             self.dg = build_dependency_graph(model, example_input)
             heads = output_layers(model, example_input, train=True)  # auxiliary classifiers' too
@@ -151,8 +154,16 @@ class PrunableGraph:
         """Physically remove the channels ``plan`` names (group name -> channel indices).
         Operates on ``self.model``; the history is recorded in ``self.dg``. Then runs the
         model once on the example input and fails if its output shape changed."""
-        self._remove(plan)
-        shape = output_shape(self.model, self.example_input)
+        try:
+            self._remove(plan)
+            shape = output_shape(self.model, self.example_input)
+        except (RuntimeError, IndexError) as exc:  # a layer the graph mis-handles, met only at this plan's widths
+            pruned = [g.name for g in self.groups if plan.get(g.name) is not None and len(plan[g.name]) > 0]
+            raise AutopruneError(
+                f"pruning {len(pruned)} group(s) breaks the forward pass ({first_line(exc, 120)}); leave the "
+                f"layer's group alone with --keep (one of {', '.join(map(repr, pruned[:3]))}...), "
+                "or use --structure unstructured"
+            ) from None
         if shape != self.output_shape:
             pruned = [g for g in self.groups if plan.get(g.name) is not None and len(plan[g.name]) > 0]
             at_output = [g for g in pruned if any((it.module, it.dim) == (self.output_layer, "out") for it in g.items)]
@@ -174,6 +185,13 @@ class PrunableGraph:
             module = self.model.get_submodule(group.name)
             pruner = self.dg.get_pruner_of_module(module)
             tp_group = self.dg.get_pruning_group(module, pruner.prune_out_channels, group.channels(idxs))
+            emptied = _emptied(self.dg, tp_group)
+            if emptied is not None:
+                raise AutopruneError(
+                    f"removing {len(idxs)} of the {group.size} units of group {group.name!r} would remove every "
+                    f"channel of {self.model_names.get(emptied, type(emptied).__name__)!r} (its channels are tied "
+                    f"to others); leave the group alone with --keep {group.name!r}"
+                )
             tp_group.prune()
 
     def dry_run(self) -> None:
@@ -267,9 +285,13 @@ def _groups_of(dg, names: dict, output_layers: list[nn.Module], embedding: bool 
         kind = "channels"
         if attention and any(isinstance(it.dep.target.module, (*ATTENTION_TYPES, nn.LayerNorm)) for it in tp_group):
             # a transformer's embedding width: a group only where asked and where the attention
-            # is ViT's (Swin's patch merging slices tokens in a way the graph maps to channels)
-            window = any(isinstance(it.dep.target.module, ATTENTION_TYPES[1:]) for it in tp_group)
-            if not embedding or window:
+            # is torchvision's ViT's (Swin's patch merging slices tokens in a way the graph maps to
+            # channels; the zoo's position embeddings and class tokens are not pruned)
+            fixed = any(
+                isinstance(m, ATTENTION_TYPES) and not m.embedding_group
+                for m in (it.dep.target.module for it in tp_group)
+            )
+            if not embedding or fixed:
                 continue
             kind = EMBEDDING
         root = tp_group[0].dep.target.module
@@ -287,11 +309,34 @@ def _groups_of(dg, names: dict, output_layers: list[nn.Module], embedding: bool 
                 if not np.array_equal(item.idxs, item.root_idxs):
                     widths.append(1)  # offsets into a grouped conv (a concatenation before it): left alone
                 widths.append(width)
-        if widths:
-            _fold(group, math.gcd(*widths))
+        tied = _tie_period(dg, tp_group, size)
+        if widths or tied != size:
+            _fold(group, math.gcd(tied, *widths))
         if group.size > 1:
             groups.append(group)
     return groups
+
+
+def _tie_period(dg, tp_group, size: int) -> int:
+    """The period of the channels a group's removals tie together: removing the root's
+    channel ``size - 1`` also removes channel ``size - 1 - period`` where a layer reads the
+    same channels twice (GhostNet's cheap depthwise op feeds on the primary conv's output and
+    both are concatenated into one residual stream); ``size`` where nothing is tied."""
+    root = tp_group[0].dep
+    probe = dg.get_pruning_group(root.target.module, root.handler, [size - 1])
+    hit = {int(i) for i in probe[0].idxs}
+    return math.gcd(size, *(size - 1 - i for i in hit))
+
+
+def _emptied(dg, tp_group) -> nn.Module | None:
+    """A layer that removing ``tp_group`` would leave with no output channel, if any."""
+    for item in tp_group:
+        module = item.dep.target.module
+        if not isinstance(module, PRUNABLE_TYPES) or not dg.is_out_channel_pruning_fn(item.dep.handler):
+            continue
+        if len(set(int(i) for i in item.idxs)) >= dg.get_pruner_of_module(module).get_out_channels(module):
+            return module
+    return None
 
 
 def head_groups(model: nn.Module) -> list[Group]:

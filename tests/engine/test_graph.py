@@ -74,6 +74,38 @@ def test_replaying_the_history_rebuilds_the_pruned_architecture():
     torch.testing.assert_close(rebuilt(_example()), pruned(_example()))
 
 
+class Ghost(nn.Module):
+    """GhostNet's module on a residual stream: a cheap depthwise conv reads the primary conv's
+    4 channels and both are concatenated, so stream channels p and p + 4 share a channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)
+        self.primary = nn.Conv2d(8, 4, 1)
+        self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.stem(x)
+        p = torch.relu(self.primary(h))
+        h = h + torch.cat([p, self.cheap(p)], dim=1)
+        return self.fc(h.mean((2, 3)))
+
+
+def test_channels_a_layer_reads_twice_are_one_unit_and_no_removal_empties_a_layer():
+    model = Ghost().eval()
+    graph = PrunableGraph(model, _example())
+    [group] = [g for g in graph.groups if g.name == "stem"]
+    assert (group.size, group.period) == (4, 4) and group.channels([1]) == [1, 5]
+    with pytest.raises(AutopruneError, match="refusing to empty group 'stem'"):
+        graph.prune({"stem": np.arange(4)})
+    pruned, history = prune_channels(model, _example(), {"stem": np.array([0, 1, 3])})  # 3 of 4 units
+    assert pruned.stem.out_channels == 2 and pruned.primary.out_channels == pruned.cheap.out_channels == 1
+    rebuilt = replay_history(Ghost().eval(), _example(), history)
+    rebuilt.load_state_dict(pruned.state_dict())
+    torch.testing.assert_close(rebuilt(_example()), pruned(_example()), rtol=0, atol=0)
+
+
 def test_unknown_group_names_are_refused_with_the_names_there_are():
     graph = PrunableGraph(Residual().eval(), _example())
     with pytest.raises(AutopruneError, match="unknown group name.*nope") as info:
