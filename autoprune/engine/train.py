@@ -65,7 +65,8 @@ def metric_and_loss(
     model: nn.Module, loader, device: torch.device | None = None, task: Task | None = None
 ) -> tuple[float, float]:
     """The task's metric and its mean loss per sample of ``model`` on ``loader`` (without a
-    task: top-1 accuracy and mean cross-entropy)."""
+    task: top-1 accuracy and mean cross-entropy). A task's own ``evaluate`` gives the metric's
+    value instead (the model in eval mode, without gradients)."""
     device = device or next(model.parameters()).device
     metric = task.metric if task is not None else Accuracy()
     predict = task.prediction if task is not None else first_tensor
@@ -86,8 +87,12 @@ def metric_and_loss(
                 loss += float(nn.functional.cross_entropy(pred, y, reduction="sum").double())
             metric.update(pred, y)
             total += n
+    score = metric.compute()
+    if task is not None and task.evaluate is not None:  # the user's own evaluation of the split
+        with torch.inference_mode():
+            score = float(task.evaluate(model, loader))
     model.train(was_training)
-    return metric.compute(), loss / max(total, 1)
+    return score, loss / max(total, 1)
 
 
 def lr_at(step: int, total: int, peak: float, schedule: str) -> float:

@@ -101,6 +101,30 @@ def test_a_task_metric_is_declared_and_checked():
         _tiny(metric=Clash())
 
 
+class Balanced(Accuracy):
+    name = "bacc"  # balanced accuracy: the user's evaluate computes it, this names it
+
+
+def balanced_accuracy(model, loader) -> float:
+    """The mean over classes of the fraction of each class predicted right."""
+    preds, targets = zip(*((model(x).argmax(1), y) for x, y in loader))
+    pred, target = torch.cat(preds), torch.cat(targets)
+    return float(torch.stack([(pred[target == c] == c).float().mean() for c in target.unique()]).mean())
+
+
+def test_the_users_evaluate_gives_the_metric_its_value():
+    task = _tiny(metric=Balanced(), evaluate=balanced_accuracy)
+    model = task.model_factory()
+    history = engine.train(model, task, FinetuneConfig(epochs=1, lr=0.01), 0, torch.device("cpu"))
+    x, y = task.val.tensors
+    with torch.no_grad():
+        pred = model.eval()(x).argmax(1)
+    expected = np.mean([(pred[y == c] == c).float().mean().item() for c in range(3) if (y == c).any()])
+    assert history[0]["val_bacc"] == pytest.approx(expected) and "val_acc" not in history[0]
+    with pytest.raises(AutopruneError, match="evaluate must be callable"):
+        _tiny(evaluate=1.0)
+
+
 # ------------------------------------------------------------------ batches, outputs, inputs
 
 

@@ -49,7 +49,10 @@ class Task:
       calls backward, runs the pruning method's hooks and steps the optimiser;
     * ``optimizer(params, lr, total_steps) -> optimizer`` (or ``(optimizer, scheduler)``,
       the scheduler stepped once per step): the user's optimiser and schedule, for the dense
-      training and every fine-tuning.
+      training and every fine-tuning;
+    * ``evaluate(model, loader) -> float``: the user's own evaluation of a split (its
+      ``(inputs, target)`` batches), in eval mode without gradients; it replaces the metric's
+      value, ``metric`` still names it and gives its direction.
     """
 
     name: str  # task name, recorded in saved models
@@ -71,6 +74,7 @@ class Task:
     target_key: str | int = 1
     train_step: Callable[[nn.Module, Any, Any], torch.Tensor] | None = None
     optimizer: Callable[..., Any] | None = None
+    evaluate: Callable[[nn.Module, Any], float] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.metric, Metric):
@@ -81,7 +85,7 @@ class Task:
         name = str(getattr(self.metric, "name", ""))
         if not name.isidentifier() or name != name.lower():
             raise AutopruneError(f"task {self.name!r}: a metric's name must be a lower-case identifier, got {name!r}")
-        for what in ("loss", "output", "train_step", "optimizer"):
+        for what in ("loss", "output", "train_step", "optimizer", "evaluate"):
             value = getattr(self, what)
             if what != "output" and value is not None and not callable(value):
                 raise AutopruneError(f"task {self.name!r}: {what} must be callable, got {type(value).__name__}")
