@@ -329,8 +329,8 @@ def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
     say(comparison(final.dense, final.pruned))
     if summary.best and summary.best.get("baseline"):
         say(
-            f"the best policy is the {summary.best['baseline']} baseline itself: no sampled policy beat it by more "
-            "than the validation split's noise"
+            f"the best policy is the {summary.best['baseline']} baseline itself: no sampled policy beat it "
+            + ("by more than the validation split's noise" if plan.score == "val_acc" else "on the validation split")
         )
     if summary.uniform_matched:
         u = summary.uniform_matched

@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 
 from autoprune.config import Budget, EngineConfig, MeasureConfig, SearchConfig, TaskConfig
+from autoprune.contract import better
+from autoprune.engine.tasks import get_task
+from autoprune.search.ranking import tied
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -37,7 +40,8 @@ def _metric_history(uri: str, name: str, key: str) -> list[list[float]]:
 
 @pytest.fixture(scope="module")
 def example_searches(tmp_path_factory):
-    """The three example tasks searched on one Ray instance: 4 trials of 1 epoch each."""
+    """The three example tasks searched on one Ray instance: 3 trials of 1 epoch each (the two
+    baselines and one sampled policy), the best re-run once, no matched-compute baseline."""
     from autoprune.rayenv import quiet_environment
 
     quiet_environment()  # token authentication on, before Ray is imported
@@ -62,7 +66,7 @@ def example_searches(tmp_path_factory):
         for name, task in cases.items():
             engine = EngineConfig(
                 task=task,
-                train_epochs=2,
+                train_epochs=1,
                 cache_dir=str(tmp / "cache"),
                 progress=False,
                 measure=MeasureConfig(batch_sizes=(1,), warmup=1, repeats=3),
@@ -70,10 +74,11 @@ def example_searches(tmp_path_factory):
             config = SearchConfig(
                 name=name,
                 budget=Budget("flops", 0.5),
-                trials=4,
+                trials=3,
                 epochs=1,
                 final_epochs=1,
-                final_top_k=2,
+                final_top_k=1,
+                matched_baseline=False,
                 storage=str(tmp / "results"),
                 tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
                 engine=engine,
@@ -96,16 +101,17 @@ def test_a_search_ranks_on_the_tasks_metric(example_searches, name, key, mode):
     assert summary["task_metric"] == {"name": key, "key": f"val_{key}", "mode": mode, "percent": key != "rmse"}
     assert {f"val_{key}", f"test_{key}"} <= set(summary["dense"]) and f"test_{key}" in summary["best"]
     assert summary["best"]["flops_ratio"] <= 0.5 + 1e-9
-    # the trial it re-ran first is the best completed one within the budget, in the metric's direction
+    # the trial it re-ran is the best completed one within the budget in the metric's direction
+    # (accuracy: or one within the validation split's noise of it, a tie given to the simpler policy)
     done = [r for r in result.trials if r.status == "completed" and r.metrics["flops_ratio"] <= 0.5 + 1e-9]
-    assert len(done) >= 2
-    pick = min if mode == "min" else max
-    best_value = pick(r.metrics[f"val_{key}"] for r in done)
-    reran = summary["final_reruns"][f"val_{key}"] if "final_reruns" in summary else None
-    if reran is None:
-        assert summary["best"][f"search_val_{key}"] == pytest.approx(best_value)
+    assert len(done) >= 2 and "final_reruns" not in summary
+    best_value = (min if mode == "min" else max)(r.metrics[f"val_{key}"] for r in done)
+    chosen = summary["best"][f"search_val_{key}"]
+    if key == "acc":
+        assert tied(chosen, best_value, len(get_task(TaskConfig(name=name)).val))
     else:
-        assert any(r.metrics[f"val_{key}"] == pytest.approx(best_value) for r in done if r.trial_id in reran)
+        assert chosen == pytest.approx(best_value)
+        assert all(not better(f"val_{key}", r.metrics[f"val_{key}"], chosen) for r in done)
     # MLflow: every finished trial run has the metric's series over its epochs, under its own key
     series = _metric_history(f"sqlite:///{tmp / 'mlflow.db'}", name, f"val_{key}")
     assert series and all(len(s) == 1 and all(math.isfinite(v) for v in s) for s in series)
@@ -134,10 +140,10 @@ def test_the_readme_user_task_runs_its_own_step_in_prune_and_search(tmp_path, cl
         "STEPS_FILE": str(steps),
     }
     per_epoch = math.ceil(1000 / 64)
-    task = ["--task", "my_task:build", "--train-epochs", "2", "--budget-flops", "0.5"]
+    task = ["--task", "my_task:build", "--train-epochs", "1", "--budget-flops", "0.5"]
     proc = cli("prune", *task, "--finetune-epochs", "1", "--out", str(tmp_path / "p"), env=env)
     assert proc.returncode == 0, proc.stderr
-    assert steps.read_text() == "." * (3 * per_epoch)  # two dense epochs and one of fine-tuning
+    assert steps.read_text() == "." * (2 * per_epoch)  # one dense epoch and one of fine-tuning
     pruned = json.loads((tmp_path / "p" / "summary.json").read_text())
     assert pruned["pruned"]["flops_ratio"] <= 0.5 + 1e-9 and pruned["metric"]["key"] == "val_acc"
 
