@@ -80,9 +80,15 @@ def declare_metric(name: str, mode: str, percent: bool = False) -> None:
     METRIC_NAMES[name] = (mode, bool(percent))
 
 
-def task_metric_keys(report: dict[str, Any]) -> list[str]:
-    """The task metrics a report holds on the validation split (``val_acc``, ``val_rmse`` ...)."""
-    return [k for k in report if k.startswith("val_") and k != "val_loss" and k[4:] in METRIC_NAMES]
+def task_metric_keys(report: dict[str, Any], splits: tuple[str, ...] = ("val",)) -> list[str]:
+    """The task metrics ``report`` holds on ``splits`` (``val_acc``, ``test_rmse`` ...; not the
+    loss), in the order of ``splits``, then by name."""
+    found = []
+    for key in report:
+        split, _, name = key.partition("_")
+        if split in splits and name != "loss" and name in METRIC_NAMES:
+            found.append((splits.index(split), key))
+    return [key for _, key in sorted(found)]
 
 
 def _metric_name(key: str) -> str:
@@ -104,12 +110,17 @@ def better(key: str, a: float, b: float) -> bool:
     return a > b if metric_mode(key) == "max" else a < b
 
 
+def is_percent(key: str) -> bool:
+    """Whether ``key``'s metric reads as a percentage (a fraction in 0..1: accuracy, mean IoU)."""
+    known = METRIC_NAMES.get(_metric_name(key))
+    return known is not None and known[1]
+
+
 def show_metric(key: str, value: float | None) -> str:
     """``value`` of ``key`` for people: ``98.52%`` for a percentage metric, else 4 significant digits."""
     if value is None:
         return "-"
-    known = METRIC_NAMES.get(_metric_name(key))
-    return f"{100 * value:.2f}%" if known is not None and known[1] else f"{value:.4g}"
+    return f"{100 * value:.2f}%" if is_percent(key) else f"{value:.4g}"
 
 
 def objectives(kind: str, metric: str = "val_acc") -> tuple[tuple[str, str], ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .contract import METRIC_NAMES, show_metric
+from .contract import is_percent, show_metric, task_metric_keys
 
 if TYPE_CHECKING:
     from .contract import TrialRecord
@@ -39,9 +39,7 @@ def table(rows: list[list[str]]) -> str:
 
 def metric_keys(metrics: dict[str, Any]) -> list[str]:
     """The task metrics in ``metrics`` (``val_acc``, ``test_miou`` ...), validation first."""
-    found = [k for k in metrics if k.startswith(("val_", "test_")) and k.split("_", 1)[1] in METRIC_NAMES]
-    found = [k for k in found if not k.endswith("_loss")]
-    return sorted(found, key=lambda k: (not k.startswith("val_"), k))
+    return task_metric_keys(metrics, ("val", "test"))
 
 
 def metric_label(key: str) -> str:
@@ -56,7 +54,7 @@ METRIC_WORDS = {"acc": "accuracy", "miou": "mean IoU", "rmse": "RMSE", "mae": "M
 def metric_difference(key: str, before: float | None, after: float | None) -> str:
     if before is None or after is None:
         return ""
-    if METRIC_NAMES[key.split("_", 1)[1]][1]:
+    if is_percent(key):
         return f"{100 * (after - before):+.2f} pts"
     return f"{after - before:+.4g}"
 

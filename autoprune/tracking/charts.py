@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from ..contract import METRIC_NAMES, TrialRecord, metric_mode
+from ..contract import TrialRecord, is_percent, metric_mode
 from ..report import metric_label
 
 COMPLETED, STOPPED, DENSE, FRONT = "#4c72b0", "#dd8452", "#222222", "#c44e52"
@@ -46,13 +46,13 @@ def ratio_chart(ratios: dict[str, float], title: str):
 
 def _y(score: str, value: float) -> float:
     """A metric as charted: a percentage metric (accuracy, mean IoU) in %, another as it is."""
-    return 100 * value if METRIC_NAMES.get(score.split("_", 1)[1], ("max", False))[1] else value
+    return 100 * value if is_percent(score) else value
 
 
 def _label(score: str) -> str:
     """The axis label of the task's validation metric: ``validation accuracy (%)``."""
     name = metric_label(score).replace("val ", "validation ", 1)
-    return f"{name} (%)" if _y(score, 1.0) == 100 else name
+    return f"{name} (%)" if is_percent(score) else name
 
 
 def _points(records: Iterable[TrialRecord], x: Any, status: str, score: str) -> list[tuple[float, float, int]]:
@@ -202,7 +202,7 @@ def criteria_chart(records: list[TrialRecord], dense_acc: float | None = None, s
         ax.axhline(d, color=DENSE, ls=":", lw=1, label=f"dense ({d:.3g})")
     done = {n: sum(r.status == "completed" for r in tried[n]) for n in names}
     ax.set_xticks(list(xs), [f"{n} ({done[n]}/{len(tried[n])} completed)" for n in names], rotation=30, ha="right")
-    if _y(score, 1.0) == 100:
+    if is_percent(score):
         ax.set_ylim(0, 100)
     ax.set_xlabel("pruning criterion (trials completed / tried)")
     ax.set_ylabel(_label(score))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..contract import TrialRecord, show_metric
+from ..contract import TrialRecord, show_metric, task_metric_keys
 from ..report import fmt_count, metric_difference, metric_keys, metric_label
 
 
@@ -98,7 +98,7 @@ def _diff(dense: dict[str, Any], pruned: dict[str, Any], key: str) -> str:
 
 def _score_phrase(metrics: dict[str, Any]) -> str:
     """``val accuracy 98.52%``: the task's validation metric of a trial."""
-    keys = [k for k in metric_keys(metrics) if k.startswith("val_")]
+    keys = task_metric_keys(metrics)
     return f"{_long(keys[0])} {show_metric(keys[0], metrics[keys[0]])}" if keys else "no validation metric"
 
 
