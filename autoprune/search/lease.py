@@ -118,6 +118,11 @@ class Lease:
         record replaced this one's (the last writer holds the lease)."""
         time.sleep(SETTLE_S["bucket" if is_uri(self.file) else "local"])
         holder = _holder(self.path)
+        for _ in range(10):  # unreadable: read back mid-way through another search's write
+            if holder is not None:
+                break
+            time.sleep(0.1)
+            holder = _holder(self.path)
         if holder is None or holder.get("token") != self.record["token"]:
             if holder is None:
                 raise AutopruneError(f"search {self.name!r}: its lease at {self.file} went while being taken; retry")
