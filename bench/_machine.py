@@ -1,12 +1,7 @@
-"""What the benchmarks print about the machine they ran on."""
+"""What the Ray benchmarks read back from a search's MLflow store (the machine itself is named
+by ``_page.machine``)."""
 
 from __future__ import annotations
-
-from autoprune.engine.measure import device_name
-
-
-def cpu_name() -> str:
-    return device_name("cpu")
 
 
 def trial_rate(uri: str, name: str) -> tuple[float, int, float]:

@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import _page
 from _machine import trial_rate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +59,19 @@ def _search(state: Path, tmp: Path, trials: int, epochs: int) -> float:
     return rate
 
 
+def _protocol(args) -> str:
+    return (
+        "A real multi-node Ray cluster on this machine (`cluster/local.sh`: a head with no CPUs, so that every "
+        f"trial runs on a worker, and {_page.listing(args.workers)} single-CPU worker nodes in turn), brought up "
+        f"and torn down for each search. Each search: `autoprune search` with {args.trials} trials of {args.epochs} "
+        "epoch(s) on the default task, scheduler none, no final re-run, the dense model and latency table from the "
+        "cache. Trials per minute = trials / (last trial's end - first trial's start), from the trials' MLflow runs, "
+        f"so Ray's start-up and the driver's own work are left out. {args.rounds} round(s), each running every size "
+        "once in turn; the median over the rounds, the range in brackets. Speed-up: over the smallest size; share "
+        "of linear: speed-up / (workers / smallest size)."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 3])
@@ -65,8 +79,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="each round runs every size once, in turn")
     parser.add_argument("--port", type=int, default=7700)
+    _page.add_arguments(parser)
     args = parser.parse_args()
-    print(f"{os.cpu_count()} CPU cores; {args.trials} trials x {args.epochs} epoch(s) of the default task per search")
+    page = _page.Page(__file__, "Trials per minute on a multi-node Ray cluster on one machine", args)
+    print(f"machine: {_page.machine()}; {args.trials} trials x {args.epochs} epoch(s) of the default task per search")
     rates: dict[int, list[float]] = {n: [] for n in args.workers}
     for r in range(args.rounds):
         for n in args.workers:
@@ -80,14 +96,22 @@ def main() -> None:
                 finally:
                     _script(state, "down")
     base = statistics.median(rates[min(rates)])
-    print(f"\nmedian of {args.rounds} round(s), range in brackets")
-    print("workers  trials/min            speed-up  share of linear")
+    rows, said = [], []
     for n, got in rates.items():
         speedup = statistics.median(got) / base
-        spread = f"({min(got):.1f}-{max(got):.1f})"
-        print(
-            f"{n:7d}  {statistics.median(got):10.1f} {spread:11s}  {speedup:6.2f}x  {speedup / (n / min(rates)):14.0%}"
+        share = speedup / (n / min(rates))
+        rows.append(
+            [str(n), f"{statistics.median(got):.1f} ({min(got):.1f}-{max(got):.1f})", f"{speedup:.2f}x", f"{share:.0%}"]
         )
+        if n != min(rates):
+            said.append(f"{n} workers reach {speedup:.2f}x the rate of {min(rates)}, {share:.0%} of linear")
+    page.show(
+        f"\nMedian of {args.rounds} round(s), range in brackets:\n",
+        _page.table(["workers", "trials/min", "speed-up", "share of linear"], rows, "rrrr"),
+    )
+    if said:
+        page.show(f"\n{'; '.join(said).capitalize()}.")
+    page.write(_protocol(args))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
-import platform
 import statistics
 import sys
 import threading
@@ -56,9 +55,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import _page
 import torch
-import torchvision
-from _machine import cpu_name
 from torch import nn
 
 from autoprune import engine
@@ -297,43 +295,51 @@ def fmt_mem(mb: float | None) -> str:
     return "n/a" if mb is None else f"{mb:.0f}"
 
 
-def print_model(res: Result, names: list[str]) -> None:
-    print(f"\n### {res.name}: {res.params / 1e6:.2f} M parameters, {res.scored / 1e6:.2f} M scored conv/linear weights")
-    print(f"scoring data: {res.describe}")
+def model_blocks(res: Result, names: list[str]) -> list[str]:
+    """The heading, notes and table of one model."""
     spread = max(res.ref_times) / min(res.ref_times)
-    print(
-        f"reference: one forward+backward pass, batch {BATCH}, median of {len(res.ref_times)} passes "
-        f"(max/min of the passes {spread:.2f}: a noise indication)\n"
-    )
-    print("| criterion | scoring time (s) | × fwd+bwd | peak extra memory (MB) |")
-    print("|---|---|---|---|")
-    print(f"| (fwd+bwd, batch {BATCH}) | {res.ref:.4f} | 1.00 | {fmt_mem(res.ref_mem)} |")
+    rows = [(f"(fwd+bwd, batch {BATCH})", f"{res.ref:.4f}", "1.00", fmt_mem(res.ref_mem))]
     for n in names:
-        label = f"{n} (channel)" if n in CHANNEL_ONLY else n
         t = res.time(n)
-        print(f"| {label} | {t:.4f} | {t / res.ref:.2f} | {fmt_mem(res.mem.get(n))} |")
-
-
-def print_growth(small: Result, big: Result, names: list[str]) -> None:
-    ratio = big.params / small.params
-    print(
-        f"\n### growth {small.name} → {big.name}: params ratio {ratio:.2f}x "
-        f"({big.params / 1e6:.2f} M / {small.params / 1e6:.2f} M)\n"
-    )
-    head = [
-        "criterion",
-        f"time {small.name} (s)",
-        f"time {big.name} (s)",
-        "growth (time ratio)",
-        "params ratio",
-        "growth / params ratio",
+        rows.append(
+            (f"{n} (channel)" if n in CHANNEL_ONLY else n, f"{t:.4f}", f"{t / res.ref:.2f}", fmt_mem(res.mem.get(n)))
+        )
+    head = ["criterion", "scoring time (s)", "× fwd+bwd", "peak extra memory (MB)"]
+    return [
+        f"\n### {res.name}: {res.params / 1e6:.2f} M parameters, {res.scored / 1e6:.2f} M scored conv/linear weights\n",
+        f"Scoring data: {res.describe}. Reference: one forward+backward pass, batch {BATCH}, median of "
+        f"{len(res.ref_times)} passes (max/min of the passes {spread:.2f}: a noise indication).\n",
+        _page.table(head, rows, "lrrr"),
     ]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
-    rows = [("(fwd+bwd)", small.ref, big.ref)] + [(n, small.time(n), big.time(n)) for n in names]
-    for n, a, b in rows:
+
+
+def growth_blocks(small: Result, big: Result, names: list[str]) -> list[str]:
+    ratio = big.params / small.params
+    head = ["criterion", f"time {small.name} (s)", f"time {big.name} (s)", "growth (time ratio)", "params ratio"]
+    head.append("growth / params ratio")
+    rows = []
+    for n, a, b in [("(fwd+bwd)", small.ref, big.ref)] + [(n, small.time(n), big.time(n)) for n in names]:
         g = b / a if a > 0 else float("inf")
-        print(f"| {n} | {a:.4f} | {b:.4f} | {g:.2f}x | {ratio:.2f}x | {g / ratio:.2f} |")
+        rows.append((n, f"{a:.4f}", f"{b:.4f}", f"{g:.2f}x", f"{ratio:.2f}x", f"{g / ratio:.2f}"))
+    return [
+        f"\n### growth {small.name} → {big.name}: params ratio {ratio:.2f}x "
+        f"({big.params / 1e6:.2f} M / {small.params / 1e6:.2f} M)\n",
+        _page.table(head, rows, "l" + "r" * 5),
+    ]
+
+
+def protocol(args, names: list[str], models: list[str], device: torch.device, loads: list[str]) -> str:
+    timing = "bracketed by CUDA synchronisation" if device.type == "cuda" else f"{args.threads} torch thread(s)"
+    memory = "not measured (no warm-up)" if not args.warmup else "measured on the first warm-up call"
+    return (
+        f"One `criterion.score(ctx)` call of each criterion ({_page.listing(names)}), as the engine makes it: "
+        f"structure unstructured except {_page.listing(CHANNEL_ONLY)} (channel), density {DENSITY} (synflow's "
+        f"target), default options, seed 0; on {device} ({timing}). Models: {_page.listing(models)} (untrained, "
+        "seed 0; each one's scoring data below). "
+        f"The reference is one forward+backward pass on a {BATCH}-sample batch, run before every timed criterion "
+        f"call, the criteria visited in alternating order; times are medians of {args.repeats} timed call(s) after "
+        f"{args.warmup} untimed one(s). Peak extra memory: {memory}. {_page.listing(loads).capitalize()}."
+    )
 
 
 def main() -> None:
@@ -345,21 +351,20 @@ def main() -> None:
     )
     parser.add_argument("--criteria", default="all", help="comma-separated criterion names, or 'all'")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per criterion (median)")
-    parser.add_argument(
-        "--warmup", type=int, default=1, help="untimed calls per criterion (memory measured on the first)"
-    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per criterion (memory: the first)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument(
         "--default-data",
         choices=("batch", "scoring"),
         default="batch",
-        help="default model's scoring data: one 64-sample training batch, or "
-        "engine.scoring_batches(task, 10, 0) (100 samples, 2 batches)",
+        help="default model's scoring data: one 64-sample training batch, or engine.scoring_batches(task, 10, 0)",
     )
+    _page.add_arguments(parser)
     args = parser.parse_args()
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    page = _page.Page(__file__, "Scoring cost of every pruning criterion, relative to one forward+backward pass", args)
     names = CRITERIA.names() if args.criteria == "all" else [c.strip() for c in args.criteria.split(",") if c.strip()]
     for n in names:
         CRITERIA.get(n)  # fails early with the list of names
@@ -367,36 +372,24 @@ def main() -> None:
     device = engine.resolve_device(args.device)
 
     torch.set_num_threads(args.threads)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
-    print(
-        f"CPU: {cpu_name()}; os.cpu_count() = {os.cpu_count()}, usable here = {usable}; "
-        f"torch threads: {torch.get_num_threads()}"
-    )
-    if device.type == "cuda":
-        print(f"device: {device} ({torch.cuda.get_device_name(device)}), timings bracketed by CUDA synchronisation")
-    else:
-        print("device: cpu")
-    print(
-        f"criteria: {', '.join(names)}; structure unstructured except {', '.join(CHANNEL_ONLY)} (channel); "
-        f"density {DENSITY} (synflow); default options"
-    )
-    print(f"warm-up {args.warmup}, repeats {args.repeats} (median); reference pass before every timed call")
-    print(f"{load()} at the start (other processes on the machine make timings noisy)")
+    print(f"machine: {_page.machine()}; torch threads: {torch.get_num_threads()}; device: {device}")
+    print(f"criteria: {', '.join(names)}; warm-up {args.warmup}, repeats {args.repeats} (median)")
+    loads = [f"{load()} at the start"]
+    print(f"{loads[0]} (other processes on the machine make timings noisy)")
 
     results: dict[str, Result] = {}
-    t_start = time.perf_counter()
     for m in models:
         print(f"measuring {m} ...", file=sys.stderr, flush=True)
         setup = default_setup(device, args.default_data) if m == "default" else torchvision_setup(m, device)
         results[m] = measure(setup, names, args, device)
         del setup
-    print(f"\ntotal benchmark time {time.perf_counter() - t_start:.0f} s; {load()} at the end")
+    loads.append(f"{load()} at the end")
 
     for res in results.values():
-        print_model(res, names)
+        page.show(*model_blocks(res, names))
     if "resnet18" in results and "resnet50" in results:
-        print_growth(results["resnet18"], results["resnet50"], names)
+        page.show(*growth_blocks(results["resnet18"], results["resnet50"], names))
+    page.write(protocol(args, names, models, device, loads))
 
 
 if __name__ == "__main__":

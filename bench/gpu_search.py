@@ -14,13 +14,14 @@ Trials per minute come from the trials' MLflow runs (first start to last end). D
 GPU search ``nvidia-smi`` is sampled every 0.2 s; the mean and median utilisation over the
 trials' span are printed, with the most memory used.
 
+On a machine without a CUDA GPU only the ``cpu`` set-up runs, and the page says so.
+
 Run: ``python bench/gpu_search.py`` (a few minutes).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import subprocess
@@ -30,14 +31,17 @@ import threading
 import time
 from pathlib import Path
 
-from _machine import cpu_name, trial_rate
+import _page
+from _machine import trial_rate
+
+SETUPS = {"cpu": 0.0, "gpu 1": 1.0, "gpu 0.25": 0.25}
 
 
 class GpuSampler:
     """``nvidia-smi`` utilisation and memory samples, every ``period`` seconds, in a thread."""
 
-    def __init__(self, period: float = 0.2) -> None:
-        self.period, self.samples, self._stop = period, [], threading.Event()
+    def __init__(self, period: float = 0.2, on: bool = True) -> None:
+        self.period, self.samples, self._stop, self.on = period, [], threading.Event(), on
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -49,12 +53,14 @@ class GpuSampler:
             self._stop.wait(self.period)
 
     def __enter__(self) -> GpuSampler:
-        self._thread.start()
+        if self.on:
+            self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
-        self._thread.join()
+        if self.on:
+            self._thread.join()
 
 
 def _search(tmp: Path, name: str, gpus: float, args) -> tuple[float, float, float, float]:
@@ -64,7 +70,7 @@ def _search(tmp: Path, name: str, gpus: float, args) -> tuple[float, float, floa
     cmd += ["--epochs", str(args.epochs), "--final-epochs", "0", "--scheduler", "none", "--no-progress"]
     cmd += ["--gpus-per-trial", f"{gpus:g}", "--storage", str(tmp / "st"), "--tracking-uri", uri]
     cmd += shlex.split(args.search_args)
-    with GpuSampler() as gpu:
+    with GpuSampler(on=gpus > 0) as gpu:
         proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"the search ({name}) failed: {proc.stderr[-2000:]}")
@@ -77,20 +83,48 @@ def _search(tmp: Path, name: str, gpus: float, args) -> tuple[float, float, floa
     return rate, statistics.mean(util), statistics.median(util), peak
 
 
+def _protocol(args, setups: dict[str, float], gpu: bool) -> str:
+    extra = f" plus `{args.search_args}`" if args.search_args else ""
+    what = (
+        f"One `autoprune search` ({args.trials} trials of {args.epochs} epoch(s), scheduler none, no final re-run"
+        f"{extra}) in {len(setups)} set-up(s), run in {args.rounds} round(s), each round running every set-up once "
+        "in turn: `cpu` (`--gpus-per-trial 0`: trials on the CPU, one per core)"
+    )
+    if not gpu:
+        return (
+            f"{what}. **No CUDA GPU was present on this machine** ({_page.machine()}), so only the `cpu` set-up ran. "
+            "With a GPU the script also runs `gpu 1` (`--gpus-per-trial 1`: one trial at a time on the GPU) and "
+            "`gpu 0.25` (`--gpus-per-trial 0.25`: four trials share it), samples `nvidia-smi` every 0.2 s during "
+            "each GPU search for the GPU's utilisation (mean and median over the trials' span) and its peak memory, "
+            "and compares their trials per minute with the CPU's. Trials per minute come from the trials' MLflow "
+            "runs (first start to last end); the median over the rounds, the range in brackets."
+        )
+    return (
+        f"{what}, `gpu 1` (`--gpus-per-trial 1`: one trial at a time on the GPU) and `gpu 0.25` "
+        "(`--gpus-per-trial 0.25`: four trials share the GPU). Trials per minute come from the trials' MLflow runs "
+        "(first start to last end); the median over the rounds, the range in brackets. During each GPU search "
+        "`nvidia-smi` is sampled every 0.2 s: the utilisation's mean and median over the trials' span (medians over "
+        "the rounds), and the most memory used."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--search-args", default="", help="more `autoprune search` flags, e.g. a task")
+    _page.add_arguments(parser)
     args = parser.parse_args()
+    page = _page.Page(__file__, "Trials per minute of the default search on a GPU, against the CPU", args)
     import torch
 
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU here: this benchmark compares a GPU against the CPU")
-    print(f"GPU: {torch.cuda.get_device_name(0)}; CPU: {cpu_name()} ({os.cpu_count()} cores)")
+    gpu = torch.cuda.is_available()
+    setups = SETUPS if gpu else {"cpu": 0.0}
+    print(f"machine: {_page.machine()}")
+    if not gpu:
+        print("no CUDA GPU here: only the cpu set-up runs (the benchmark compares a GPU against the CPU)")
     print(f"{args.trials} trials x {args.epochs} epoch(s) per search {args.search_args}".rstrip())
-    setups = {"cpu": 0.0, "gpu 1": 1.0, "gpu 0.25": 0.25}
     results: dict[str, list[tuple[float, ...]]] = {k: [] for k in setups}
     with tempfile.TemporaryDirectory() as d:
         for r in range(args.rounds):
@@ -100,19 +134,20 @@ def main() -> None:
                 tmp.mkdir()
                 results[label].append(_search(tmp, f"{label.replace(' ', '')}-{r}", gpus, args))
     base = statistics.median(x[0] for x in results["cpu"])
-    print("\nset-up    trials/min (median, range)  vs cpu   GPU util mean / median   peak MiB")
-    for label, rows in results.items():
-        rates = [x[0] for x in rows]
+    rows = []
+    for label, runs in results.items():
+        rates = [x[0] for x in runs]
         rate = statistics.median(rates)
-        util = (
-            f"{statistics.median(x[1] for x in rows):5.1f}% / {statistics.median(x[2] for x in rows):5.1f}%"
-            if label != "cpu"
-            else "      -        "
-        )
-        peak = f"{max(x[3] for x in rows):8.0f}" if label != "cpu" else "       -"
-        print(
-            f"{label:9s} {rate:7.1f} ({min(rates):.1f}-{max(rates):.1f})        {rate / base:5.2f}x   {util}   {peak}"
-        )
+        util, peak = "-", "-"
+        if label != "cpu":
+            util = f"{statistics.median(x[1] for x in runs):.1f}% / {statistics.median(x[2] for x in runs):.1f}%"
+            peak = f"{max(x[3] for x in runs):.0f}"
+        rows.append([label, f"{rate:.1f} ({min(rates):.1f}-{max(rates):.1f})", f"{rate / base:.2f}x", util, peak])
+    head = ["set-up", "trials/min (median, range)", "vs cpu", "GPU util mean / median", "peak MiB"]
+    page.show("", _page.table(head, rows, "lrrrr"))
+    if not gpu:
+        page.show(f"\nNo CUDA GPU on this machine ({_page.machine()}): the GPU set-ups did not run.")
+    page.write(_protocol(args, setups, gpu))
 
 
 if __name__ == "__main__":

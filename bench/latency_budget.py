@@ -83,23 +83,21 @@ import argparse
 import copy
 import dataclasses
 import math
-import os
-import platform
 import statistics
 import time
 from functools import partial
 
+import _page
 import numpy as np
 import torch
 import torchvision
-from _machine import cpu_name
 from torch import nn
 from torch.utils.data import TensorDataset
 
 from autoprune import engine
 from autoprune.config import Budget, EngineConfig, MeasureConfig, Policy
 from autoprune.engine.graph import PrunableGraph, clone
-from autoprune.engine.measure import device_name, measure, quartiles, side_by_side, speedup
+from autoprune.engine.measure import measure, quartiles, side_by_side, speedup
 from autoprune.engine.methods import MethodContext
 from autoprune.engine.prune import prune_channels
 from autoprune.engine.tasks import Task
@@ -108,6 +106,29 @@ from autoprune.errors import AutopruneError
 MODELS = ("resnet18", "mobilenet_v2")
 BUDGETS = (0.7, 0.5, 0.3)
 POLICY = Policy(structure="channel", criterion="magnitude", scope="global", max_ratio=0.95)
+ERROR_HEAD = [
+    "median abs rel error",
+    "90th pct abs",
+    "worst abs (predicted / measured)",
+    "mean signed error",
+    "measured ratios",
+    "median noise",
+]
+BUDGET_HEAD = [
+    "latency budget",
+    "predicted",
+    "measured [quartiles]",
+    "checks (2-way runs)",
+    "FLOPs ratio",
+    "re-solves",
+    "FLOPs-only: FLOPs",
+    "FLOPs-only: measured [quartiles]",
+    "channels differing",
+    "lat/flops time [quartiles]",
+    "lat/flops: lat mid / flops mid",
+    "latency-aware as fast",
+    "within 10% of budget",
+]
 
 
 def make_model(name: str) -> nn.Module:
@@ -241,81 +262,92 @@ def budget_row(dense, dense_dev, dense_cost, scores, table, task, device, cfg, f
     }
 
 
-def run_model(name: str, device: torch.device, args, cfg: MeasureConfig) -> None:
+def error_row(e: dict) -> list[str]:
+    return [
+        f"{e['median_abs']:.1%}",
+        f"{e['p90_abs']:.1%}",
+        f"{e['worst_abs']:.1%} ({e['worst_at'][0]:.3f} / {e['worst_at'][1]:.3f})",
+        f"{e['mean_signed']:+.1%}",
+        f"{e['measured_range'][0]:.3f} .. {e['measured_range'][1]:.3f}",
+        f"{e['noise']:.3f}",
+    ]
+
+
+def budget_cells(r: dict) -> list[str]:
+    if "error" in r:
+        return [f"{r['budget']:g}", "not solved (below)"]
+    return [
+        f"{r['budget']:g}",
+        f"{r['predicted']:.3f}",
+        f"{r['measured']:.3f} [{r['spread'][0]:.3f}, {r['spread'][1]:.3f}]",
+        " -> ".join(r["checks"]),
+        f"{r['flops']:.3f}",
+        f"{r['resolves']}{r['unreachable']}",
+        f"{r['fl_flops']:.3f}",
+        f"{r['fl_measured']:.3f} [{r['fl_spread'][0]:.3f}, {r['fl_spread'][1]:.3f}]",
+        f"{r['differ']} of {r['channels']}",
+        f"{r['vs']:.3f} [{r['vs_spread'][0]:.3f}, {r['vs_spread'][1]:.3f}]",
+        f"{r['by_slot'][0]:.3f} / {r['by_slot'][1]:.3f}",
+        r["faster"],
+        "yes" if r["within"] else "NO",
+    ]
+
+
+def run_model(name: str, device: torch.device, args, cfg: MeasureConfig, page: _page.Page) -> None:
     task = make_task(name, args.image_size)
     dense = make_model(name)
     dense_dev = on(dense, device)
     t0 = time.perf_counter()
     table = engine.latency_table(dense_dev, task.input_shape, args.batch, args.threads)
-    print(
-        f"\n### {name} on {device.type} ({device_name(device)})\n"
-        f"latency table: built in {table.build_s:.1f} s ({time.perf_counter() - t0:.1f} s wall), "
+    page.show(
+        f"\n### {name} on {device.type}\n",
+        f"Latency table: built in {table.build_s:.1f} s ({time.perf_counter() - t0:.1f} s wall), "
         f"{len(table.layers)} layers timed; dense measured {table.dense_ms:.2f} ms, predicted "
         f"{table.predict():.2f} ms; fit (layers' scale, fixed ms, ms per activation share, per parameter share) "
-        f"{', '.join(f'{c:.2f}' for c in table.fit)}",
-        flush=True,
+        f"{', '.join(f'{c:.2f}' for c in table.fit)}.",
     )
 
     t0 = time.perf_counter()
     e = predictor_error(dense, dense_dev, table, task, device, cfg, args.allocations, args.seed)
-    print(
-        f"\npredictor error over {e['n']} random allocations (each timed side by side with the dense model only; "
-        f"{time.perf_counter() - t0:.0f} s)\n"
-        f"| median abs rel error | 90th pct abs | worst abs (predicted / measured) | mean signed error "
-        f"| measured ratios | median noise |\n|---|---|---|---|---|---|\n"
-        f"| {e['median_abs']:.1%} | {e['p90_abs']:.1%} | {e['worst_abs']:.1%} "
-        f"({e['worst_at'][0]:.3f} / {e['worst_at'][1]:.3f}) | {e['mean_signed']:+.1%} "
-        f"| {e['measured_range'][0]:.3f} .. {e['measured_range'][1]:.3f} | {e['noise']:.3f} |",
-        flush=True,
+    page.show(
+        f"\nPredictor error over {e['n']} random allocations (each timed side by side with the dense model only; "
+        f"{time.perf_counter() - t0:.0f} s):\n",
+        _page.table(ERROR_HEAD, [error_row(e)], "r" * len(ERROR_HEAD)),
     )
 
     t0 = time.perf_counter()
     dense_cost = measure(dense, task.input_shape, None, latency=False)
     scores = engine.score(dense, POLICY, data=None, seed=args.seed)
     rows = [budget_row(dense, dense_dev, dense_cost, scores, table, task, device, cfg, f) for f in args.budgets]
-    head = [
-        "latency budget",
-        "predicted",
-        "measured [quartiles]",
-        "checks (2-way runs)",
-        "FLOPs ratio",
-        "re-solves",
-        "FLOPs-only: FLOPs",
-        "FLOPs-only: measured [quartiles]",
-        "channels differing",
-        "lat/flops time [quartiles]",
-        "lat/flops: lat mid / flops mid",
-        "latency-aware as fast",
-        "within 10% of budget",
-    ]
-    print(
-        f"\nlatency budgets, global magnitude (measured: one 3-way side-by-side run of dense, latency-aware, "
-        f"FLOPs-only, twice with the pruned models' slots swapped, rounds pooled; {time.perf_counter() - t0:.0f} s)"
-    )
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['budget']:g} | not solved: {r['error']} |" + " |" * (len(head) - 2))
-            continue
-        cells = [
-            f"{r['budget']:g}",
-            f"{r['predicted']:.3f}",
-            f"{r['measured']:.3f} [{r['spread'][0]:.3f}, {r['spread'][1]:.3f}]",
-            " -> ".join(r["checks"]),
-            f"{r['flops']:.3f}",
-            f"{r['resolves']}{r['unreachable']}",
-            f"{r['fl_flops']:.3f}",
-            f"{r['fl_measured']:.3f} [{r['fl_spread'][0]:.3f}, {r['fl_spread'][1]:.3f}]",
-            f"{r['differ']} of {r['channels']}",
-            f"{r['vs']:.3f} [{r['vs_spread'][0]:.3f}, {r['vs_spread'][1]:.3f}]",
-            f"{r['by_slot'][0]:.3f} / {r['by_slot'][1]:.3f}",
-            r["faster"],
-            "yes" if r["within"] else "NO",
-        ]
-        print("| " + " | ".join(cells) + " |")
     dense_ms = next((f"{r['dense_ms']:.2f} ms" for r in rows if "dense_ms" in r), "not timed")
-    print(f"dense: {dense_cost.flops / 1e9:.3f} GFLOPs (fvcore), {dense_ms} in the first budget's 3-way runs")
+    page.show(
+        f"\nLatency budgets, global magnitude (measured: one 3-way side-by-side run of dense, latency-aware, "
+        f"FLOPs-only, twice with the pruned models' slots swapped, rounds pooled; {time.perf_counter() - t0:.0f} s):\n",
+        _page.table(BUDGET_HEAD, [budget_cells(r) for r in rows]),
+        f"\nDense: {dense_cost.flops / 1e9:.3f} GFLOPs (fvcore), {dense_ms} in the first budget's 3-way runs.",
+        *(f"\nBudget {r['budget']:g} not solved: {r['error']}" for r in rows if "error" in r),
+    )
+
+
+def _protocol(args) -> str:
+    return (
+        f"Untrained torchvision {_page.listing(f'`{m}`' for m in args.models)} (`weights=None`, 1000 classes, seed "
+        f"0), input 3x{args.image_size}x{args.image_size}, batch {args.batch}, on {_page.listing(args.device)}; "
+        f"{args.threads} torch thread(s) for CPU timing. Every side-by-side timing runs {args.warmup} untimed passes "
+        f"per model, then {args.repeats} interleaved rounds (median).\n\n"
+        "The latency table is built for the dense model on the device (no cache), then checked on "
+        f"{args.allocations} random channel allocations (every group keeps a uniform 10-100% share of its channels, "
+        f"seed {args.seed}): predicted latency ratio (the table) against the measured one (1 / the speed-up, each "
+        "pruned model timed side by side with the dense model alone); error = (predicted - measured) / measured.\n\n"
+        f"Then the dense model is pruned to latency budgets {_page.listing(f'{b:g}' for b in args.budgets)} "
+        "(magnitude criterion, global scope, `max_ratio` 0.95) by the engine's own prune step: solve on the table, "
+        "time against the dense model, solve again for a corrected target while the measured ratio misses the "
+        "budget (at most 4 timings; the kept one is starred among the checks). It is compared with the FLOPs-only "
+        "allocation at the same FLOPs, the three models timed side by side twice with the pruned models' slots "
+        f'swapped ({math.ceil(args.repeats / 2)} rounds each, pooled). "as fast": the latency-aware / FLOPs-only '
+        'time ratio\'s median at most 1 (a tie when its quartiles straddle 1); "within 10%": the measured ratio '
+        "within 10% of the budget."
+    )
 
 
 def main() -> None:
@@ -332,17 +364,17 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: 64x64, 8 allocations, 7 repeats")
+    _page.add_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.image_size, args.allocations, args.repeats, args.warmup = 64, 8, 7, 2
+    page = _page.Page(__file__, "How well the latency table predicts, and what a latency budget delivers", args)
     cfg = MeasureConfig(
         (args.batch,), warmup=args.warmup, repeats=args.repeats, threads=args.threads, latency_batch=args.batch
     )
 
     start = time.perf_counter()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
-    print(f"CPU: {cpu_name()}; os.cpu_count() = {os.cpu_count()}, usable here = {usable}")
+    print(f"machine: {_page.machine()}; torchvision {torchvision.__version__}")
     print(f"torch threads for CPU timing: {args.threads}; devices: {', '.join(args.device)}")
     print(
         f"input 3x{args.image_size}x{args.image_size}, batch {args.batch}; every side-by-side run: warm-up "
@@ -351,8 +383,9 @@ def main() -> None:
     for dev in args.device:
         device = torch.device(dev)
         for name in args.models:
-            run_model(name, device, args, cfg)
+            run_model(name, device, args, cfg, page)
     print(f"\ntotal wall time {time.perf_counter() - start:.0f} s")
+    page.write(_protocol(args))
 
 
 if __name__ == "__main__":

@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 
+import _page
 import torch
 import torchvision
-from _machine import cpu_name
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -97,6 +96,22 @@ def time_interleaved(
     return times
 
 
+def _protocol(args) -> str:
+    return (
+        f"An untrained torchvision `resnet18` (`weights=None`, 1000 classes, seed 0) at {args.image_size}x"
+        f"{args.image_size} input is pruned with the magnitude criterion, local scope, no fine-tuning, to FLOPs "
+        f"budgets {_page.listing(f'{b:g}' for b in BUDGETS)}, once with `channel` pruning (channels removed: smaller "
+        "dense tensors) and once with `unstructured` pruning (masks folded into zeros in tensors of the dense shape). "
+        "FLOPs ratio: fvcore FLOPs over the dense model's, masked layers counting their effective FLOPs; params "
+        "ratio: parameters, masked weights not counted, over the dense count. Latency: the median of "
+        f"{args.repeats} timed forward passes per model and batch size ({_page.listing(args.batches)}), after "
+        f"{args.warmup} untimed ones, {args.threads} torch intra-op thread(s), MKLDNN "
+        f"{'available' if torch.backends.mkldnn.is_available() else 'unavailable'}; all models timed side by side "
+        "in one process, one pass of each in turn, the order alternating. Speed-up: dense latency over pruned "
+        "latency, beside the ideal 1 / FLOPs ratio."
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -107,14 +122,14 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--quick", action="store_true", help="smoke run: image size 64, repeats 3")
+    _page.add_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.image_size, args.repeats = 64, 3
+    page = _page.Page(__file__, "Measured CPU speed-up against FLOPs reduction for a pruned resnet18", args)
 
     torch.set_num_threads(args.threads)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "n/a"
-    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, Python {platform.python_version()}")
-    print(f"CPU: {cpu_name()}; os.cpu_count() = {os.cpu_count()}, usable here = {usable}")
+    print(f"machine: {_page.machine()}")
     print(f"torch threads used for timing: {args.threads}; MKLDNN available: {torch.backends.mkldnn.is_available()}")
     print(
         f"input {args.image_size}x{args.image_size}; batches {args.batches}; warm-up "
@@ -126,28 +141,38 @@ def main() -> None:
     shape = task.input_shape
     costs = [measure.measure(m, shape, MeasureConfig(), latency=False) for _, _, m in models]
     latency: dict[int, list[float]] = {}
+    noise = []
     for b in args.batches:
         passes = time_interleaved([m for _, _, m in models], shape, b, args)
         latency[b] = [statistics.median(t) for t in passes]
         pairs = zip(models, passes, strict=True)
-        spread = [f"{s} {f} {max(t) / min(t):.2f}" for (s, f, _), t in pairs]
-        print(f"batch {b}: max/min of the passes per model: {', '.join(spread)}")
+        noise.append(f"batch {b}: {', '.join(f'{s} {f} {max(t) / min(t):.2f}' for (s, f, _), t in pairs)}")
+        print(noise[-1])
 
     head = ["structure", "budget", "FLOPs ratio (fvcore, effective for masks)", "params ratio"]
     for b in args.batches:
         head += [f"latency batch {b} (ms)", f"speed-up batch {b}"]
     head.append("ideal speed-up (1/flops_ratio)")
-    print("\n| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
+    rows, share = [], {s: [] for s in STRUCTURES}
     base = costs[0]
     for i, ((structure, budget, _), cost) in enumerate(zip(models, costs, strict=True)):
         flops_ratio = cost.flops / base.flops
         row = [structure, budget, f"{flops_ratio:.4f}", f"{cost.params / base.params:.4f}"]
         for b in args.batches:
             row += [f"{latency[b][i]:.2f}", f"{latency[b][0] / latency[b][i]:.2f}x"]
+            if structure in share:
+                share[structure].append(latency[b][0] / latency[b][i] * flops_ratio)
         row.append(f"{1 / flops_ratio:.2f}x")
-        print("| " + " | ".join(row) + " |")
-    print(f"\ndense: {base.flops / 1e9:.3f} GFLOPs per sample (fvcore), {base.params / 1e6:.2f} M params")
+        rows.append(row)
+    page.show("", _page.table(head, rows, "ll" + "r" * (len(head) - 2)))
+    page.show(
+        f"\ndense: {base.flops / 1e9:.3f} GFLOPs per sample (fvcore), {base.params / 1e6:.2f} M params. "
+        "Measured speed-up as a share of the ideal, over the budgets and batch sizes: "
+        + "; ".join(f"{s} {100 * min(v):.0f}-{100 * max(v):.0f}%" for s, v in share.items())
+        + ".",
+        "Max/min of each model's timed passes (a noise indication), " + "; ".join(noise) + ".",
+    )
+    page.write(_protocol(args))
 
 
 if __name__ == "__main__":

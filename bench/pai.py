@@ -50,8 +50,10 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-if str(BENCH) not in sys.path:  # seq1d and _machine, also in spawned workers
+if str(BENCH) not in sys.path:  # seq1d and _page, also in spawned workers
     sys.path.insert(0, str(BENCH))
+
+import _page  # noqa: E402
 
 CRITERIA = ("random", "magnitude", "snip", "grasp", "synflow", "fisher", "hutchinson")
 SPARSITIES = (0.90, 0.95, 0.98)
@@ -188,30 +190,74 @@ def _pct(s: float) -> str:
     return f"{100 * s:g}%"
 
 
-def print_table(results: list[dict], protocol: str, criteria: list[str], sparsities: list[float]) -> None:
+def table_blocks(results: list[dict], protocol: str, criteria: list[str], sparsities: list[float]) -> list[str]:
+    """One protocol's heading, table and notes."""
     mine = [r for r in results if r["protocol"] == protocol]
     masks = "conv weights only" if protocol == "study" else "conv and linear weights, classifier included"
     mode = "one pass over the training split, default momentum" if protocol == "study" else "scoring subset"
-    print(f"\n## protocol {protocol}: masks {masks}; BN warm-up: {mode}\n")
-    head = " | ".join(f"{_pct(s)} no warm-up | {_pct(s)} BN warm-up" for s in sparsities)
-    print(f"| criterion | {head} |")
-    print("|---|" + "---:|" * (2 * len(sparsities)))
-    for c in criteria:
-        cells = []
-        for sp in sparsities:
-            for w in (False, True):
-                cells.append(
-                    _cell([r for r in mine if r["criterion"] == c and r["sparsity"] == sp and r["warmup"] == w])
-                )
-        print(f"| {c} | " + " | ".join(cells) + " |")
+    head = ["criterion"] + [f"{_pct(s)} {w}" for s in sparsities for w in ("no warm-up", "BN warm-up")]
+    rows = [
+        [c]
+        + [
+            _cell([r for r in mine if r["criterion"] == c and r["sparsity"] == sp and r["warmup"] == w])
+            for sp in sparsities
+            for w in (False, True)
+        ]
+        for c in criteria
+    ]
+    notes = []
     for sp in sparsities:
         reached = [r["reached"] for r in mine if r["sparsity"] == sp]
-        print(
-            f"# {_pct(sp)}: reached sparsity of the maskable weights {100 * min(reached):.2f}-{100 * max(reached):.2f}%"
-        )
+        notes.append(f"{_pct(sp)}: {100 * min(reached):.2f}-{100 * max(reached):.2f}%")
     emptied = sorted({name for r in mine for name in r["empty"]})
-    if emptied:
-        print(f"# layers emptied in some run: {', '.join(emptied)}")
+    said = f" Layers emptied in some run: {', '.join(f'`{n}`' for n in emptied)}." if emptied else ""
+    return [
+        f"\n### protocol {protocol}: masks {masks}; BN warm-up: {mode}\n",
+        _page.table(head, rows, "l" + "r" * (len(head) - 1)),
+        f"\nReached sparsity of the maskable weights: {'; '.join(notes)}.{said}",
+    ]
+
+
+def make_jobs(task: str, protocols: list[str], criteria: list[str], sparsities: list[float], seeds: int, epochs: int):
+    base = {"task": task, "epochs": epochs}
+    jobs = [
+        {**base, "protocol": None, "criterion": "dense", "sparsity": 0.0, "warmup": False, "seed": s}
+        for s in range(seeds)
+    ]
+    return jobs + [
+        {**base, "protocol": pr, "criterion": c, "sparsity": sp, "warmup": w, "seed": s}
+        for pr in protocols
+        for c in criteria
+        for sp in sparsities
+        for w in (False, True)
+        for s in range(seeds)
+    ]
+
+
+def describe(args, task, protocols, criteria, sparsities, seeds: int, epochs: int, runs: int) -> str:
+    """What was run, for the printout (each line after '# ') and the page."""
+    model = task.model_factory()
+    total = sum(p.numel() for p in model.parameters())
+    lines = [
+        f"Task `{args.task}` ({task.model_name}, {total:,} parameters), protocol(s) {_page.listing(protocols)}; "
+        f"criteria {_page.listing(criteria)}; sparsities {_page.listing(_pct(s) for s in sparsities)} of the "
+        f"maskable weights, each without and with BN warm-up; {f'seeds 0..{seeds - 1}' if seeds > 1 else 'seed 0'}; every run prunes the untrained "
+        f"network (method `init`, unstructured, global scope, `max_ratio` 1.0) and trains it {epochs} epochs from "
+        f"scratch with the task's dense recipe; the dense network trained the same way is the reference. {runs} runs "
+        f"in {args.workers} worker process(es) of one torch thread."
+    ]
+    for pr in protocols:
+        maskable = sum(w.numel() for w in maskable_weights(model, pr))
+        budgets = ", ".join(f"{_pct(sp)} -> {budget_fraction(model, sp, pr):.4f}" for sp in sparsities)
+        lines.append(
+            f"Protocol {pr}: {maskable:,} maskable weights ({100 * maskable / total:.1f}% of the parameters); "
+            f"params budget {budgets}."
+        )
+    lines.append(
+        "Cells: test accuracy %, mean ± std over seeds; '(n collapsed)': runs in which a layer was emptied, "
+        "'(m classifier emptied)': of those, runs in which the classifier (last Linear) was."
+    )
+    return "\n\n".join(lines)
 
 
 def main() -> None:
@@ -230,11 +276,15 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="training epochs from scratch (task default)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 3 epochs, random and snip at 0.9")
+    _page.add_arguments(p)
     args = p.parse_args()
     protocols = [s.strip() for s in args.protocols.split(",") if s.strip()]
     bad = [s for s in protocols if s not in PROTOCOLS]
     if bad or not protocols:
         p.error(f"--protocol: choose among {', '.join(PROTOCOLS)} (comma-separated), got {args.protocols!r}")
+    page = _page.Page(
+        __file__, f"Pruning at initialisation on {args.task}: which criterion keeps a trainable network?", args
+    )
     criteria = args.criteria.split(",")
     sparsities = [float(s) for s in args.sparsities.split(",")]
     seeds, epochs = args.seeds, args.epochs
@@ -243,40 +293,10 @@ def main() -> None:
     task = build_task(args.task)
     if epochs is None:
         epochs = task.train_epochs
-
-    base = {"task": args.task, "epochs": epochs}
-    jobs = [
-        {**base, "protocol": None, "criterion": "dense", "sparsity": 0.0, "warmup": False, "seed": s}
-        for s in range(seeds)
-    ]
-    jobs += [
-        {**base, "protocol": pr, "criterion": c, "sparsity": sp, "warmup": w, "seed": s}
-        for pr in protocols
-        for c in criteria
-        for sp in sparsities
-        for w in (False, True)
-        for s in range(seeds)
-    ]
-    import torch
-    from _machine import cpu_name
-
-    model = task.model_factory()
-    total = sum(p.numel() for p in model.parameters())
-    print(
-        f"# pruning at initialisation: task {args.task} ({task.model_name}, {total:,} parameters), "
-        f"protocol(s) {', '.join(protocols)}, {epochs} epochs from scratch, seeds 0..{seeds - 1}"
-    )
-    for pr in protocols:
-        maskable = sum(w.numel() for w in maskable_weights(model, pr))
-        budgets = ", ".join(f"{_pct(sp)} -> {budget_fraction(model, sp, pr):.4f}" for sp in sparsities)
-        print(
-            f"# {pr}: {maskable:,} maskable weights ({100 * maskable / total:.1f}% of the parameters); "
-            f"params budget {budgets}"
-        )
-    print(
-        f"# {cpu_name()}, {os.cpu_count()} cores, {args.workers} worker(s) of 1 thread, "
-        f"torch {torch.__version__}, {len(jobs)} runs"
-    )
+    jobs = make_jobs(args.task, protocols, criteria, sparsities, seeds, epochs)
+    protocol = describe(args, task, protocols, criteria, sparsities, seeds, epochs, len(jobs))
+    print("\n".join(f"# {line}" for line in protocol.split("\n\n")))
+    print(f"# {_page.machine()}")
     t0 = time.perf_counter()
     results = []
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
@@ -286,15 +306,14 @@ def main() -> None:
                 print(f"# {i}/{len(jobs)} runs done, {time.perf_counter() - t0:.0f} s", flush=True)
 
     dense = [r["test_acc"] for r in results if r["criterion"] == "dense"]
-    print(f"\ndense (no pruning), test accuracy %: {_fmt(dense)}")
+    page.show(f"\nDense (no pruning), test accuracy %: {_fmt(dense)}.")
     for pr in protocols:
-        print_table(results, pr, criteria, sparsities)
+        page.show(*table_blocks(results, pr, criteria, sparsities))
     secs = [r["seconds"] for r in results]
-    print(
-        "\n# test accuracy %, mean ± std over seeds; '(n collapsed)': runs in which a layer was emptied, "
-        "'(m classifier emptied)': of those, runs in which the classifier (last Linear) was"
+    page.show(
+        f"\nRuns: {len(results)}, {time.perf_counter() - t0:.0f} s in all; median run {statistics.median(secs):.1f} s."
     )
-    print(f"# wall time {time.perf_counter() - t0:.0f} s; median run {statistics.median(secs):.1f} s")
+    page.write(protocol)
 
 
 if __name__ == "__main__":

@@ -37,13 +37,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
 from statistics import median
 
-from _machine import cpu_name
+import _page
 
 import autoprune
 from autoprune.config import Budget, EngineConfig, SearchConfig
@@ -72,7 +71,7 @@ def one(root: Path, concurrency: int, trials: int, epochs: int) -> dict:
         )
     )
     client = MlflowClient(uri)
-    runs = sorted((client.get_run(r["run_id"]) for r in result.trials if r["run_id"]), key=lambda r: r.info.start_time)
+    runs = sorted((client.get_run(r.run_id) for r in result.trials if r.run_id), key=lambda r: r.info.start_time)
     wall = [r.data.metrics["trial_wall_s"] for r in runs]
     engine = [r.data.metrics["engine_s"] for r in runs]
     later_wall, later_engine = wall[concurrency:], engine[concurrency:]
@@ -83,7 +82,7 @@ def one(root: Path, concurrency: int, trials: int, epochs: int) -> dict:
     return {
         "concurrency": concurrency,
         "trials": len(runs),
-        "completed": sum(r["status"] == "completed" for r in result.trials),
+        "completed": sum(r.status == "completed" for r in result.trials),
         "mean_engine_s": sum(engine) / len(engine),
         "mean_wall_s": sum(wall) / len(wall),
         "overhead": (sum(wall) - sum(engine)) / sum(wall),
@@ -95,48 +94,83 @@ def one(root: Path, concurrency: int, trials: int, epochs: int) -> dict:
     }
 
 
+HEAD = [
+    "pair",
+    "concurrency",
+    "trials",
+    "mean engine s",
+    "mean wall s",
+    "per-trial overhead",
+    "after start-up",
+    "span s",
+    "span overhead",
+    "trials/min",
+    "steady trials/min",
+]
+
+
+def _row(i: int, r: dict) -> list[str]:
+    return [
+        str(i),
+        str(r["concurrency"]),
+        str(r["trials"]),
+        f"{r['mean_engine_s']:.2f}",
+        f"{r['mean_wall_s']:.2f}",
+        f"{100 * r['overhead']:.1f}%",
+        f"{100 * r['overhead_warm']:.1f}%",
+        f"{r['span_s']:.1f}",
+        f"{100 * r['span_overhead']:.1f}%" if r["concurrency"] == 1 else "-",
+        f"{r['per_min']:.1f}",
+        f"{r['steady_per_min']:.1f}",
+    ]
+
+
+def _protocol(args) -> str:
+    return (
+        f"{args.repeats} pair(s) of real searches run back to back in one process, each pair identical but for "
+        f"`--concurrency` (1, then 2): the default task and space, the seeded `random` searcher (the same policies "
+        f"in the same order), {args.trials} trials of {args.epochs} epoch(s), no early stopping, 1 CPU (one torch "
+        "thread) per trial, local Ray, MLflow logging to a fresh SQLite store. Engine time: measured inside the "
+        "trial around `engine.run`; trial wall time: from Tune's trial start to its completion, in the driver's "
+        "callback; per-trial overhead = (trial wall - engine time) / trial wall, summed over the trials, and the "
+        "same without each worker's first trial (after start-up); span: first trial start to last trial end; span "
+        "overhead (concurrency 1) = (span - engine time) / span; trials per minute = trials / span; steady: the same "
+        "after every worker's first trial has ended. The summary figures are medians over the pairs."
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=3, help="pairs of searches (concurrency 1 then 2)")
+    _page.add_arguments(ap)
     args = ap.parse_args()
+    page = _page.Page(__file__, "Search throughput: per-trial overhead, and concurrency 1 against 2", args)
     root = Path(tempfile.mkdtemp(prefix="autoprune-bench-search-"))
     os.environ.setdefault("AUTOPRUNE_CACHE", str(root / "cache"))
     try:
         pairs = [[one(root / f"r{i}", c, args.trials, args.epochs) for c in (1, 2)] for i in range(args.repeats)]
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    cores = len(os.sched_getaffinity(0))
-    print(f"\nmachine: {cpu_name()}, {cores} cores, Python {platform.python_version()}")
+    print(f"\nmachine: {_page.machine()}")
     print(
         f"default task, default space, random searcher, {args.trials} trials x {args.epochs} epochs, no early stop, "
-        f"{args.repeats} pair(s) of searches"
+        f"{args.repeats} pair(s) of searches\n"
     )
-    print(
-        f"{'pair':>4} {'concurrency':>11} {'trials':>6} {'engine s':>9} {'wall s':>7} {'overhead':>9} "
-        f"{'after start-up':>14} {'span s':>7} {'span overhead':>13} {'trials/min':>10} {'steady trials/min':>17}"
+    rows = [_row(i, r) for i, pair in enumerate(pairs, 1) for r in pair]
+    page.show(_page.table(HEAD, rows, "r" * len(HEAD)))
+    overhead = [pair[0]["overhead"] for pair in pairs]
+    warm = [pair[0]["overhead_warm"] for pair in pairs]
+    scaling = [pair[1]["per_min"] / pair[0]["per_min"] for pair in pairs]
+    steady = [pair[1]["steady_per_min"] / pair[0]["steady_per_min"] for pair in pairs]
+    page.show(
+        f"\nPer-trial overhead at concurrency 1: median {100 * median(overhead):.1f}% "
+        f"({_each(overhead, '{:.1%}')}), after start-up {100 * median(warm):.1f}%.",
+        f"\nScaling, concurrency 2 over 1: median {median(scaling):.2f}x trials per minute "
+        f"({_each(scaling, '{:.2f}x')}), {median(steady):.2f}x in steady state.",
     )
-    for i, rows in enumerate(pairs, 1):
-        for r in rows:
-            span_over = f"{100 * r['span_overhead']:.1f}%" if r["concurrency"] == 1 else "-"
-            print(
-                f"{i:>4} {r['concurrency']:>11} {r['trials']:>6} {r['mean_engine_s']:>9.2f} {r['mean_wall_s']:>7.2f} "
-                f"{100 * r['overhead']:>8.1f}% {100 * r['overhead_warm']:>13.1f}% {r['span_s']:>7.1f} {span_over:>13} "
-                f"{r['per_min']:>10.1f} {r['steady_per_min']:>17.1f}"
-            )
-    overhead = [rows[0]["overhead"] for rows in pairs]
-    warm = [rows[0]["overhead_warm"] for rows in pairs]
-    scaling = [rows[1]["per_min"] / rows[0]["per_min"] for rows in pairs]
-    steady = [rows[1]["steady_per_min"] / rows[0]["steady_per_min"] for rows in pairs]
-    print(
-        f"per-trial overhead at concurrency 1: median {100 * median(overhead):.1f}% "
-        f"({_each(overhead, '{:.1%}')}), after start-up {100 * median(warm):.1f}%"
-    )
-    print(
-        f"scaling, concurrency 2 over 1: median {median(scaling):.2f}x trials per minute ({_each(scaling, '{:.2f}x')}), "
-        f"{median(steady):.2f}x in steady state"
-    )
+    page.write(_protocol(args))
 
 
 def _each(values: list[float], fmt: str) -> str:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _machine import cpu_name  # noqa: E402
+import _page  # noqa: E402
 
 from autoprune.config import AgentConfig, Budget, EngineConfig, Policy, SearchConfig, TaskConfig  # noqa: E402
 
@@ -175,41 +175,66 @@ def _cell(args, task_name: str, fraction: float, seed: int, root: Path) -> dict:
     return row
 
 
-def _report(args, rows: dict) -> None:
+def _report(args, task_name: str, fraction: float, cells: list[dict]) -> list[str]:
+    """One task and budget: the arms' table and the sentences computed from the seeds' cells."""
     arms = ["dense", "uniform", "global", *args.searchers]
-    for (task_name, fraction), cells in rows.items():
-        print(f"\n{task_name}, FLOPs budget {fraction:g} ({len(cells)} seed(s)); test accuracy (%), epochs")
-        for arm in arms:
-            accs = [c[arm][0] for c in cells]
-            print(f"  {arm:<10} {_mean_std(accs):>14}   {cells[0][arm][1]:>5} epochs")
-        for s in args.searchers:
-            if f"{s}_matched" not in cells[0]:
-                continue
-            matched = [c[f"{s}_matched"][0] for c in cells]
-            diffs = [c[s][0] - c[f"{s}_matched"][0] for c in cells]
-            baselines = sum(1 for c in cells if c.get(f"{s}_baseline"))
-            print(
-                f"  {s} minus uniform at its matched compute ({cells[0][f'{s}_matched'][1]} epochs, "
-                f"{_mean_std(matched)}): {_mean_std(diffs)} points; a baseline (or uniform at matched compute) won {baselines} of {len(cells)}; "
-                f"wall {statistics.mean(c[f'{s}_s'] for c in cells):.0f} s"
+    rows = [[arm, _mean_std([c[arm][0] for c in cells]), str(cells[0][arm][1])] for arm in arms]
+    blocks = [
+        f"\n### {task_name}, FLOPs budget {fraction:g} ({len(cells)} seed(s))\n",
+        _page.table(["arm", "test accuracy (%)", "epochs"], rows, "lrr"),
+    ]
+    lines = []
+    for s in args.searchers:
+        if f"{s}_matched" not in cells[0]:
+            continue
+        matched = [c[f"{s}_matched"][0] for c in cells]
+        diffs = [c[s][0] - c[f"{s}_matched"][0] for c in cells]
+        baselines = sum(1 for c in cells if c.get(f"{s}_baseline"))
+        lines.append(
+            f"`{s}` minus uniform at its matched compute ({cells[0][f'{s}_matched'][1]} epochs, "
+            f"{_mean_std(matched)}): {_mean_std(diffs)} points; a baseline (or uniform at matched compute) won "
+            f"{baselines} of {len(cells)}; wall {statistics.mean(c[f'{s}_s'] for c in cells):.0f} s. Verdicts: "
+            + " / ".join(f"“{c[f'{s}_verdict']}”" for c in cells)
+        )
+    for c in cells:
+        if "amc_curve" in c:
+            a = c["amc_curve"]
+            lines.append(
+                f"amc: {a['episodes']} episodes, mean reward per quarter "
+                + " → ".join(f"{x:.3f}" for x in a["quarters"])
+                + f"; best episode used {100 * a['used']:.1f}% of the budget"
             )
-            for c in cells:
-                print(f"    {c[f'{s}_verdict']}")
-        if "amc_curve" in cells[0]:
-            for c in cells:
-                a = c["amc_curve"]
-                print(
-                    f"  amc: {a['episodes']} episodes, mean reward per quarter "
-                    + " → ".join(f"{x:.3f}" for x in a["quarters"])
-                    + f"; best episode used {100 * a['used']:.1f}% of the budget"
+    for key in ("rank", "rank_before"):
+        for c in cells:
+            if key in c:
+                rho, n = c[key]
+                lines.append(
+                    f"{key.replace('_', ' ')}: Spearman {rho:.2f} between trial and final-length accuracy, n={n}"
                 )
-        for key in ("rank", "rank_before"):
-            for c in cells:
-                if key in c:
-                    rho, n = c[key]
-                    print(
-                        f"  {key.replace('_', ' ')}: Spearman {rho:.2f} between trial and final-length accuracy, n={n}"
-                    )
+    return blocks + ["\n" + "\n".join(f"- {line}" for line in lines)] if lines else blocks
+
+
+def _protocol(args) -> str:
+    searchers = ", ".join(f"`{s}`" for s in args.searchers)
+    amc = f"; AMC's episodes: {args.episodes or 'its own default'}" if "amc" in args.searchers else ""
+    rank = ""
+    if args.rank:
+        rank = (
+            " Rank: every completed trial of the first seed's TPE search re-run at the final length; Spearman between "
+            "the trials' validation accuracy and their final-length validation accuracy."
+        )
+        if args.rank_before:
+            rank += " Rank before: the same for the search as it was (a learning rate sampled per trial, ASHA)."
+    return (
+        f"Per task ({_page.listing(f'`{t}`' for t in args.tasks)}), FLOPs budget "
+        f"({_page.listing(f'{b:g}' for b in args.budgets)}) and seed ({_page.listing(args.seeds)}), channels pruned, "
+        "each arm from the same dense model: `uniform` (magnitude, `local` scope) and `global` (magnitude, global "
+        f"scope) fine-tuned {args.final_epochs} epochs; {searchers}: `autoprune search` with that searcher "
+        f"({args.trials} trials of {args.epochs} epoch(s){amc}, final runs of {args.final_epochs} epochs), its final "
+        "model as the search saved it; matched: uniform pruning fine-tuned for every epoch the search spent "
+        "(`uniform_matched` in its summary). Test accuracy mean ± std over the seeds; epochs: what each arm "
+        f"consumed; the paired difference search minus matched uniform, over the seeds, with the search's verdict.{rank}"
+    )
 
 
 def main() -> None:
@@ -225,11 +250,13 @@ def main() -> None:
     parser.add_argument("--rank", action="store_true", help="trial-vs-final rank correlation (first seed's TPE)")
     parser.add_argument("--rank-before", action="store_true", help="and for the search as it was before")
     parser.add_argument("--quick", action="store_true", help="digits, one budget, one seed, 4 trials, tpe")
+    _page.add_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.tasks, args.budgets, args.seeds, args.searchers = ["digits"], [0.3], [0], ["tpe"]
         args.trials, args.episodes, args.epochs, args.final_epochs = 4, 4, 1, 2
-    print(f"machine: {cpu_name()}")
+    page = _page.Page(__file__, "Is a search worth its cost? Every searcher against uniform pruning", args)
+    print(f"machine: {_page.machine()}")
     rows: dict = {}
     with tempfile.TemporaryDirectory(prefix="search-value-") as tmp:
         for task_name in args.tasks:
@@ -238,8 +265,8 @@ def main() -> None:
                     cell = _cell(args, task_name, fraction, seed, Path(tmp))
                     rows.setdefault((task_name, fraction), []).append(cell)
                     print(f"done: {task_name} {fraction:g} seed {seed}", file=sys.stderr, flush=True)
-                _report(args, {(task_name, fraction): rows[(task_name, fraction)]})  # each budget once it is done
-                sys.stdout.flush()
+                page.show(*_report(args, task_name, fraction, rows[(task_name, fraction)]))  # each budget once done
+    page.write(_protocol(args))
 
 
 if __name__ == "__main__":
