@@ -33,8 +33,18 @@ def _free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def _script(state: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "AUTOPRUNE_CLUSTER_DIR": str(state), "RAY": str(Path(sys.executable).with_name("ray"))}
+# A dead raylet noticed after about 5 s (1 s health checks, 5 misses) rather than Ray's default of
+# about 15 s: for the clusters whose workers a test kills.
+QUICK_DEATH = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "5",
+}
+
+
+def _script(state: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env or {}), "AUTOPRUNE_CLUSTER_DIR": str(state)}
+    env["RAY"] = str(Path(sys.executable).with_name("ray"))
     for key in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_TOKEN"):
         env.pop(key, None)
     proc = subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=300)
@@ -102,7 +112,7 @@ def test_a_search_spreads_its_trials_over_the_worker_nodes(cluster, tmp_path, en
 
 
 def test_ray_job_submit_runs_a_search_on_the_cluster(cluster, tmp_path, engine_cfg):
-    """The entrypoint by absolute path, without --working-dir (GOTCHAS: several raylets on one
+    """The entrypoint by absolute path, without --working-dir (several raylets on one
     host can delete the working directory under the driver)."""
     from mlflow.tracking import MlflowClient
 
@@ -221,7 +231,7 @@ def test_a_search_survives_losing_a_worker_node(tmp_path_factory, engine_cfg):
     state = tmp_path_factory.mktemp("cluster3")
     tmp = tmp_path_factory.mktemp("lossy")
     port = _free_port()
-    _script(state, "up", "--workers", "2", "--port", str(port))
+    _script(state, "up", "--workers", "2", "--port", str(port), env=QUICK_DEATH)
     try:
         info = _info(state)
         victim, victim_node = int(info["worker1_raylet"]), info["worker1_node"]
@@ -257,7 +267,7 @@ def test_a_search_that_loses_every_worker_stops_with_a_clear_error(tmp_path_fact
     state = tmp_path_factory.mktemp("cluster4")
     tmp = tmp_path_factory.mktemp("orphan")
     port = _free_port()
-    _script(state, "up", "--workers", "2", "--port", str(port))
+    _script(state, "up", "--workers", "2", "--port", str(port), env=QUICK_DEATH)
     try:
         info = _info(state)
         uri = f"sqlite:///{tmp / 'mlflow.db'}"
