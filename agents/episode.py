@@ -1,5 +1,6 @@
 """One AMC episode without the network: the walk over the channel groups (observations and
-the legal-action clip) and the reward forms (He et al. 2018, section 3; PRUNING.md section 6).
+the legal-action clip) and the reward forms (He et al. 2018, section 3; the formulas are in
+docs/src/design/pruning.md, "The AMC agent").
 
 The walk needs only an :class:`~autoprune.engine.allocation.AllocationSpace`, so the AMC
 searcher builds each episode's actions in the driver; the pruned network is evaluated once the

@@ -5,7 +5,7 @@ traceback, a result (exit 0) or one AutopruneError (exit 2 and one line for the 
 nothing written when it refuses.
 
 Two profiles (``AUTOPRUNE_HYPOTHESIS``): ``ci`` (the default, a few dozen examples per
-property, in the suite) and ``long`` (10,000 per property; run by hand, its figures are in the README)."""
+property, in the suite) and ``long`` (10,000 per property; run by hand)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def test_readme_policy_example_is_a_valid_policy():
 
     from autoprune.config import Policy
 
-    block = re.search(r"```json\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    block = re.search(r"```json\n(.*?)```", (ROOT / "docs/src/guides/prune.md").read_text(), re.S).group(1)
     policy = Policy.from_dict(json.loads(block))
     assert policy.scope == "per_layer" and policy.ratios
 

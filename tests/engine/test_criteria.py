@@ -1,4 +1,4 @@
-"""Pruning criteria (PRUNING.md section 2): a conformance suite over every registered criterion
+"""Pruning criteria (docs/src/design/pruning.md, "Criteria"): a conformance suite over every registered criterion
 on the default task, and known answers on tiny networks computed here, independently of
 ``autoprune.engine.criteria`` (plain autograd, full Hessians, explicit per-sample loops)."""
 
@@ -20,7 +20,7 @@ from autoprune.engine.graph import PrunableGraph
 from autoprune.engine.measure import count_params
 from autoprune.errors import AutopruneError
 
-# PRUNING.md section 2: name -> (needs scoring data, structures it can prune)
+# docs/src/design/pruning.md, "Criteria": name -> (needs scoring data, structures it can prune)
 BOTH = ("channel", "unstructured")
 DOCUMENTED = {
     "random": (False, BOTH),

@@ -1,5 +1,5 @@
 """Pruning methods: each reaches its budget, and each does what its name promises
-(PRUNING.md section 5): the iterative and gradual schedules, rewinding, pruning at init.
+(docs/src/design/pruning.md, "Methods"): the iterative and gradual schedules, rewinding, pruning at init.
 
 The shared tests run over the method registry: a new method is one module under
 ``autoprune/engine/methods/`` plus its row in ``ROWS``."""

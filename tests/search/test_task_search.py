@@ -1,9 +1,9 @@
-"""Searches that rank on a task's own metric, and the README's user task with its own recipe.
+"""Searches that rank on a task's own metric, and the documented user task with its own recipe.
 
 The three example tasks (segmentation on mean IoU, regression on RMSE where lower is better,
 a token classifier on accuracy) are searched end to end on one Ray instance started here (a
 caller's own instance is used as it is): the best trial is the best by the task's metric in
-its direction, summary.json and MLflow name the metric. The README's ``my_task.py`` is run as
+its direction, summary.json and MLflow name the metric. The guide's ``my_task.py`` is run as
 written through the CLI (``prune``, then ``search``), with its train step wrapped to count
 its calls in a file, so the count proves the user's step trained the dense model and every
 trial."""
@@ -119,8 +119,10 @@ def test_a_search_ranks_on_the_tasks_metric(example_searches, name, key, mode):
 
 
 def _readme_task(tmp: Path) -> Path:
-    """The README's my_task.py as written, with its train step wrapped to count its calls."""
-    block = re.search(r"```python\n(# my_task\.py.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    """The guide's my_task.py as written, with its train step wrapped to count its calls."""
+    block = re.search(
+        r"```python\n(# my_task\.py.*?)```", (ROOT / "docs/src/guides/own-task.md").read_text(), re.S
+    ).group(1)
     counting = (
         "\n\nimport os as _os\n\n_users_step = train_step\n\n\n"
         "def train_step(model, x, y):  # the test's wrapper: one byte per call\n"
@@ -132,7 +134,7 @@ def _readme_task(tmp: Path) -> Path:
     return tmp / "steps"
 
 
-def test_the_readme_user_task_runs_its_own_step_in_prune_and_search(tmp_path, cli):
+def test_the_documented_user_task_runs_its_own_step_in_prune_and_search(tmp_path, cli):
     steps = _readme_task(tmp_path)
     env = {
         "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

@@ -2,7 +2,7 @@
 
 A criterion scores every weight of the layers it is given; ``channel_scores`` reduces those
 scores over each channel group (sum by default; mean or max) so that the lowest-scored
-channels are pruned first. Formulas and references: ``shared/design/PRUNING.md`` section 2.
+channels are pruned first. Formulas and references: ``docs/src/design/pruning.md``, "Criteria".
 """
 
 from __future__ import annotations

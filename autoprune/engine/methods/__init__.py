@@ -1,4 +1,4 @@
-"""Pruning methods: when pruning happens and how the network recovers (PRUNING.md section 5).
+"""Pruning methods: when pruning happens and how the network recovers (docs/src/design/pruning.md, "Methods").
 
 One module per method, each a registered :class:`Method` (``base``) that works through a
 :class:`MethodContext` (``context``) and adds to training through hooks

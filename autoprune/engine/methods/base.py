@@ -1,6 +1,6 @@
 """The method interface, the method registry and the helpers several methods share.
 
-A method decides when pruning happens and how the network recovers (PRUNING.md section 5):
+A method decides when pruning happens and how the network recovers (docs/src/design/pruning.md, "Methods"):
 it takes the dense model through a :class:`~.context.MethodContext` and returns a
 :class:`~autoprune.engine.Pruned` model that meets the budget and has been trained;
 :func:`autoprune.engine.run` measures it. Each method is one module of this package: a
