@@ -38,7 +38,8 @@ def site(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path_factory.mktemp("site")
     build = [sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(DOCS / "mkdocs.yml"), "-d", str(out)]
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    return subprocess.run(build, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300), out
+    # from docs/, so that `python -m` puts no source tree ahead of the installed package on sys.path
+    return subprocess.run(build, capture_output=True, text=True, cwd=DOCS, env=env, timeout=300), out
 
 
 def _page(site, name: str) -> str:
