@@ -46,7 +46,7 @@ def machine() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
-        gpu = plain(torch.cuda.get_device_name(0))
+        gpu = plain(device_name("cuda:0"))
         gpu = f"{count} x {gpu}" if count > 1 else gpu
     else:
         gpu = "no GPU"
