@@ -22,6 +22,11 @@ def quiet_environment() -> None:
         "RAY_DEDUP_LOGS": "0",
         "MLFLOW_LOGGING_LEVEL": "WARNING",
         "TUNE_DISABLE_SIGINT_HANDLER": "1",  # Ctrl-C interrupts the search (resumable), not a graceful finish
+        # a tracking server that does not answer is noticed in seconds (the trials' writer then
+        # keeps their results and tries again), not after MLflow's minutes of retries
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
     }.items():
         os.environ.setdefault(key, value)
     import logging

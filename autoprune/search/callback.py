@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,16 +30,19 @@ from ..tracking.store import (
     flat_params,
     log,
     param_value,
-    trial_runs,
 )
 from . import journal
 from .baselines import baseline_of
+from .outbox import Outbox
 
 quiet_environment()
 from ray.tune import Callback  # noqa: E402
 
 EPOCH_METRICS = ("val_loss", "loss")  # a series over the epochs (step: the epoch), with the task's metric
 REALISED = "realised_pruned_fraction"  # metric prefix: the pruned fraction a trial reached per group or layer
+CLOSE_WAIT_S = 300.0  # at the end of a search: how long the writer waits for a tracking server that went away
+BEHIND_RETRY_MAX_S = 15.0  # the longest pause between two tries of a store that does not answer
+HEALTH_TIMEOUT_S = 5.0
 POLICY = "policy"  # param prefix: the policy fields the searcher chose (``policy.ratios.<group>``: requested)
 
 
@@ -85,39 +89,47 @@ class TrialLogger(Callback):
 
     The callbacks run on Tune's event loop, and a trial waits there after every report (Tune
     resumes it only once the loop has handled the result). So the callbacks only note what
-    happened and when; one writer thread makes the store calls, in order (``get_state``, which
-    Tune calls before its snapshots, waits until the writer has caught up).
+    happened and when, in the search's outbox (:mod:`.outbox`); one writer thread makes the
+    store calls, in order. Nothing on the loop waits for the store: a tracking server that
+    stops answering delays the runs, not the trials (the writer tries again until it
+    answers, and says once that tracking is behind).
 
     A child run is named after its trial (``channel/snip/global #7``: :func:`trial_label`,
-    numbered in the order the trials started, after the runs already there on a resume). Per
+    numbered in the order the trials started, after the trials a resumed search recorded). Per
     epoch it gets the task's metric (``val_acc``, ``val_rmse`` ...) and ``loss`` (step: the epoch); the pruned model's cost, once
     known (also for a trial the scheduler stops later), and the final report's metrics are
     single values at step 0.
 
     Each trial that ends gets its record in the search folder (:mod:`.journal`: what
-    ``--resume`` reads) before its run is ended. Tune pickles the callback with the Tuner, so
-    it holds only the store's URI and run ids, and finds the child run of a trial by its tag
-    when it does not know it yet."""
+    ``--resume`` reads) on the loop, before its run is ended. Tune pickles the callback with
+    the Tuner, so it holds only the store's URI, run ids and folders, and finds the child run
+    of a trial by its tag when it does not know it yet."""
 
-    def __init__(self, uri: str, experiment_id: str, parent: str, path: str) -> None:
+    def __init__(
+        self, uri: str, experiment_id: str, parent: str, path: str, outbox_dir: str | None = None, first: int = 1
+    ) -> None:
         self.uri = uri
         self.experiment_id = experiment_id
         self.parent = parent
         self.path = path  # the search's folder (or bucket URI): the trials' records go under it
+        self.outbox_dir = outbox_dir or path  # a local folder: the events not yet in the store
         self._runs: dict[str, str] = {}
         self._numbers: dict[str, int] = {}  # trial id -> its run's number
         self._curves: dict[str, list[dict]] = {}  # trial id -> what its record keeps of each report
         self._configs: dict[str, dict] = {}
         self._started: dict[str, float] = {}
         self._costs: dict[str, dict[str, float]] = {}  # the cost metrics logged per trial (logged once)
-        self._next: int | None = None  # the number of the next new child run (read from the store first)
+        self._next = first  # the number of the next new trial
         self._client = None
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self._outbox: Outbox | None = None
+        self._deadline: float | None = None  # while closing: when the writer stops waiting for the store
+        self._behind_since: float | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_queue": None, "_thread": None, "_error": None, "_next": None}
+        return {**self.__dict__, "_client": None, "_queue": None, "_thread": None, "_error": None, "_outbox": None}
 
     @property
     def mlflow(self):
@@ -127,14 +139,19 @@ class TrialLogger(Callback):
 
     # ---- the writer
 
-    def _submit(self, fn, *args) -> None:
+    def _ops(self) -> dict:
+        return {"start": self._start, "result": self._result, "ended": self._ended}
+
+    def _submit(self, op: str, *args) -> None:
         self._raise()
         if self._thread is None:
+            self._outbox = Outbox(Path(self.outbox_dir))
             self._queue = queue.Queue()
             self._thread = threading.Thread(target=self._work, name="autoprune-mlflow", daemon=True)
             self._thread.start()
             _WRITERS.add(self)
-        self._queue.put((fn, args))
+        self._outbox.append(op, list(args))
+        self._queue.put((op, args))
 
     def _work(self) -> None:
         while True:
@@ -143,15 +160,56 @@ class TrialLogger(Callback):
                 if item is None:
                     return
                 if self._error is None:
-                    item[0](*item[1])
+                    self.apply(*item)
+                    self._outbox.applied()
             except BaseException as exc:  # noqa: BLE001 - raised on Tune's loop at the next event
                 self._error = exc
             finally:
                 self._queue.task_done()
 
+    def apply(self, op: str, args) -> None:
+        """Make one event's store calls; while the tracking server does not answer, wait for
+        it (until the deadline :meth:`close` sets) rather than lose or reorder anything."""
+        delay = 1.0
+        while True:
+            try:
+                self._ops()[op](*args)
+                break
+            except Exception:
+                if not tracking_down(self.uri):
+                    raise
+                self._behind(delay)
+                delay = min(2 * delay, BEHIND_RETRY_MAX_S)
+        if self._behind_since is not None:
+            print(
+                f"note: MLflow at {self.uri} answers again after {time.monotonic() - self._behind_since:.0f} s; "
+                "the trials' waiting results are being written",
+                file=sys.stderr,
+            )
+            self._behind_since = None
+
+    def _behind(self, delay: float) -> None:
+        if self._behind_since is None:
+            self._behind_since = time.monotonic()
+            where = self._outbox.file if self._outbox is not None else self.outbox_dir
+            print(
+                f"note: MLflow at {self.uri} is not answering; the trials go on and their results wait in "
+                f"{str(where)!r}, written in order once it answers (or by --resume)",
+                file=sys.stderr,
+            )
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            left = self._outbox.behind if self._outbox is not None else 0
+            raise TrackingBehind(
+                f"MLflow at {self.uri} has not answered for {time.monotonic() - self._behind_since:.0f} s; "
+                f"{left} trial event(s) wait in {str(self.outbox_dir)!r} and are written by --resume"
+            )
+        time.sleep(delay)
+
     def _raise(self) -> None:
         if self._error is not None:
             exc, self._error = self._error, None
+            if isinstance(exc, TrackingBehind):
+                raise AutopruneError(str(exc)) from None
             raise AutopruneError(f"MLflow logging to {self.uri} failed: {type(exc).__name__}: {exc}") from exc
 
     def flush(self) -> None:
@@ -160,17 +218,22 @@ class TrialLogger(Callback):
             self._queue.join()
         self._raise()
 
-    def close(self) -> None:
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Let the writer finish, waiting at most ``wait_s`` for a tracking server that does not
+        answer (what is left stays in the outbox, for ``--resume``)."""
         if self._thread is not None:
+            self._deadline = time.monotonic() + wait_s
             self._queue.put(None)
             self._thread.join()
             self._thread = None
             _WRITERS.discard(self)
+            if self._error is None and self._outbox.behind == 0:
+                self._outbox.clear()
+            self._outbox.close()
         self._raise()
 
     def get_state(self) -> None:
-        self.flush()  # before Tune writes its snapshot
-        return None
+        return None  # Tune's snapshot is never read back: it waits for nothing
 
     def on_experiment_end(self, trials, **info):
         self.close()
@@ -181,7 +244,9 @@ class TrialLogger(Callback):
         self._started[trial.trial_id] = time.time()
         self._curves[trial.trial_id] = []
         self._configs[trial.trial_id] = dict(trial.config)
-        self._submit(self._start, trial.trial_id, dict(trial.config))
+        if trial.trial_id not in self._numbers:  # a trial Tune runs again keeps its number
+            self._numbers[trial.trial_id], self._next = self._next, self._next + 1
+        self._submit("start", trial.trial_id, dict(trial.config), self._numbers[trial.trial_id])
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
@@ -198,27 +263,28 @@ class TrialLogger(Callback):
         if is_final(result):
             once.update({k: result.get(k) for k in FINAL_KEYS})
         self._curves.setdefault(trial.trial_id, []).append(journal.curve_point(result))
-        self._submit(self._result, trial.trial_id, metrics, once, tags, step, int(time.time() * 1000))
+        self._submit("result", trial.trial_id, metrics, once, tags, step, int(time.time() * 1000))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = dict(trial.last_result or {})
-        status = "completed" if is_final(result) else "stopped"  # stopped early by the scheduler
-        self._submit(self._ended, trial.trial_id, status, self._memo(trial, result, None), self._wall(trial))
+        self._trial_ended(trial, "completed" if is_final(result) else "stopped", result, None)  # stopped: the scheduler
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        error = trial_error(trial)
-        memo = self._memo(trial, dict(trial.last_result or {}), error)
-        self._submit(self._ended, trial.trial_id, "failed", memo, self._wall(trial))
+        self._trial_ended(trial, "failed", dict(trial.last_result or {}), trial_error(trial))
 
-    def _memo(self, trial, result: dict, error: str | None) -> tuple:
-        """What the trial's record needs, taken on Tune's loop: config, last report, curve, error."""
-        config = self._configs.pop(trial.trial_id, None) or dict(trial.config)
-        return config, result, self._curves.pop(trial.trial_id, []), error
-
-    def _wall(self, trial) -> dict[str, float]:
-        self._costs.pop(trial.trial_id, None)
-        started = self._started.pop(trial.trial_id, None)
-        return {"trial_wall_s": time.time() - started} if started is not None else {}
+    def _trial_ended(self, trial, status: str, result: dict, error: str | None) -> None:
+        """A trial ended: its record first, here (what a resume keeps; the stopped trial's too,
+        else a resume would run it again), then its run, by the writer (its cost was logged
+        with its reports; the per-group ratio charts are drawn once, when the search ends)."""
+        trial_id = trial.trial_id
+        config = self._configs.pop(trial_id, None) or dict(trial.config)
+        number = self._numbers.get(trial_id) or self._next
+        rec = journal.record(trial_id, number, status, config, result, self._curves.pop(trial_id, []), error)
+        journal.save(self.path, rec)
+        self._costs.pop(trial_id, None)
+        started = self._started.pop(trial_id, None)
+        wall = {"trial_wall_s": time.time() - started} if started is not None else {}
+        self._submit("ended", trial_id, status, error, wall)
 
     # ---- the store, on the writer thread
 
@@ -228,19 +294,7 @@ class TrialLogger(Callback):
         )
         return runs[0] if runs else None
 
-    def _number(self, old) -> int:
-        """The number of a trial's run: its old run's when it replaces one, else the next
-        after every child run of the search (on a resume, those already in the store)."""
-        if old is not None and str(old.data.tags.get(NUMBER, "")).isdigit():
-            return int(old.data.tags[NUMBER])
-        if self._next is None:
-            runs = trial_runs(self.uri, self.experiment_id, self.parent).values()
-            numbers = [int(r.data.tags[NUMBER]) for r in runs if str(r.data.tags.get(NUMBER, "")).isdigit()]
-            self._next = max(numbers, default=0) + 1
-        self._next += 1
-        return self._next - 1
-
-    def _start(self, trial_id: str, config: dict) -> None:
+    def _start(self, trial_id: str, config: dict, number: int) -> None:
         old = self._find(trial_id)
         if old is not None:
             # run again from scratch (Tune retries a failed trial): replace its run, so no
@@ -249,8 +303,6 @@ class TrialLogger(Callback):
             if old.info.status == "RUNNING":
                 self.mlflow.set_terminated(old.info.run_id, status="KILLED")
             self.mlflow.delete_run(old.info.run_id)
-        number = self._number(old)
-        self._numbers[trial_id] = number
         policy = config.get("policy", {})
         baseline = baseline_of(config)
         run = self.mlflow.create_run(
@@ -283,36 +335,57 @@ class TrialLogger(Callback):
         if run_id is not None:
             log(self.mlflow, run_id, metrics, tags=tags, step=step, at_ms=at_ms, once=once)
 
-    def _ended(self, trial_id: str, status: str, memo: tuple, wall: dict) -> None:
-        """A trial ended: its record first (what a resume keeps; the stopped trial's too,
-        else a resume would run it again), then its run (its cost was logged with its
-        reports; the per-group ratio charts are drawn once, when the search ends)."""
+    def _ended(self, trial_id: str, status: str, error: str | None, wall: dict) -> None:
         run_id = self._run_id(trial_id)
         if run_id is None:
             return
-        config, result, curve, error = memo
-        number = self._numbers.get(trial_id) or self._run_number(run_id)
-        journal.save(self.path, journal.record(trial_id, number, status, config, result, curve, error))
         if status == "failed":
             self.mlflow.log_text(run_id, error + "\n", "error.txt")
             self._end(run_id, "FAILED", wall, {}, {ERROR: error[:MAX_PARAM]})
         else:
             self._end(run_id, "FINISHED", wall, {}, {"autoprune.stopped_early": str(status == "stopped").lower()})
 
-    def _run_number(self, run_id: str) -> int:
-        tag = str(self.mlflow.get_run(run_id).data.tags.get(NUMBER, ""))
-        return int(tag) if tag.isdigit() else self._number(None)
-
     def _end(self, run_id: str, status: str, wall: dict, params: dict[str, str], tags: dict[str, str]) -> None:
         log(self.mlflow, run_id, params=params, tags=tags, once=wall)
         self.mlflow.set_terminated(run_id, status=status)
 
 
+class TrackingBehind(Exception):
+    """The tracking server did not answer before the writer's deadline."""
+
+
+def tracking_down(uri: str) -> bool:
+    """Whether the tracking store ``uri`` is an MLflow server that does not answer its health
+    check now (an error from a store that answers is an error, not a wait)."""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as reply:
+            return reply.status != 200
+    except Exception:  # noqa: BLE001 - refused, reset, timed out, an error page: not answering
+        return True
+
+
+def apply_outbox(logger: TrialLogger) -> int:
+    """Before a resume: the events a dead driver left in the outbox, applied in order (the
+    store answers: the search checked it); the outbox is then emptied. How many."""
+    box = Outbox(Path(logger.outbox_dir))
+    events = box.pending()
+    for op, args in events:
+        logger.apply(op, args)
+        box.applied()
+    box.clear()
+    return len(events)
+
+
 _WRITERS: set[TrialLogger] = set()  # loggers with a writer thread, for close_writers
 
 
-def close_writers() -> None:
+def close_writers(wait_s: float = CLOSE_WAIT_S) -> None:
     """Let every trial logger's writer finish (after ``Tuner.fit``, also when it was
-    interrupted: the logger of a restored Tuner is Tune's own copy)."""
+    interrupted: the logger Tune ran is its own copy), waiting at most ``wait_s`` for a
+    tracking server that does not answer."""
     for writer in list(_WRITERS):
-        writer.close()
+        writer.close(wait_s)

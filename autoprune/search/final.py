@@ -18,6 +18,7 @@ from ..contract import TrialRecord, objectives, show_metric
 from ..errors import AutopruneError
 from ..paths import is_uri, join, upload_dir
 from ..report import metric_keys
+from . import remote
 from .best_model import log_best_model
 from .plan import MASKS_NOTE, Plan
 from .ranking import resolution_points, standard_error
@@ -147,7 +148,9 @@ def _rerun_best(f: Finish, best: TrialRecord):
         f"re-running it for "
         f"{config.final_epochs} epoch(s) and testing it"
     )
-    return engine.run(f.task, f.dense, policy, budget, cfg, f.dense_metrics, test=True, latency=f.latency)
+    return remote.call(
+        f.plan, "final", engine.run, f.task, f.dense, policy, budget, cfg, f.dense_metrics, test=True, latency=f.latency
+    )
 
 
 def _save_best(f: Finish, best: TrialRecord, final, stage: Path) -> None:
@@ -213,6 +216,7 @@ def build_summary(
         extra["reward_curve"] = [r.metrics.get("reward") for r in sorted(f.records, key=lambda r: r.number)]
     n_val, score = len(f.task.val), plan.score
     extra["task_metric"] = f.task.metric_info()
+    extra["ran_on"] = remote.ran_on() or None
     if n_val and score == "val_acc" and f.dense_metrics.get("val_acc") is not None:
         extra["validation"] = {
             "samples": n_val,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import socket
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 from ..config import DEFAULT_EPOCHS, DEFAULT_STORAGE, STRUCTURES, SearchConfig
 from ..errors import AutopruneError
 from ..rayenv import check_token, private_temp_dir
+from .address import check_address, resolve_address
 
 STATE_FILE = "autoprune-search.json"  # the resolved config and MLflow ids, for --resume
 
@@ -155,9 +155,9 @@ def prepare(config: SearchConfig) -> Plan:
     tracking_uri = store.resolve_tracking_uri(config.tracking_uri)
     store.check_tracking_uri(tracking_uri)
     check_token()
-    address = config.address or os.environ.get("RAY_ADDRESS") or None
+    address = resolve_address(config.address or os.environ.get("RAY_ADDRESS") or None)
     if address:
-        _check_address(address)
+        check_address(address)
     local_cpus = local_gpus = 0
     if not address:
         private_temp_dir(create=False)  # Ray's sockets fit under it
@@ -304,41 +304,20 @@ def check_fits(config: SearchConfig, cpus: float, gpus: float, where: str) -> No
         )
 
 
-def _check_address(address: str) -> None:
-    """A Ray cluster's GCS must answer on host:port before Ray tries (it otherwise retries
-    for minutes)."""
-    if address in ("auto", "local"):
-        return
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        raise AutopruneError(f"--address {address!r} must be host:port (a Ray head's GCS address) or auto")
-    try:
-        speaks = _speaks_grpc(host or "127.0.0.1", int(port))
-    except OSError as exc:
-        raise AutopruneError(
-            f"no Ray cluster answers at --address {address!r} ({exc}); start one with "
-            "`ray start --head`, or leave --address out for a local instance"
-        ) from None
-    if not speaks:
-        raise AutopruneError(
-            f"--address {address!r} answers, but not as a Ray head (its GCS speaks gRPC; this does not): give the "
-            "address `ray start --head` printed, or leave --address out for a local instance"
-        )
+def saved_settings(plan: Plan, workers: int) -> dict:
+    """The search's settings as ``--resume`` reads them back (STATE_FILE) and MLflow logs them."""
+    from ..paths import is_uri
 
-
-def _speaks_grpc(host: str, port: int, timeout_s: float = 3.0) -> bool:
-    """Whether ``host:port`` answers an HTTP/2 connection preface with a SETTINGS frame, as
-    every gRPC server (a Ray head's GCS, its client server) does at once; Ray itself would
-    retry something else for minutes. OSError: nothing accepts connections there."""
-    with socket.create_connection((host, port), timeout=timeout_s) as conn:
-        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
-        head = b""
-        try:
-            while len(head) < 9:
-                chunk = conn.recv(9 - len(head))
-                if not chunk:
-                    break
-                head += chunk
-        except OSError:  # no answer within the timeout
-            return False
-    return len(head) == 9 and head[3] == 4
+    config = plan.config
+    saved = dataclasses.asdict(config)
+    saved.update(
+        name=plan.name,
+        trials=plan.trials,
+        # a bucket search keeps no local path: a resume elsewhere writes under its own default
+        out=str(plan.out) if config.out or not is_uri(plan.path) else None,
+        scheduler=plan.scheduler,
+        concurrency=workers,
+        tracking_uri=plan.tracking_uri,
+        storage=plan.storage,
+    )
+    return saved

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from ..errors import AutopruneError, on_sigterm
+from ..errors import AutopruneError, first_line, on_sigterm
 from ..rayenv import private_temp_dir, quiet_environment
 from .plan import Plan
 
@@ -42,24 +43,66 @@ def _start(ray, plan: Plan, common: dict) -> None:
                 file=sys.stderr,
             )
         return
-    with no_usage_server():
-        ray.init(
-            address="local",
-            num_cpus=plan.local_cpus,
-            num_gpus=plan.local_gpus,
-            include_dashboard=False,
-            _temp_dir=private_temp_dir(),
-            **common,
-        )
+    own_token()
+    try:
+        with no_usage_server():
+            ray.init(
+                address="local",
+                num_cpus=plan.local_cpus,
+                num_gpus=plan.local_gpus,
+                include_dashboard=False,
+                _temp_dir=private_temp_dir(),
+                **common,
+            )
+    except BaseException:
+        _drop_token()
+        raise
+
+
+_TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_saved_env: dict[str, str | None] | None = None
+
+
+def own_token() -> None:
+    """A local instance's token is its own: a new one per instance, in a file of mode 0600 in
+    this user's private Ray folder, named to its processes by ``RAY_AUTH_TOKEN_PATH``. Not
+    ``~/.ray/auth_token``, which every local instance of the user would share (so any of them
+    could join another's)."""
+    global _saved_env
+    import secrets
+
+    folder = Path(private_temp_dir()).parent
+    path = folder / f"token-{os.getpid()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    if _saved_env is None:
+        _saved_env = {k: os.environ.get(k) for k in _TOKEN_ENV}
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+
+
+def _drop_token() -> None:
+    global _saved_env
+    if _saved_env is None:
+        return
+    Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "")).unlink(missing_ok=True)
+    for key, value in _saved_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env = None
 
 
 def stop() -> None:
-    """Stop (or, on a cluster, leave) Ray; a local instance's session folder goes with it."""
+    """Stop (or, on a cluster, leave) Ray; a local instance's session folder and token go with it."""
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)
     session = node.get_session_dir_path() if node is not None and node.head else None
     ray.shutdown()
+    _drop_token()
     if session and Path(session).name.startswith("session_"):
         shutil.rmtree(session, ignore_errors=True)
         latest = Path(session).parent / "session_latest"
@@ -90,6 +133,10 @@ def no_usage_server():
         node.Node.start_api_server = original
 
 
+TOKEN_HINT = (
+    'a cluster asks for its own token: for a cluster/local.sh cluster run `eval "$(cluster/local.sh env)"`; '
+    "for another, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH to the file of the token its head was started with"
+)
 CLIENT_ATTEMPTS = 3  # Ray Client connections tried before the search gives up
 
 
@@ -101,10 +148,12 @@ def _join(ray, address: str, common: dict) -> None:
         try:
             ray.init(address=address, **common)
             return
-        except (ConnectionError, RuntimeError) as exc:
+        except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as exc:
             setup_failed = isinstance(exc, ConnectionAbortedError) and "Initialization failure" in str(exc)
             if not (address.startswith("ray://") and setup_failed) or attempt == CLIENT_ATTEMPTS:
-                raise AutopruneError(f"cannot join the Ray cluster at {address!r}: {exc}") from None
+                raise AutopruneError(
+                    f"cannot join the Ray cluster at {address!r} ({first_line(exc)}); {TOKEN_HINT}"
+                ) from None
             print(
                 f"note: the Ray Client server failed to start a session ({attempt}/{CLIENT_ATTEMPTS}); again",
                 file=sys.stderr,

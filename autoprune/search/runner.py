@@ -11,7 +11,6 @@ for ``final_epochs``, tested once and saved (:mod:`.final`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import sys
@@ -22,18 +21,22 @@ from typing import Any
 from ..config import SearchConfig
 from ..contract import metric_mode
 from ..errors import AutopruneError, first_line
-from ..paths import check_free_space, is_uri, join, names, remove_dir, write_text
+from ..paths import check_free_space, join, names, remove_dir, write_text
 from ..rayenv import quiet_environment
+from . import remote
 from .final import Finish, finish, short_metrics
 from .hardware import node_tables, reachable, trial_latency_table
+from .head import fit_watched, resume_command
 from .journal import TRIALS, TUNE
 from .lease import Lease
-from .plan import STATE_FILE, Plan, prepare, resolve_metric
+from .plan import STATE_FILE, Plan, prepare, resolve_metric, saved_settings
 from .ranking import split_warning
 from .ray_connection import concurrency, connect, stop
 from .results import SearchResult, read_records
 from .searchers import SEARCHERS, SearcherContext
 from .trial import TrialSetup, run_trial
+
+INTERRUPTED_WAIT_S = 10.0  # a search that stops on an error or Ctrl-C waits this long for a silent tracking server
 
 
 def run_search(config: SearchConfig) -> SearchResult:
@@ -96,8 +99,9 @@ def _search(plan: Plan, say, t0: float, owned: bool, task) -> SearchResult:
     from .callback import close_writers
 
     config = plan.config
+    remote.reset()
     prep = _prepare(plan, say, task)
-    saved = _saved_settings(plan, prep.workers)
+    saved = saved_settings(plan, prep.workers)
     experiment_id, run_id = store.open_search_run(
         plan.tracking_uri, plan.name, store.flat_params("", saved, skip=store.SEARCH_NOISE), config.resume
     )
@@ -112,18 +116,14 @@ def _search(plan: Plan, say, t0: float, owned: bool, task) -> SearchResult:
         try:
             tuner = _tuner(plan, prep, experiment_id, run_id, say)
             if tuner is not None:
-                tuner.fit()
+                fit_watched(plan, tuner, experiment_id, run_id, INTERRUPTED_WAIT_S)
             close_writers()
         except BaseException:
             if config.resume or has_records(plan.path):
-                print(
-                    f"search {plan.name!r} interrupted; continue it with: autoprune search --name {plan.name} "
-                    f"--storage '{plan.storage}' --resume",
-                    file=sys.stderr,
-                )
+                print(f"search {plan.name!r} interrupted; continue it with: {resume_command(plan)}", file=sys.stderr)
             raise
         records = read_records(plan.path, store.trial_runs(plan.tracking_uri, experiment_id, run_id))
-        if owned and ray.is_initialized():
+        if owned and ray.is_initialized() and not plan.address:
             stop()  # before the final run: its latency is measured on an otherwise idle machine
         return finish(
             Finish(
@@ -143,7 +143,7 @@ def _search(plan: Plan, say, t0: float, owned: bool, task) -> SearchResult:
         )
     except BaseException as exc:
         with contextlib.suppress(Exception):
-            close_writers()  # what the trials reported before the interruption
+            close_writers(INTERRUPTED_WAIT_S)  # what the trials reported before the interruption (the rest: --resume)
         system_metrics.stop()
         interrupted = isinstance(exc, KeyboardInterrupt)
         with contextlib.suppress(Exception):
@@ -182,7 +182,12 @@ def _prepare(plan: Plan, say, task) -> Prepared:
     import ray
 
     workers = concurrency(plan) if ray.is_initialized() else plan.config.concurrency or 1
-    dense = engine.dense_model(task, config.engine, log=say)
+    if spec.in_flight is not None and not config.concurrency and workers > spec.in_flight(plan.trials):
+        workers = spec.in_flight(plan.trials)
+        say(f"note: {workers} trials at a time, so that {config.searcher} learns from finished trials (--concurrency)")
+    if remote.on_cluster(plan):
+        say(f"dense model: on a cluster node with a trial's resources, or from that node's cache ({remote.need(plan)})")
+    dense = remote.call(plan, "dense", engine.dense_model, task, config.engine, log=say)
     check_free_space(plan.out, room_to_save(dense), "--out")  # before the trials: the best model fits
     dense_metrics = engine.measure_model(dense, task, config.engine.measure, test=True)
     warning = split_warning(dense_metrics["val_acc"], len(task.val)) if plan.metric == "val_acc" else None
@@ -207,23 +212,6 @@ def _prepare(plan: Plan, say, task) -> Prepared:
         tables=tables,
         workers=workers,
     )
-
-
-def _saved_settings(plan: Plan, workers: int) -> dict[str, Any]:
-    """The search's settings as ``--resume`` reads them back (STATE_FILE) and MLflow logs them."""
-    config = plan.config
-    saved = dataclasses.asdict(config)
-    saved.update(
-        name=plan.name,
-        trials=plan.trials,
-        # a bucket search keeps no local path: a resume elsewhere writes under its own default
-        out=str(plan.out) if config.out or not is_uri(plan.path) else None,
-        scheduler=plan.scheduler,
-        concurrency=workers,
-        tracking_uri=plan.tracking_uri,
-        storage=plan.storage,
-    )
-    return saved
 
 
 def _trial_setup(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, hooks) -> TrialSetup:
@@ -255,14 +243,11 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
     import ray
     from ray import tune
 
-    from ..tracking import store
-    from .callback import TrialLogger
     from .progress import ClusterWatch, ProgressLine
 
     config = plan.config
     done = plan.finished
-    if config.resume:  # runs of trials without a record are run again, under new runs
-        store.keep_recorded(plan.tracking_uri, experiment_id, run_id, {r["trial_id"]: r["status"] for r in done})
+    logger = _logger(plan, experiment_id, run_id, say)
     left = plan.trials - len(done)
     spec = SEARCHERS.get(config.searcher)
     hooks = spec.hooks()
@@ -308,12 +293,39 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
             failure_config=tune.FailureConfig(max_failures=config.max_failures, fail_fast=False),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[
-                TrialLogger(plan.tracking_uri, experiment_id, run_id, plan.path),
+                logger,
                 ProgressLine(left, config.progress, plan.score),
                 ClusterWatch(config.cpus_per_trial, config.gpus_per_trial, config.node_wait),
             ],
         ),
     )
+
+
+def _logger(plan: Plan, experiment_id: str, run_id: str, say):
+    """The trials' MLflow logger; on a resume, what the last driver left unwritten goes first,
+    and runs of trials without a record (they run again) go."""
+    from ..engine import cache_dir as engine_cache_dir
+    from ..tracking import store
+    from .callback import TrialLogger, apply_outbox
+    from .outbox import Outbox, folder_for
+
+    config, done = plan.config, plan.finished
+    logger = TrialLogger(
+        plan.tracking_uri,
+        experiment_id,
+        run_id,
+        plan.path,
+        outbox_dir=str(folder_for(plan.path, engine_cache_dir(config.engine))),
+        first=max((r["number"] for r in done), default=0) + 1,
+    )
+    if config.resume:  # what a dead driver left unwritten first; runs of trials without a record run again
+        caught_up = apply_outbox(logger)
+        if caught_up:
+            say(f"wrote {caught_up} trial event(s) the last driver left unwritten to MLflow")
+        store.keep_recorded(plan.tracking_uri, experiment_id, run_id, {r["trial_id"]: r["status"] for r in done})
+    else:
+        Outbox(folder_for(plan.path, engine_cache_dir(config.engine))).clear()  # a bucket search's stale one
+    return logger
 
 
 def _searcher(plan: Plan, prep: Prepared, hooks, done: list[dict]):

@@ -101,6 +101,10 @@ class SearcherSpec:
     metric: str | None = None  # the report key that picks the best trial, if the searcher decides it (else --metric)
     hooks_at: str | None = None  # "package.module:object", its SearcherHooks, imported when a search uses them
     baselines: bool = True  # its first trials are search.baselines' (uniform, global magnitude)
+    # given --trials, the most trials at once that still leave it steered by results (None: no
+    # cap). A model-based sampler proposes from finished trials only: with C in flight, its
+    # first C + startup proposals are random. --concurrency overrides it.
+    in_flight: Callable[[int], int] | None = None
 
     def default_trials(self, trials: int, groups: int) -> int:
         """Its trials when ``--trials`` is not given, for a model of ``groups`` prunable groups."""
@@ -323,13 +327,21 @@ def _optuna(ctx: SearcherContext, sampler, multi_objective: bool = False) -> Any
     return PolicyOptunaSearch(space=space, metric=metric, mode=mode, sampler=sampler)
 
 
+def _tpe_startup(trials: int) -> int:
+    return min(10, max(2, trials // 3))  # random trials before TPE models the results
+
+
+def _nsga2_population(trials: int) -> int:
+    return max(4, min(50, trials // 3))
+
+
 def _tpe(ctx: SearcherContext):
-    startup = min(10, max(2, ctx.trials // 3))  # random trials before TPE models the results
+    startup = _tpe_startup(ctx.trials)
     return _optuna(ctx, optuna.samplers.TPESampler(seed=ctx.seed, n_startup_trials=startup, constant_liar=True))
 
 
 def _nsga2(ctx: SearcherContext):
-    population = max(4, min(50, ctx.trials // 3))
+    population = _nsga2_population(ctx.trials)
     return _optuna(ctx, optuna.samplers.NSGAIISampler(seed=ctx.seed, population_size=population), True)
 
 
@@ -343,9 +355,21 @@ def _grid(ctx: SearcherContext):
     return _optuna(ctx, optuna.samplers.GridSampler(ctx.grid, seed=ctx.seed))
 
 
-SEARCHERS.register("tpe")(SearcherSpec(_tpe, summary="Optuna TPE, constant liar (default)"))
+SEARCHERS.register("tpe")(
+    SearcherSpec(
+        _tpe,
+        summary="Optuna TPE, constant liar (default)",
+        in_flight=lambda trials: max(1, trials // 4),
+    )
+)
 SEARCHERS.register("nsga2")(
-    SearcherSpec(_nsga2, multi_objective=True, scheduler="none", summary="Optuna NSGA-II: accuracy, cost, latency")
+    SearcherSpec(
+        _nsga2,
+        multi_objective=True,
+        scheduler="none",
+        summary="Optuna NSGA-II: accuracy, cost, latency",
+        in_flight=lambda trials: max(1, _nsga2_population(trials) // 2),
+    )
 )
 SEARCHERS.register("random")(SearcherSpec(_random, summary="Optuna random sampling"))
 SEARCHERS.register("grid")(

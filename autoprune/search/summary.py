@@ -22,6 +22,7 @@ OPTIONAL = (
     "uniform_matched",
     "final_reruns",
     "task_metric",
+    "ran_on",
 )  # written only when the search has them
 
 
@@ -62,6 +63,9 @@ class SearchSummary:
     # the task's metric: its name, key (val_acc, val_miou, val_rmse ...), mode (max or min) and whether
     # it reads as a percentage
     task_metric: dict[str, Any] | None = None
+    # on a cluster: the Ray node each of the driver's heavy steps ran on as a task with a trial's
+    # resources ("dense": the dense model's training, "final": the final re-runs)
+    ran_on: dict[str, str] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

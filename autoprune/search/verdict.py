@@ -18,6 +18,7 @@ from typing import Any
 
 from ..config import Budget, Policy
 from ..contract import TrialRecord, better, metric_mode, show_metric
+from . import remote
 from .baselines import BASELINES, UNIFORM
 from .ranking import TIE_SE, standard_error, tied
 from .results import best_within, completed_within
@@ -57,7 +58,10 @@ def rerun_at_final_length(f, candidates: list[TrialRecord], seeds: int = 1) -> l
         budget = Budget(config.budget.kind, rec.budget_fraction or config.budget.fraction, config.budget.tolerance)
         runs = []
         for s in range(seeds):
-            result = engine.run(
+            result = remote.call(
+                f.plan,
+                "final",
+                engine.run,
                 f.task,
                 f.dense,
                 final_policy(rec, config.final_epochs),
@@ -94,7 +98,19 @@ def matched_uniform(f, epochs: int, structure: str):
     config = f.plan.config
     policy = Policy.from_dict({**BASELINES[UNIFORM], "structure": structure, "finetune": {"epochs": epochs}})
     cfg = dataclasses.replace(config.engine, train_epochs=epochs)
-    return engine.run(f.task, f.dense, policy, config.budget, cfg, f.dense_metrics, test=True, latency=f.latency)
+    return remote.call(
+        f.plan,
+        "final",
+        engine.run,
+        f.task,
+        f.dense,
+        policy,
+        config.budget,
+        cfg,
+        f.dense_metrics,
+        test=True,
+        latency=f.latency,
+    )
 
 
 def gain(best_test: float, uniform_test: float, n_test: int, key: str = "test_acc") -> dict[str, Any]:

@@ -55,7 +55,7 @@ def _history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in _client(uri).get_metric_history(run_id, key)]
 
 
-def test_trial_logger_writes_off_tunes_loop_and_the_snapshot_waits_for_it(uri, tmp_path):
+def test_trial_logger_writes_off_tunes_loop_and_records_the_trial_on_it(uri, tmp_path):
     experiment_id, parent, logger = _logger(uri, tmp_path)
     final = {
         "epoch": 2,
@@ -73,7 +73,9 @@ def test_trial_logger_writes_off_tunes_loop_and_the_snapshot_waits_for_it(uri, t
     logger.on_trial_result(0, [], trial, {"epoch": 1, "val_acc": 0.8, "loss": 0.5, "node_id": "n1", **COST})
     logger.on_trial_result(0, [], trial, final)
     logger.on_trial_complete(0, [], trial)
-    assert logger.get_state() is None  # what Tune calls before writing its snapshot
+    assert journal.load(str(tmp_path))  # the record is written on the loop, before the run ends
+    assert logger.get_state() is None  # what Tune calls before writing its snapshot: it waits for nothing
+    logger.flush()
     run = store.trial_runs(uri, experiment_id, parent)["t1"]
     assert run.info.status == "FINISHED"
     assert run.data.tags[store.NODE_ID] == "n1"
@@ -181,16 +183,17 @@ def test_child_runs_are_named_and_numbered_by_what_they_are(uri, tmp_path):
     assert {tid: r.data.tags[store.NUMBER] for tid, r in runs.items()} == {"t0": "1", "t1": "2", "t2": "3"}
     assert all(r.data.tags["ray.trial_id"] == tid == r.data.tags[store.TRIAL_ID] for tid, r in runs.items())
 
-    # a resumed search (a fresh logger, as unpickled by Tune): new trials continue the
-    # numbering; a trial run again from scratch keeps its number under a fresh run
-    resumed = callback.TrialLogger(uri, experiment_id, parent, str(tmp_path))
-    resumed.on_trial_start(0, [], _Trial("t1", policy=policies[1]))
-    resumed.on_trial_start(0, [], _Trial("t9", policy=policies[0]))
-    resumed.close()
+    # a trial run again from scratch (Tune retries it) keeps its number under a fresh run; a
+    # resumed search's logger numbers its trials after those recorded (the runner says from where)
+    logger = callback.TrialLogger(uri, experiment_id, parent, str(tmp_path), first=4)
+    logger.on_trial_start(0, [], _Trial("t9", policy=policies[0]))
+    logger.on_trial_start(0, [], _Trial("t9", policy=policies[0]))
+    logger.on_trial_start(0, [], _Trial("t10", policy=policies[1]))
+    logger.close()
     runs = store.trial_runs(uri, experiment_id, parent)
-    assert runs["t1"].info.run_name == "unstructured/magnitude/local #2"
     assert runs["t9"].info.run_name == "channel/snip/global #4"
-    assert len(runs) == 4
+    assert runs["t10"].info.run_name == "unstructured/magnitude/local #5"
+    assert len(runs) == 5
 
 
 def test_trial_params_say_requested_and_realised_apart(uri, tmp_path):

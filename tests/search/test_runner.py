@@ -364,10 +364,52 @@ def _run_until(args: list[str], env: dict, log: Path, storage: str, recorded: in
     assert recorded <= seen < 5, f"not killed mid-way ({seen} recorded): {log.read_text(errors='replace')[-3000:]}"
 
 
+def _lose_head(args: list[str], env: dict, log: Path, storage: str, recorded: int, uri: str) -> None:
+    """Start a search and, once ``recorded`` trials are recorded, kill its Ray head (the GCS
+    of its local instance): the driver must end by itself, in one line naming the lost head
+    and the resume command, with no MLflow run left RUNNING."""
+    ray_tmp = env["RAY_TMPDIR"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and proc.poll() is None and len(_recorded_or_none(storage)) < recorded:
+            time.sleep(0.2)
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        every = [e for e in os.listdir("/proc") if e.isdigit()]
+        gcs = [int(e) for e in every if ray_tmp in _cmdline(e) and "gcs_server" in _cmdline(e).split(" ")[0]]
+        assert gcs, "no GCS process found"
+        for pid in gcs:
+            os.kill(pid, signal.SIGKILL)
+        assert proc.wait(timeout=150) == 2
+    finally:
+        _kill_tree(proc.pid, ray_tmp)
+        proc.wait(timeout=30)
+    text = log.read_text(errors="replace")
+    assert "autoprune: error: lost the Ray head at" in text and "--resume" in text, text[-3000:]
+    assert not [r for r in _runs(uri, "kill", deleted=True) if r.info.status == "RUNNING"]
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _recorded_or_none(storage: str) -> list[str]:
+    try:
+        return _recorded(storage, "kill")
+    except Exception:  # noqa: BLE001 - the folder may not exist yet
+        return []
+
+
 @pytest.mark.parametrize("where", ["folder", "bucket"])
 def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_path, engine_cfg, digits_dense, request):
-    """Killed with SIGKILL mid-way (three times in a row, in a folder), resumed from its own
-    records each time, it ends with exactly the trials it was asked for: each recorded trial
+    """Killed with SIGKILL mid-way (three times in a row, in a folder; the second time its Ray
+    head is killed instead), resumed from its own
+    records each time (Tune's own snapshot torn, as a kill while Tune rewrites it leaves it),
+    it ends with exactly the trials it was asked for: each recorded trial
     kept as it was, none run twice, no run left RUNNING. From a bucket, the resume runs with
     another HOME and working folder, so all it has is the bucket (and the MLflow store, which
     on a cluster is the server on the head)."""
@@ -388,7 +430,10 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_pat
     resume = [str(exe), "search", "--name", "kill", "--storage", storage, "--resume", "--no-progress"]
     kept: dict[str, str] = {}  # trial id -> its run, for every trial recorded before a kill
     for k, target in enumerate([2] if where == "bucket" else [1, 2, 3]):
-        _run_until(resume if k else args, env, tmp_path / f"killed{k}.log", storage, target)
+        if k == 1:  # the second time, its Ray head is lost instead
+            _lose_head(resume, env, tmp_path / f"killed{k}.log", storage, target, uri)
+        else:
+            _run_until(resume if k else args, env, tmp_path / f"killed{k}.log", storage, target)
         for r in _runs(uri, "kill"):
             tid = r.data.tags.get("autoprune.trial_id")
             if tid in _recorded(storage, "kill"):
@@ -397,7 +442,13 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_pat
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     if where == "bucket":
+        assert not (tmp_path / ".ray" / "auth_token").exists()  # each local instance had a token of its own
         env["HOME"] = str(elsewhere)
+    else:  # a kill as Tune rewrote its snapshot: the resume reads its own records, never Tune's files
+        snapshots = list((tmp_path / "results" / "kill" / "tune").glob("experiment_state-*.json"))
+        assert snapshots
+        for snapshot in snapshots:
+            snapshot.write_text(snapshot.read_text()[:20])
     resumed = subprocess.run(resume, env=env, cwd=elsewhere, capture_output=True, text=True, timeout=400)
     try:
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr

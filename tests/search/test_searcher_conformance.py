@@ -243,3 +243,21 @@ def test_trial_config_refuses_what_the_contract_does_not_have():
     assert TrialConfig.from_config(TrialConfig({"scope": "global"}, 0.25).to_config()) == TrialConfig(
         {"scope": "global"}, 0.25
     )
+
+
+@pytest.mark.parametrize("name", [n for n in SEARCHERS if SEARCHERS.get(n).in_flight is not None])
+def test_a_model_based_searchers_cap_leaves_most_proposals_steered(name):
+    """With C trials in flight TPE's first C + startup - 1 proposals come before it has the
+    startup results it models: the cap keeps those at most half the trials. NSGA-II breeds a
+    generation from the last: the cap keeps less than a generation in flight."""
+    from autoprune.search.searchers import _nsga2_population, _tpe_startup
+
+    cap = SEARCHERS.get(name).in_flight
+    for trials in (6, 20, 50, 200, 1000):
+        c = cap(trials)
+        assert 1 <= c <= trials
+        if name == "tpe":
+            assert c + _tpe_startup(trials) - 1 <= max(trials // 2, 3), (trials, c)
+        else:
+            assert c <= _nsga2_population(trials) // 2, (trials, c)
+    assert cap(200) >= 25  # still wide enough to fill a large cluster's slots in rounds
