@@ -8,15 +8,28 @@ from pathlib import Path
 
 from . import errors
 
+USER_SNAPSHOT_S = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S")  # as the user set it, if they did
+SNAPSHOT_S = 1  # Tune's experiment snapshot period for a search in a folder (a local write)
+BUCKET_SNAPSHOT_S = 60  # ... in a bucket, where each snapshot re-uploads Tune's whole folder
+
+
+def snapshot_period(bucket: bool) -> str:
+    """Set how often Tune snapshots its experiment (it reads this when a Tuner runs): the
+    user's ``TUNE_GLOBAL_CHECKPOINT_S``, else every second in a folder and every minute in a
+    bucket. Nothing reads the snapshot back (a resume reads the trials' own records), so the
+    period only bounds what a sync to a bucket costs (requests grow with the trials)."""
+    period = USER_SNAPSHOT_S or str(BUCKET_SNAPSHOT_S if bucket else SNAPSHOT_S)
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = period
+    return period
+
 
 def quiet_environment() -> None:
-    """Before ``import ray``: token auth on, Tune's tables and per-error dumps off, snapshots
-    every second (so a killed driver loses little), quick failure on a dead address."""
+    """Before ``import ray``: token auth on, Tune's tables and per-error dumps off, quick
+    failure on a dead address, a tracking server's silence noticed in seconds."""
     for key, value in {
         "RAY_AUTH_MODE": "token",
         "RAY_AIR_NEW_OUTPUT": "0",
         "TUNE_PRINT_ALL_TRIAL_ERRORS": "0",
-        "TUNE_GLOBAL_CHECKPOINT_S": "1",
         "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "60",
         "RAY_gcs_server_port_wait_time_s": "3",
         "RAY_DEDUP_LOGS": "0",

@@ -21,8 +21,8 @@ from typing import Any
 from ..config import SearchConfig
 from ..contract import metric_mode
 from ..errors import AutopruneError, first_line
-from ..paths import check_free_space, join, names, remove_dir, write_text
-from ..rayenv import quiet_environment
+from ..paths import check_free_space, is_uri, join, names, remove_dir, write_text
+from ..rayenv import quiet_environment, snapshot_period
 from . import remote
 from .final import Finish, finish, short_metrics
 from .hardware import node_tables, reachable, trial_latency_table
@@ -275,6 +275,7 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
             time_attr="training_iteration", max_t=plan.epochs, grace_period=asha_grace(plan.epochs), reduction_factor=2
         )
     remove_dir(join(plan.path, TUNE))  # an earlier run's Tune files: never read
+    snapshot_period(is_uri(plan.path))
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(

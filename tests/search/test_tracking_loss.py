@@ -155,3 +155,15 @@ def test_tracking_down_tells_a_server_from_a_store_that_answers(tmp_path):
         port = s.getsockname()[1]
     assert callback.tracking_down(f"http://127.0.0.1:{port}")  # nothing listens there
     assert not callback.tracking_down(f"sqlite:///{tmp_path / 'm.db'}")  # not a server: errors are errors
+
+
+def test_tunes_snapshot_is_taken_every_minute_in_a_bucket_unless_the_user_says(monkeypatch):
+    """Nothing reads Tune's snapshot back; in a bucket each one re-uploads Tune's whole folder."""
+    from autoprune import rayenv
+
+    monkeypatch.setenv("TUNE_GLOBAL_CHECKPOINT_S", "unset")  # restored after the test
+    monkeypatch.setattr(rayenv, "USER_SNAPSHOT_S", None)
+    assert rayenv.snapshot_period(bucket=True) == "60" == os.environ["TUNE_GLOBAL_CHECKPOINT_S"]
+    assert rayenv.snapshot_period(bucket=False) == "1" == os.environ["TUNE_GLOBAL_CHECKPOINT_S"]
+    monkeypatch.setattr(rayenv, "USER_SNAPSHOT_S", "300")
+    assert rayenv.snapshot_period(bucket=False) == "300" == os.environ["TUNE_GLOBAL_CHECKPOINT_S"]
