@@ -30,6 +30,9 @@ def connect(plan: Plan) -> None:
 
 def _start(ray, plan: Plan, common: dict) -> None:
     if plan.address:
+        host = plan.address.removeprefix("ray://").rpartition(":")[0]
+        if host in ("127.0.0.1", "localhost", "[::1]", "::1"):  # a cluster on this machine: this driver too
+            loopback(ray)
         _join(ray, plan.address, common)
         # No node able to run a trial is not an error yet: an autoscaler adds nodes for pending
         # trials (the cloud configs scale workers from zero). --node-wait bounds the wait.
@@ -44,6 +47,7 @@ def _start(ray, plan: Plan, common: dict) -> None:
             )
         return
     own_token()
+    loopback(ray)
     try:
         with no_usage_server():
             ray.init(
@@ -57,6 +61,24 @@ def _start(ray, plan: Plan, common: dict) -> None:
     except BaseException:
         _drop_token()
         raise
+
+
+def loopback(ray) -> None:
+    """A local instance listens on 127.0.0.1 only. Ray binds a node's servers (GCS, raylet,
+    workers, agents, metrics) to the node's address, and on Linux turns 127.0.0.1 into the
+    host's routable address unless told this is not a cluster (what
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` sets at import); a process that joins a cluster
+    keeps Ray's default. The autoscaler's metrics take a free port rather than 44217, which
+    another instance on the machine may hold."""
+    global _cluster_flag
+    if _cluster_flag is None:
+        _cluster_flag = ray._private.ray_constants.ENABLE_RAY_CLUSTER
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault("AUTOSCALER_METRIC_PORT", "0")
+    os.environ.setdefault("DASHBOARD_METRIC_PORT", "0")
+
+
+_cluster_flag: bool | None = None  # Ray's own, while a local instance runs
 
 
 _TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -103,6 +125,9 @@ def stop() -> None:
     session = node.get_session_dir_path() if node is not None and node.head else None
     ray.shutdown()
     _drop_token()
+    global _cluster_flag
+    if _cluster_flag is not None:
+        ray._private.ray_constants.ENABLE_RAY_CLUSTER, _cluster_flag = _cluster_flag, None
     if session and Path(session).name.startswith("session_"):
         shutil.rmtree(session, ignore_errors=True)
         latest = Path(session).parent / "session_latest"

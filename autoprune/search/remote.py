@@ -7,10 +7,13 @@ run in the driver, as before."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
+from ..errors import AutopruneError
 from .plan import Plan
 
+LABELS = {"dense": "dense model's training", "final": "final re-run"}
 _where: dict[str, str] = {}  # what ran where on a cluster: "dense" / "final" -> Ray node id
 
 
@@ -30,9 +33,34 @@ def call(plan: Plan, what: str, fn, *args, **kwargs) -> Any:
 
     config = plan.config
     task = ray.remote(num_cpus=config.cpus_per_trial, num_gpus=config.gpus_per_trial, max_retries=1)(_run)
-    result, node = ray.get(task.remote(fn, args, kwargs))
+    ref = task.remote(fn, args, kwargs)
+    _wait_for_a_node(plan, ref, what)
+    result, node = ray.get(ref)
     _where[what] = node
     return result
+
+
+def _wait_for_a_node(plan: Plan, ref, what: str) -> None:
+    """Wait for the task; while no alive node can hold it (an autoscaler may add one), at most
+    ``--node-wait`` seconds, as the trials do."""
+    import ray
+
+    from .ray_connection import fitting_nodes
+
+    cpus, gpus, wait_s = plan.config.cpus_per_trial, plan.config.gpus_per_trial, plan.config.node_wait
+    since = None
+    while not ray.wait([ref], timeout=2.0)[0]:
+        if fitting_nodes(cpus, gpus):
+            since = None
+            continue
+        since = since or time.monotonic()
+        if time.monotonic() - since > wait_s:
+            ray.cancel(ref, force=True)
+            raise AutopruneError(
+                f"the cluster has had no node that can run a trial ({cpus:g} CPU, {gpus:g} GPU) for {wait_s:g} s "
+                f"(--node-wait), and the {LABELS.get(what, what)} runs on one: bring nodes up (or let an autoscaler add them) "
+                "and start the search again"
+            )
 
 
 def need(plan: Plan) -> str:

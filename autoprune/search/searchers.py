@@ -359,7 +359,7 @@ SEARCHERS.register("tpe")(
     SearcherSpec(
         _tpe,
         summary="Optuna TPE, constant liar (default)",
-        in_flight=lambda trials: max(1, trials // 4),
+        in_flight=lambda trials: max(2, trials // 4),
     )
 )
 SEARCHERS.register("nsga2")(

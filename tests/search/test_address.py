@@ -23,13 +23,32 @@ signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # Ray's atexit then stops
 from autoprune.rayenv import quiet_environment
 quiet_environment()
 import ray
-from autoprune.search.ray_connection import no_usage_server, own_token
+from autoprune.search.ray_connection import loopback, no_usage_server, own_token
 own_token()
+loopback(ray)
 with no_usage_server():
     ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1], log_to_driver=False)
 print("up", ray.get_runtime_context().gcs_address, flush=True)
 time.sleep(600)
 """
+
+
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def _listening(pids: list[int]) -> list[tuple[str, int]]:
+    """(address, port) of every listening TCP socket of ``pids`` and their descendants."""
+    import psutil
+
+    procs = [psutil.Process(p) for p in pids]
+    procs += [c for p in list(procs) for c in p.children(recursive=True)]
+    out = []
+    for proc in procs:
+        try:
+            out += [c.laddr[:2] for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    return out
 
 
 @pytest.fixture
@@ -65,6 +84,11 @@ def test_auto_never_joins_another_processs_local_instance(nothing_of_ours, tmp_p
         [line] = lines
         assert "--address auto found no cluster of yours" in line and "cluster/local.sh" in line
         assert time.time() - t0 < 60 and not (tmp_path / "st").exists()  # nothing started, nothing written
+        # the other instance listens on loopback only: its driver, GCS, raylet, workers, agents
+        listening = _listening([other.pid])
+        assert listening and all(ip in LOOPBACK for ip, _ in listening), listening
+        assert gcs.startswith("127.0.0.1:")
+
         # the other instance's token is its own, private (0600): not the shared ~/.ray/auth_token
         [token] = Path(os.environ["RAY_TMPDIR"], f"ap-ray-{os.getuid()}").glob(f"token-{other.pid}")
         assert token.stat().st_mode & 0o777 == 0o600 and not (home / ".ray" / "auth_token").exists()
