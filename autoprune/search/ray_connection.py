@@ -102,6 +102,15 @@ def own_token() -> None:
         _saved_env = {k: os.environ.get(k) for k in _TOKEN_ENV}
     os.environ.pop("RAY_AUTH_TOKEN", None)
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    _forget_token()
+
+
+def _forget_token() -> None:
+    """Ray's core reads a process's token once and keeps it: make it read the token again
+    (this instance's, or after it the user's own)."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _drop_token() -> None:
@@ -115,6 +124,7 @@ def _drop_token() -> None:
         else:
             os.environ[key] = value
     _saved_env = None
+    _forget_token()
 
 
 def stop() -> None:

@@ -131,3 +131,29 @@ def test_auto_is_ray_address_then_the_local_cluster_then_a_ray_start_head(nothin
 
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:7000")  # what `eval "$(cluster/local.sh env)"` sets, or a Ray job
     assert resolve_address("auto") == "127.0.0.1:7000"
+
+
+def test_local_instances_one_after_another_in_one_process_each_have_a_token(tmp_path):
+    """Ray's core reads a process's token once: a search's own token, and the user's after it,
+    are read again (an API user runs several searches, or Ray of their own, in one process)."""
+    from autoprune.rayenv import private_temp_dir, quiet_environment
+
+    quiet_environment()
+    import ray
+
+    from autoprune.search import ray_connection
+
+    def start() -> int:
+        with ray_connection.no_usage_server():
+            ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=private_temp_dir())
+        return ray.get(ray.remote(lambda: 1).remote())
+
+    tokens, users = [], os.environ.get("RAY_AUTH_TOKEN_PATH")
+    for _ in range(2):
+        ray_connection.own_token()
+        tokens.append(Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text())
+        assert start() == 1
+        ray_connection.stop()
+    assert tokens[0] != tokens[1] and os.environ.get("RAY_AUTH_TOKEN_PATH") == users
+    assert start() == 1  # Ray of the user's own, with their token, after the searches
+    ray_connection.stop()
