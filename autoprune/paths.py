@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import AutopruneError
@@ -144,14 +145,22 @@ def write_text(location: str, text: str) -> None:
     if not is_uri(location):
         p = Path(location)
         p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
+        tmp = p.with_name(f"{p.name}.{_writer()}.tmp")  # writers side by side each write their own
         tmp.write_text(text)
         tmp.replace(p)
         return
     fs, path = _fs(location)
     fs.create_dir(path.rpartition("/")[0], recursive=True)
-    with fs.open_output_stream(path) as f:
+    local = fs.type_name == "local"  # a file:// URI: written in place, so a reader could see half
+    with fs.open_output_stream(f"{path}.{_writer()}.tmp" if local else path) as f:
         f.write(text.encode())
+    if local:
+        fs.move(f"{path}.{_writer()}.tmp", path)
+
+
+def _writer() -> str:
+    """This process and thread, to name a file being written."""
+    return f"{os.getpid()}-{threading.get_ident()}"
 
 
 def texts(location: str, suffix: str) -> dict[str, str]:
