@@ -89,7 +89,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name in METHODS.names():
             method = METHODS.get(name)
             opts = ", ".join(f"{k}={method.defaults.get(k)}" for k in method.options)
-            print(f"{name:10s} {opts or '-':14s} {method.summary}")
+            print(f"{name:13s} {method.family:22s} {'/'.join(method.structures):21s} {opts or '-'}")
+            print(f"{'':13s} {method.summary}")
     elif args.what == "searchers":
         from .search.searchers import SEARCHERS
 

@@ -269,14 +269,19 @@ def methods_page() -> str:
     for name in METHODS.names():
         cls = METHODS.get(name)
         opts = ", ".join(code(k) for k in cls.options)
-        rows.append([f"[`{name}`](#{name})", cell(cls.summary), opts, YES[cls.in_steps]])
+        structures = ", ".join(cls.structures)
+        rows.append([f"[`{name}`](#{name})", cls.family, structures, cell(cls.summary), opts, YES[cls.in_steps]])
         steps = "prunes in several steps (a policy with `exact` ratios refuses it)" if cls.in_steps else "prunes once"
-        sections += [f"## {name}", cell(cls.summary), prose(cls.__doc__), f"It {steps}.", *_options(cls)]
+        searched = ", ".join(f"{code(k)} from {', '.join(map(str, v))}" for k, v in cls.space.items())
+        facts = f"- Family: {cls.family}\n- Structures: {structures}\n- It {steps}."
+        if searched:
+            facts += f"\n- The `methods` search space tries {searched}."
+        sections += [f"## {name}", cell(cls.summary), prose(cls.__doc__), facts, *_options(cls)]
     intro = (
         "A method decides when pruning happens and how the network recovers. Choose one with `--method NAME` and "
         "set its options with `--method-option KEY=VALUE` (a policy's `method_options`)."
     )
-    header = ["Method", "Summary", "Options", "In steps"]
+    header = ["Method", "Family", "Structures", "Summary", "Options", "In steps"]
     return page("Methods", "autoprune.engine.methods.METHODS", intro, table(header, rows), *sections)
 
 

@@ -31,12 +31,18 @@ class Method:
     with its default in ``defaults``; a policy sets them in ``Policy.method_options`` (the
     command line: ``--method-option KEY=VALUE``) and :meth:`settings` reads them, unset
     meaning the default. ``in_steps``: the method prunes in several steps (a policy with
-    ``exact`` ratios, pruned once as given, refuses it)."""
+    ``exact`` ratios, pruned once as given, refuses it). ``structures``: the structures it
+    prunes (a policy with another is refused). ``family``: the survey's family it belongs to
+    (``autoprune list methods`` shows it). ``space``: the values of each option the
+    ``methods`` search space chooses from (an option left out keeps its default there)."""
 
     name: ClassVar[str]
     summary: ClassVar[str]
+    family: ClassVar[str] = "train-prune-fine-tune"
+    structures: ClassVar[tuple[str, ...]] = ("channel", "unstructured")
     options: ClassVar[dict[str, Spec]] = {}
     defaults: ClassVar[dict[str, Any]] = {}
+    space: ClassVar[dict[str, list]] = {}
     in_steps: ClassVar[bool] = False
 
     def settings(self, policy: Policy) -> dict[str, Any]:
@@ -81,7 +87,12 @@ def check_policy(policy: Policy) -> None:
     its own fields; every path that runs a policy calls this first."""
     criterion = CRITERIA.get(policy.criterion)
     criterion(**policy.criterion_options)  # checks the option names and values
-    make_method(policy.method).settings(policy)
+    method = make_method(policy.method)
+    method.settings(policy)
+    if policy.structure not in method.structures:
+        raise AutopruneError(
+            f"method {policy.method!r} prunes structure(s) {', '.join(method.structures)}, not {policy.structure!r}"
+        )
     if policy.structure not in criterion.structures:
         raise AutopruneError(
             f"criterion {policy.criterion!r} supports structure(s) {', '.join(criterion.structures)}, "
@@ -101,6 +112,11 @@ def prune_then_train(run: MethodContext, start, recipe, phase: str, desc: str) -
     run.pruned(pruned)
     pruned.epochs = run.train(pruned.model, recipe, desc)
     return run.finish(pruned)
+
+
+def pruned_at_once(run: MethodContext) -> Pruned:
+    """A method that trains while it prunes, without fine-tuning epochs: prune to the budget at once."""
+    return prune_then_train(run, run.dense, run.policy.finetune, "no fine-tuning: pruned at once", "fine-tune")
 
 
 def floors(model, task, policy: Policy) -> dict[str, int]:

@@ -121,12 +121,25 @@ class MethodContext:
             hooks=hooks,
         )
 
-    def prune(self, model, budget: Budget, floors=None) -> Pruned:
-        scores = self.score(model, budget.fraction)
+    def prune(self, model, budget: Budget, floors=None, channel=None) -> Pruned:
+        """A copy of ``model`` pruned to ``budget`` by the policy's criterion (``channel``:
+        by these channel scores instead, see :func:`~autoprune.engine.stages.prune_to_budget`),
+        a latency budget checked by timing."""
+        scores = self.score(model, budget.fraction) if channel is None else None
 
         def solve(target=None) -> Pruned:
             return prune_to_budget(
-                model, self.task, self.policy, budget, scores, self.dense_cost, None, floors, self.latency, target
+                model,
+                self.task,
+                self.policy,
+                budget,
+                scores,
+                self.dense_cost,
+                None,
+                floors,
+                self.latency,
+                target,
+                channel,
             )
 
         pruned = solve()

@@ -85,9 +85,11 @@ class Gradual(Method):
     removed at the end; weights are masked. Without fine-tuning it prunes at once."""
 
     name = "gradual"
+    family = "gradual"
     summary = "Prune during fine-tuning on the cubic schedule (Zhu & Gupta 2017; Gale et al. 2019)."
     options = {"iterations": integer(1, most=MAX_STEPS, optional=True)}  # pruning steps
     defaults = {"iterations": 10}
+    space = {"iterations": [5, 10, 20]}
     in_steps = True
 
     def run(self, ctx: MethodContext) -> Pruned:

@@ -18,6 +18,7 @@ class Init(Method):
     throughout training."""
 
     name = "init"
+    family = "at initialisation"
     summary = "Pruning at initialisation (SNIP, GraSP, SynFlow, Fisher, Hutchinson), then training from scratch."
 
     def run(self, ctx: MethodContext) -> Pruned:

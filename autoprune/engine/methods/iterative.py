@@ -23,6 +23,7 @@ class Iterative(Method):
     summary = "k rounds of prune-a-little -> fine-tune, reaching the budget at round k (Han et al. 2015)."
     options = {"iterations": integer(1, most=MAX_STEPS, optional=True)}  # k, the rounds
     defaults = {"iterations": 3}
+    space = {"iterations": [2, 3, 5]}
     in_steps = True
 
     def run(self, ctx: MethodContext) -> Pruned:

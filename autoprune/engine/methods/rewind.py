@@ -16,6 +16,7 @@ class Rewind(Method):
     small fine-tuning rate."""
 
     name = "rewind"
+    family = "rewinding"
     summary = (
         "Prune once, then retrain with the dense model's learning-rate schedule "
         "(peak train lr, cosine): learning-rate rewinding (Renda et al. 2020)."

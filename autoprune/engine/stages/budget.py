@@ -78,8 +78,11 @@ def prune_to_budget(
     floors: dict[str, int] | None = None,
     latency: LatencyTable | None = None,
     target: float | None = None,
+    channel: dict[str, np.ndarray] | None = None,
 ) -> Pruned:
-    """Solve the budget for ``scores`` and prune a copy of ``model`` to it. Channel plans are
+    """Solve the budget for ``scores`` and prune a copy of ``model`` to it (``channel``: one
+    score per channel of each group, used as given instead of ``scores``: a method's own
+    measure that compares across groups, such as learned gates). Channel plans are
     checked against fvcore (FLOPs, params) or the latency table (latency, which ``latency``
     must then be) on the really pruned model and re-solved if they miss. The budget is a
     fraction of ``dense_cost``, which may be larger than ``model``'s own cost (iterative
@@ -91,7 +94,7 @@ def prune_to_budget(
     example = task.example_input().to(next(model.parameters()).device)
     if policy.structure == "unstructured":
         return _masked_to_budget(model, task, policy, budget, scores, dense_cost)
-    names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph)
+    names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph, channel)
     if budget.kind == "latency":
         base = module_widths(model)  # the model may be pruned already (iterative, gradual)
         dense = (dense_cost.flops, float(dense_cost.params), latency.predict())
@@ -188,18 +191,22 @@ def channel_problem(
     policy: Policy,
     scores: crit.Scores,
     graph: PrunableGraph | None = None,
+    channel: dict[str, np.ndarray] | None = None,
 ) -> tuple[list[str], list[int], dict[str, np.ndarray], CostModel]:
-    """The channel solver's inputs: group names and sizes, channel scores (normalised per
-    group for global scope) and the cost model."""
+    """The channel solver's inputs: group names and sizes, channel scores (the criterion's,
+    normalised per group for global scope; ``channel`` as given) and the cost model."""
     graph = graph or PrunableGraph(clone(model), example, embedding=policy.embedding)
     graph = leave_kept(graph, model, policy, example)
     if policy.scope == "per_layer":
         graph.check_names(policy.ratios or {})
-    criterion = crit.make_criterion(policy.criterion, policy.criterion_options)
-    reduced = crit.channel_scores(graph, scores, policy.reduction, out_only=criterion.out_only)
-    channel = {g: criterion.channel_value(v) for g, v in reduced.items()}
-    if policy.scope == "global":
-        channel = crit.normalise(channel)
+    if channel is not None:
+        channel = {g: channel[g] for g in graph.group_names()}
+    else:
+        criterion = crit.make_criterion(policy.criterion, policy.criterion_options)
+        reduced = crit.channel_scores(graph, scores, policy.reduction, out_only=criterion.out_only)
+        channel = {g: criterion.channel_value(v) for g, v in reduced.items()}
+        if policy.scope == "global":
+            channel = crit.normalise(channel)
     total, by_module = flops_by_module(model, example)
     names, sizes = graph.group_names(), [g.size for g in graph.groups]
     return names, sizes, channel, CostModel(graph, by_module, total)
