@@ -36,6 +36,9 @@ ROWS = {
     "init": Row(False, ("at initialisation",)),
     "iterative": Row(True, tuple(f"round {i}/3" for i in range(1, 4))),
     "gradual": Row(True, tuple(f"step {i}/10" for i in range(1, 11))),
+    "sfp": Row(False, ("soft prune 1/2", "soft prune 2/2")),
+    "slimming": Row(False, ("after sparsifying",)),
+    "group_lasso": Row(False, ("after sparsifying",)),
 }
 
 
