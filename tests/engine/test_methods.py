@@ -39,6 +39,8 @@ ROWS = {
     "sfp": Row(False, ("soft prune 1/2", "soft prune 2/2")),
     "slimming": Row(False, ("after sparsifying",)),
     "group_lasso": Row(False, ("after sparsifying",)),
+    "set": Row(False, ("initial masks", "final masks")),
+    "rigl": Row(False, ("initial masks", "final masks")),
 }
 
 
