@@ -41,6 +41,7 @@ ROWS = {
     "group_lasso": Row(False, ("after sparsifying",)),
     "set": Row(False, ("initial masks", "final masks")),
     "rigl": Row(False, ("initial masks", "final masks")),
+    "hardconcrete": Row(False, ("gates trained",)),
 }
 
 
