@@ -265,7 +265,7 @@ ROWS = [
     ("criterion", [*PRUNE, "--criterion", "psychic"], ["psychic", "magnitude", "random"], None),
     ("task", [*PRUNE, "--task", "mnist"], ["mnist", "digits", "cifar10", "imagefolder"], None),
     ("model", [*PRUNE, "--model", "vgg16"], ["vgg16", "digits_resnet"], None),
-    ("method", [*PRUNE, "--method", "lottery"], ["lottery", *METHODS.names()], None),
+    ("method", [*PRUNE, "--method", "lotto"], ["lotto", *METHODS.names()], None),
     ("structure-choice", [*PRUNE, "--structure", "blocks"], ["--structure", "'blocks'", "channel"], None),
     (
         "criterion-structure",

@@ -199,7 +199,7 @@ class Policy:
             raise AutopruneError("scope 'per_layer' needs 'ratios': a pruned fraction per group name")
         if self.exact and (self.scope != "per_layer" or self.structure != "channel"):
             raise AutopruneError("policy 'exact' needs scope 'per_layer' and structure 'channel'")
-        if self.exact and self.method in ("iterative", "gradual"):
+        if self.exact and self.method in ("iterative", "gradual", "lottery"):
             raise AutopruneError(
                 f"policy 'exact' prunes its ratios once; method {self.method!r} prunes in steps: "
                 "use oneshot, rewind or init"

@@ -200,17 +200,86 @@ def cache_dir(cfg: EngineConfig) -> Path:
     return Path(root).expanduser()
 
 
+# Dense training also keeps its weights after this many steps: the lottery method's default
+# rewind point. One epoch of digits (16 of its 480 dense steps, about 3%): Frankle et al. (2020)
+# find that rewinding to a point early in training (a small fraction of it) works where
+# rewinding to initialisation (step 0) fails.
+DENSE_REWIND_STEP = 16
+
+
+def dense_epochs(task: Task, cfg: EngineConfig) -> int:
+    """The dense training epochs of ``cfg``: ``--train-epochs``, else the task's own."""
+    return task.train_epochs if cfg.train_epochs is None else cfg.train_epochs
+
+
+def dense_path(task: Task, cfg: EngineConfig, epochs: int, model: nn.Module) -> Path:
+    """Where the dense model of ``task`` trained ``epochs`` epochs with ``cfg.seed`` is cached,
+    keyed by a hash of (task, ``model``'s architecture and source, seed, epochs, lr)."""
+    key = task.key(
+        {"seed": cfg.seed, "epochs": epochs, "lr": task.train_lr, "arch": architecture_key(model, source=True)}
+    )
+    return cache_dir(cfg) / f"{task.name.replace(':', '.')}-{task.model_name}-{key}.pt"
+
+
+def rewind_path(path: Path, step: int) -> Path:
+    """Where the weights of the dense run cached at ``path`` after ``step`` training steps are kept."""
+    return path.with_name(f"{path.stem}-step{step}.pt")
+
+
+class _Reached(Exception):
+    """The dense run reached the step it was asked to stop at."""
+
+
+class _Snapshots(TrainHook):
+    """Saves the model's state (on the CPU, atomically) after the optimiser steps in
+    ``paths``, before the next step runs; raises :class:`_Reached` there if it is ``stop``."""
+
+    def __init__(self, model: nn.Module, paths: dict[int, Path], stop: int | None) -> None:
+        self.model, self.paths, self.stop = model, paths, stop
+
+    def on_step_start(self, step: int, total: int) -> None:
+        if step in self.paths:
+            atomic_save(cpu_state(self.model), self.paths[step])
+        if step == self.stop:
+            raise _Reached
+
+
+def dense_training(
+    task: Task,
+    cfg: EngineConfig,
+    epochs: int,
+    device: torch.device,
+    save: dict[int, Path] | None = None,
+    stop: int | None = None,
+) -> nn.Module:
+    """The seeded dense run: the task's model built after seeding with ``cfg.seed``, trained
+    ``epochs`` epochs at ``task.train_lr`` on the cosine schedule. ``save``: the weights after
+    those steps are written to those paths; ``stop``: the run ends after that many steps
+    (the schedule is still the whole run's). On the CPU the same seed gives the same weights
+    at every step, so a shorter run reproduces the beginning of a longer one exactly."""
+    seed_everything(cfg.seed)
+    model = task.model_factory().to(device)
+    recipe = FinetuneConfig(epochs=epochs, lr=task.train_lr)
+    hook = _Snapshots(model, save or {}, stop)
+    try:
+        train(model, task, recipe, cfg.seed, device, desc="dense training", progress=cfg.progress, hooks=hook)
+    except _Reached:
+        pass
+    return model
+
+
 def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = print) -> nn.Module:
     """``--checkpoint`` if given, else the task's model trained once with ``cfg.seed`` and
-    cached on disk, keyed by a hash of (task, model architecture and source, seed, epochs).
-    An unreadable cache entry is reported and retrained; entries are written atomically."""
+    cached on disk (:func:`dense_path`), with its weights after ``DENSE_REWIND_STEP`` steps
+    beside it (:func:`rewind_path`). An unreadable cache entry is reported and retrained;
+    entries are written atomically."""
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = task.model_factory()
     if cfg.checkpoint:
         _load_checkpoint(model, cfg.checkpoint)
         return model.to(device).eval()
-    epochs = task.train_epochs if cfg.train_epochs is None else cfg.train_epochs
+    epochs = dense_epochs(task, cfg)
     if epochs == 0:
         if cfg.train_epochs is None:
             print(
@@ -220,10 +289,7 @@ def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = prin
                 file=sys.stderr,
             )
         return model.to(device).eval()
-    key = task.key(
-        {"seed": cfg.seed, "epochs": epochs, "lr": task.train_lr, "arch": architecture_key(model, source=True)}
-    )
-    path = cache_dir(cfg) / f"{task.name.replace(':', '.')}-{task.model_name}-{key}.pt"
+    path = dense_path(task, cfg, epochs, model)
     if path.is_file():
         try:
             load_state(model, load_tensors(path, "cached dense model"), f"cached dense model {str(path)!r}")
@@ -231,19 +297,8 @@ def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = prin
             return model.to(device).eval()
         except AutopruneError as exc:
             print(f"warning: {exc}; training it again", file=sys.stderr)
-            seed_everything(cfg.seed)
-            model = task.model_factory()
     log(f"dense model: training {task.model_name} on {task.name} for {epochs} epochs (cached after)")
-    model.to(device)
-    train(
-        model,
-        task,
-        FinetuneConfig(epochs=epochs, lr=task.train_lr),
-        cfg.seed,
-        device,
-        desc="dense training",
-        progress=cfg.progress,
-    )
+    model = dense_training(task, cfg, epochs, device, save={DENSE_REWIND_STEP: rewind_path(path, DENSE_REWIND_STEP)})
     atomic_save(cpu_state(model), path)
     return model.eval()
 

@@ -42,6 +42,7 @@ ROWS = {
     "set": Row(False, ("initial masks", "final masks")),
     "rigl": Row(False, ("initial masks", "final masks")),
     "hardconcrete": Row(False, ("gates trained",)),
+    "lottery": Row(True, ("round 1/1",)),  # rounds: at most one per fine-tuning epoch
 }
 
 

@@ -7,7 +7,7 @@ its row in ``tests/engine/test_methods.py``. Importing this package registers th
 """
 
 from . import oneshot, rewind, init, iterative, gradual  # noqa: F401, I001 - register, in this order
-from . import sfp, slimming, group_lasso, set, rigl, hardconcrete  # noqa: F401, I001, A004
+from . import sfp, slimming, group_lasso, set, rigl, hardconcrete, lottery  # noqa: F401, I001, A004
 from .base import METHODS, Method, check_policy, floors, make_method, prune_then_train, register, split
 from .context import LATENCY_CHECKS, LATENCY_UNDER, MethodContext, PrunedCallback
 from .gradual import GRADUAL_END, CubicSchedule, cubic_fraction, gradual_steps
