@@ -116,3 +116,26 @@ def pai(trial, table: LayerTable) -> dict:
 
 
 pai.structure = "unstructured"
+
+
+@SPACES.register("methods")
+def methods(trial, table: LayerTable) -> dict:
+    """Method (every registered one that prunes a structure the search allows), with its
+    options, x structure x criterion x scope: the survey's families compared under one
+    budget."""
+    from autoprune.engine.methods import METHODS
+
+    names = [n for n in METHODS.names() if set(METHODS.get(n).structures) & set(table.structures)]
+    method = trial.suggest_categorical("method", names)
+    cls = METHODS.get(method)
+    structures = [s for s in table.structures if s in cls.structures]
+    structure = structures[0] if len(structures) == 1 else trial.suggest_categorical(f"structure.{method}", structures)
+    return {
+        "method": method,
+        "structure": structure,
+        "criterion": trial.suggest_categorical(f"criterion_{structure}", criteria_for(structure)),
+        "scope": trial.suggest_categorical("scope", ["global", "local"]),
+        "method_options": {
+            key: trial.suggest_categorical(f"{method}.{key}", list(values)) for key, values in cls.space.items()
+        },
+    }

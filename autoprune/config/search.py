@@ -131,7 +131,7 @@ DEFAULT_EPOCHS = 3  # --epochs likewise
 SEARCH_HELP = {  # the flags' help, beside their field
     "name": "the search's name: results folder and MLflow experiment (default search-<date>-<time>)",
     "searcher": "tpe (default), nsga2 (Pareto front of accuracy, FLOPs, latency), random, grid or amc (a DDPG agent)",
-    "space": "default (default), criteria, pai or package.module:function",
+    "space": "default (default), criteria, pai, methods or package.module:function",
     "trials": f"trials (amc: episodes) to run (default {DEFAULT_TRIALS}; amc 25 per prunable group, at least 40; grid: its size)",
     "epochs": f"training epochs per trial (default {DEFAULT_EPOCHS}; amc 0)",
     "structure": "channel (default: channels removed, a really faster model), unstructured (weight masks: they "

@@ -55,9 +55,12 @@ def cost_metrics(result: dict) -> dict[str, float]:
 
 
 def trial_params(config: dict) -> dict[str, str]:
-    """A trial's params: ``policy.<field>`` (nested: ``policy.finetune.lr``), and
+    """A trial's params: ``policy.<field>`` (nested: ``policy.finetune.lr``), always with
+    its method (the default where the searcher left it: runs filter by method), and
     ``budget_fraction`` / ``space_error`` when the searcher set them."""
-    params = flat_params(POLICY, config.get("policy", {}))
+    from ..config import Policy
+
+    params = flat_params(POLICY, {"method": Policy.method, **config.get("policy", {})})
     if config.get("budget_fraction") is not None:
         params["budget_fraction"] = param_value(float(config["budget_fraction"]))
     if config.get("space_error") is not None:

@@ -221,6 +221,7 @@ def test_trial_params_say_requested_and_realised_apart(uri, tmp_path):
         "policy.ratios.layer2": "0.5",
         "policy.bn_warmup": "True",
         "policy.finetune.lr": "0.01235",
+        "policy.method": "oneshot",  # logged when the searcher left the default, too
         "budget_fraction": "0.3333",
     }
     realised = {k: v for k, v in run.data.metrics.items() if k.startswith("realised_pruned_fraction.")}

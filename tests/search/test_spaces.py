@@ -235,3 +235,24 @@ def test_simplicity_orders_scope_first_then_magnitude_before_other_criteria():
     ]
     ranks = [simplicity(p) for p in order]
     assert ranks == sorted(ranks) and ranks[0] < ranks[1] < ranks[2] < ranks[3] < ranks[4] <= ranks[5]
+
+
+@pytest.mark.parametrize("structures", [("channel", "unstructured"), ("channel",), ("unstructured",)])
+def test_methods_space_samples_every_method_with_its_options_and_a_structure_it_prunes(table, structures):
+    import dataclasses
+
+    from autoprune.engine import check_policy
+    from autoprune.engine.methods import METHODS
+
+    allowed = dataclasses.replace(table, structures=structures)
+    got = [Policy.from_dict(f) for _, f in _policies(SPACES.get("methods"), allowed, 150)]
+    for policy in got:
+        cls = METHODS.get(policy.method)
+        assert policy.structure in set(cls.structures) & set(structures)
+        check_policy(policy)  # the registry accepts the method, its options and the criterion
+        assert set(policy.method_options) == set(cls.space)
+        assert all(policy.method_options[k] in cls.space[k] for k in cls.space)
+    expected = {n for n in METHODS.names() if set(METHODS.get(n).structures) & set(structures)}
+    assert {p.method for p in got} == expected
+    assert {p.scope for p in got} == {"global", "local"}
+    assert any(p.method_options for p in got)

@@ -41,7 +41,8 @@ def _metric_history(uri: str, name: str, key: str) -> list[list[float]]:
 @pytest.fixture(scope="module")
 def example_searches(tmp_path_factory):
     """The three example tasks searched on one Ray instance: 3 trials of 1 epoch each (the two
-    baselines and one sampled policy), the best re-run once, no matched-compute baseline."""
+    baselines and one sampled policy), the best re-run once, no matched-compute baseline; and
+    digits in the ``methods`` space, 12 trials."""
     from autoprune.rayenv import quiet_environment
 
     quiet_environment()  # token authentication on, before Ray is imported
@@ -54,6 +55,7 @@ def example_searches(tmp_path_factory):
         "diabetes": TaskConfig(name="diabetes", batch_size=32),
         "tokens": TaskConfig(name="tokens", batch_size=64),
         "shapes": TaskConfig(name="shapes", model="small_segnet", image_size=32, batch_size=32),
+        "methods": TaskConfig(),  # digits, the methods space: 12 trials
     }
     from autoprune.search.ray_connection import no_usage_server, private_temp_dir, stop
 
@@ -74,7 +76,8 @@ def example_searches(tmp_path_factory):
             config = SearchConfig(
                 name=name,
                 budget=Budget("flops", 0.5),
-                trials=3,
+                trials=12 if name == "methods" else 3,
+                space="methods" if name == "methods" else "default",
                 epochs=1,
                 final_epochs=1,
                 final_top_k=1,
@@ -116,6 +119,29 @@ def test_a_search_ranks_on_the_tasks_metric(example_searches, name, key, mode):
     series = _metric_history(f"sqlite:///{tmp / 'mlflow.db'}", name, f"val_{key}")
     assert series and all(len(s) == 1 and all(math.isfinite(v) for v in s) for s in series)
     assert not any(_metric_history(f"sqlite:///{tmp / 'mlflow.db'}", name, "val_acc")) or key == "acc"
+
+
+def test_the_methods_space_compares_methods_and_logs_each_trials_method(example_searches):
+    """``--space methods --trials 12`` on digits: each trial's MLflow run names its method and
+    options, several methods are tried, and every completed trial met the budget."""
+    from mlflow.tracking import MlflowClient
+
+    from autoprune.engine.methods import METHODS
+
+    tmp, found = example_searches
+    summary, result = found["methods"]
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("methods").experiment_id], max_results=100)
+    trials = [r for r in runs if r.data.tags.get("autoprune.role") == "trial"]
+    assert len(trials) == len(result.trials) >= 12
+    methods = [r.data.params["policy.method"] for r in trials]
+    assert set(methods) <= set(METHODS.names()) and len(set(methods) - {"oneshot"}) >= 3
+    for r in trials:
+        options = {k for k in r.data.params if k.startswith("policy.method_options.")}
+        assert options == {f"policy.method_options.{k}" for k in METHODS.get(r.data.params["policy.method"]).space}
+    done = [t for t in result.trials if t.status == "completed"]
+    assert len(done) >= 10 and all(t.metrics["flops_ratio"] <= 0.5 + 1e-9 for t in done)
+    assert summary["best"]["flops_ratio"] <= 0.5 + 1e-9
 
 
 def _readme_task(tmp: Path) -> Path:
