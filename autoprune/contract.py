@@ -206,9 +206,17 @@ class TrialRecord:
         return asdict(self)
 
 
+def policy_text(policy: dict[str, Any], missing: str | None = None) -> str:
+    """``channel/snip/global``, and the method after it when it is not the default
+    (``channel/snip/global/sfp``); a field the policy lacks is left out, or shown as ``missing``."""
+    keys = ["structure", "criterion", "scope"] + (["method"] if policy.get("method", "oneshot") != "oneshot" else [])
+    return "/".join(str(policy.get(k) or missing) for k in keys if policy.get(k) or missing)
+
+
 def trial_label(policy: dict[str, Any], number: int, baseline: str | None = None) -> str:
-    """``channel/snip/global #7`` for the ``number``-th trial (counted from 1); a baseline
-    trial's says so: ``uniform baseline: channel/magnitude/local #1``."""
-    what = "/".join(str(policy[k]) for k in ("structure", "criterion", "scope") if policy.get(k))
+    """``channel/snip/global #7`` for the ``number``-th trial (counted from 1; its method
+    follows when not the default: ``channel/snip/global/sfp #7``); a baseline trial's says
+    so: ``uniform baseline: channel/magnitude/local #1``."""
+    what = policy_text(policy)
     label = f"{what or 'trial'} #{number}"
     return f"{baseline} baseline: {label}" if baseline else label

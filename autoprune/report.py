@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .contract import is_percent, show_metric, task_metric_keys
+from .contract import is_percent, policy_text, show_metric, task_metric_keys
 
 if TYPE_CHECKING:
     from .contract import TrialRecord
@@ -131,7 +131,7 @@ def trials_table(
         rows.append(
             [
                 f"#{r.number + 1} {r.trial_id}",
-                "/".join(str(p.get(k, "-")) for k in ("structure", "criterion", "scope")),
+                policy_text(p, "-"),
                 show_metric(score, m.get(score)),
                 f"{m[f'{kind}_ratio']:.3f}",
                 _ms(m.get("latency_predicted_ms")),

@@ -136,6 +136,8 @@ def test_the_methods_space_compares_methods_and_logs_each_trials_method(example_
     assert len(trials) == len(result.trials) >= 12
     methods = [r.data.params["policy.method"] for r in trials]
     assert set(methods) <= set(METHODS.names()) and len(set(methods) - {"oneshot"}) >= 3
+    for r, method in zip(trials, methods):  # a run's name says its method unless it is the default
+        assert r.info.run_name.split(" #")[0].endswith(f"/{method}") == (method != "oneshot"), r.info.run_name
     for r in trials:
         options = {k for k in r.data.params if k.startswith("policy.method_options.")}
         assert options == {f"policy.method_options.{k}" for k in METHODS.get(r.data.params["policy.method"]).space}
