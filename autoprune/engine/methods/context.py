@@ -191,12 +191,15 @@ class MethodContext:
     def pruned(self, pruned: Pruned) -> None:
         """The model has its final structure: recalibrate its BN statistics if the policy asks
         (``finetune.bn_recalibrate`` training batches), then tell ``on_pruned``."""
-        batches = self.policy.finetune.bn_recalibrate
-        if batches:
-            train = self.task.loader("train", shuffle=True, seed=self.cfg.seed, device=self.device)
-            bn_warmup(pruned.model, itertools.islice(train, batches), self.device)
+        if self.policy.finetune.bn_recalibrate:
+            self.recalibrate(pruned.model, self.policy.finetune.bn_recalibrate)
         if self.on_pruned is not None:
             self.on_pruned(pruned.model, pruned.ratios)
+
+    def recalibrate(self, model, batches: int) -> None:
+        """Recompute ``model``'s BN statistics on ``batches`` training batches (forward passes only)."""
+        train = self.task.loader("train", shuffle=True, seed=self.cfg.seed, device=self.device)
+        bn_warmup(model, itertools.islice(train, batches), self.device)
 
     def finish(self, pruned: Pruned) -> Pruned:
         pruned.events = self.events

@@ -35,7 +35,6 @@ the end.
 
 from __future__ import annotations
 
-import itertools
 import math
 from functools import partial
 
@@ -47,7 +46,7 @@ from ...schema import number
 from ..graph import PRUNABLE_TYPES, PrunableGraph, clone
 from ..hooks import ChannelMask, TrainHook
 from ..measure import flops_by_module
-from ..stages import Pruned, bn_warmup, leave_kept
+from ..stages import Pruned, leave_kept
 from .base import Method, pruned_at_once, register
 from .context import MethodContext
 
@@ -275,9 +274,7 @@ class GatePhase(TrainHook):
         self.step, self.expected = step, gates.expected
         gates.fold()
         self.mask.set(self.pruned.plan)
-        batches = ctx.policy.finetune.bn_recalibrate or BN_BATCHES
-        train = ctx.task.loader("train", shuffle=True, seed=ctx.cfg.seed, device=ctx.device)
-        bn_warmup(model, itertools.islice(train, batches), ctx.device)
+        ctx.recalibrate(model, ctx.policy.finetune.bn_recalibrate or BN_BATCHES)
         ctx.pruned(self.pruned)
 
 

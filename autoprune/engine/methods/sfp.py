@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import torch
 
 from ...schema import MAX_EPOCHS, integer, number
 from ..graph import PRUNABLE_TYPES, PrunableGraph, clone
 from ..hooks import ChannelMask, TrainHook
-from ..stages import Pruned, bn_warmup
+from ..stages import Pruned
 from .base import Method, floors, register
 from .context import MethodContext
 
@@ -139,8 +137,7 @@ class Sfp(Method):
             history = ctx.train(work, ctx.policy.finetune, "fine-tune (soft pruning)", hooks=[soft])
         pruned = soft.final()
         if epochs and not soft.recover and not ctx.policy.finetune.bn_recalibrate:
-            train = ctx.task.loader("train", shuffle=True, seed=ctx.cfg.seed, device=ctx.device)
-            bn_warmup(pruned.model, itertools.islice(train, RECALIBRATE), ctx.device)
+            ctx.recalibrate(pruned.model, RECALIBRATE)
         ctx.pruned(pruned)
         pruned.epochs = history
         return ctx.finish(pruned)

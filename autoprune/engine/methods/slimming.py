@@ -19,7 +19,6 @@ with momentum on a subgradient leaves a scale driven to zero oscillating around 
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -29,7 +28,7 @@ from ...errors import AutopruneError
 from ...schema import number
 from ..graph import NORM_TYPES, Group, PrunableGraph, clone
 from ..hooks import ChannelMask, TrainHook
-from ..stages import Pruned, bn_warmup, kept_layers
+from ..stages import Pruned, kept_layers
 from .base import Method, pruned_at_once, register
 from .context import MethodContext
 
@@ -159,8 +158,7 @@ class PenaltySchedule(TrainHook):
         ctx.pruned(pruned)
         batches = ctx.policy.finetune.bn_recalibrate
         if batches:  # ctx.pruned recalibrated the copy; the network that trains on is the masked one
-            train = ctx.task.loader("train", shuffle=True, seed=ctx.cfg.seed, device=ctx.device)
-            bn_warmup(self.work, itertools.islice(train, batches), ctx.device)
+            ctx.recalibrate(self.work, batches)
         elif training:
             self.restat.start(step)
 
