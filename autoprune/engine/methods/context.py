@@ -196,6 +196,10 @@ class MethodContext:
         if self.on_pruned is not None:
             self.on_pruned(pruned.model, pruned.ratios)
 
+    def steps_per_epoch(self) -> int:
+        """Training steps in one epoch of the task's training split (opens the split)."""
+        return len(self.task.loader("train", shuffle=True, seed=self.cfg.seed))
+
     def recalibrate(self, model, batches: int) -> None:
         """Recompute ``model``'s BN statistics on ``batches`` training batches (forward passes only)."""
         train = self.task.loader("train", shuffle=True, seed=self.cfg.seed, device=self.device)

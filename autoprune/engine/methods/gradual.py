@@ -99,7 +99,7 @@ class Gradual(Method):
         ctx.warm_up(work)
         if policy.finetune.epochs == 0:
             return prune_then_train(ctx, work, policy.finetune, "no fine-tuning: pruned at once", "fine-tune")
-        per_epoch = len(task.loader("train", shuffle=True, seed=ctx.cfg.seed))
+        per_epoch = ctx.steps_per_epoch()
         steps = gradual_steps(policy.finetune.epochs * per_epoch, n)
         mask = None
         if policy.structure == "channel":

@@ -306,7 +306,7 @@ class HardConcrete(Method):
         example = task.example_input().to(ctx.device)
         graph = leave_kept(PrunableGraph(work, example, embedding=policy.embedding), work, policy, example)
         cost = ExpectedCost(work, example, graph.groups, ctx.budget.kind)
-        total = policy.finetune.epochs * len(task.loader("train", shuffle=True, seed=ctx.cfg.seed))
+        total = policy.finetune.epochs * ctx.steps_per_epoch()
         end = max(1, int(round(GATE_END * total)))
         warm = max(1, int(round(TARGET_WARM * end)))
         gates = HardConcreteGates(work, graph.groups, cost, ctx.budget.fraction, opts, ctx.cfg.seed, warm)

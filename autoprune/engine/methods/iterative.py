@@ -27,12 +27,12 @@ class Iterative(Method):
     in_steps = True
 
     def run(self, ctx: MethodContext) -> Pruned:
-        task, policy, budget, cfg = ctx.task, ctx.policy, ctx.budget, ctx.cfg
+        task, policy, budget = ctx.task, ctx.policy, ctx.budget
         k = self.settings(policy)["iterations"]
         work = clone(ctx.dense)
         ctx.warm_up(work)
         caps = floors(ctx.dense, task, policy) if policy.structure == "channel" else None
-        per_epoch = len(task.loader("train", shuffle=True, seed=cfg.seed)) if policy.finetune.epochs else 0
+        per_epoch = ctx.steps_per_epoch() if policy.finetune.epochs else 0
         sizes, kept, history, epochs = {}, {}, [], []
         for i, n_epochs in enumerate(split(policy.finetune.epochs, k), start=1):
             step_budget = budget if i == k else Budget(budget.kind, budget.fraction ** (i / k), budget.tolerance)

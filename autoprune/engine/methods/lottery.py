@@ -51,7 +51,7 @@ def dense_run(ctx: MethodContext, k: int) -> tuple[int, Path]:
         path = dense_path(task, cfg, epochs, model)
         tried.append(str(path))
         if path.is_file() and _same(load_tensors(path, "cached dense model"), own):
-            total = epochs * len(task.loader("train", shuffle=True, seed=cfg.seed))
+            total = epochs * ctx.steps_per_epoch()
             if k >= total:
                 raise AutopruneError(
                     f"{why}, but the dense training took only {total} steps: pass --method-option rewind_step=K "
@@ -139,7 +139,7 @@ class Lottery(Method):
         ctx.warm_up(work)
         channel = policy.structure == "channel"
         caps = floors(ctx.dense, task, policy) if channel else None
-        per_epoch = len(task.loader("train", shuffle=True, seed=ctx.cfg.seed)) if policy.finetune.epochs else 0
+        per_epoch = ctx.steps_per_epoch() if policy.finetune.epochs else 0
         recipe = dataclasses.replace(policy.finetune, lr=task.train_lr, schedule="cosine")
         kept, history, trained, sizes = {}, [], [], {}
         for i, n_epochs in enumerate(split(policy.finetune.epochs, n), start=1):

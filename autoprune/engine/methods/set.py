@@ -224,7 +224,7 @@ def sparse_training(ctx: MethodContext, method: Method, updates: type[SparseUpda
     ctx.pruned(pruned)
     if policy.finetune.epochs == 0:
         return ctx.finish(pruned)
-    total = policy.finetune.epochs * len(ctx.task.loader("train", shuffle=True, seed=ctx.cfg.seed))
+    total = policy.finetune.epochs * ctx.steps_per_epoch()
     end = update_end(total)
     steps = update_steps(end, settings["interval"])
     hook = updates(pruned.model, list(pruned.counts), steps, end, settings["drop"], ctx.cfg.seed)

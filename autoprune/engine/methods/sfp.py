@@ -52,7 +52,7 @@ class SoftPrune(TrainHook):
         self.example = ctx.task.example_input().to(ctx.device)
         self.graph = PrunableGraph(work, self.example, embedding=ctx.policy.embedding)
         self.floors = floors(ctx.dense, ctx.task, ctx.policy)
-        self.per_epoch = len(ctx.task.loader("train", shuffle=True, seed=ctx.cfg.seed)) if epochs else 0
+        self.per_epoch = ctx.steps_per_epoch() if epochs else 0
         self.total = 1 + len(range(interval, self.soft_until, interval)) + (1 if epochs else 0)
         self.plans: list[dict[str, np.ndarray]] = []
         self.mask: ChannelMask | None = None

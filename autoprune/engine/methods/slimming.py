@@ -188,7 +188,7 @@ class PenaltyMethod(Method):
         kept = kept_layers(work, policy, example)
         groups = [g for g in mask.graph.groups if not any(it.module in kept for it in g.items)]
         penalty = self.penalty_type(work, groups)
-        total = policy.finetune.epochs * len(task.loader("train", shuffle=True, seed=ctx.cfg.seed))
+        total = policy.finetune.epochs * ctx.steps_per_epoch()
         schedule = PenaltySchedule(ctx, work, mask, penalty, opts["penalty"], prune_step(total, opts["sparsify"]))
         epochs = ctx.train(work, policy.finetune, f"fine-tune ({self.name})", hooks=[schedule, mask, schedule.restat])
         if schedule.pruned is None:  # the prune step falls after the last batch
