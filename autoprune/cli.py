@@ -62,8 +62,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .jobs import export_job
 
-    path = export_job(args.model_path, task_flags(args), args.format, args.out, args.overwrite)
-    print(f"exported {args.format} to {path}")
+    files = export_job(args.model_path, task_flags(args), args.format, args.out, args.overwrite)
+    print(f"exported {args.format} to {files[0]}")
+    for extra in files[1:]:  # an ONNX model's weights over 2 GiB: a file that must stay beside it
+        print(f"  with its weights in {extra} (keep it beside {files[0].name})")
     return 0
 
 

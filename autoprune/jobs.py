@@ -138,10 +138,12 @@ def evaluate_job(
     return metrics
 
 
-def export_job(model_path: str, task: dict[str, Any], fmt: str, out: str | None, overwrite: bool = False) -> Path:
+def export_job(model_path: str, task: dict[str, Any], fmt: str, out: str | None, overwrite: bool = False) -> list[Path]:
     """``autoprune export``: the output location is checked before the model is rebuilt; it
-    must not exist unless ``overwrite``."""
-    from .engine.checkpoint import export_model, load_model
+    must not exist unless ``overwrite``. Returns every file written, the model file first
+    (:func:`autoprune.engine.export.export_model`)."""
+    from .engine.checkpoint import load_model
+    from .engine.export import export_model
     from .paths import check_output_file
 
     target = check_output_file(
@@ -153,7 +155,7 @@ def export_job(model_path: str, task: dict[str, Any], fmt: str, out: str | None,
             "that name"
         )
     model, built, _ = load_model(model_path, task)
-    return export_model(model, built.example_input(), target, fmt)
+    return export_model(model, built.example_input(), target, fmt, name=built.model_name)
 
 
 def ui_job(tracking_uri: str | None, host: str, port: int) -> int:

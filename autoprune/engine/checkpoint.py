@@ -1,4 +1,4 @@
-"""Saving, loading and exporting models; every file is data.
+"""Saving and loading models; every file is data (exporting for deployment is :mod:`.export`).
 
 Files load with ``torch.load(weights_only=True)``. A saved pruned model is a validated
 record (:class:`ModelRecord`): weights, the pruning history replayed on the dense
@@ -317,23 +317,3 @@ def load_model(path: str | Path, task: TaskConfig | dict[str, Any] | None = None
             raise AutopruneError(other) from None
     load_state(model, record.state_dict, f"the weights in {str(path)!r}")
     return model.eval(), built, record
-
-
-def export_model(model: nn.Module, example_input: torch.Tensor, out: str | Path, fmt: str) -> Path:
-    """Export for deployment: ``pt2`` (torch.export) or ``onnx`` (needs the onnx extra)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval()
-    if fmt == "pt2":
-        program = torch.export.export(model, (example_input,))
-        torch.export.save(program, str(out))
-    elif fmt == "onnx":
-        try:
-            import onnx  # noqa: F401
-            import onnxscript  # noqa: F401
-        except ImportError:
-            raise AutopruneError("ONNX export needs the onnx extra: pip install 'autoprune[onnx]'") from None
-        torch.onnx.export(model, (example_input,), str(out), dynamo=True, verbose=False)
-    else:
-        raise AutopruneError(f"unknown export format {fmt!r}; choose one of: pt2, onnx")
-    return out
