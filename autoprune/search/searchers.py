@@ -9,9 +9,7 @@ every registered searcher against it, without Ray running.
 from __future__ import annotations
 
 import contextlib
-import io
-import pickle
-import threading
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,11 +20,11 @@ from ..contract import TRIAL_CONFIG_KEYS, TrialConfig, is_final, metric_mode, ob
 from ..errors import AutopruneError
 from ..rayenv import quiet_environment
 from ..registry import Registry, load_object
+from .portable import PortableState
 
 quiet_environment()
 import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
-from ray import cloudpickle  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -162,47 +160,6 @@ def define_by_run(space_spec: str, table, budget: Budget | None, trial, floor: f
         return TrialConfig(budget_fraction=fraction, space_error=f"{type(exc).__name__}: {exc}").to_config()
 
 
-_LOCKS = {type(threading.Lock()): threading.Lock, type(threading.RLock()): threading.RLock}
-
-
-class _LockFreePickler(cloudpickle.Pickler):
-    """Ray's cloudpickle (functions of ``__main__`` and closures by value, as Tune pickles),
-    writing a thread lock as "a new, unheld lock of this kind". Optuna's samplers may hold
-    locks (optuna 5.1's genetic samplers do), which pickle refuses; a lock guards one
-    process's threads, so a copy in another process needs a fresh one."""
-
-    def reducer_override(self, obj):
-        make = _LOCKS.get(type(obj))
-        return (make, ()) if make is not None else super().reducer_override(obj)
-
-
-def portable_dumps(obj: Any) -> bytes:
-    """``pickle.dumps(obj)``, with every thread lock inside it written as a fresh one."""
-    buffer = io.BytesIO()
-    _LockFreePickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
-    return buffer.getvalue()
-
-
-class PortableState:
-    """A searcher whose state survives Ray Tune's pickling, whatever sampler objects it holds:
-    Tune pickles the searcher into ``tuner.pkl`` when the Tuner is built, and into
-    ``searcher-state-*.pkl`` at every experiment snapshot (``save``)."""
-
-    def __getstate__(self) -> dict:
-        return {"portable_state": portable_dumps(self.__dict__)}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(pickle.loads(state["portable_state"]))
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "wb") as f:
-            f.write(portable_dumps(self.__dict__))
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
-
-
 class PolicyOptunaSearch(PortableState, OptunaSearch):
     """``OptunaSearch`` that tells the sampler the truth about trials ASHA stopped early.
 
@@ -214,17 +171,34 @@ class PolicyOptunaSearch(PortableState, OptunaSearch):
     finished without error and without its final report (``contract.is_final``). It is
     pickled with the Tuner (for ``--resume``), so it lives at module level, and pickles
     whatever sampler it wraps (:class:`PortableState`); a resume does not read that pickle
-    back, but tells a new searcher the finished trials (:meth:`tell_finished`)."""
+    back, but tells a new searcher the finished trials (:meth:`tell_finished`).
+
+    A proposal that repeats one made before in the search (the same policy and budget: NSGA-II's
+    crossover of like parents, a sampler's draw from a small space) would cost a trial to learn
+    what is known, so the sampler is asked again, up to :data:`REPEAT_ASKS` times; the repeat is
+    told to Optuna as failed, which no sampler learns from. A sampler that keeps repeating (a
+    converged population, an exhausted grid) has its proposal run."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.proposed: set[str] = set()  # proposal_key of every config proposed in the search
 
     def suggest(self, trial_id: str):
         """The :class:`TrialConfig` the space returned, with the Optuna trial's parameters, their
         distributions and its system attributes as the searcher's data (what
         :meth:`tell_finished` reads back on a resume). Ray's ``OptunaSearch`` also copies every
         raw Optuna parameter into the config; they are all in the policy already."""
-        config = super().suggest(trial_id)
-        if not isinstance(config, dict):
-            return config  # None (wait) or Searcher.FINISHED
-        out = {k: v for k, v in config.items() if k in TRIAL_CONFIG_KEYS}
+        for ask in range(REPEAT_ASKS + 1):
+            config = super().suggest(trial_id)
+            if not isinstance(config, dict):
+                return config  # None (wait) or Searcher.FINISHED
+            out = {k: v for k, v in config.items() if k in TRIAL_CONFIG_KEYS}
+            key = proposal_key(out)
+            if key not in self.proposed or "space_error" in out or ask == REPEAT_ASKS:
+                break
+            with contextlib.suppress(RuntimeError):  # an exhausted GridSampler's Study.stop(), as below
+                self._ot_study.tell(self._ot_trials.pop(trial_id), state=TrialState.FAIL)
+        self.proposed.add(key)
         out["searcher"] = _optuna_memo(self._ot_study, self._ot_trials[trial_id])
         return out
 
@@ -234,6 +208,7 @@ class PolicyOptunaSearch(PortableState, OptunaSearch):
         with their per-epoch values, or failed. The sampler then goes on from them."""
         metrics = self.metric if isinstance(self.metric, list) else [self.metric]
         for rec in records:
+            self.proposed.add(proposal_key(rec["config"]))
             try:
                 self._ot_study.add_trial(_frozen(rec, metrics, isinstance(self.metric, list)))
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -259,6 +234,17 @@ class PolicyOptunaSearch(PortableState, OptunaSearch):
             self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
 
 
+# the most times a searcher asks its sampler again for a proposal that repeats one (an ask takes
+# milliseconds, a trial minutes)
+REPEAT_ASKS = 10
+
+
+def proposal_key(config: dict[str, Any]) -> str:
+    """What a trial config proposes (its policy and budget fraction, not the searcher's data),
+    as one string: equal for equal proposals."""
+    return json.dumps({k: v for k, v in config.items() if k != "searcher"}, sort_keys=True, default=repr)
+
+
 def _optuna_memo(study, trial) -> dict[str, Any]:
     """What a resume needs to add an Optuna trial to a new study: its parameters, their
     distributions (Optuna's JSON) and its system attributes (a grid sampler's grid point,
@@ -274,8 +260,6 @@ def _optuna_memo(study, trial) -> dict[str, Any]:
 
 
 def _is_json(value: Any) -> bool:
-    import json
-
     try:
         json.dumps(value, allow_nan=False)
         return True
