@@ -5,6 +5,7 @@ tests all call :func:`run`; nothing here knows of Ray or MLflow."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,10 @@ def compare_latency(dense: nn.Module, pruned: nn.Module, input_shape, config: Me
     """Dense against pruned, timed side by side at every batch size (see
     :func:`autoprune.engine.measure.speedup`): the keys ``latency_measured_ms`` (at the latency batch),
     ``latency_ms_by_batch``, ``dense_latency_ms_by_batch``, ``speedup`` (at the latency
-    batch), ``speedup_spread`` (its quartiles over the rounds) and ``speedup_by_batch``."""
+    batch) and ``speedup_by_batch``: dense median / pruned median, so that a speed-up agrees
+    with the two latencies shown beside it; ``speedup_per_round_by_batch``: the median of the
+    per-round ratios, ``speedup_spread`` (at the latency batch) and ``speedup_spread_by_batch``:
+    their quartiles (how noisy the timing was)."""
     config = _with_latency_batch(config)
     timed = {str(b): speedup(dense, pruned, input_shape, b, config) for b in config.batch_sizes}
     main = timed[str(config.latency_batch)]
@@ -79,9 +83,11 @@ def compare_latency(dense: nn.Module, pruned: nn.Module, input_shape, config: Me
         "latency_batch": config.latency_batch,
         "latency_ms_by_batch": {b: t["pruned_ms"] for b, t in timed.items()},
         "dense_latency_ms_by_batch": {b: t["dense_ms"] for b, t in timed.items()},
-        "speedup": main["speedup"],
+        "speedup": main["dense_ms"] / main["pruned_ms"],
         "speedup_spread": main["spread"],
-        "speedup_by_batch": {b: t["speedup"] for b, t in timed.items()},
+        "speedup_by_batch": {b: t["dense_ms"] / t["pruned_ms"] for b, t in timed.items()},
+        "speedup_per_round_by_batch": {b: t["speedup"] for b, t in timed.items()},
+        "speedup_spread_by_batch": {b: t["spread"] for b, t in timed.items()},
     }
 
 
@@ -97,6 +103,7 @@ def run(
     on_pruned: PrunedCallback | None = None,
     latency: LatencyTable | None = None,
     measure_latency: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Prune a copy of ``dense`` by ``policy`` to ``budget``, fine-tune and measure it.
     ``on_epoch`` and ``on_pruned`` are the method's callbacks (see :class:`MethodContext`).
@@ -104,7 +111,7 @@ def run(
     model's predicted latency is reported (``latency_predicted_ms``, ``predicted_speedup``).
     ``measure_latency``: time the pruned model against the dense one, side by side (a search's
     trials do not: they share the machine, and decide on the prediction); a latency budget is
-    then also checked against that timing."""
+    then also checked against that timing, which ``log`` announces (it takes a while)."""
     check_policy(policy)
     check_budget(policy, budget)
     device = next(dense.parameters()).device
@@ -130,6 +137,9 @@ def run(
         out["latency_ratio"] = out["latency_predicted_ms"] / latency.predict()
         out["predicted_speedup"] = 1.0 / out["latency_ratio"]
     if measure_latency:
+        if log is not None:
+            sizes = ", ".join(str(b) for b in _with_latency_batch(cfg.measure).batch_sizes)
+            log(f"timing the pruned model beside the dense one ({cfg.measure.repeats} rounds at batch {sizes}) ...")
         out.update(compare_latency(dense, model, task.input_shape, cfg.measure))
         dense_metrics["latency_ms_by_batch"] = out.pop("dense_latency_ms_by_batch")
         dense_metrics["latency_measured_ms"] = dense_metrics["latency_ms_by_batch"][str(cfg.measure.latency_batch)]

@@ -3,6 +3,7 @@ Tuner for ``--resume``, so it keeps little state)."""
 
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 
@@ -18,16 +19,38 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
+AFTER = "final re-run"  # what the work after the trials is called in the line
+
+
+def _eta(left: int, trials_s: float | None, after_s: float | None) -> str:
+    """The line's remaining time: ``left`` trials estimated at ``trials_s`` seconds (None: not
+    yet known), and the work after them, ``after_s`` seconds (0: none; None: not yet known)."""
+    if not left:
+        return f", ~{_clock(after_s)} left ({AFTER})" if after_s else ""
+    if trials_s is None:
+        return ", ? left"
+    if after_s == 0:
+        return f", ~{_clock(trials_s)} left"
+    if after_s is None:
+        return f", ~{_clock(trials_s)} left + the {AFTER}"
+    return f", ~{_clock(trials_s + after_s)} left ({_clock(trials_s)} trials + ~{_clock(after_s)} {AFTER})"
+
+
 class ProgressLine(Callback):
     """One live line in place of Tune's tables: trials done / running / failed, the best
     value of the task's validation metric so far, elapsed and estimated remaining time. On a terminal it is
     rewritten in place; otherwise a line is printed whenever a trial ends. Counts come from
-    Tune's trial list, so they stay right after ``--resume``."""
+    Tune's trial list, so they stay right after ``--resume``.
 
-    def __init__(self, total: int, enabled: bool = True, score: str = "val_acc") -> None:
+    ``after_epochs``: the epochs the driver trains once the trials are done (the final re-run
+    of the best trials, the matched uniform run), added to the remaining time at the trials'
+    measured time per epoch (:meth:`_after_s`); 0 leaves it out."""
+
+    def __init__(self, total: int, enabled: bool = True, score: str = "val_acc", after_epochs: int = 0) -> None:
         self.total = total
         self.enabled = enabled
         self.score, self.mode = score, metric_mode(score)  # the task's metric, and which way is better
+        self.after_epochs = after_epochs  # epochs the driver trains after the trials, one run at a time
         self.setup()
 
     def setup(self, **info) -> None:
@@ -48,13 +71,24 @@ class ProgressLine(Callback):
         best = f"best {self.score.replace('_', ' ')} {show_metric(self.score, top)}"
         elapsed = time.time() - self.t0
         left = max(0, self.total - done - failed)
-        if not left:
-            eta = ""
-        elif self.ended_here:
-            eta = f", ~{_clock(elapsed / self.ended_here * left)} left"
-        else:
-            eta = ", ? left"
+        trials_left = elapsed / self.ended_here * left if self.ended_here else None
+        eta = _eta(left, trials_left, self._after_s(trials) if self.after_epochs else 0.0)
         return f"trials {done + failed}/{self.total} done, {running} running, {failed} failed | {best} | {_clock(elapsed)} elapsed{eta}"
+
+    def _after_s(self, trials) -> float | None:
+        """Seconds of the work after the trials: ``after_epochs`` times a trial's median wall
+        time per epoch (Tune's ``time_total_s`` over the epochs it reported, so a trial the
+        scheduler stopped early counts what it ran); None before any trial has ended. The
+        driver runs that work one run at a time, with no more threads than a trial has
+        (engine.threads.driver_threads), so one epoch there takes about a trial's epoch."""
+        per_epoch = [
+            t.last_result["time_total_s"] / t.last_result["training_iteration"]
+            for t in trials
+            if t.status == "TERMINATED"
+            and t.last_result.get("time_total_s")
+            and t.last_result.get("training_iteration")
+        ]
+        return self.after_epochs * statistics.median(per_epoch) if per_epoch else None
 
     def _draw(self, trials, ended: bool = False) -> None:
         if not self.enabled:

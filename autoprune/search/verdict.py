@@ -93,24 +93,18 @@ def search_epochs(records: list[TrialRecord], reruns: int, final_epochs: int) ->
 def matched_uniform(f, epochs: int, structure: str):
     """The uniform baseline fine-tuned for ``epochs`` (the search's whole compute), tested and
     timed beside the dense model (the engine's result: it may become the search's model)."""
+    policy = Policy.from_dict({**BASELINES[UNIFORM], "structure": structure, "finetune": {"epochs": epochs}})
+    return final_run(f, policy, f.plan.config.budget, epochs)
+
+
+def final_run(f, policy: Policy, budget: Budget, epochs: int):
+    """``policy`` run from the dense model for ``epochs`` to ``budget``, tested once and timed
+    beside the dense model, where the trials ran (the engine's result)."""
     from .. import engine
 
-    config = f.plan.config
-    policy = Policy.from_dict({**BASELINES[UNIFORM], "structure": structure, "finetune": {"epochs": epochs}})
-    cfg = dataclasses.replace(config.engine, train_epochs=epochs)
-    return remote.call(
-        f.plan,
-        "final",
-        engine.run,
-        f.task,
-        f.dense,
-        policy,
-        config.budget,
-        cfg,
-        f.dense_metrics,
-        test=True,
-        latency=f.latency,
-    )
+    cfg = dataclasses.replace(f.plan.config.engine, train_epochs=epochs)
+    args = (f.task, f.dense, policy, budget, cfg, f.dense_metrics)
+    return remote.call(f.plan, "final", engine.run, *args, test=True, latency=f.latency, log=f.say)
 
 
 def gain(best_test: float, uniform_test: float, n_test: int, key: str = "test_acc") -> dict[str, Any]:
@@ -212,3 +206,22 @@ def against_uniform(f, final, reruns: dict[str, Any] | None) -> tuple[Any, dict[
         g = {**g, "points": 0.0, "beyond_noise": False, "best_trial_points": g["points"]}
     matched = {"policy": uniform.policy.to_dict(), "epochs": epochs, **figures, "gain": g, "verdict": verdict}
     return uniform, {"uniform_matched": {**matched, "returned": returned}}, returned
+
+
+def epochs_after_trials(plan) -> int:
+    """The fine-tuning epochs the driver runs once the trials are done, as :func:`choose` and
+    :func:`against_uniform` will decide them (for the progress line's estimate): the top
+    trials and the uniform baseline re-run at the final length (on the seeds
+    :func:`rerun_seeds` would pick), the best's final run, and uniform pruning fine-tuned for
+    the search's whole compute. 0 for trials that do not train (an estimate per epoch of
+    theirs would mean nothing)."""
+    config, final = plan.config, plan.config.final_epochs
+    trials = plan.trials * plan.epochs
+    if not trials:
+        return 0
+    reruns = 0
+    if plan.metric == plan.score and config.final_top_k >= 2 and final >= 1:
+        candidates = config.final_top_k + 1
+        reruns = candidates * (config.final_seeds or max(1, min(3, trials // max(1, candidates * final))))
+    after = (reruns + 1) * final
+    return after + (trials + after if config.matched_baseline else 0)
