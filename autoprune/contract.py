@@ -199,8 +199,8 @@ class TrialRecord:
 
     @property
     def label(self) -> str:
-        """What the trial is, for people: ``channel/snip/global #7`` (its MLflow run's name)."""
-        return trial_label(self.policy, self.number + 1, self.baseline)
+        """What the trial is, for people: ``#7 snip/global`` (its MLflow run's name)."""
+        return trial_label(self.policy, self.number + 1, self.baseline, self.metrics)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -213,10 +213,21 @@ def policy_text(policy: dict[str, Any], missing: str | None = None) -> str:
     return "/".join(str(policy.get(k) or missing) for k in keys if policy.get(k) or missing)
 
 
-def trial_label(policy: dict[str, Any], number: int, baseline: str | None = None) -> str:
-    """``channel/snip/global #7`` for the ``number``-th trial (counted from 1; its method
-    follows when not the default: ``channel/snip/global/sfp #7``); a baseline trial's says
-    so: ``uniform baseline: channel/magnitude/local #1``."""
-    what = policy_text(policy)
-    label = f"{what or 'trial'} #{number}"
-    return f"{baseline} baseline: {label}" if baseline else label
+def trial_label(
+    policy: dict[str, Any], number: int, baseline: str | None = None, metrics: dict[str, Any] | None = None
+) -> str:
+    """``#7 snip/global`` for the ``number``-th trial (counted from 1), the number first so
+    that a cut name keeps it: the criterion and scope, the method after them when not the
+    default (``#7 snip/global/sfp``), ``masks`` for unstructured pruning (``#7 magnitude/local
+    masks``); a baseline trial's says so (``#1 uniform baseline``). An agent's episode, once
+    it has its reward, is named by that and the FLOPs it kept: ``#7 r=0.83 f=0.44``."""
+    m = metrics or {}
+    if m.get("reward") is not None and m.get("flops_ratio") is not None:
+        return f"#{number} r={m['reward']:.2f} f={m['flops_ratio']:.2f}"
+    keys = ["criterion", "scope"] + (["method"] if policy.get("method", "oneshot") != "oneshot" else [])
+    what = "/".join(str(policy[k]) for k in keys if policy.get(k))
+    if policy.get("structure") == "unstructured":
+        what = f"{what} masks".strip()
+    if baseline:
+        return f"#{number} {baseline} baseline" + (f" ({what})" if what else "")
+    return f"#{number} {what or 'trial'}"

@@ -27,12 +27,21 @@ def with_prediction(model, predict):
 
 
 def log_best_model(
-    uri: str, experiment_id: str, run_id: str, model, example, registered_name: str, predict=None
+    uri: str,
+    experiment_id: str,
+    run_id: str,
+    model,
+    example,
+    registered_name: str,
+    predict=None,
+    description: str = "",
+    tags: dict[str, str] | None = None,
 ) -> str | None:
     """Log ``model`` as the MLflow model ``best_model`` of the search run (traced on
     ``example``: MLflow's pt2 format) and register it as ``registered_name``, so it is in the
     Models tab and the registry. A model whose output is not a tensor (a dict, an output
     object) is logged with ``predict`` (the task's prediction of its outputs) as its output.
+    The registered version gets ``description`` and ``tags`` (what it is, in the Models tab).
     Returns its ``models:/`` URI, or None (with a warning on stderr) when MLflow cannot log
     it: the search's own model.pt is what it produced."""
     import mlflow
@@ -62,6 +71,12 @@ def log_best_model(
                 pip_requirements=[pin(torch), pin(torchvision)],  # inferring them takes seconds
                 run_id=run_id,
             )
+            version = getattr(info, "registered_model_version", None)
+            if version is not None:
+                registry = mlflow.MlflowClient(uri)
+                registry.update_model_version(registered_name, str(version), description=description)
+                for key, value in (tags or {}).items():
+                    registry.set_model_version_tag(registered_name, str(version), key, value)
         return info.model_uri
     except Exception as exc:  # noqa: BLE001 - the model is saved as model.pt whatever MLflow makes of it
         print(

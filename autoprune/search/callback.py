@@ -30,6 +30,7 @@ from ..tracking.store import (
     flat_params,
     log,
     param_value,
+    tracking_down,
 )
 from . import journal
 from .baselines import baseline_of
@@ -39,10 +40,12 @@ quiet_environment()
 from ray.tune import Callback  # noqa: E402
 
 EPOCH_METRICS = ("val_loss", "loss")  # a series over the epochs (step: the epoch), with the task's metric
+# the prefix of those series: the UI's section of that name comes first on a run's page, before
+# the single values; the task's metric is also kept unprefixed, its latest value, for the runs table
+CURVES = "epochs"
 REALISED = "realised_pruned_fraction"  # metric prefix: the pruned fraction a trial reached per group or layer
 CLOSE_WAIT_S = 300.0  # at the end of a search: how long the writer waits for a tracking server that went away
 BEHIND_RETRY_MAX_S = 15.0  # the longest pause between two tries of a store that does not answer
-HEALTH_TIMEOUT_S = 5.0
 POLICY = "policy"  # param prefix: the policy fields the searcher chose (``policy.ratios.<group>``: requested)
 
 
@@ -97,11 +100,13 @@ class TrialLogger(Callback):
     stops answering delays the runs, not the trials (the writer tries again until it
     answers, and says once that tracking is behind).
 
-    A child run is named after its trial (``channel/snip/global #7``: :func:`trial_label`,
-    numbered in the order the trials started, after the trials a resumed search recorded). Per
-    epoch it gets the task's metric (``val_acc``, ``val_rmse`` ...) and ``loss`` (step: the epoch); the pruned model's cost, once
-    known (also for a trial the scheduler stops later), and the final report's metrics are
-    single values at step 0.
+    A child run is named after its trial (``#7 snip/global``: :func:`trial_label`,
+    numbered in the order the trials started, after the trials a resumed search recorded); an
+    agent's episode is renamed by its reward when it ends. Per epoch it gets the task's metric
+    (``val_acc``, ``val_rmse`` ...), ``loss`` and ``val_loss`` as ``epochs/<key>`` (step: the
+    epoch: the run page's first charts); the task's metric's latest value, the pruned model's
+    cost, once known (also for a trial the scheduler stops later), and the final report's
+    metrics are single values at step 0 (the runs table's columns).
 
     Each trial that ends gets its record in the search folder (:mod:`.journal`: what
     ``--resume`` reads) on the loop, before its run is ended. Tune pickles the callback with
@@ -254,7 +259,7 @@ class TrialLogger(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         tags = {NODE_ID: result["node_id"]} if result.get("node_id") and step <= 1 else None
-        metrics = {k: result.get(k) for k in (*EPOCH_METRICS, *task_metric_keys(result))}
+        metrics = {f"{CURVES}/{k}": result.get(k) for k in (*EPOCH_METRICS, *task_metric_keys(result))}
         # the cost once it is known (and again only if it changed), the final metrics at the end
         logged = self._costs.setdefault(trial.trial_id, {})
         once = {
@@ -263,6 +268,7 @@ class TrialLogger(Callback):
             if k not in logged or not math.isclose(logged[k], v, rel_tol=1e-9)
         }
         logged.update(once)
+        once.update({k: result.get(k) for k in task_metric_keys(result)})  # the latest (step 0: one value)
         if is_final(result):
             once.update({k: result.get(k) for k in FINAL_KEYS})
         self._curves.setdefault(trial.trial_id, []).append(journal.curve_point(result))
@@ -287,7 +293,10 @@ class TrialLogger(Callback):
         self._costs.pop(trial_id, None)
         started = self._started.pop(trial_id, None)
         wall = {"trial_wall_s": time.time() - started} if started is not None else {}
-        self._submit("ended", trial_id, status, error, wall)
+        # an agent's episode is named by its reward once it has one (contract.trial_label)
+        policy = config.get("policy") if isinstance(config.get("policy"), dict) else {}
+        name = trial_label(policy, number, baseline_of(config), result) if result.get("reward") is not None else None
+        self._submit("ended", trial_id, status, error, wall, name)
 
     # ---- the store, on the writer thread
 
@@ -338,15 +347,18 @@ class TrialLogger(Callback):
         if run_id is not None:
             log(self.mlflow, run_id, metrics, tags=tags, step=step, at_ms=at_ms, once=once)
 
-    def _ended(self, trial_id: str, status: str, error: str | None, wall: dict) -> None:
+    def _ended(self, trial_id: str, status: str, error: str | None, wall: dict, name: str | None = None) -> None:
         run_id = self._run_id(trial_id)
         if run_id is None:
             return
+        named = {"mlflow.runName": name} if name else {}
         if status == "failed":
             self.mlflow.log_text(run_id, error + "\n", "error.txt")
-            self._end(run_id, "FAILED", wall, {}, {ERROR: error[:MAX_PARAM]})
+            self._end(run_id, "FAILED", wall, {}, {ERROR: error[:MAX_PARAM], **named})
         else:
-            self._end(run_id, "FINISHED", wall, {}, {"autoprune.stopped_early": str(status == "stopped").lower()})
+            self._end(
+                run_id, "FINISHED", wall, {}, {"autoprune.stopped_early": str(status == "stopped").lower(), **named}
+            )
 
     def _end(self, run_id: str, status: str, wall: dict, params: dict[str, str], tags: dict[str, str]) -> None:
         log(self.mlflow, run_id, params=params, tags=tags, once=wall)
@@ -355,20 +367,6 @@ class TrialLogger(Callback):
 
 class TrackingBehind(Exception):
     """The tracking server did not answer before the writer's deadline."""
-
-
-def tracking_down(uri: str) -> bool:
-    """Whether the tracking store ``uri`` is an MLflow server that does not answer its health
-    check now (an error from a store that answers is an error, not a wait)."""
-    if not uri.startswith(("http://", "https://")):
-        return False
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as reply:
-            return reply.status != 200
-    except Exception:  # noqa: BLE001 - refused, reset, timed out, an error page: not answering
-        return True
 
 
 def apply_outbox(logger: TrialLogger) -> int:

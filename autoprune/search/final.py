@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import shutil
 import time
@@ -25,7 +24,7 @@ from .ranking import resolution_points, standard_error
 from .results import SearchResult, completed_within, counts, pareto_front
 from .searchers import SEARCHERS
 from .summary import SearchSummary
-from .verdict import against_uniform, choose, final_policy
+from .verdict import against_uniform, choose, final_policy, final_run
 
 
 def short_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -97,7 +96,7 @@ def finish(f: Finish) -> SearchResult:
             extra.update(matched)
             final = uniform if kept else final  # more fine-tuning of the simplest policy did as well
         if final is not None:
-            _save_best(f, best, final, stage)
+            _save_best(f, best, final, stage, matched=bool(extra.get("uniform_matched", {}).get("returned")))
         model_path = plan.out / "model.pt" if final is not None else None
         summary = build_summary(f, front, best, final, model_path, extra)
         summary.write(stage / "summary.json")
@@ -106,7 +105,7 @@ def finish(f: Finish) -> SearchResult:
         shutil.rmtree(stage, ignore_errors=True)
     _log_search_run(f, summary, front, best, final)
     store.client(plan.tracking_uri).set_terminated(f.run_id, status="FINISHED" if model_path else "FAILED")
-    _say_outcome(f, summary, final, model_path)
+    _say_outcome(f, summary, final, model_path, front)
     return SearchResult(
         plan.name,
         summary.to_dict(),
@@ -137,27 +136,23 @@ def publish(stage: Path, out: Path) -> None:
 def _rerun_best(f: Finish, best: TrialRecord):
     """Re-run the best trial's policy from the dense model for ``final_epochs``, test it once
     and time it beside the dense model (the engine's result)."""
-    from .. import engine
-
     config = f.plan.config
     policy = final_policy(best, config.final_epochs)
     budget = Budget(config.budget.kind, best.budget_fraction or config.budget.fraction, config.budget.tolerance)
-    cfg = dataclasses.replace(config.engine, train_epochs=config.final_epochs)
     f.say(
         f"best trial {best.trial_id} ({f.plan.score} {show_metric(f.plan.score, best.metrics.get(f.plan.score))}): "
-        f"re-running it for "
-        f"{config.final_epochs} epoch(s) and testing it"
+        f"re-running it for {config.final_epochs} epoch(s) and testing it"
     )
-    return remote.call(
-        f.plan, "final", engine.run, f.task, f.dense, policy, budget, cfg, f.dense_metrics, test=True, latency=f.latency
-    )
+    return final_run(f, policy, budget, config.final_epochs)
 
 
-def _save_best(f: Finish, best: TrialRecord, final, stage: Path) -> None:
+def _save_best(f: Finish, best: TrialRecord, final, stage: Path, matched: bool = False) -> None:
     """Save the final model (``model.pt``, ``policy.json``) into ``stage`` and log it to the
-    search run, tagging the best trial."""
+    search run, tagging the best trial; ``matched``: the model is the uniform baseline
+    fine-tuned for the search's whole compute."""
     from ..engine.checkpoint import architecture_key, save_model
     from ..tracking import store
+    from ..tracking.note import version_note
 
     plan, config, policy, p = f.plan, f.plan.config, final.policy, final.pruned
     model_path = stage / "model.pt"
@@ -177,10 +172,13 @@ def _save_best(f: Finish, best: TrialRecord, final, stage: Path) -> None:
     if best.run_id:
         tags[store.BEST_RUN_ID] = best.run_id
         mlflow.set_tag(best.run_id, store.BEST, "true")
-    numbers = {k: v for k, v in best_metrics(p).items() if isinstance(v, (int, float))}
-    store.log(mlflow, f.run_id, once={f"best_{k}": v for k, v in numbers.items()}, tags=tags)
+    numbers = {f"best_{k}": v for k, v in best_metrics(p).items() if isinstance(v, (int, float))}
+    # the dense latency the search run shows is the one timed beside the best model (summary.json's)
+    numbers["dense_latency_measured_ms"] = final.dense.get("latency_measured_ms")
+    store.log(mlflow, f.run_id, once=numbers, tags=tags)
     mlflow.log_artifact(f.run_id, str(model_path), "best_model")
     mlflow.log_artifact(f.run_id, str(stage / "policy.json"), "best_model")
+    text, version_tags = version_note(plan.name, best, p, final.dense, f.experiment_id, matched)
     log_best_model(
         plan.tracking_uri,
         f.experiment_id,
@@ -189,6 +187,8 @@ def _save_best(f: Finish, best: TrialRecord, final, stage: Path) -> None:
         f.task.example_input(2),
         f"autoprune-{plan.name}",
         f.task.prediction,
+        text,
+        version_tags,
     )
 
 
@@ -260,61 +260,73 @@ def build_summary(
 
 
 def _log_search_run(f: Finish, summary: SearchSummary, front: list[TrialRecord], best, final) -> None:
-    """The search run's summary artifact, description and charts; the best model copied to a
-    bucket ``--storage``; its system metrics stopped."""
-    from ..tracking import charts, store
-    from ..tracking.note import search_note
+    """The search run's summary artifact, charts and description, the experiment's
+    description; the best model copied to a bucket ``--storage``; its system metrics stopped."""
+    from ..tracking import store
+    from ..tracking.note import Outcome, experiment_note, search_note
+    from ..tracking.view import describe_experiment
 
     plan, config = f.plan, f.plan.config
-    kind = config.budget.kind
     mlflow = store.client(plan.tracking_uri)
     mlflow.log_artifact(f.run_id, str(plan.out / "summary.json"))
     if is_uri(plan.path):  # the best model outlives this machine too
         upload_dir(plan.out, join(plan.path, "best"))
-    within = len(completed_within(f.records, kind, config.budget.fraction))
-    note = search_note(
-        summary.to_dict(),
-        final.dense if final else f.dense_metrics,
-        best,
-        final.pruned if final else None,
-        config.final_epochs,
-        f.experiment_id,
-        within,
-    )
-    store.log(mlflow, f.run_id, tags={store.NOTE: note})
-    charts.ratio_charts(mlflow, f.records)
-    mlflow.log_figure(
-        f.run_id,
-        charts.accuracy_vs_cost(
-            f.records,
-            f.dense_metrics,
-            [r.trial_id for r in front],
-            config.budget.fraction,
-            kind,
-            flops_panel=SEARCHERS.get(config.searcher).multi_objective,
-            score=plan.score,
-        ),
-        "accuracy_vs_cost.png",
-    )
-    mlflow.log_figure(
-        f.run_id, charts.criteria_chart(f.records, f.dense_metrics.get(plan.score), plan.score), "criteria.png"
-    )
+    figures = _charts(f, best)
+    for name, figure in figures.items():
+        mlflow.log_figure(f.run_id, figure, name)
+    within = len(completed_within(f.records, config.budget.kind, config.budget.fraction))
+    dense = final.dense if final else f.dense_metrics
+    pruned = final.pruned if final else None
+    outcome = Outcome(summary.to_dict(), dense, best, pruned, config.final_epochs, f.experiment_id, within)
+    store.log(mlflow, f.run_id, tags={store.NOTE: search_note(outcome, plan.epochs, tuple(figures))})
+    describe_experiment(mlflow, f.experiment_id, experiment_note(outcome, f.run_id))
     if f.system_metrics is not None:
         f.system_metrics.stop()
 
 
-def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
-    """The trials table and dense against the best model in the terminal, with where the
-    results are; an :class:`AutopruneError` when no trial gave a model."""
+def _charts(f: Finish, best: TrialRecord | None) -> dict[str, Any]:
+    """The search run's charts by file name, those that have something to show; each trial's
+    per-group ratios on its own run."""
+    from ..tracking import charts, store, study_charts
+
+    plan, config = f.plan, f.plan.config
+    charts.ratio_charts(store.client(plan.tracking_uri), f.records)
+    dense_score = f.dense_metrics.get(plan.score)
+    agent = plan.metric == "reward"
+    figures = {
+        "accuracy_vs_cost.png": charts.accuracy_vs_cost(
+            f.records,
+            f.dense_metrics,
+            budget=config.budget.fraction,
+            kind=config.budget.kind,
+            flops_panel=SEARCHERS.get(config.searcher).multi_objective,
+            score=plan.score,
+        ),
+        "optimisation_history.png": study_charts.optimisation_history(
+            f.records, plan.metric if agent else plan.score, None if agent else dense_score
+        ),
+        "importance.png": None if agent else study_charts.importance(f.records, plan.score),
+        "reward.png": study_charts.reward_chart(f.records, plan.score),
+        "criteria.png": charts.criteria_chart(f.records, dense_score, plan.score),
+        "group_ratios.png": study_charts.group_ratios(f.records, best.trial_id if best else None),
+    }
+    return {name: figure for name, figure in figures.items() if figure is not None}
+
+
+def _say_outcome(f: Finish, summary: SearchSummary, final, model_path, front: list[TrialRecord]) -> None:
+    """The trials table (a multi-objective searcher's: its Pareto ``front``) and dense against
+    the best model in the terminal, with where the results are; an :class:`AutopruneError`
+    when no trial gave a model."""
     from ..engine.checkpoint import reload_flags
     from ..report import comparison, latency_note, trials_table
-    from ..tracking import store
+    from ..tracking.view import runs_link
 
     plan, config, say = f.plan, f.plan.config, f.say
     kind = config.budget.kind
     summary_path = plan.out / "summary.json"
     say("")
-    say(trials_table(f.records, kind, plan.metric, score=plan.score))
+    pareto = [r.trial_id for r in front] if SEARCHERS.get(config.searcher).multi_objective else None
+    say(trials_table(f.records, kind, plan.metric, score=plan.score, front=pareto))
     if model_path is None:
         if summary.trials["completed"]:
             raise AutopruneError(
@@ -350,10 +362,10 @@ def _say_outcome(f: Finish, summary: SearchSummary, final, model_path) -> None:
     if is_uri(plan.path):
         say(f"copied to:  {join(plan.path, 'best')}")
     if plan.tracking_uri.startswith(("http://", "https://")):
-        say(f"browse the trials: {store.runs_link(f.experiment_id, server=plan.tracking_uri)}")
+        say(f"browse the trials: {runs_link(f.experiment_id, server=plan.tracking_uri)}")
     else:
         say(f"browse the trials: autoprune ui{_ui_flag(plan.tracking_uri)}")
-        say(f"  then open {store.runs_link(f.experiment_id)}")
+        say(f"  then open {runs_link(f.experiment_id)}")
 
 
 def _ui_flag(uri: str) -> str:

@@ -305,7 +305,8 @@ def check_fits(config: SearchConfig, cpus: float, gpus: float, where: str) -> No
 
 
 def saved_settings(plan: Plan, workers: int) -> dict:
-    """The search's settings as ``--resume`` reads them back (STATE_FILE) and MLflow logs them."""
+    """The search's settings as ``--resume`` reads them back (STATE_FILE); MLflow logs
+    :func:`logged_settings` of them."""
     from ..paths import is_uri
 
     config = plan.config
@@ -321,3 +322,44 @@ def saved_settings(plan: Plan, workers: int) -> dict:
         storage=plan.storage,
     )
     return saved
+
+
+def search_params(plan: Plan, saved: dict, model: str) -> tuple[dict[str, str], dict]:
+    """The search run's params (:func:`logged_settings`) and the runs table's view of its
+    trials (:func:`autoprune.tracking.view.trials_view`)."""
+    from ..tracking import store
+    from ..tracking.view import trials_view
+    from .searchers import SEARCHERS
+
+    params = store.flat_params("", logged_settings(plan, saved, model), skip=store.SEARCH_NOISE)
+    agent = SEARCHERS.get(plan.config.searcher).metric is not None
+    return params, trials_view(plan.score, plan.config.budget.kind, agent, len(plan.structures) > 1)
+
+
+def logged_settings(plan: Plan, saved: dict, model: str) -> dict:
+    """The search's settings as its MLflow run's params: resolved (the epochs per trial, the
+    structures searched, the task's ``model``, an agent's warm-up episodes) and only those
+    that apply: an agent (``--searcher amc``) has its own metric and no space, the samplers
+    no agent; where results are written says nothing about them."""
+    from .searchers import SEARCHERS
+
+    config = plan.config
+    settings = {k: v for k, v in saved.items() if k not in ("out", "agent")}
+    settings.update(epochs=plan.epochs, structure="/".join(plan.structures), metric=plan.metric)
+    settings["engine"] = {**saved["engine"], "task": {**saved["engine"]["task"], "model": model}}
+    if SEARCHERS.get(config.searcher).metric is not None:  # an agent decides what it ranks on
+        del settings["space"], settings["metric"]
+        settings["agent"] = dataclasses.asdict(config.agent.resolved(plan.trials))
+    return settings
+
+
+def check_latency_batch(task, config: SearchConfig) -> None:
+    """A ``--latency-batch`` above one must fit in the driver device's memory (it times the
+    dense and the final model there), checked before the lease, Ray and training."""
+    from ..engine import resolve_device
+    from ..engine.measure import check_latency_batch as fits
+
+    batch = config.engine.measure.latency_batch
+    if batch > 1:
+        model = task.model_factory().eval()
+        fits(model, task.example_input(), batch, resolve_device(config.engine.device))

@@ -29,12 +29,13 @@ from .hardware import node_tables, reachable, trial_latency_table
 from .head import fit_watched, resume_command
 from .journal import TRIALS, TUNE
 from .lease import Lease
-from .plan import STATE_FILE, Plan, prepare, resolve_metric, saved_settings
+from .plan import STATE_FILE, Plan, check_latency_batch, prepare, resolve_metric, saved_settings, search_params
 from .ranking import split_warning
 from .ray_connection import concurrency, connect, stop
 from .results import SearchResult, read_records
 from .searchers import SEARCHERS, SearcherContext
 from .trial import TrialSetup, run_trial
+from .verdict import epochs_after_trials
 
 INTERRUPTED_WAIT_S = 10.0  # a search that stops on an error or Ctrl-C waits this long for a silent tracking server
 
@@ -50,31 +51,24 @@ def run_search(config: SearchConfig) -> SearchResult:
     task = get_task(config.engine.task)  # a user task that fails does so before anything is written
     resolve_metric(plan, task)
     SEARCHERS.get(config.searcher).hooks().check_task(config, task)
-    _check_latency_batch(task, config)
+    check_latency_batch(task, config)
     import ray
 
+    from ..engine.threads import driver_threads, using_threads
+
+    threads, why = driver_threads(None, config.cpus_per_trial)  # before this process loads the machine
     lease = Lease(plan.name, plan.path).take(say)  # one writer per name, until this search ends
     owned = not ray.is_initialized()  # a caller's own ray.init() is used as it is, and left running
     try:
         if owned and len(plan.finished) < plan.trials:  # a resume with no trial left needs no Ray
             connect(plan)
-        return _search(plan, say, t0, owned, task)
+        say(f"dense training and the final runs here: {why}")
+        with using_threads(threads):
+            return _search(plan, say, t0, owned, task)
     finally:
         lease.release()
         if owned and ray.is_initialized():
             stop()  # stops the local instance (its session folder removed); only disconnects from a cluster
-
-
-def _check_latency_batch(task, config: SearchConfig) -> None:
-    """A ``--latency-batch`` above one must fit in the driver device's memory (it times the
-    dense and the final model there), checked before the lease, Ray and training."""
-    from ..engine import resolve_device
-    from ..engine.measure import check_latency_batch
-
-    batch = config.engine.measure.latency_batch
-    if batch > 1:
-        model = task.model_factory().eval()
-        check_latency_batch(model, task.example_input(), batch, resolve_device(config.engine.device))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,15 +96,16 @@ def _search(plan: Plan, say, t0: float, owned: bool, task) -> SearchResult:
     remote.reset()
     prep = _prepare(plan, say, task)
     saved = saved_settings(plan, prep.workers)
-    experiment_id, run_id = store.open_search_run(
-        plan.tracking_uri, plan.name, store.flat_params("", saved, skip=store.SEARCH_NOISE), config.resume
-    )
+    params, view = search_params(plan, saved, prep.task.model_name)
+    experiment_id, run_id = store.open_search_run(plan.tracking_uri, plan.name, params, config.resume, view)
     system_metrics = store.SystemMetrics(plan.tracking_uri, run_id, resume=config.resume).start()
     # From here on the search run is open: whatever ends the search also ends the run,
     # KILLED on an interruption and FAILED on an error, never left RUNNING.
     try:
         mlflow = store.client(plan.tracking_uri)
-        store.log(mlflow, run_id, once={f"dense_{k}": v for k, v in short_metrics(prep.dense_metrics).items()})
+        # the dense latency follows at the end, timed beside the best model (one figure, summary.json's)
+        dense = {f"dense_{k}": v for k, v in short_metrics(prep.dense_metrics).items() if k != "latency_measured_ms"}
+        store.log(mlflow, run_id, once=dense)
         state = {"config": saved, "tracking_uri": plan.tracking_uri, "experiment_id": experiment_id, "run_id": run_id}
         write_text(join(plan.path, STATE_FILE), json.dumps(state, indent=2) + "\n")
         try:
@@ -295,7 +290,7 @@ def _tuner(plan: Plan, prep: Prepared, experiment_id: str, run_id: str, say):
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             callbacks=[
                 logger,
-                ProgressLine(left, config.progress, plan.score),
+                ProgressLine(left, config.progress, plan.score, after_epochs=epochs_after_trials(plan)),
                 ClusterWatch(config.cpus_per_trial, config.gpus_per_trial, config.node_wait),
             ],
         ),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 import urllib.error
@@ -28,7 +29,7 @@ ERROR = "autoprune.error"  # on a FAILED run: what failed, one line
 MAX_PARAM = 6000  # MLflow's limit on a param value's length
 # the settings of a search that say nothing about its result: not logged as params
 SEARCH_NOISE = ("progress", "engine.progress", "storage", "resume", "tracking_uri")
-UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `autoprune ui` serves by default
+HEALTH_TIMEOUT_S = 5.0  # how long a tracking server's health check may take
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -139,6 +140,20 @@ def _check_sqlite_store(path: Path, uri: str) -> None:
         )
 
 
+def tracking_down(uri: str) -> bool:
+    """Whether the tracking store ``uri`` is an MLflow server that does not answer its health
+    check now (an error from a store that answers is an error, not a wait)."""
+    if not uri.startswith(("http://", "https://")):
+        return False
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HEALTH_TIMEOUT_S) as reply:
+            return reply.status != 200
+    except Exception:  # noqa: BLE001 - refused, reset, timed out, an error page: not answering
+        return True
+
+
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
@@ -154,12 +169,27 @@ def _artifact_location(uri: str, name: str) -> str | None:
 
 
 def param_value(value: Any) -> str:
-    """A value as a param's text: floats to 4 significant digits, lists as JSON."""
+    """A value as a param's text: floats to 4 significant digits, booleans as ``true`` /
+    ``false``, lists as JSON."""
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
         return json.dumps([float(param_value(v)) if isinstance(v, float) else v for v in value])[:MAX_PARAM]
     return str(value)[:MAX_PARAM]
+
+
+SIGNIFICANT = 4  # digits a metric keeps in the store: 0.9896, not 0.98958333 (counts stay whole)
+
+
+def rounded(value: float) -> float:
+    """A metric's value as the store keeps it: whole numbers as they are, others rounded to
+    :data:`SIGNIFICANT` digits (more would be noise on a validation split, and crowd the UI)."""
+    value = float(value)
+    if not math.isfinite(value) or value.is_integer():
+        return value
+    return float(f"{value:.{SIGNIFICANT}g}")
 
 
 def flat_params(prefix: str, data: Any, skip: tuple[str, ...] = ()) -> dict[str, str]:
@@ -175,19 +205,6 @@ def flat_params(prefix: str, data: Any, skip: tuple[str, ...] = ()) -> dict[str,
     if data is None or (isinstance(data, (list, tuple)) and not data):
         return {}
     return {prefix: param_value(data)}
-
-
-def runs_link(experiment_id: str, host: str = UI_HOST, port: int = UI_PORT, server: str | None = None) -> str:
-    """The address that opens an experiment's runs table in the MLflow UI's model-training
-    view (MLflow 3 otherwise opens its GenAI overview): on ``autoprune ui --host --port``, or
-    on the ``server`` given (an http(s) tracking URI is itself a UI)."""
-    if server is None:
-        if host in ("", "0.0.0.0", "::"):  # listening everywhere: this machine's name reaches it
-            import socket
-
-            host = socket.gethostname()
-        server = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def search_experiments(uri: str, limit: int = 5) -> list[tuple[str, str]]:
@@ -219,7 +236,7 @@ def log(
     at_ms: int | None = None,
     once: dict[str, Any] | None = None,
 ) -> None:
-    """Metrics (numbers only) at ``step``, ``once``: single-value metrics at step 0 (so the UI
+    """Metrics (numbers only, :func:`rounded`) at ``step``, ``once``: single-value metrics at step 0 (so the UI
     shows them as values, not as one-point series at the last epoch), params and tags, in as
     few store transactions as MLflow allows (per batch: 1000 metrics, 100 params, 100 tags)."""
     from mlflow.entities import Metric, Param, RunTag
@@ -228,7 +245,7 @@ def log(
 
     def numbers(values: dict[str, Any] | None, at: int) -> list:
         return [
-            Metric(k, float(v), now, at)
+            Metric(k, rounded(v), now, at)
             for k, v in (values or {}).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
@@ -241,8 +258,14 @@ def log(
         ms, ps, ts = ms[1000:], ps[100:], ts[100:]
 
 
-def open_search_run(uri: str, name: str, params: dict[str, str], resume: bool) -> tuple[str, str]:
-    """(experiment id, parent run id). A resumed search reuses its experiment and run."""
+def open_search_run(
+    uri: str, name: str, params: dict[str, str], resume: bool, view: dict | None = None
+) -> tuple[str, str]:
+    """(experiment id, parent run id). A resumed search reuses its experiment and run. The
+    runs table's ``view`` of the trials (:func:`.view.trials_view`) is what :func:`.view.runs_link`
+    opens."""
+    from .view import set_view
+
     mlflow = client(uri)
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
@@ -253,6 +276,8 @@ def open_search_run(uri: str, name: str, params: dict[str, str], resume: bool) -
         )
     else:
         experiment_id = experiment.experiment_id
+    if view is not None:
+        set_view(mlflow, experiment_id, view)
     if resume:
         runs = mlflow.search_runs([experiment_id], f"tags.`{ROLE}` = 'search'", max_results=1)
         if runs:

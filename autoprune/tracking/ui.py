@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from ..errors import AutopruneError
-from .store import check_tracking_uri, resolve_tracking_uri, runs_link, search_experiments
+from .store import check_tracking_uri, resolve_tracking_uri, search_experiments
+from .view import runs_link
 
 
 def serve(tracking_uri: str | None, host: str, port: int) -> int:
@@ -31,16 +32,6 @@ def serve(tracking_uri: str | None, host: str, port: int) -> int:
         except OSError as exc:
             hint = "choose another --port" if exc.errno == errno.EADDRINUSE else "check --host and --port"
             raise AutopruneError(f"cannot listen on {host}:{port} ({exc.strerror}); {hint}") from None
-    try:  # the searches in the store, each a link to its runs table (the UI opens elsewhere)
-        searches = search_experiments(uri)
-    except Exception as exc:  # noqa: BLE001 - the server shows the store whatever this makes of it
-        searches = []
-        print(f"warning: could not list the searches in {uri} ({type(exc).__name__}: {exc})", file=sys.stderr)
-    if searches:
-        print("searches in this store, newest first (each link opens its trials):")
-        for experiment_id, name in searches:
-            print(f"  {name}: {runs_link(experiment_id, host, port)}")
-    print(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
     cmd = [
         sys.executable,
         "-m",
@@ -72,6 +63,9 @@ def serve(tracking_uri: str | None, host: str, port: int) -> int:
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
+        print(f"starting the MLflow UI for {uri} on {host}:{port} ...", flush=True)
+        if _answered(proc, host, port):
+            _say_links(uri, host, port)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
@@ -84,3 +78,42 @@ def serve(tracking_uri: str | None, host: str, port: int) -> int:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+START_WAIT_S = 180.0  # how long the server may take to answer its first request
+
+
+def _answered(proc: subprocess.Popen, host: str, port: int) -> bool:
+    """Whether the server answers ``/health`` before it exits or :data:`START_WAIT_S` pass
+    (its links are printed only then: a link printed earlier does not open)."""
+    import time
+    import urllib.request
+
+    where = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
+    url = f"http://{f'[{where}]' if ':' in where else where}:{port}/health"
+    deadline = time.monotonic() + START_WAIT_S
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as reply:
+                if reply.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.25)
+    if proc.poll() is None:
+        print(f"warning: the MLflow UI did not answer on {url} within {START_WAIT_S:.0f} s", file=sys.stderr)
+    return False
+
+
+def _say_links(uri: str, host: str, port: int) -> None:
+    """The searches in the store, each a link to its runs table, then the UI's address."""
+    try:
+        searches = search_experiments(uri)
+    except Exception as exc:  # noqa: BLE001 - the server shows the store whatever this makes of it
+        searches = []
+        print(f"warning: could not list the searches in {uri} ({type(exc).__name__}: {exc})", file=sys.stderr)
+    if searches:
+        print("searches in this store, newest first (each link opens its trials):")
+        for experiment_id, name in searches:
+            print(f"  {name}: {runs_link(experiment_id, host, port)}")
+    print(f"MLflow UI for {uri}: http://{host}:{port}  (Ctrl-C stops it)", flush=True)

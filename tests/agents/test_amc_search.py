@@ -51,7 +51,7 @@ def test_every_episode_is_a_child_run_with_its_actions_and_reward(amc_search):
         }
         groups = groups or set(ratios)
         assert set(ratios) == groups and len(groups) >= 5  # every group has its action
-        assert params["policy.exact"] == "True" and params["policy.scope"] == "per_layer"
+        assert params["policy.exact"] == "true" and params["policy.scope"] == "per_layer"
         # the reward (form acc) is the accuracy after BN recalibration, without fine-tuning
         assert metrics["reward"] == pytest.approx(metrics["recal_acc"]) and 0 < metrics["recal_acc"] <= 1
         assert metrics["flops_ratio"] <= BUDGET + 1e-6  # the legal-action clip kept the hard budget
@@ -89,3 +89,29 @@ def test_prune_replays_the_best_episode_exactly(amc_search, cli):
     replayed = json.loads((out / "summary.json").read_text())
     assert replayed["ratios"] == pytest.approx(summary["best"]["ratios"])  # exact: the same channels per group
     assert replayed["pruned"]["flops_ratio"] == pytest.approx(summary["best"]["flops_ratio"])
+
+
+def test_the_mlflow_view_of_an_agent_speaks_of_episodes_and_rewards(amc_search):
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    tmp, _ = amc_search
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("amc")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    [parent] = [r for r in runs if r.data.tags.get("autoprune.role") == "search"]
+    for child in (r for r in runs if r is not parent):  # named by what tells episodes apart
+        name, metrics = child.info.run_name, child.data.metrics
+        assert re.fullmatch(r"#\d+ r=\d\.\d\d f=\d\.\d\d", name), name
+        assert name.split()[1:] == [f"r={metrics['reward']:.2f}", f"f={metrics['flops_ratio']:.2f}"]
+    params = parent.data.params  # the agent's settings as it ran, not a sampler's
+    assert params["agent.warmup_episodes"] == "4" and params["epochs"] == "0"
+    assert "space" not in params and "metric" not in params
+    note = parent.data.tags["mlflow.note.content"]
+    assert "the highest reward" in note and "before any fine-tuning" in note and "space" not in note
+    files = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"reward.png", "optimisation_history.png", "accuracy_vs_cost.png"} <= files
+    assert "criteria.png" not in files  # one criterion: no chart of one bar
+    view = json.loads(exp.tags["mlflow.sharedViewState.trials"])
+    assert view["orderByKey"] == "metrics.`reward`" and "metrics.`reward`" in view["selectedColumns"]

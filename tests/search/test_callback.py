@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from autoprune.contract import FINAL
 from autoprune.rayenv import quiet_environment
 
 quiet_environment()  # token authentication, before the callback imports Ray
@@ -80,8 +81,10 @@ def test_trial_logger_writes_off_tunes_loop_and_records_the_trial_on_it(uri, tmp
     assert run.info.status == "FINISHED"
     assert run.data.tags[store.NODE_ID] == "n1"
     assert run.data.metrics["realised_pruned_fraction.g"] == 0.5
-    assert _history(uri, run.info.run_id, "val_acc") == [(1, 0.8), (2, 0.9)]  # per epoch
-    assert _history(uri, run.info.run_id, "loss") == [(1, 0.5), (2, 0.3)]
+    assert _history(uri, run.info.run_id, "epochs/val_acc") == [(1, 0.8), (2, 0.9)]  # per epoch
+    assert _history(uri, run.info.run_id, "epochs/loss") == [(1, 0.5), (2, 0.3)]
+    assert run.data.metrics["val_acc"] == 0.9 and "loss" not in run.data.metrics  # the table's value: the latest
+    assert {s for s, _ in _history(uri, run.info.run_id, "val_acc")} == {0}
     # single values, at step 0, once (the cost came with epoch 1 and again unchanged with the final report)
     for key in ("flops", "params", "flops_ratio", "params_ratio", "realised_pruned_fraction.h"):
         assert len(_history(uri, run.info.run_id, key)) == 1 and _history(uri, run.info.run_id, key)[0][0] == 0, key
@@ -128,7 +131,7 @@ def test_a_stopped_trial_gets_its_cost_once_and_no_final_metrics(uri, tmp_path):
     assert run.data.tags["autoprune.stopped_early"] == "true"
     for key in ("flops", "params", "flops_ratio", "params_ratio", "realised_pruned_fraction.g"):
         assert _history(uri, run.info.run_id, key) == [(0, pytest.approx(last.get(key, 0.5)))], key
-    assert _history(uri, run.info.run_id, "val_acc") == [(1, 0.7)]
+    assert _history(uri, run.info.run_id, "epochs/val_acc") == [(1, 0.7)]
     assert "predicted_speedup" not in run.data.metrics and "latency_measured_ms" not in run.data.metrics
     assert [s for s, _ in _history(uri, run.info.run_id, "trial_wall_s")] == [0]
     # it is recorded too: a resume counts it as ended, instead of running it again
@@ -164,7 +167,7 @@ def test_a_report_before_pruning_logs_no_cost(uri, tmp_path):
     logger.on_trial_complete(0, [], trial)
     logger.close()
     metrics = store.trial_runs(uri, experiment_id, parent)["p1"].data.metrics
-    assert set(metrics) == {"val_acc", "loss", "trial_wall_s"}
+    assert set(metrics) == {"epochs/val_acc", "epochs/loss", "val_acc", "trial_wall_s"}
 
 
 def test_child_runs_are_named_and_numbered_by_what_they_are(uri, tmp_path):
@@ -179,7 +182,8 @@ def test_child_runs_are_named_and_numbered_by_what_they_are(uri, tmp_path):
     logger.close()
     runs = store.trial_runs(uri, experiment_id, parent)
     names = {tid: r.info.run_name for tid, r in runs.items()}
-    assert names == {"t0": "channel/snip/global #1", "t1": "unstructured/magnitude/local #2", "t2": "trial #3"}
+    # the number first, so a name the runs table cuts keeps it; masks said, channels the default
+    assert names == {"t0": "#1 snip/global", "t1": "#2 magnitude/local masks", "t2": "#3 trial"}
     assert {tid: r.data.tags[store.NUMBER] for tid, r in runs.items()} == {"t0": "1", "t1": "2", "t2": "3"}
     assert all(r.data.tags["ray.trial_id"] == tid == r.data.tags[store.TRIAL_ID] for tid, r in runs.items())
 
@@ -191,9 +195,29 @@ def test_child_runs_are_named_and_numbered_by_what_they_are(uri, tmp_path):
     logger.on_trial_start(0, [], _Trial("t10", policy=policies[1]))
     logger.close()
     runs = store.trial_runs(uri, experiment_id, parent)
-    assert runs["t9"].info.run_name == "channel/snip/global #4"
-    assert runs["t10"].info.run_name == "unstructured/magnitude/local #5"
+    assert runs["t9"].info.run_name == "#4 snip/global"
+    assert runs["t10"].info.run_name == "#5 magnitude/local masks"
     assert len(runs) == 5
+
+
+def test_an_agents_episode_is_renamed_by_its_reward_when_it_ends(uri, tmp_path):
+    experiment_id, parent, logger = _logger(uri, tmp_path)
+    policy = {"structure": "channel", "criterion": "magnitude", "scope": "per_layer"}
+    episode = _Trial("e1", last_result={**COST, "reward": 0.8312, "val_acc": 0.8312, FINAL: True}, policy=policy)
+    sampled = _Trial("s2", last_result={**COST, "val_acc": 0.9, FINAL: True}, policy={**policy, "method": "sfp"})
+    for trial in (episode, sampled):
+        logger.on_trial_start(0, [], trial)
+    logger.flush()
+    assert {r.info.run_name for r in store.trial_runs(uri, experiment_id, parent).values()} == {
+        "#1 magnitude/per_layer",
+        "#2 magnitude/per_layer/sfp",
+    }
+    for trial in (episode, sampled):
+        logger.on_trial_complete(0, [], trial)
+    logger.close()
+    runs = store.trial_runs(uri, experiment_id, parent)
+    assert runs["e1"].info.run_name == "#1 r=0.83 f=0.50"  # reward and FLOPs kept (COST's flops_ratio)
+    assert runs["s2"].info.run_name == "#2 magnitude/per_layer/sfp"  # no reward: named as it started
 
 
 def test_trial_params_say_requested_and_realised_apart(uri, tmp_path):
@@ -219,7 +243,7 @@ def test_trial_params_say_requested_and_realised_apart(uri, tmp_path):
         "policy.scope": "per_layer",
         "policy.ratios.layer1": "0.1235",  # requested (before the solver scales it to the budget)
         "policy.ratios.layer2": "0.5",
-        "policy.bn_warmup": "True",
+        "policy.bn_warmup": "true",
         "policy.finetune.lr": "0.01235",
         "policy.method": "oneshot",  # logged when the searcher left the default, too
         "budget_fraction": "0.3333",

@@ -77,8 +77,9 @@ def test_search_logs_one_parent_and_a_child_per_trial(searched):
     assert sorted(baselines) == ["global", "uniform"]
     for name, run in baselines.items():
         scope = "local" if name == "uniform" else "global"
-        assert run.info.run_name.startswith(f"{name} baseline: channel/magnitude/{scope} #")
-    assert not any(c.info.run_name.startswith(("uniform", "global")) for c in children if c not in baselines.values())
+        number = run.data.tags["autoprune.trial_number"]
+        assert run.info.run_name == f"#{number} {name} baseline (magnitude/{scope})"
+    assert not any("baseline" in c.info.run_name for c in children if c not in baselines.values())
     c = _client(uri)
     stopped = 0
     for child in children:
@@ -86,7 +87,7 @@ def test_search_logs_one_parent_and_a_child_per_trial(searched):
         assert child.data.params["policy.criterion"]
         assert child.data.params["policy.structure"] == "channel"  # the default: really faster models
         assert child.data.tags["autoprune.node_id"]
-        steps = [m.step for m in c.get_metric_history(child.info.run_id, "val_acc")]
+        steps = [m.step for m in c.get_metric_history(child.info.run_id, "epochs/val_acc")]
         if child.data.tags["autoprune.stopped_early"] == "true":  # by ASHA after epoch 1: no final report
             stopped += 1
             assert steps == [1] and "predicted_speedup" not in child.data.metrics
@@ -94,7 +95,14 @@ def test_search_logs_one_parent_and_a_child_per_trial(searched):
             assert "flops_ratio" in child.data.metrics and "latency_predicted_ms" in child.data.metrics
             continue
         assert child.data.tags["autoprune.stopped_early"] == "false"
-        for key in ("val_acc", "val_loss", "flops_ratio", "params_ratio", "latency_predicted_ms", "latency_ratio"):
+        for key in (
+            "val_acc",
+            "epochs/val_loss",
+            "flops_ratio",
+            "params_ratio",
+            "latency_predicted_ms",
+            "latency_ratio",
+        ):
             assert key in child.data.metrics, key
         for key in ("predicted_speedup", "latency_measured_ms"):
             assert key in child.data.metrics, key
@@ -475,7 +483,7 @@ def test_a_killed_search_resumes_without_rerunning_or_duplicating(where, tmp_pat
     assert sorted(int(r.data.tags["autoprune.trial_number"]) for r in children) == [1, 2, 3, 4, 5]
     c = _client(uri)
     for r in children:  # no epoch logged twice
-        steps = [m.step for m in c.get_metric_history(r.info.run_id, "val_acc")]
+        steps = [m.step for m in c.get_metric_history(r.info.run_id, "epochs/val_acc")]
         assert len(steps) == len(set(steps))
     for trial_id, run_id in kept.items():  # recorded trials were kept, not re-run
         [now] = [r for r in children if r.data.tags["autoprune.trial_id"] == trial_id]

@@ -116,9 +116,9 @@ def test_a_search_ranks_on_the_tasks_metric(example_searches, name, key, mode):
         assert chosen == pytest.approx(best_value)
         assert all(not better(f"val_{key}", r.metrics[f"val_{key}"], chosen) for r in done)
     # MLflow: every finished trial run has the metric's series over its epochs, under its own key
-    series = _metric_history(f"sqlite:///{tmp / 'mlflow.db'}", name, f"val_{key}")
+    series = _metric_history(f"sqlite:///{tmp / 'mlflow.db'}", name, f"epochs/val_{key}")
     assert series and all(len(s) == 1 and all(math.isfinite(v) for v in s) for s in series)
-    assert not any(_metric_history(f"sqlite:///{tmp / 'mlflow.db'}", name, "val_acc")) or key == "acc"
+    assert not any(_metric_history(f"sqlite:///{tmp / 'mlflow.db'}", name, "epochs/val_acc")) or key == "acc"
 
 
 def test_the_methods_space_compares_methods_and_logs_each_trials_method(example_searches):
@@ -137,7 +137,8 @@ def test_the_methods_space_compares_methods_and_logs_each_trials_method(example_
     methods = [r.data.params["policy.method"] for r in trials]
     assert set(methods) <= set(METHODS.names()) and len(set(methods) - {"oneshot"}) >= 3
     for r, method in zip(trials, methods):  # a run's name says its method unless it is the default
-        assert r.info.run_name.split(" #")[0].endswith(f"/{method}") == (method != "oneshot"), r.info.run_name
+        said = r.info.run_name.split(" ")[1].split("/")[2:]  # "#7 snip/global/sfp": after criterion and scope
+        assert said == ([method] if method != "oneshot" else []), r.info.run_name
     for r in trials:
         options = {k for k in r.data.params if k.startswith("policy.method_options.")}
         assert options == {f"policy.method_options.{k}" for k in METHODS.get(r.data.params["policy.method"]).space}

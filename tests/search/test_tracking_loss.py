@@ -43,7 +43,7 @@ class _Server:
         with open(self.log, "ab") as sink:
             self.proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.time() + 120
-        while callback.tracking_down(self.uri):
+        while store.tracking_down(self.uri):
             assert self.proc.poll() is None and time.time() < deadline, self.log.read_text()[-2000:]
             time.sleep(0.3)
 
@@ -51,7 +51,7 @@ class _Server:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)  # the server's whole group, as a crash would
             self.proc.wait(timeout=30)
-        assert callback.tracking_down(self.uri)
+        assert store.tracking_down(self.uri)
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_trials_never_wait_for_a_tracking_server_that_went_away(server, tmp_path
     logger.flush()  # the writer tries again and catches up, in order
     assert _statuses(server.uri, experiment_id, parent) == {f"t{i}": "FINISHED" for i in (1, 2, 3)}
     runs = store.trial_runs(server.uri, experiment_id, parent)
-    assert runs["t3"].info.run_name.endswith("#3") and runs["t3"].data.metrics["val_acc"] == 0.9
+    assert runs["t3"].info.run_name.startswith("#3 ") and runs["t3"].data.metrics["val_acc"] == 0.9
     logger.close()
     assert not (tmp_path / "search" / FILE).exists()  # everything written: the outbox goes
     err = capfd.readouterr().err
@@ -153,8 +153,8 @@ def test_tracking_down_tells_a_server_from_a_store_that_answers(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    assert callback.tracking_down(f"http://127.0.0.1:{port}")  # nothing listens there
-    assert not callback.tracking_down(f"sqlite:///{tmp_path / 'm.db'}")  # not a server: errors are errors
+    assert store.tracking_down(f"http://127.0.0.1:{port}")  # nothing listens there
+    assert not store.tracking_down(f"sqlite:///{tmp_path / 'm.db'}")  # not a server: errors are errors
 
 
 def test_tunes_snapshot_is_taken_every_minute_in_a_bucket_unless_the_user_says(monkeypatch):

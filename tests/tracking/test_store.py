@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from autoprune.tracking import store
+from autoprune.tracking import store, view
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,16 @@ def test_flat_params_round_floats_and_drop_what_says_nothing():
         "weights": "[0.3333, 2]",
     }
     assert store.flat_params("policy", {"ratios": {"a": 0.25}}) == {"policy.ratios.a": "0.25"}
-    assert store.param_value(True) == "True" and store.param_value("x" * 7000) == "x" * store.MAX_PARAM
+    assert store.param_value(True) == "true" and store.param_value(False) == "false"
+    assert store.param_value("x" * 7000) == "x" * store.MAX_PARAM
+
+
+def test_metrics_keep_four_significant_digits_and_whole_counts(uri):
+    mlflow = store.client(uri)
+    _, run_id = store.open_search_run(uri, "digits", {}, resume=False)
+    store.log(mlflow, run_id, once={"val_acc": 0.98958333, "flops": 2242306.0, "ms": 0.45906985, "big": 12345.678})
+    metrics = mlflow.get_run(run_id).data.metrics
+    assert metrics == {"val_acc": 0.9896, "flops": 2242306.0, "ms": 0.4591, "big": 12350.0}
 
 
 def test_log_puts_single_values_at_step_0_and_batches_past_mlflows_limits(uri):
@@ -61,13 +70,16 @@ def test_log_puts_single_values_at_step_0_and_batches_past_mlflows_limits(uri):
 
 
 def test_runs_link_opens_the_model_training_runs_table():
-    assert store.runs_link("7") == "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
-    assert store.runs_link("7", "localhost", 8080).startswith("http://localhost:8080/#/experiments/7/runs?")
-    assert store.runs_link("7", "::1", 5000).startswith("http://[::1]:5000/#/")
-    assert "0.0.0.0" not in store.runs_link("7", "0.0.0.0", 5000)  # a browser reaches the machine by name
     assert (
-        store.runs_link("3", server="http://mlflow.example:5000/")
-        == "http://mlflow.example:5000/#/experiments/3/runs?workflowType=machine_learning"
+        view.runs_link("7")
+        == "http://127.0.0.1:5000/#/experiments/7/runs?viewStateShareKey=trials&workflowType=machine_learning"
+    )
+    assert view.runs_link("7", "localhost", 8080).startswith("http://localhost:8080/#/experiments/7/runs?")
+    assert view.runs_link("7", "::1", 5000).startswith("http://[::1]:5000/#/")
+    assert "0.0.0.0" not in view.runs_link("7", "0.0.0.0", 5000)  # a browser reaches the machine by name
+    assert (
+        view.runs_link("3", server="http://mlflow.example:5000/")
+        == "http://mlflow.example:5000/#/experiments/3/runs?viewStateShareKey=trials&workflowType=machine_learning"
     )
 
 
