@@ -66,7 +66,8 @@ def wait_for(url: str, seconds: float = 90) -> None:
 
 
 def screenshot(chromium: str, url: str, out: Path) -> None:
-    """The runs table with the trials shown under the search run (the side panel closed)."""
+    """The runs table as the search's link opens it: its trials, the best first, with their
+    columns (the side panel closed)."""
     from playwright.sync_api import sync_playwright
 
     flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -74,16 +75,10 @@ def screenshot(chromium: str, url: str, out: Path) -> None:
         browser = p.chromium.launch(executable_path=chromium, args=flags)
         page = browser.new_page(viewport={"width": 1500, "height": 820})
         page.goto(url)
-        page.get_by_text(NAME, exact=True).last.wait_for(timeout=60_000)
+        page.get_by_text("autoprune.best", exact=True).first.wait_for(timeout=60_000)
         close = page.get_by_role("button", name="Close")
         if close.count():
             close.first.click()
-        # the "+" beside the search run's name shows its trials beneath it
-        expand = page.locator(
-            "[role=gridcell][col-id='attributes.`Run Name`'] button[data-component-id*='runnamecell']"
-        )
-        if expand.count():
-            expand.first.click()
         page.wait_for_timeout(1500)
         page.screenshot(path=str(out))
         browser.close()
@@ -110,7 +105,9 @@ def main() -> None:
         try:
             base = f"http://127.0.0.1:{port}"
             wait_for(base)
-            url = f"{base}/#/experiments/{experiment_id(uri)}/runs?workflowType=machine_learning"
+            url = (
+                f"{base}/#/experiments/{experiment_id(uri)}/runs?viewStateShareKey=trials&workflowType=machine_learning"
+            )
             screenshot(args.chromium, url, ASSETS / "runs-table.png")
         finally:
             os.killpg(ui.pid, signal.SIGTERM)

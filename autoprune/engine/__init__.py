@@ -9,9 +9,11 @@ Modules, from the bottom up: ``tasks`` and ``models`` (data and networks), ``att
 follow), ``graph`` (channel groups), ``costs`` (the cost model), ``layers`` (the search's
 layer table), ``criteria``, ``solver`` (budget ->
 what each group or layer loses), ``prune``, ``measure``, ``latency`` (the hardware's latency
-table), ``checkpoint`` (save, load, export), ``hooks`` (what a method adds to training), ``train``,
-``stages`` (one pruning step), ``methods`` (when pruning happens: one module per method) and ``run``
-(one whole run). The names below are the entry points the jobs, the search and the tests use.
+table), ``checkpoint`` (save, load), ``export`` (pt2 and ONNX, any batch size), ``hooks`` (what a
+method adds to training), ``train``, ``stages`` (one pruning step), ``methods`` (when pruning
+happens: one module per method), ``run`` (one whole run) and ``threads`` (the torch threads the
+search's driver trains with). The names below are the entry points the jobs, the search and the
+tests use.
 """
 
 from .hooks import ChannelMask, Hooks, TrainHook
