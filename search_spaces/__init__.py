@@ -139,3 +139,36 @@ def methods(trial, table: LayerTable) -> dict:
             key: trial.suggest_categorical(f"{method}.{key}", list(values)) for key, values in cls.space.items()
         },
     }
+
+
+def describe(space: Space, table: LayerTable, asks: int = 64) -> dict[str, dict[str, Any]]:
+    """What a define-by-run ``space`` can sample for ``table``, parameter by parameter (its
+    choices, or its range and scale), found by asking it ``asks`` times through a real
+    Optuna study with random sampling (a branch rarer than that may be missed). For the
+    search run's ``search_space.json``: the space as a person reads it."""
+    import optuna
+    from optuna.distributions import CategoricalDistribution
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a study of the user's: no "created" line
+    try:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        found: dict[str, Any] = {}
+        for _ in range(asks):
+            trial = study.ask()
+            try:
+                space(trial, table)
+            except Exception:  # noqa: BLE001 - a space may refuse some draws; the rest describe it
+                pass
+            found.update(trial.distributions)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    out: dict[str, dict[str, Any]] = {}
+    for name in sorted(found):
+        d = found[name]
+        if isinstance(d, CategoricalDistribution):
+            out[name] = {"choices": list(d.choices)}
+        else:
+            out[name] = {"low": d.low, "high": d.high, "log": d.log, "step": d.step}
+    return out

@@ -103,6 +103,10 @@ def _search(plan: Plan, say, t0: float, owned: bool, task) -> SearchResult:
     # KILLED on an interruption and FAILED on an error, never left RUNNING.
     try:
         mlflow = store.client(plan.tracking_uri)
+        if SEARCHERS.get(config.searcher).metric is None:  # a sampler's space as a person reads it (an agent: none)
+            from autoprune.search_spaces import describe, get_space
+
+            mlflow.log_dict(run_id, describe(get_space(config.space), prep.table), "search_space.json")
         # the dense latency follows at the end, timed beside the best model (one figure, summary.json's)
         dense = {f"dense_{k}": v for k, v in short_metrics(prep.dense_metrics).items() if k != "latency_measured_ms"}
         store.log(mlflow, run_id, once=dense)

@@ -71,7 +71,8 @@ def search_note(o: Outcome, epochs: int = 0, charts: tuple[str, ...] = ()) -> st
         lines += ["", "| | dense | best | best / dense |", "|---|---:|---:|---:|"]
         lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     shown = ", ".join(f"`{c}`" for c in charts) or "none"
-    lines += ["", f"Charts (Artifacts tab): {shown}; the model: `best_model/` and the Models tab."]
+    space = "" if agent else "; the search space: `search_space.json`"
+    lines += ["", f"Charts (Artifacts tab): {shown}{space}; the model: `best_model/` and the Models tab."]
     return "\n".join(lines) + "\n"
 
 

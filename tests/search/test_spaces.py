@@ -256,3 +256,18 @@ def test_methods_space_samples_every_method_with_its_options_and_a_structure_it_
     assert {p.method for p in got} == expected
     assert {p.scope for p in got} == {"global", "local"}
     assert any(p.method_options for p in got)
+
+
+def test_a_space_is_described_by_what_it_can_sample(table):
+    from autoprune.engine.methods import METHODS
+    from autoprune.search_spaces import describe
+
+    space = describe(get_space("methods"), table)
+    allowed = set(table.structures)
+    assert set(space["method"]["choices"]) == {n for n in METHODS.names() if allowed & set(METHODS.get(n).structures)}
+    for name in space["method"]["choices"]:  # every method's options, under its own name
+        for key, values in METHODS.get(name).space.items():
+            assert space[f"{name}.{key}"] == {"choices": list(values)}, (name, key)
+    default = describe(get_space("default"), table)
+    ratios = {k: v for k, v in default.items() if k.startswith("ratio_channel.")}
+    assert len(ratios) == len(table.units("channel")) and all(v["high"] == 0.8 for v in ratios.values())

@@ -39,6 +39,12 @@ def _metrics(run: dict) -> dict[str, float]:
     return {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
 
 
+def _artifact(ui, run_id: str, path: str) -> str:
+    """An artifact's text, as the UI downloads it."""
+    with urllib.request.urlopen(f"{ui.base}/get-artifact?path={path}&run_uuid={run_id}", timeout=20) as reply:
+        return reply.read().decode()
+
+
 def _steps(rest, run: dict, key: str) -> list[int]:
     history = rest("/api/2.0/mlflow/metrics/get-history", run_id=run["info"]["run_id"], metric_key=key)
     return [int(m.get("step", 0)) for m in history.get("metrics", [])]
@@ -249,11 +255,15 @@ def test_the_registered_version_is_described_and_tagged(viewed, runs, rest):
     assert tags["flops_ratio"] == f"{summary['best']['flops'] / summary['dense']['flops']:.3f}x"
 
 
-def test_the_search_run_has_its_charts_model_and_system_metrics(viewed, runs, rest):
+def test_the_search_run_has_its_charts_model_and_system_metrics(viewed, runs, rest, ui):
     parent, children = runs
     run_id = parent["info"]["run_id"]
     files = {f["path"] for f in rest("/api/2.0/mlflow/artifacts/list", run_id=run_id).get("files", [])}
     assert {"accuracy_vs_cost.png", "optimisation_history.png", "summary.json", "best_model"} <= files
+    # the space the searcher sampled, parameter by parameter, as the trials' params name them
+    space = json.loads(_artifact(ui, run_id, "search_space.json"))
+    assert space["scope"] == {"choices": ["global", "local", "per_layer"]}
+    assert {"low": 0.0, "high": 0.8, "log": False, "step": None} in space.values()  # a group's ratio
     # the description lists the charts logged, those that had something to show
     note = _tags(parent)["mlflow.note.content"]
     listed = set(re.findall(r"`([a-z_]+\.png)`", note.split("Charts", 1)[1]))
