@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -221,6 +222,20 @@ def dense_path(task: Task, cfg: EngineConfig, epochs: int, model: nn.Module) -> 
     return cache_dir(cfg) / f"{task.name.replace(':', '.')}-{task.model_name}-{key}.pt"
 
 
+def threads_path(path: Path) -> Path:
+    """Where the torch threads that trained the dense model cached at ``path`` are noted (on
+    the CPU a run's float sums, hence its weights, depend on them)."""
+    return path.with_name(f"{path.stem}-threads.json")
+
+
+def dense_threads(path: Path) -> int | None:
+    """The torch threads the dense model cached at ``path`` was trained with (None: not noted)."""
+    try:
+        return int(json.loads(threads_path(path).read_text())["threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def rewind_path(path: Path, step: int) -> Path:
     """Where the weights of the dense run cached at ``path`` after ``step`` training steps are kept."""
     return path.with_name(f"{path.stem}-step{step}.pt")
@@ -300,6 +315,7 @@ def dense_model(task: Task, cfg: EngineConfig, log: Callable[[str], None] = prin
     log(f"dense model: training {task.model_name} on {task.name} for {epochs} epochs (cached after)")
     model = dense_training(task, cfg, epochs, device, save={DENSE_REWIND_STEP: rewind_path(path, DENSE_REWIND_STEP)})
     atomic_save(cpu_state(model), path)
+    threads_path(path).write_text(json.dumps({"threads": torch.get_num_threads(), "device": device.type}) + "\n")
     return model.eval()
 
 

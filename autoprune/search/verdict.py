@@ -104,6 +104,9 @@ def final_run(f, policy: Policy, budget: Budget, epochs: int):
 
     cfg = dataclasses.replace(f.plan.config.engine, train_epochs=epochs)
     args = (f.task, f.dense, policy, budget, cfg, f.dense_metrics)
+    if remote.on_cluster(f.plan):  # the driver's printing does not travel: say it here
+        f.say("then timed beside the dense model on that node ...")
+        return remote.call(f.plan, "final", engine.run, *args, test=True, latency=f.latency)
     return remote.call(f.plan, "final", engine.run, *args, test=True, latency=f.latency, log=f.say)
 
 

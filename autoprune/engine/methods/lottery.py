@@ -17,7 +17,8 @@ from ..checkpoint import cpu_state, load_state, load_tensors
 from ..graph import clone, replay_history
 from ..prune import current_masks
 from ..stages import Pruned
-from ..train import DENSE_REWIND_STEP, dense_epochs, dense_path, dense_training, rewind_path
+from ..threads import using_threads
+from ..train import DENSE_REWIND_STEP, dense_epochs, dense_path, dense_threads, dense_training, rewind_path
 from .base import Method, floors, register, split
 from .context import MethodContext
 
@@ -78,7 +79,9 @@ def rewind_state(ctx: MethodContext, epochs: int, path: Path, k: int) -> dict[st
             return load_tensors(step_path, "cached rewind weights")
         except AutopruneError as exc:
             print(f"warning: {exc}; training it again", file=sys.stderr)
-    dense_training(ctx.task, ctx.cfg, epochs, ctx.device, save={k: step_path}, stop=k)
+    threads = dense_threads(path) if ctx.device.type == "cpu" else None  # as the dense run had: same sums
+    with using_threads(threads or torch.get_num_threads()):
+        dense_training(ctx.task, ctx.cfg, epochs, ctx.device, save={k: step_path}, stop=k)
     return load_tensors(step_path, "cached rewind weights")
 
 
