@@ -13,6 +13,7 @@ from autoprune import engine
 from autoprune.config import Budget, EngineConfig, FinetuneConfig, Policy, TaskConfig
 from autoprune.engine.checkpoint import architecture_key, cpu_state, load_model, save_model
 from autoprune.engine.tasks import digits_task
+from autoprune.engine.train import threads_path
 
 
 def _cfg(tmp_path, **kw) -> EngineConfig:
@@ -50,14 +51,16 @@ def test_a_torn_cache_entry_is_reported_and_trained_again(tmp_path, capsys):
     cfg = _cfg(tmp_path, train_epochs=1)
     task = _task(NetA)
     first = engine.dense_model(task, cfg, log=lambda _: None)
-    [entry] = list((tmp_path / "cache").iterdir())
+    [entry] = list((tmp_path / "cache").glob("*.pt"))
+    note = threads_path(entry)  # the torch threads that trained it
+    assert sorted((tmp_path / "cache").iterdir()) == sorted([entry, note])
     entry.write_bytes(entry.read_bytes()[:500])  # an interrupted copy, a full disk
     capsys.readouterr()
     again = engine.dense_model(task, cfg, log=lambda _: None)
     err = capsys.readouterr().err
     assert "cached dense model" in err and str(entry) in err and "training it again" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert list((tmp_path / "cache").iterdir()) == [entry]  # replaced whole, no temporary left
+    assert sorted((tmp_path / "cache").iterdir()) == sorted([entry, note])  # replaced whole, no temporary left
     for a, b in zip(first.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b)  # the same seeded training
     assert torch.load(entry, weights_only=True).keys() == first.state_dict().keys()
@@ -69,7 +72,7 @@ def test_the_cache_key_covers_the_architecture(tmp_path):
     wide = engine.dense_model(_task(lambda: NetA(16)), cfg, log=lambda _: None)  # a wider first layer
     same_shapes = engine.dense_model(_task(NetB), cfg, log=lambda _: None)  # same shapes, edited code
     assert wide.conv.out_channels == 16 and narrow.conv.out_channels == 8
-    assert len(list((tmp_path / "cache").iterdir())) == 3  # three models, three entries
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # three models, three entries
     assert architecture_key(NetA()) == architecture_key(NetB())  # shapes alone would not tell them apart
     assert architecture_key(NetA(), source=True) != architecture_key(NetB(), source=True)
     assert not torch.equal(narrow.conv.weight, same_shapes.conv.weight)  # NetB trained, not served NetA

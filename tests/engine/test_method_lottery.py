@@ -123,7 +123,8 @@ def test_each_round_restarts_from_the_step_k_weights(digits_task, digits_dense, 
     # another k than the cached one: the seeded dense run was replayed up to step 5 and cached
     early = load_tensors(rewind_path(dense_file, 5), "step-5 weights")
     device = _device(digits_dense)
-    replayed = dense_training(digits_task, engine_cfg, digits_task.train_epochs, device, stop=5)
+    with using_threads(dense_threads(dense_file) or torch.get_num_threads()):
+        replayed = dense_training(digits_task, engine_cfg, digits_task.train_epochs, device, stop=5)
     assert _same_run(cpu_state(replayed), early, device)
     got = cpu_state(result.model)
     for name, module in result.model.named_modules():
