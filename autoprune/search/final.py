@@ -262,7 +262,7 @@ def build_summary(
 def _log_search_run(f: Finish, summary: SearchSummary, front: list[TrialRecord], best, final) -> None:
     """The search run's summary artifact, charts and description, the experiment's
     description; the best model copied to a bucket ``--storage``; its system metrics stopped."""
-    from ..tracking import store
+    from ..tracking import charts, store
     from ..tracking.note import Outcome, experiment_note, search_note
     from ..tracking.view import describe_experiment
 
@@ -271,6 +271,7 @@ def _log_search_run(f: Finish, summary: SearchSummary, front: list[TrialRecord],
     mlflow.log_artifact(f.run_id, str(plan.out / "summary.json"))
     if is_uri(plan.path):  # the best model outlives this machine too
         upload_dir(plan.out, join(plan.path, "best"))
+    charts.ratio_charts(mlflow, f.records)  # on each trial's run
     figures = _charts(f, best)
     for name, figure in figures.items():
         mlflow.log_figure(f.run_id, figure, name)
@@ -285,14 +286,12 @@ def _log_search_run(f: Finish, summary: SearchSummary, front: list[TrialRecord],
 
 
 def _charts(f: Finish, best: TrialRecord | None) -> dict[str, Any]:
-    """The search run's charts by file name, those that have something to show; each trial's
-    per-group ratios on its own run."""
-    from ..tracking import charts, store, study_charts
+    """The search run's charts by file name, those that have something to show."""
+    from ..tracking import charts, study_charts
 
     plan, config = f.plan, f.plan.config
-    charts.ratio_charts(store.client(plan.tracking_uri), f.records)
     dense_score = f.dense_metrics.get(plan.score)
-    agent = plan.metric == "reward"
+    agent = SEARCHERS.get(config.searcher).agent
     figures = {
         "accuracy_vs_cost.png": charts.accuracy_vs_cost(
             f.records,

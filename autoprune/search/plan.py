@@ -332,7 +332,7 @@ def search_params(plan: Plan, saved: dict, model: str) -> tuple[dict[str, str], 
     from .searchers import SEARCHERS
 
     params = store.flat_params("", logged_settings(plan, saved, model), skip=store.SEARCH_NOISE)
-    agent = SEARCHERS.get(plan.config.searcher).metric is not None
+    agent = SEARCHERS.get(plan.config.searcher).agent
     return params, trials_view(plan.score, plan.config.budget.kind, agent, len(plan.structures) > 1)
 
 
@@ -347,7 +347,7 @@ def logged_settings(plan: Plan, saved: dict, model: str) -> dict:
     settings = {k: v for k, v in saved.items() if k not in ("out", "agent")}
     settings.update(epochs=plan.epochs, structure="/".join(plan.structures), metric=plan.metric)
     settings["engine"] = {**saved["engine"], "task": {**saved["engine"]["task"], "model": model}}
-    if SEARCHERS.get(config.searcher).metric is not None:  # an agent decides what it ranks on
+    if SEARCHERS.get(config.searcher).agent:
         del settings["space"], settings["metric"]
         settings["agent"] = dataclasses.asdict(config.agent.resolved(plan.trials))
     return settings

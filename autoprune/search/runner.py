@@ -103,7 +103,7 @@ def _search(plan: Plan, say, t0: float, owned: bool, task) -> SearchResult:
     # KILLED on an interruption and FAILED on an error, never left RUNNING.
     try:
         mlflow = store.client(plan.tracking_uri)
-        if SEARCHERS.get(config.searcher).metric is None:  # a sampler's space as a person reads it (an agent: none)
+        if not SEARCHERS.get(config.searcher).agent:  # a sampler's space as a person reads it
             from autoprune.search_spaces import describe, get_space
 
             mlflow.log_dict(run_id, describe(get_space(config.space), prep.table), "search_space.json")

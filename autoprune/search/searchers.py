@@ -104,6 +104,12 @@ class SearcherSpec:
     # first C + startup proposals are random. --concurrency overrides it.
     in_flight: Callable[[int], int] | None = None
 
+    @property
+    def agent(self) -> bool:
+        """Whether it decides what its trials are ranked on (an agent's reward): then it has
+        no space, and its own settings (``--searcher amc``)."""
+        return self.metric is not None
+
     def default_trials(self, trials: int, groups: int) -> int:
         """Its trials when ``--trials`` is not given, for a model of ``groups`` prunable groups."""
         return max(trials, self.trials_per_group * groups)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import AutopruneError
-from .store import check_tracking_uri, resolve_tracking_uri, search_experiments
+from .store import check_tracking_uri, resolve_tracking_uri, search_experiments, tracking_down
 from .view import runs_link
 
 
@@ -87,18 +87,13 @@ def _answered(proc: subprocess.Popen, host: str, port: int) -> bool:
     """Whether the server answers ``/health`` before it exits or :data:`START_WAIT_S` pass
     (its links are printed only then: a link printed earlier does not open)."""
     import time
-    import urllib.request
 
     where = "127.0.0.1" if host in ("", "0.0.0.0") else "::1" if host == "::" else host
-    url = f"http://{f'[{where}]' if ':' in where else where}:{port}/health"
+    url = f"http://{f'[{where}]' if ':' in where else where}:{port}"
     deadline = time.monotonic() + START_WAIT_S
     while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as reply:
-                if reply.status == 200:
-                    return True
-        except OSError:
-            pass
+        if not tracking_down(url):  # the store's own health check
+            return True
         time.sleep(0.25)
     if proc.poll() is None:
         print(f"warning: the MLflow UI did not answer on {url} within {START_WAIT_S:.0f} s", file=sys.stderr)
