@@ -54,7 +54,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .jobs import evaluate_job
     from .report import single
 
-    metrics = evaluate_job(args.model_path, task_flags(args), args.device, args.threads)
+    metrics = evaluate_job(args.model_path, task_flags(args), args.device, args.threads, args.latency_runtime)
     print(json.dumps(metrics, indent=2) if args.json else single(metrics))
     return 0
 

@@ -219,7 +219,8 @@ def trial_label(
     """``#7 snip/global`` for the ``number``-th trial (counted from 1), the number first so
     that a cut name keeps it: the criterion and scope, the method after them when not the
     default (``#7 snip/global/sfp``), ``masks`` for unstructured pruning (``#7 magnitude/local
-    masks``); a baseline trial's says so (``#1 uniform baseline``). An agent's episode, once
+    masks``), the width multiple when rounded (``#7 snip/global x16``, ``x auto``); a baseline
+    trial's says so (``#1 uniform baseline``). An agent's episode, once
     it has its reward, is named by that and the FLOPs it kept: ``#7 r=0.83 f=0.44``."""
     m = metrics or {}
     if m.get("reward") is not None and m.get("flops_ratio") is not None:
@@ -228,6 +229,8 @@ def trial_label(
     what = "/".join(str(policy[k]) for k in keys if policy.get(k))
     if policy.get("structure") == "unstructured":
         what = f"{what} masks".strip()
+    if policy.get("round_to", 1) != 1:
+        what = f"{what} x{policy['round_to']}" if policy["round_to"] != "auto" else f"{what} x auto"
     if baseline:
         return f"#{number} {baseline} baseline" + (f" ({what})" if what else "")
     return f"#{number} {what or 'trial'}"

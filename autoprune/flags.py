@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from functools import partial
 from typing import Any
 
 from .config import (
@@ -70,6 +71,11 @@ def _flagged(cls: type):
             yield f, spec
 
 
+def _as_choice(choices: tuple, typed: str):
+    """The choice whose text is ``typed`` (``"8"`` -> 8 where the choices hold numbers)."""
+    return next((c for c in choices if str(c) == typed), typed)
+
+
 def add_flags(group, cls: type, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
     """An option in ``group`` for each field of ``cls`` with a flag (not its nested configs'),
     defaulting to the field's default; ``--x/--no-x`` for booleans. A flag the parser
@@ -87,6 +93,7 @@ def add_flags(group, cls: type, only: tuple[str, ...] = (), skip: tuple[str, ...
             kw["action"] = _Append if spec.repeat else _Store
             if spec.kind == "choice":
                 kw["choices"] = spec.choices
+                kw["type"] = partial(_as_choice, spec.choices)
             elif spec.parse is None:
                 kw["type"] = {"integer": int, "number": float}.get(spec.kind, str)
         try:
@@ -217,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_flags(e)
     e.add_argument("--device", default=None)
     e.add_argument("--threads", type=int, default=None)
+    add_flags(e, MeasureConfig, only=("runtime",))
     e.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
     x = sub.add_parser("export", help="export a saved pruned model for deployment")

@@ -26,6 +26,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     check_task_config(cfg.task)
     device = engine.resolve_device(cfg.device)
     check_output_dir(out, "--out", fresh=not overwrite)
+    engine.check_runtime(cfg.measure.runtime, device)
     if not cfg.checkpoint:
         check_output_dir(engine.cache_dir(cfg), "--cache-dir" if cfg.cache_dir else "the dense-model cache")
     task = get_task(cfg.task)
@@ -34,7 +35,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     dense = engine.dense_model(task, cfg)
     dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True, latency=False)  # timed by run
     latency = None
-    if budget.kind == "latency":
+    if budget.kind == "latency" or policy.round_to == "auto":
         latency = engine.task_latency_table(dense, task, cfg, print)
     print(
         f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "
@@ -115,15 +116,22 @@ def _write_results(out: Path, result, cfg: EngineConfig, policy: Policy, summary
 
 
 def evaluate_job(
-    model_path: str, task: TaskConfig | dict[str, Any] | None, device: str | None, threads: int | None
+    model_path: str,
+    task: TaskConfig | dict[str, Any] | None,
+    device: str | None,
+    threads: int | None,
+    runtime: str = "torch",
 ) -> dict[str, Any]:
-    """``autoprune evaluate``: reload a saved model, report accuracy and cost. ``task``: what
-    the user named of the task (see :func:`autoprune.engine.checkpoint.load_model`)."""
+    """``autoprune evaluate``: reload a saved model, report accuracy and cost, its latency
+    timed in ``runtime``. ``task``: what the user named of the task (see
+    :func:`autoprune.engine.checkpoint.load_model`)."""
     from . import engine
     from .engine.checkpoint import load_model
+    from .engine.runtime import describe_runtime
 
-    cfg = MeasureConfig(**({"threads": threads} if threads is not None else {}))
+    cfg = MeasureConfig(runtime=runtime, **({"threads": threads} if threads is not None else {}))
     dev = engine.resolve_device(device)
+    engine.check_runtime(runtime, dev)
     model, task_, record = load_model(model_path, task)
     model.to(dev)
     metrics = engine.measure_model(model, task_, cfg, test=True, latency=False)
@@ -132,6 +140,7 @@ def evaluate_job(
     timed = engine.compare_latency(dense, model, task_.input_shape, cfg)
     metrics["dense_latency_ms_by_batch"] = timed.pop("dense_latency_ms_by_batch")
     metrics.update(timed)
+    metrics["latency_runtime"] = describe_runtime(runtime, dev, cfg.threads)
     metrics["task"] = task_.name
     metrics["model"] = task_.model_name
     metrics["structure"] = record.structure

@@ -83,6 +83,8 @@ def comparison(dense: dict[str, Any], pruned: dict[str, Any]) -> str:
     if pruned.get("latency_predicted_ms") is not None:
         speed = f"speed-up {pruned['predicted_speedup']:.2f}x"
         rows.append(["predicted latency (table)", "", _ms(pruned["latency_predicted_ms"]), speed])
+    if (pruned.get("round_to") or 1) > 1:
+        rows.append(["kept widths", "", f"multiples of {pruned['round_to']}", ""])
     if pruned.get("ideal_speedup"):
         rows.append(["ideal speed-up (1/FLOPs ratio)", "", f"{pruned['ideal_speedup']:.2f}x", ""])
     return "\n".join([table(rows, left_last=True), *notes])
@@ -141,6 +143,8 @@ def _latency_rows(dense_by_batch: dict[str, float], pruned: dict[str, Any]) -> t
     if not rows:
         return rows, []
     what = "speed-up: dense median / pruned median"
+    if pruned.get("latency_runtime"):
+        what = f"timed in {pruned['latency_runtime']}; {what}"
     if kinds & {"spread", "noisy"}:
         what += "; (a-b): quartiles of the per-round ratio (dense / pruned time in one round)"
     notes = [what]

@@ -88,7 +88,7 @@ class Spec:
             if ok and len(value) > MAX_TEXT:
                 raise AutopruneError(f"{label} must be at most {MAX_TEXT} characters, got {len(value)}: {_show(value)}")
         elif self.kind == "choice":
-            ok = isinstance(value, str) and value in self.choices
+            ok = any(type(value) is type(c) and value == c for c in self.choices)  # 1 is not True, "8" not 8
         elif self.kind == "mapping":
             ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
         elif self.kind == "sequence":

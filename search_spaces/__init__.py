@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 Space = Callable[[Any, "LayerTable"], dict]
 SPACES: Registry[Space] = Registry("search space")
 
+ROUND_TO_CHOICES = (1, 8, 16, "auto")  # the default space's round_to (4 rarely differs from 1 or 8)
 RATIO_RANGE = (0.0, 0.8)  # per-group pruned fraction before the solver scales it to the budget
 
 
@@ -72,7 +73,9 @@ def _ratios(trial, table: LayerTable, structure: str) -> dict[str, float]:
 @SPACES.register("default")
 def default(trial, table: LayerTable) -> dict:
     """Structure (those the search allows), criterion (every one that supports the
-    structure), scope, a per-group allocation when the scope is per_layer, and BN warm-up."""
+    structure), scope, a per-group allocation when the scope is per_layer, BN warm-up and,
+    for channels, the multiple kept widths are rounded to (``round_to``: any width, 8, 16,
+    or the one the latency table finds fastest)."""
     structure = trial.suggest_categorical("structure", list(table.structures))
     policy: dict[str, Any] = {
         "structure": structure,
@@ -80,6 +83,8 @@ def default(trial, table: LayerTable) -> dict:
         "scope": trial.suggest_categorical("scope", ["global", "local", "per_layer"]),
         "bn_warmup": trial.suggest_categorical("bn_warmup", [True, False]),
     }
+    if structure == "channel":
+        policy["round_to"] = trial.suggest_categorical("round_to", list(ROUND_TO_CHOICES))
     if policy["scope"] == "per_layer":
         policy["ratios"] = _ratios(trial, table, structure)
     return policy

@@ -38,6 +38,7 @@ SEARCH_STRUCTURES = (*STRUCTURES, "any")  # what `search --structure` accepts
 METRICS = ("val_acc", "val_loss")  # what a search of a classification task optimises (--metric)
 REDUCTIONS = ("sum", "mean", "max")
 WARMUP_MODES = ("scoring", "train")
+ROUND_TO = (1, 4, 8, 16, "auto")  # kept channel widths: multiples of this; auto: the latency table's choice
 KEEP_TYPES = ("conv", "conv1d", "conv2d", "conv3d", "linear")
 
 
@@ -142,6 +143,15 @@ class Policy:
         unit_interval(flag="--max-ratio", help="most of any group/layer to prune (default %(default)s)"), 0.9
     )  # no group (channel) or layer (unstructured) loses more than this fraction; a channel group always keeps
     # one channel, a layer may be emptied only at 1.0
+    round_to: int | str = checked(
+        choice(
+            ROUND_TO,
+            flag="--round-to",
+            help="keep every pruned group's width a multiple of this (default %(default)s: any width); auto: the "
+            "multiple the latency table finds fastest on this hardware",
+        ),
+        1,
+    )  # channel structure only; a group whose dense width is no multiple may also stay whole
     bn_warmup_mode: str = checked(
         choice(
             WARMUP_MODES,
@@ -199,6 +209,10 @@ class Policy:
             raise AutopruneError("scope 'per_layer' needs 'ratios': a pruned fraction per group name")
         if self.exact and (self.scope != "per_layer" or self.structure != "channel"):
             raise AutopruneError("policy 'exact' needs scope 'per_layer' and structure 'channel'")
+        if self.round_to != 1 and self.structure != "channel":
+            raise AutopruneError(
+                f"policy round_to {self.round_to!r} needs structure 'channel': weight masks keep every width"
+            )
         if self.exact and self.method in ("iterative", "gradual", "lottery"):
             raise AutopruneError(
                 f"policy 'exact' prunes its ratios once; method {self.method!r} prunes in steps: "

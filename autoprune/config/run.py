@@ -12,6 +12,7 @@ from ..schema import (
     MAX_THREADS,
     boolean,
     checked,
+    choice,
     integer,
     nested,
     number,
@@ -19,6 +20,8 @@ from ..schema import (
     text,
     validate,
 )
+
+LATENCY_RUNTIMES = ("torch", "onnxruntime")  # where latency is timed (engine.runtime)
 
 
 def _batch_sizes(value) -> str | None:
@@ -47,6 +50,15 @@ class MeasureConfig:
         ),
         1,
     )  # torch intra-op threads during CPU timing (fixed, so runs compare)
+    runtime: str = checked(
+        choice(
+            LATENCY_RUNTIMES,
+            flag="--latency-runtime",
+            help="where latency is timed: torch, or onnxruntime on the exported ONNX model (the latency table, a "
+            "latency budget's checks and the speed-up; default %(default)s)",
+        ),
+        "torch",
+    )
     latency_batch: int = checked(
         integer(
             1,

@@ -17,9 +17,11 @@ tests use.
 """
 
 from .hooks import ChannelMask, Hooks, TrainHook
-from .latency import LatencyTable, latency_table
+from .latency import LatencyTable
+from .latency_build import latency_table
 from .methods import METHODS, Method, MethodContext, check_policy, make_method
 from .run import RunResult, compare_latency, measure_model, run, task_latency_table
+from .runtime import check_runtime
 from .stages import (
     Pruned,
     channel_problem,
@@ -34,6 +36,7 @@ from .stages import (
 from .train import TrainingDiverged, cache_dir, dense_model, evaluate, resolve_device, seed_everything, train
 
 __all__ = [
+    "check_runtime",
     "METHODS",
     "ChannelMask",
     "Hooks",

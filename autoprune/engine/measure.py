@@ -17,7 +17,6 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from ..config import MeasureConfig
 from ..errors import AutopruneError
 from .graph import PRUNABLE_TYPES
 from .inputs import model_input
+from .runtime import forward_calls
 
 
 @contextlib.contextmanager
@@ -231,7 +231,8 @@ def side_by_side(
 ) -> list[Timed]:
     """The latency of each of ``models`` (all on one device) on one random ``batch``, timed
     interleaved in one run (:func:`time_interleaved`, ``config.repeats`` rounds after
-    ``config.warmup`` untimed passes), torch's threads fixed to ``config.threads`` on CPU."""
+    ``config.warmup`` untimed passes), torch's threads fixed to ``config.threads`` on CPU,
+    in ``config.runtime`` (torch, or ONNX Runtime on each model's ONNX export)."""
     device = model_device(models[0])
     modes = [m.training for m in models]
     for m in models:
@@ -239,9 +240,8 @@ def side_by_side(
     try:
         x = model_input(input_shape, batch, device)
         with timing_threads(device, config.threads):
-            samples = time_interleaved(
-                [partial(m, x) for m in models], device, config.warmup, config.repeats, config.seconds
-            )
+            calls = forward_calls(models, x, config.runtime, config.threads)
+            samples = time_interleaved(calls, device, config.warmup, config.repeats, config.seconds)
     except RuntimeError as exc:  # torch.OutOfMemoryError is one
         if not out_of_memory(exc):
             raise

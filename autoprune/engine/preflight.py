@@ -44,5 +44,7 @@ def preflight(task, policy: Policy, budget: Budget, latency_batch: int = 1, devi
     names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph)
     if budget.kind == "latency":
         return size  # reachable or not is known once the latency table is built (on the trained model's device)
-    solve_channels(names, sizes, channel, policy, budget, costs.cost, (costs.total_flops, costs.total_params))
+    dense = (costs.total_flops, costs.total_params)
+    step = policy.round_to if isinstance(policy.round_to, int) else 1  # auto: known once the table is
+    solve_channels(names, sizes, channel, policy, budget, costs.cost, dense, step=step)
     return size

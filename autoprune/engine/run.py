@@ -12,11 +12,13 @@ from typing import Any
 from torch import nn
 
 from ..config import Budget, EngineConfig, MeasureConfig, Policy
-from .latency import LatencyTable, latency_table
+from .latency import LatencyTable
+from .latency_build import latency_table
 from .measure import Cost, measure, model_device, speedup
 from .methods import MethodContext, PrunedCallback, check_policy, make_method
 from .prune import fold_masks
-from .stages import check_budget, collapse_report
+from .runtime import check_runtime, describe_runtime
+from .stages import check_budget, collapse_report, width_step
 from .tasks import Task, get_task
 from .train import EpochCallback, cache_dir, dense_model, evaluate, seed_everything
 
@@ -42,7 +44,7 @@ def task_latency_table(model: nn.Module, task: Task, cfg: EngineConfig, log=None
     """The latency table of ``model`` (dense) on its device, for ``task``'s input at the
     measurement's latency batch and threads, cached beside the dense model (``cache_dir``)."""
     m = cfg.measure
-    return latency_table(model, task.input_shape, m.latency_batch, m.threads, cache_dir(cfg), log)
+    return latency_table(model, task.input_shape, m.latency_batch, m.threads, cache_dir(cfg), log, m.runtime)
 
 
 def measure_model(
@@ -116,8 +118,10 @@ def run(
     check_budget(policy, budget)
     device = next(dense.parameters()).device
     seed_everything(cfg.seed)
-    if budget.kind == "latency" and latency is None:
-        latency = latency_table(dense, task.input_shape, cfg.measure.latency_batch, cfg.measure.threads)
+    check_runtime(cfg.measure.runtime, device)
+    if (budget.kind == "latency" or policy.round_to == "auto") and latency is None:
+        m = cfg.measure
+        latency = latency_table(dense, task.input_shape, m.latency_batch, m.threads, runtime=m.runtime)
     # the dense latency is timed beside the pruned model below when measure_latency is on
     dense_metrics = dict(dense_metrics or measure_model(dense, task, cfg.measure, test, latency=not measure_latency))
     dense_cost = Cost(dense_metrics["flops"], dense_metrics["params"], {})
@@ -132,6 +136,8 @@ def run(
     out["flops_ratio"] = out["flops"] / dense_metrics["flops"]
     out["params_ratio"] = out["params"] / dense_metrics["params"]
     out["ideal_speedup"] = 1.0 / out["flops_ratio"]
+    if policy.structure == "channel":
+        out["round_to"] = width_step(policy, latency)
     if latency is not None:
         out["latency_predicted_ms"] = latency.predict_model(model)
         out["latency_ratio"] = out["latency_predicted_ms"] / latency.predict()
@@ -141,6 +147,7 @@ def run(
             sizes = ", ".join(str(b) for b in _with_latency_batch(cfg.measure).batch_sizes)
             log(f"timing the pruned model beside the dense one ({cfg.measure.repeats} rounds at batch {sizes}) ...")
         out.update(compare_latency(dense, model, task.input_shape, cfg.measure))
+        out["latency_runtime"] = describe_runtime(cfg.measure.runtime, device, cfg.measure.threads)
         dense_metrics["latency_ms_by_batch"] = out.pop("dense_latency_ms_by_batch")
         dense_metrics["latency_measured_ms"] = dense_metrics["latency_ms_by_batch"][str(cfg.measure.latency_batch)]
         # as a latency budget is judged (MethodContext's checks): the median of the per-round

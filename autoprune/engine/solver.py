@@ -71,11 +71,13 @@ def solve_channels(
     dense: tuple[float, ...],
     target: float | None = None,
     floors: dict[str, int] | None = None,
+    step: int = 1,
 ) -> ChannelPlan:
     """Choose channels to remove so the estimated cost fraction is at most ``target``
     (default: the budget) and as close to it as the granularity allows. ``floors`` gives
     groups a minimum number of channels to keep beyond ``max_ratio`` (iterative methods keep
-    ``max_ratio`` relative to the dense widths this way)."""
+    ``max_ratio`` relative to the dense widths this way). ``step``: every pruned group keeps
+    a multiple of this many channels (:func:`snap`); a group stays whole where none fits."""
     target = budget.fraction if target is None else target
     which = BUDGET_KINDS.index(budget.kind)
     floors = floors or {}
@@ -85,9 +87,10 @@ def solve_channels(
     def fraction(removed: list[np.ndarray]) -> float:
         return cost_fn(removed)[which] / dense[which]
 
-    def removed_from_counts(counts: list[int]) -> list[np.ndarray]:
+    def removed_from_counts(counts: list[int], down: bool = False) -> list[np.ndarray]:
         out = []
-        for order, n, k in zip(orders, sizes, counts):
+        for order, n, k, cap in zip(orders, sizes, counts, caps):
+            k = n - snap(n - k, n, n - cap, step, down)
             m = np.zeros(n, dtype=bool)
             m[order[:k]] = True
             out.append(m)
@@ -96,7 +99,7 @@ def solve_channels(
     if policy.exact:  # the ratios as given (whole channels, within the caps), checked against the budget
         given = [float((policy.ratios or {}).get(g, 0.0)) for g in names]
         removed = removed_from_counts(
-            [min(cap, int(math.floor(r * n + 1e-9))) for r, n, cap in zip(given, sizes, caps)]
+            [min(cap, int(math.floor(r * n + 1e-9))) for r, n, cap in zip(given, sizes, caps)], down=True
         )
         reached = fraction(removed)
         if reached > target + 1e-9:
@@ -107,15 +110,15 @@ def solve_channels(
         return ChannelPlan(dict(zip(names, removed)), reached)
     counts_fn, knobs = _knob(names, sizes, caps, scores, policy)
     smallest = fraction(removed_from_counts(caps))
+    steps = f", widths in multiples of {step}" if step > 1 else ""
     if policy.scope == "per_layer":
         smallest_here = fraction(removed_from_counts(counts_fn(knobs[-1])))
         if smallest_here > target and smallest <= target:
-            raise _unreachable(
-                budget, smallest_here, policy, " with the given per-layer ratios; groups given ratio 0 are never pruned"
-            )
+            why = f"{steps} with the given per-layer ratios; groups given ratio 0 are never pruned"
+            raise _unreachable(budget, smallest_here, policy, why)
         smallest = smallest_here
     if smallest > target:
-        raise _unreachable(budget, smallest, policy)
+        raise _unreachable(budget, smallest, policy, steps)
 
     # smallest knob index whose plan is within the target (plans shrink as the knob grows)
     lo, hi = 0, len(knobs) - 1
@@ -131,8 +134,54 @@ def solve_channels(
     best = fraction(removed)
     if hi > 0 and target - best > 1e-9:
         before = removed_from_counts(counts_fn(knobs[hi - 1]))
-        best = _give_back(names, scores, removed, before, fraction, target, budget.tolerance)
+        if step == 1:
+            best = _give_back(names, scores, removed, before, fraction, target, budget.tolerance)
+        else:
+            best = _give_back_steps(names, scores, removed, fraction, target, step)
     return ChannelPlan(dict(zip(names, removed)), best)
+
+
+def snap(kept: int, size: int, least: int, step: int, down: bool = False) -> int:
+    """``kept`` channels of a group of ``size`` (which must keep at least ``least``) moved to
+    the nearest width that is a multiple of ``step`` (the larger on a tie; ``down``: the one
+    at or below, where it keeps ``least``), or to ``size``, the dense width, where no multiple
+    lies in [``least``, ``size``). Monotone in ``kept``, so the solver's bisection holds."""
+    if step == 1 or kept >= size:
+        return kept
+    low = max(step, -(-least // step) * step)  # the smallest multiple the group may keep
+    if low >= size:
+        return size
+    below = max(low, (kept // step) * step)
+    above = min(below + step, size) if below < kept else below
+    if down or kept - below < above - kept:
+        return below
+    return above
+
+
+def _give_back_steps(names, scores, removed, fraction, target: float, step: int) -> float:
+    """:func:`_give_back` for widths in steps: give back, in place, whole steps of removed
+    channels (the most important of each group's removed ones, up to its next multiple of
+    ``step`` or its dense width) while the target still holds, the most important first."""
+    best = fraction(removed)
+    while True:
+        offers = []
+        for gi, g in enumerate(names):
+            gone = np.flatnonzero(removed[gi])
+            if len(gone) == 0:
+                continue
+            kept = len(removed[gi]) - len(gone)
+            take = min(len(gone), -(-(kept + 1) // step) * step - kept)
+            chunk = gone[np.argsort(-scores[g][gone], kind="stable")[:take]]
+            offers.append((float(np.mean(scores[g][chunk])), gi, chunk))
+        for _, gi, chunk in sorted(offers, key=lambda o: -o[0]):
+            removed[gi][chunk] = False
+            f = fraction(removed)
+            if f <= target:
+                best = f
+                break
+            removed[gi][chunk] = True
+        else:
+            return best
 
 
 def _give_back(names, scores, removed, before, fraction, target: float, tolerance: float) -> float:

@@ -203,7 +203,7 @@ def build_summary(
     extra.update(SEARCHERS.get(config.searcher).hooks().summary(config))
     if f.latency is not None:
         extra["latency_table"] = {
-            **{k: f.latency.key[k] for k in ("device", "batch", "threads", "torch")},
+            **{k: f.latency.key.get(k) for k in ("device", "batch", "threads", "torch", "runtime")},
             "dense_ms": f.latency.dense_ms,
             "cached": f.latency.cached,
             "build_s": f.latency.build_s,

@@ -355,10 +355,12 @@ def logged_settings(plan: Plan, saved: dict, model: str) -> dict:
 
 def check_latency_batch(task, config: SearchConfig) -> None:
     """A ``--latency-batch`` above one must fit in the driver device's memory (it times the
-    dense and the final model there), checked before the lease, Ray and training."""
-    from ..engine import resolve_device
+    dense and the final model there), and ``--latency-runtime`` must be installed for it,
+    checked before the lease, Ray and training."""
+    from ..engine import check_runtime, resolve_device
     from ..engine.measure import check_latency_batch as fits
 
+    check_runtime(config.engine.measure.runtime, resolve_device(config.engine.device))
     batch = config.engine.measure.latency_batch
     if batch > 1:
         model = task.model_factory().eval()

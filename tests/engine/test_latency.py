@@ -14,7 +14,7 @@ import torch
 from autoprune import engine
 from autoprune.config import Budget, EngineConfig, MeasureConfig, Policy, TaskConfig
 from autoprune.engine.graph import PrunableGraph
-from autoprune.engine.latency import latency_table
+from autoprune.engine.latency_build import latency_table
 from autoprune.engine.measure import speedup
 from autoprune.engine.prune import prune_channels
 from autoprune.engine.stages import smallest_fraction

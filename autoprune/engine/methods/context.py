@@ -23,7 +23,7 @@ from ..stages import Pruned, bn_warmup, bn_warmup_train, prune_to_budget, score,
 from ..tasks import Task
 from ..train import EpochCallback, train
 
-LATENCY_CHECKS = 4  # timings of a latency-budget model (and re-solves in between) before one is taken
+LATENCY_CHECKS = 5  # timings of a latency-budget model (and re-solves in between) before one is taken
 LATENCY_UNDER = 0.05  # a measured latency this share of the budget below it (beyond the noise) is re-solved too
 
 
@@ -151,10 +151,8 @@ class MethodContext:
         """Time the pruned model against the dense one, side by side. While the measured
         latency fraction misses the budget by more than its noise (half the interquartile
         range of the per-round ratios) above, or by more than that and 5% of the budget
-        below, solve again for a corrected target: by the secant through the last two
-        timings (predicted against measured), or scaled by budget / measured after one timing
-        or when the secant's slope is implausible. Keeps the model closest to
-        the budget without exceeding it (or the last one if none)."""
+        below, solve again for a corrected target (:func:`next_target`). Keeps the model
+        closest to the budget without exceeding it (or the last one if none)."""
         target, kept, points = budget.fraction, None, []
         for attempt in range(1, LATENCY_CHECKS + 1):
             batch = self.cfg.measure.latency_batch
@@ -171,11 +169,7 @@ class MethodContext:
             points.append((predicted, measured))
             if not (over or under) or attempt == LATENCY_CHECKS:
                 break
-            (p0, m0), (p1, m1) = ([(0.0, 0.0)] + points)[-2:]
-            slope = (m1 - m0) / (p1 - p0) if p1 != p0 else 0.0
-            if not 0.5 <= slope <= 2.0:  # two timings too close to tell a slope: proportional
-                p0 = m0 = 0.0
-            target = p1 + (budget.fraction - m1) * (p1 - p0) / (m1 - m0)
+            target = next_target(points, budget.fraction)
             try:
                 pruned = solve(min(max(target, 1e-3), 1.0))
             except AutopruneError as exc:  # the corrected target is out of this policy's reach
@@ -208,3 +202,25 @@ class MethodContext:
     def finish(self, pruned: Pruned) -> Pruned:
         pruned.events = self.events
         return pruned
+
+
+def next_target(points: list[tuple[float, float]], goal: float) -> float:
+    """The predicted latency fraction to solve for next, from the (predicted, measured)
+    fractions of the models timed so far, so that the measured one lands on ``goal``. Once
+    one timing fell below the goal and one above, at a higher prediction, the answer is
+    interpolated between the closest such two (kept within their middle 80%, so a jump in
+    the measured latency, as where widths cross a step of the hardware, is bisected rather
+    than overshot). Else the secant through the last two timings, or after one timing, or
+    when that secant's slope is implausible, the last prediction scaled by goal / measured."""
+    below = [p for p in points if p[1] < goal]
+    above = [p for p in points if p[1] > goal]
+    if below and above:
+        lo, hi = max(below), min(above)
+        if lo[0] < hi[0]:
+            share = (goal - lo[1]) / (hi[1] - lo[1])
+            return lo[0] + min(max(share, 0.1), 0.9) * (hi[0] - lo[0])
+    (p0, m0), (p1, m1) = ([(0.0, 0.0)] + points)[-2:]
+    slope = (m1 - m0) / (p1 - p0) if p1 != p0 else 0.0
+    if not 0.5 <= slope <= 2.0:  # two timings too close to tell a slope: proportional
+        p0 = m0 = 0.0
+    return p1 + (goal - m1) * (p1 - p0) / (m1 - m0)

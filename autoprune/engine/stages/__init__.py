@@ -3,7 +3,15 @@ and BN warm-up (``warmup``), the layers a policy keeps (``keep``), criterion sco
 (``scoring``), the budget solve-and-verify and the prune itself (``budget``), and the
 collapse report (``collapse``)."""
 
-from .budget import Pruned, channel_problem, check_budget, prune_to_budget, smallest_fraction, solve_unstructured
+from .budget import (
+    Pruned,
+    channel_problem,
+    check_budget,
+    prune_to_budget,
+    smallest_fraction,
+    solve_unstructured,
+    width_step,
+)
 from .collapse import collapse_report
 from .keep import kept_layers, leave_kept
 from .scoring import below_zeros, score
@@ -23,6 +31,7 @@ __all__ = [
     "score",
     "scoring_batches",
     "smallest_fraction",
+    "width_step",
     "solve_unstructured",
     "warmup_on",
 ]

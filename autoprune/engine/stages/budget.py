@@ -95,6 +95,7 @@ def prune_to_budget(
     if policy.structure == "unstructured":
         return _masked_to_budget(model, task, policy, budget, scores, dense_cost)
     names, sizes, channel, costs = channel_problem(model, example, policy, scores, graph, channel)
+    step = width_step(policy, latency)
     if budget.kind == "latency":
         base = module_widths(model)  # the model may be pruned already (iterative, gradual)
         dense = (dense_cost.flops, float(dense_cost.params), latency.predict())
@@ -119,7 +120,7 @@ def prune_to_budget(
     target = ceiling
     best = None
     for attempt in range(1, 6):
-        plan = solve_channels(names, sizes, channel, policy, budget, cost_fn, dense, target, floors)
+        plan = solve_channels(names, sizes, channel, policy, budget, cost_fn, dense, target, floors, step)
         pruned, history = prune_channels(model, example, plan.indices())
         real_fraction = real(pruned)
         if real_fraction <= ceiling:
@@ -159,6 +160,16 @@ def _masked_to_budget(
     sizes = {n: m.weight.numel() for n, m in pruned.named_modules() if n in counts}
     ratios = {n: k / sizes[n] for n, k in counts.items()}
     return Pruned(pruned, "unstructured", [], ratios, estimate, counts=counts, sizes=sizes)
+
+
+def width_step(policy: Policy, latency: LatencyTable | None) -> int:
+    """The multiple every pruned group's kept width is rounded to: the policy's ``round_to``,
+    or for ``auto`` the one the latency table found fastest (:meth:`LatencyTable.best_step`)."""
+    if policy.round_to != "auto":
+        return int(policy.round_to)
+    if latency is None:
+        raise AutopruneError("round_to 'auto' needs the model's latency table (autoprune.engine.latency_table)")
+    return latency.best_step()
 
 
 def check_budget(policy: Policy, budget: Budget) -> None:
