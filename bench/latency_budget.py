@@ -39,7 +39,7 @@ intra-op threads (``--threads``, 1):
    --budget-latency`` runs it): solve on the table, then time the pruned model against the
    dense one (``speedup``) and, while the measured ratio misses the budget by more than its
    noise (above; below, by more than the noise and 5% of the budget), solve again for a
-   corrected target, at most 4 timings; the model closest to the budget without exceeding
+   corrected target, at most ``LATENCY_CHECKS`` timings (5); the model closest to the budget without exceeding
    it is kept (marked * among the checks). Then:
 
    * its FLOPs ratio: fvcore FLOPs (``measure(..., latency=False).flops``) over the dense;
@@ -98,7 +98,7 @@ from autoprune import engine
 from autoprune.config import Budget, EngineConfig, MeasureConfig, Policy
 from autoprune.engine.graph import PrunableGraph, clone
 from autoprune.engine.measure import measure, quartiles, side_by_side, speedup
-from autoprune.engine.methods import MethodContext
+from autoprune.engine.methods import LATENCY_CHECKS, MethodContext
 from autoprune.engine.prune import prune_channels
 from autoprune.engine.tasks import Task
 from autoprune.errors import AutopruneError
@@ -342,7 +342,8 @@ def _protocol(args) -> str:
         f"Then the dense model is pruned to latency budgets {_page.listing(f'{b:g}' for b in args.budgets)} "
         "(magnitude criterion, global scope, `max_ratio` 0.95) by the engine's own prune step: solve on the table, "
         "time against the dense model, solve again for a corrected target while the measured ratio misses the "
-        "budget (at most 4 timings; the kept one is starred among the checks). It is compared with the FLOPs-only "
+        f"budget (at most {LATENCY_CHECKS} timings; the kept one is starred among the checks). It is compared with "
+        "the FLOPs-only "
         "allocation at the same FLOPs, the three models timed side by side twice with the pruned models' slots "
         f'swapped ({math.ceil(args.repeats / 2)} rounds each, pooled). "as fast": the latency-aware / FLOPs-only '
         'time ratio\'s median at most 1 (a tie when its quartiles straddle 1); "within 10%": the measured ratio '
