@@ -153,8 +153,11 @@ def learn_step(times: list[float]) -> int:
     the :data:`PROBES` offsets above an aligned width: a step ``s`` predicts that a width
     costs what its next multiple of ``s`` costs, the cost growing linearly from the first
     probe to the last. A step is learned only where it explains the timings clearly better
-    than linear growth (by more than 5% of the aligned width's time); else 1."""
+    than linear growth (by more than 5% of the aligned width's time), and where the last
+    probe costs more than the first; else 1."""
     first, last = times[0], times[-1]
+    if first <= 0 or last <= first:  # nothing timed after the runtime's own cost, or no growth to explain
+        return 1
 
     def error(step: int) -> float:
         return sum(

@@ -143,6 +143,8 @@ def test_the_table_learns_the_step_of_a_staircase(step):
 def test_a_flat_or_noisy_axis_learns_no_step():
     assert learn_step([1.0, 1.01, 0.99, 1.0, 1.01]) == 1
     assert learn_step([1.0, 1.02, 1.0, 1.01, 1.03]) == 1  # within 5% of the aligned width's time
+    assert learn_step([1.0, 1.5, 1.5, 1.5, 0.9]) == 1  # the widest probe no slower: no staircase
+    assert learn_step([0.0, 0.002, 0.002, 0.002, 0.002]) == 1  # nothing left after the runtime's own cost
 
 
 def test_a_stepped_layer_costs_its_next_multiple_and_never_interpolates_across_a_step():

@@ -124,7 +124,7 @@ def test_child_runs_are_named_by_what_they_are(runs):
     _, children = runs
     names = sorted(c["info"]["run_name"] for c in children)
     # the number first, so that a name the table cuts keeps it: "#4 snip/global"
-    policy = r"[a-z_0-9]+/(global|local|per_layer)( masks)?"
+    policy = r"[a-z_0-9]+/(global|local|per_layer)( masks| x(4|8|16| auto))?"  # masks, or rounded widths
     form = rf"#[1-6] ((uniform|global) baseline \(magnitude/(local|global)\)|{policy})"
     assert all(re.fullmatch(form, n) for n in names), names
     assert sum(" baseline (" in n for n in names) == 2  # the baselines say what they are
