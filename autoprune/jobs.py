@@ -35,7 +35,7 @@ def prune_job(cfg: EngineConfig, policy: Policy, budget: Budget, out: Path, over
     dense = engine.dense_model(task, cfg)
     dense_metrics = engine.measure_model(dense, task, cfg.measure, test=True, latency=False)  # timed by run
     latency = None
-    if budget.kind == "latency" or policy.round_to == "auto":
+    if engine.needs_latency_table(policy, budget):
         latency = engine.task_latency_table(dense, task, cfg, print)
     print(
         f"pruning: {policy.structure} / {policy.criterion} / {policy.scope} / {policy.method}, "

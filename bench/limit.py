@@ -48,35 +48,14 @@ import time
 
 import _page
 import torch
-import torchvision
+from latency_budget import make_task
 from torch import nn
-from torch.utils.data import TensorDataset
 
 from autoprune import engine
 from autoprune.config import Budget, EngineConfig, MeasureConfig, Policy
 from autoprune.engine import measure
-from autoprune.engine.tasks import Task, get_task
+from autoprune.engine.tasks import get_task
 from autoprune.errors import AutopruneError
-
-
-def torchvision_task(name: str, size: int) -> Task:
-    """A real Task around an untrained torchvision model; magnitude pruning needs no data."""
-
-    def factory() -> nn.Module:
-        torch.manual_seed(0)
-        return getattr(torchvision.models, name)(weights=None, num_classes=1000).eval()
-
-    dummy = TensorDataset(torch.zeros(1, 3, size, size), torch.zeros(1, dtype=torch.long))
-    return Task(
-        name="bench",
-        model_name=name,
-        model_factory=factory,
-        train=dummy,
-        val=dummy,
-        test=dummy,
-        input_shape=(3, size, size),
-        num_classes=1000,
-    )
 
 
 def time_shares(name: str, dense: nn.Module, tables: dict[str, engine.LatencyTable]) -> list[str]:
@@ -108,8 +87,9 @@ def steps_for(args, tables: dict[str, engine.LatencyTable]) -> dict[str, int]:
     return out
 
 
-def prune_variants(name, task, dense, args, device):
-    """(budget, label, step, pruned model, test accuracy or None) per budget and round_to."""
+def prune_variants(name, task, dense, args):
+    """(budget, label, step, pruned model, its FLOPs ratio, test accuracy or None) per budget
+    and round_to."""
     cfg = EngineConfig(seed=0)
     tables = {}
     for rt in args.runtimes:
@@ -130,28 +110,27 @@ def prune_variants(name, task, dense, args, device):
                 budget = Budget("flops", fraction)
                 if name == "default":
                     result = engine.run(task, dense, policy, budget, cfg, test=True, measure_latency=False)
-                    made[key] = (result.model.eval(), result.pruned[task.metric_key("test")])
+                    model, acc = result.model.eval(), result.pruned[task.metric_key("test")]
                 else:
                     scores = engine.score(dense, policy, data=None, seed=0)
-                    pruned = engine.prune_to_budget(dense, task, policy, budget, scores, dense_cost)
-                    made[key] = (pruned.model.eval(), None)
-            model, acc = made[key]
-            out.append((fraction, label, step, model, acc))
+                    model = engine.prune_to_budget(dense, task, policy, budget, scores, dense_cost).model.eval()
+                    acc = None
+                flops = measure.measure(model, task.input_shape, MeasureConfig(), latency=False).flops
+                made[key] = (model, flops / dense_cost.flops, acc)
+            out.append((fraction, label, step, *made[key]))
     return out, tables
 
 
-def time_pairs(name, task, dense, variants, args, device) -> list[list[str]]:
-    dense_flops = measure.measure(dense, task.input_shape, MeasureConfig(), latency=False).flops
+def time_pairs(name, task, dense, variants, args) -> list[list[str]]:
     rows = []
     for rt in args.runtimes:
         config = MeasureConfig(
             warmup=args.warmup, repeats=args.repeats, seconds=args.seconds, threads=args.threads, runtime=rt
         )
         for batch in args.batches:
-            for fraction, label, step, model, acc in variants:
+            for fraction, label, step, model, flops, acc in variants:
                 if label.startswith("auto@") and label != f"auto@{rt}":
                     continue
-                flops = measure.measure(model, task.input_shape, MeasureConfig(), latency=False).flops / dense_flops
                 timed = measure.speedup(dense, model, task.input_shape, batch, config)
                 speed = timed["dense_ms"] / timed["pruned_ms"]
                 q1, q3 = timed["spread"]
@@ -250,13 +229,13 @@ def main() -> None:
             task = get_task(cfg.task)
             dense = engine.dense_model(task, cfg).to(device).eval()
         else:
-            task = torchvision_task(name, args.image_size)
+            task = make_task(name, args.image_size)
             dense = task.model_factory().to(device)
-        variants, tables = prune_variants(name, task, dense, args, device)
+        variants, tables = prune_variants(name, task, dense, args)
         steps.append(f"{name}: " + ", ".join(f"{rt} {t.best_step()}" for rt, t in tables.items()))
         shares += time_shares(name, dense, tables)
         print(shares[-1], flush=True)
-        rows += time_pairs(name, task, dense, variants, args, device)
+        rows += time_pairs(name, task, dense, variants, args)
         budget_rows += latency_budget_rows(name, task, dense, tables, args)
     head = [
         "model",

@@ -26,6 +26,7 @@ the torch version and the runtime's, and a search sends it to its trials through
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -137,16 +138,9 @@ class LatencyTable:
         return float(a), float(w)
 
     def best_step(self) -> int:
-        """The width multiple this hardware runs fastest (policy ``round_to`` ``auto``): the
-        largest step that layers holding at least :data:`STEP_SHARE` of the probed layers'
-        dense time learned (a multiple of 16 is one of 8 too, so rounding to the larger step
-        serves both); 1 where no layer was wide enough to learn one."""
-        votes = [(s, layer.dense_ms) for layer in self.layers.values() for s in _learned(layer)]
-        total = sum(w for _, w in votes)
-        for step in sorted(STEPS, reverse=True):
-            if total > 0 and sum(w for s, w in votes if s >= step) >= STEP_SHARE * total:
-                return step
-        return 1
+        """The width multiple this hardware runs fastest (policy ``round_to`` ``auto``):
+        :func:`best_step` of its layers."""
+        return best_step(self.layers.values())
 
     def predict_model(self, model: nn.Module) -> float:
         """Latency (ms) of ``model``, a pruned copy of the table's model (same module names)."""
@@ -182,6 +176,18 @@ def module_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
         elif isinstance(m, NORM_TYPES) and m.num_features:
             out[name] = (m.num_features, m.num_features)
     return out
+
+
+def best_step(layers: Iterable[LayerLatency]) -> int:
+    """The largest step that layers holding at least :data:`STEP_SHARE` of the probed
+    layers' dense time learned (a multiple of 16 is one of 8 too, so rounding to the larger
+    step serves both); 1 where no layer was wide enough to learn one."""
+    votes = [(s, layer.dense_ms) for layer in layers for s in _learned(layer)]
+    total = sum(w for _, w in votes)
+    for step in sorted(STEPS, reverse=True):
+        if total > 0 and sum(w for s, w in votes if s >= step) >= STEP_SHARE * total:
+            return step
+    return 1
 
 
 def _learned(layer: LayerLatency) -> list[int]:

@@ -32,11 +32,12 @@ from .latency import (
     WARMUP,
     LatencyTable,
     LayerLatency,
+    best_step,
     module_widths,
     table_key,
 )
 from .measure import model_device, quartiles, time_interleaved, timing_threads
-from .runtime import forward_calls, layer_calls, overhead_call
+from .runtime import check_runtime, forward_calls, layer_calls, overhead_call
 
 
 def table_path(cache: Path, key: dict) -> Path:
@@ -56,8 +57,6 @@ def latency_table(
     """The latency table of ``model`` (dense) on its device, timed in ``runtime``: read from
     ``cache`` when a table with the same key is there, else built (seconds to minutes) and
     written there."""
-    from .runtime import check_runtime
-
     device = model_device(model)
     check_runtime(runtime, device)
     key = table_key(model, input_shape, device, batch, threads, runtime)
@@ -236,7 +235,7 @@ def _time_layer(
     calls = layer_calls(
         [_layer(module, a, b).to(device).eval() for a, b in configs], [inputs[a] for a, _ in configs], *timing
     )
-    overhead = overhead_call(inputs[cin0 if cin0 in inputs else configs[-1][0]], *timing)
+    overhead = overhead_call(inputs[max(inputs)], *timing)  # on the widest (dense) input
     samples = time_interleaved([*calls, overhead] if overhead else calls, device, WARMUP, ROUNDS)
     spent = statistics.median(samples.pop()) if overhead else 0.0
     at = {c: max(0.0, statistics.median(s) - spent) for c, s in zip(configs, samples)}
@@ -276,16 +275,14 @@ def build_table(
         graph = _graph(model, example)
         axes = _pruned_axes(graph)
         layers = {}
+        timing = (runtime, threads)
         with timing_threads(device, threads):
             for name, (shape, out_elements) in _shapes(model, example).items():
                 m = model.get_submodule(name)
-                kind = _kind(m)
-                timing = (runtime, threads)
-                layers[name] = _time_layer(m, shape, kind, axes.get(name, set()), batch, device, timing)
+                layers[name] = _time_layer(m, shape, _kind(m), axes.get(name, set()), batch, device, timing)
                 layers[name].out_elements = out_elements
                 layers[name].weights = sum(p.numel() for p in m.parameters(recurse=False))
-            step = LatencyTable(key, 0.0, [], [1.0, 0.0, 0.0, 0.0], layers).best_step()
-            variants = [model, *_variants(model, example, graph, step)]
+            variants = [model, *_variants(model, example, graph, best_step(layers.values()))]
             x = model_input(input_shape, batch, device)
             samples = time_interleaved(forward_calls(variants, x, runtime, threads), device, WARMUP, 2 * ROUNDS)
     finally:

@@ -18,7 +18,7 @@ from .measure import Cost, measure, model_device, speedup
 from .methods import MethodContext, PrunedCallback, check_policy, make_method
 from .prune import fold_masks
 from .runtime import check_runtime, describe_runtime
-from .stages import check_budget, collapse_report, width_step
+from .stages import check_budget, collapse_report, needs_latency_table, width_step
 from .tasks import Task, get_task
 from .train import EpochCallback, cache_dir, dense_model, evaluate, seed_everything
 
@@ -119,7 +119,7 @@ def run(
     device = next(dense.parameters()).device
     seed_everything(cfg.seed)
     check_runtime(cfg.measure.runtime, device)
-    if (budget.kind == "latency" or policy.round_to == "auto") and latency is None:
+    if needs_latency_table(policy, budget) and latency is None:
         m = cfg.measure
         latency = latency_table(dense, task.input_shape, m.latency_batch, m.threads, runtime=m.runtime)
     # the dense latency is timed beside the pruned model below when measure_latency is on

@@ -13,6 +13,7 @@ which is ten times faster and gives the same one-node graph.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
@@ -154,18 +155,14 @@ def onnx_call(model: bytes, x: torch.Tensor, threads: int) -> Callable[[], Any]:
     return partial(session.run, None, feed)
 
 
-class _quiet:
+@contextlib.contextmanager
+def _quiet():
     """The exporters' warnings and log lines silenced while they run."""
-
-    def __enter__(self):
-        self._warnings = warnings.catch_warnings()
-        self._warnings.__enter__()
+    before = logging.root.manager.disable
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        self._level = logging.root.manager.disable
         logging.disable(logging.WARNING)
-        return self
-
-    def __exit__(self, *exc):
-        logging.disable(self._level)
-        self._warnings.__exit__(*exc)
-        return False
+        try:
+            yield
+        finally:
+            logging.disable(before)

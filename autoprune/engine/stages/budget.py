@@ -162,6 +162,12 @@ def _masked_to_budget(
     return Pruned(pruned, "unstructured", [], ratios, estimate, counts=counts, sizes=sizes)
 
 
+def needs_latency_table(policy: Policy, budget: Budget) -> bool:
+    """Whether pruning by ``policy`` to ``budget`` needs the model's latency table: a
+    latency budget, or widths rounded to the multiple it finds fastest (``round_to`` auto)."""
+    return budget.kind == "latency" or policy.round_to == "auto"
+
+
 def width_step(policy: Policy, latency: LatencyTable | None) -> int:
     """The multiple every pruned group's kept width is rounded to: the policy's ``round_to``,
     or for ``auto`` the one the latency table found fastest (:meth:`LatencyTable.best_step`)."""
